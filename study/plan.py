@@ -1,0 +1,79 @@
+"""Expand a protocol into cells: one cell is one training run.
+
+    python -m study plan protocols/d2l-dropout.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass
+
+from study.protocol import Data, Model, Protocol, Training
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every cell of a protocol shares and what changes the arithmetic of a run."""
+
+    model: Model
+    training: Training
+    data: Data
+    execution: str
+    randomness: str
+    threads: int | None
+    fixed_seed: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    config: RunConfig
+    dropout1: float
+    dropout2: float
+    seed: int
+    device: str
+    determinism: str
+    implementation: str
+    vary: str = "all"
+    replicate: int = 0
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the run: a hash of everything that defines it, nothing else."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        parts = [f"p{self.dropout1:g}-{self.dropout2:g}", f"seed{self.seed}", self.device,
+                 self.determinism, self.implementation]
+        if self.vary != "all":
+            parts.append(f"vary-{self.vary}")
+        if self.replicate:
+            parts.append(f"rep{self.replicate}")
+        return " ".join(parts)
+
+    def labels(self) -> dict[str, str | int | float]:
+        """The fields that tell cells of one protocol apart, as logged params."""
+        return {"dropout1": self.dropout1, "dropout2": self.dropout2, "seed": self.seed,
+                "device": self.device, "determinism": self.determinism,
+                "implementation": self.implementation, "vary": self.vary,
+                "replicate": self.replicate, "execution": self.config.execution,
+                "randomness": self.config.randomness}
+
+
+def run_config(protocol: Protocol) -> RunConfig:
+    return RunConfig(model=protocol.model, training=protocol.training, data=protocol.data,
+                     execution=protocol.execution, randomness=protocol.randomness,
+                     threads=protocol.threads, fixed_seed=protocol.seeds.fixed)
+
+
+def expand(protocol: Protocol) -> list[Cell]:
+    """All cells, ordered so that every setting gets its first seeds early (useful partial data)."""
+    config = run_config(protocol)
+    grid = itertools.product(
+        range(protocol.replicates), protocol.seeds.values(), protocol.vary, protocol.devices,
+        protocol.determinism, protocol.implementations, protocol.dropout)
+    return [Cell(config, d1, d2, seed, device, mode, impl, vary, rep)
+            for rep, seed, vary, device, mode, impl, (d1, d2) in grid]

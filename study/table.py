@@ -1,0 +1,61 @@
+"""The tidy table that analysis reads: what `tracking.load_runs` returns from an MLflow experiment.
+
+Analysis, figures and the report take a `RunTable` and nothing else from the store, so a user's
+own runs (logged with the schema in README.md) are analysed the same way as ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+# Columns of RunTable.runs, one row per FINISHED training run.
+RUN_COLUMNS = {
+    "run_id": str,
+    "run_name": str,
+    "dropout1": float,
+    "dropout2": float,
+    "seed": int,
+    "device": str,  # cpu | cuda
+    "determinism": str,  # default | benchmark | strict
+    "implementation": str,  # torch | scratch | scratch-randn
+    "execution": str,  # sequential | batched
+    "randomness": str,  # native | portable
+    "vary": str,  # all | init | data | dropout: which random streams follow the seed
+    "replicate": int,  # 0 for the first run of a cell; >0 repeats it exactly
+    "status": str,  # ok | degenerate | diverged
+    "textbook_check": bool,  # d2l's end-of-training assertion would have passed
+    "weights_sha256": str,
+    "epochs_done": int,
+    "test_acc": float,  # final epoch; NaN when diverged before any epoch finished
+    "train_acc": float,
+    "train_loss": float,
+}
+
+# Columns that split runs into strata analysed separately (never pooled).
+STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "vary")
+
+# Columns of RunTable.curves, one row per run, epoch and metric.
+CURVE_COLUMNS = {"run_id": str, "epoch": int, "metric": str, "value": float}
+
+
+@dataclass
+class RunTable:
+    experiment_id: str
+    experiment_name: str
+    runs: pd.DataFrame
+    curves: pd.DataFrame
+    # The resolved protocol logged with the runs, when they came from this harness.
+    protocol: dict[str, Any] | None = None
+    # Environment tags of the runs (torch/CUDA/cuDNN versions, device names, git commit, ...).
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = set(RUN_COLUMNS) - set(self.runs.columns)
+        if missing:
+            raise ValueError(f"run table lacks columns {sorted(missing)}")
+        missing = set(CURVE_COLUMNS) - set(self.curves.columns)
+        if missing:
+            raise ValueError(f"curve table lacks columns {sorted(missing)}")
