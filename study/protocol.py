@@ -18,9 +18,10 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+# Extra keys are errors; scalars are strict (no "10" for 10), containers accept YAML lists.
+_STRICT = ConfigDict(extra="forbid")
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=False)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 Setting = tuple[Probability, Probability]
 Device = Literal["cpu", "cuda"]
 Determinism = Literal["default", "benchmark", "strict"]
@@ -38,15 +39,17 @@ class ProtocolError(ValueError):
 @dataclass(frozen=True, config=_STRICT)
 class Model:
     arch: Literal["mlp", "lenet"] = "mlp"
-    hidden: tuple[Annotated[int, Field(gt=0)], ...] = (256, 256)
-    init_std: Annotated[float, Field(gt=0, strict=False)] = 0.01
+    hidden: tuple[Annotated[int, Field(gt=0, strict=True)], ...] = (256, 256)
+    init_std: Annotated[float, Field(gt=0, strict=True)] = 0.01
+    # d2l's MLP draws weights from N(0, init_std); its LeNet chapter uses Xavier.
+    init: Literal["normal", "xavier"] = "normal"
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Training:
-    epochs: Annotated[int, Field(gt=0)] = 10
-    batch_size: Annotated[int, Field(gt=0)] = 256
-    lr: Annotated[float, Field(gt=0, strict=False)] = 0.5
+    epochs: Annotated[int, Field(gt=0, strict=True)] = 10
+    batch_size: Annotated[int, Field(gt=0, strict=True)] = 256
+    lr: Annotated[float, Field(gt=0, strict=True)] = 0.5
     optimizer: Literal["sgd"] = "sgd"
 
 
@@ -54,16 +57,16 @@ class Training:
 class Data:
     dataset: Literal["fashion-mnist"] = "fashion-mnist"
     # First N training images (a fixed subset, the same for every seed); null means all 60k.
-    train_subset: Annotated[int, Field(gt=0)] | None = None
+    train_subset: Annotated[int, Field(gt=0, strict=True)] | None = None
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Seeds:
-    count: Annotated[int, Field(gt=0)] | None = None
-    start: Annotated[int, Field(ge=0)] = 0
-    list: tuple[Annotated[int, Field(ge=0)], ...] | None = None
+    count: Annotated[int, Field(gt=0, strict=True)] | None = None
+    start: Annotated[int, Field(ge=0, strict=True)] = 0
+    list: tuple[Annotated[int, Field(ge=0, strict=True)], ...] | None = None
     # Seed of the streams held fixed when `vary` names a single source.
-    fixed: Annotated[int, Field(ge=0)] = 0
+    fixed: Annotated[int, Field(ge=0, strict=True)] = 0
 
     @model_validator(mode="after")
     def _one_form(self) -> Seeds:
@@ -82,11 +85,11 @@ class Seeds:
 
 @dataclass(frozen=True, config=_STRICT)
 class Analysis:
-    alpha: Annotated[float, Field(gt=0, lt=1, strict=False)] = 0.05
+    alpha: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.05
     # Equivalence margin for TOST, in accuracy units (0.005 = 0.5 percentage points).
-    equivalence_margin: Annotated[float, Field(gt=0, lt=1, strict=False)] = 0.005
-    bootstrap: Annotated[int, Field(ge=100)] = 10_000
-    power: Annotated[float, Field(gt=0, lt=1, strict=False)] = 0.8
+    equivalence_margin: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.005
+    bootstrap: Annotated[int, Field(ge=100, strict=True)] = 10_000
+    power: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.8
 
 
 def _nonempty(items: tuple) -> tuple:
@@ -103,7 +106,7 @@ class Protocol:
     dropout: tuple[Setting, ...]
     seeds: Seeds
     baseline: Setting
-    description: str = ""
+    description: Annotated[str, Field(strict=True)] = ""
     model: Model = Model()
     training: Training = Training()
     data: Data = Data()
@@ -115,9 +118,9 @@ class Protocol:
     vary: tuple[Vary, ...] = ("all",)
     execution: Execution = "sequential"
     randomness: Randomness = "native"
-    replicates: Annotated[int, Field(gt=0)] = 1
+    replicates: Annotated[int, Field(gt=0, strict=True)] = 1
     # CPU threads for torch; null keeps torch's default (recorded either way).
-    threads: Annotated[int, Field(gt=0)] | None = None
+    threads: Annotated[int, Field(gt=0, strict=True)] | None = None
     analysis: Analysis = Analysis()
 
     @model_validator(mode="after")

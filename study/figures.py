@@ -1,0 +1,463 @@
+"""Seaborn figures of a dropout study: one module decides what is drawn, how it looks and where it goes.
+
+    python -m study report protocols/d2l-dropout.yaml   # writes reports/<name>/figures/*.png|svg
+
+Every `plot_*` function draws ONE stratum on one Axes (`ax=None` makes a fresh figure) and returns
+the Axes. `make_figures` facets those over the strata of a results dict (never pooling strata) and
+saves each figure twice: PNG for MLflow/Markdown, SVG for the PDF. Saving is byte-deterministic:
+same data, same files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from scipy import stats
+
+# Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
+_SVG_SALT = "d2l-dropout-study"
+# DejaVu Sans ships inside matplotlib, so figures never depend on the machine's fonts;
+# svg.fonttype "path" turns glyphs into outlines, so the PDF needs no font for them either.
+_RC: dict[str, Any] = {
+    **sns.axes_style("whitegrid"),
+    **sns.plotting_context("paper"),
+    "font.family": "DejaVu Sans",
+    "svg.fonttype": "path",
+    "svg.hashsalt": _SVG_SALT,
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+}
+PANEL_SIZE = (4.2, 2.9)  # inches per facet; two facets fit an A4 text width at 100%
+MAX_COLUMNS = 2
+PNG_METADATA = {"Software": None}
+SVG_METADATA = {"Date": None, "Creator": None}
+
+VERDICT_COLOURS = {"different": "#D55E00", "equivalent": "#0072B2", "inconclusive": "#7f7f7f"}
+# Markers as well as colours, so the forest plot survives greyscale printing.
+VERDICT_MARKERS = {"different": "D", "equivalent": "o", "inconclusive": "s"}
+METRIC_LABELS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
+                 "train_loss": "train loss"}
+PERCENT_METRICS = {"test_acc", "train_acc"}
+SD_BOOTSTRAP = 2000
+SD_BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    name: str
+    png: Path
+    svg: Path
+    caption: str
+
+
+# --- data shaping ----------------------------------------------------------------------------
+
+
+def setting_label(d1: float, d2: float) -> str:
+    return f"({d1:g}, {d2:g})"
+
+
+def with_setting(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add a `setting` label column, e.g. '(0.2, 0.5)'."""
+    out = runs.copy()
+    out["setting"] = [setting_label(a, b) for a, b in zip(out["dropout1"], out["dropout2"])]
+    return out
+
+
+def setting_order(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> list[str]:
+    """Protocol order when known (the order a reader set up), else ascending dropout."""
+    present = {setting_label(a, b) for a, b in zip(runs["dropout1"], runs["dropout2"])}
+    if protocol and protocol.get("dropout"):
+        listed = [setting_label(*pair) for pair in protocol["dropout"]]
+        return [s for s in listed if s in present] + sorted(present - set(listed))
+    pairs = sorted({(a, b) for a, b in zip(runs["dropout1"], runs["dropout2"])})
+    return [setting_label(a, b) for a, b in pairs]
+
+
+def select_stratum(frame: pd.DataFrame, stratum: dict[str, Any]) -> pd.DataFrame:
+    mask = np.ones(len(frame), dtype=bool)
+    for column, value in stratum.items():
+        mask &= (frame[column] == value).to_numpy()
+    return frame[mask]
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean; with 5 seeds a bootstrap interval would be far too narrow."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        m = float(x.mean()) if len(x) else math.nan
+        return m, m
+    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def bootstrap_sd_ci(values: Sequence[float], n_boot: int = SD_BOOTSTRAP,
+                    seed: int = SD_BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the SD (ddof=1), resampling runs; (nan, nan) below 2 runs."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    sds = x[rng.integers(0, len(x), size=(n_boot, len(x)))].std(axis=1, ddof=1)
+    lo, hi = np.percentile(sds, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def sd_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Per setting: n, SD of test accuracy and its bootstrap CI, all in percentage points."""
+    rows = []
+    frame = with_setting(runs)
+    for setting in order:
+        acc = frame.loc[frame["setting"] == setting, "test_acc"].to_numpy(dtype=float)
+        acc = acc[np.isfinite(acc)] * 100
+        lo, hi = bootstrap_sd_ci(acc)
+        sd = float(acc.std(ddof=1)) if len(acc) > 1 else math.nan
+        rows.append({"setting": setting, "n": len(acc), "sd": sd, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows)
+
+
+def _palette(order: list[str]) -> dict[str, Any]:
+    return dict(zip(order, sns.color_palette("colorblind", len(order))))
+
+
+def _new_axes(ax: Axes | None) -> Axes:
+    if ax is not None:
+        return ax
+    # A bare Figure, not pyplot: no global figure registry, no backend chosen at import.
+    return Figure(figsize=PANEL_SIZE, layout="constrained").add_subplot()
+
+
+# --- one stratum, one Axes -------------------------------------------------------------------
+
+
+def plot_final_accuracy(runs: pd.DataFrame, *, order: list[str] | None = None,
+                        palette: dict[str, Any] | None = None, ax: Axes | None = None) -> Axes:
+    """Box per setting with every seed as a dot. Runs far below the healthy ones (e.g. p=1 at
+    chance) would squash the interesting 1-pp differences, so the y-range follows `status == ok`
+    runs and off-scale runs are drawn as triangles on the bottom edge, labelled with their mean."""
+    ax = _new_axes(ax)
+    frame = with_setting(runs[np.isfinite(runs["test_acc"].astype(float))])
+    frame["acc"] = frame["test_acc"].astype(float) * 100
+    order = order or setting_order(frame)
+    palette = palette or _palette(order)
+    low = _focus_floor(frame)
+    shown = frame[frame["acc"] >= low] if low is not None else frame
+    sns.boxplot(data=shown, x="setting", y="acc", order=order, hue="setting", palette=palette,
+                ax=ax, fliersize=0, width=0.55, linewidth=0.8, boxprops={"alpha": 0.35})
+    # A swarm, not a strip: seaborn's strip jitter draws from numpy's global RNG, which would make
+    # the saved files differ run to run.
+    sns.swarmplot(data=shown, x="setting", y="acc", order=order, hue="setting", palette=palette,
+                  ax=ax, size=3.5, edgecolor="black", linewidth=0.4, warn_thresh=1.0)
+    if low is not None:
+        _mark_off_scale(ax, frame, order, low)
+    ax.set_xlabel("(dropout1, dropout2)")
+    ax.set_ylabel("final test accuracy (%)")
+    _drop_legend(ax)
+    return ax
+
+
+def _focus_floor(frame: pd.DataFrame) -> float | None:
+    """Lower y-limit that keeps all healthy runs in view, or None when nothing is far below."""
+    ok = frame.loc[frame["status"] == "ok", "acc"]
+    if ok.empty:
+        return None
+    spread = max(float(ok.max() - ok.min()), 1.0)
+    floor = float(ok.min()) - 0.5 * spread
+    return floor if (frame["acc"] < floor).any() else None
+
+
+def _mark_off_scale(ax: Axes, frame: pd.DataFrame, order: list[str], floor: float) -> None:
+    ax.set_ylim(bottom=floor)
+    for x, setting in enumerate(order):
+        low = frame[(frame["setting"] == setting) & (frame["acc"] < floor)]
+        if low.empty:
+            continue
+        ax.plot([x], [floor], marker="v", color="black", markersize=6, clip_on=False, zorder=5)
+        ax.annotate(f"{len(low)} run(s)\nmean {low['acc'].mean():.1f}%", (x, floor),
+                    xytext=(0, 6), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=6)
+
+
+def plot_learning_curves(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, *,
+                         order: list[str] | None = None, palette: dict[str, Any] | None = None,
+                         ax: Axes | None = None) -> Axes:
+    """Mean per epoch across seeds with a 95% t-interval band, one line per setting."""
+    ax = _new_axes(ax)
+    keyed = with_setting(runs)[["run_id", "setting"]]
+    frame = curves[curves["metric"] == metric].merge(keyed, on="run_id", how="inner")
+    frame = frame[np.isfinite(frame["value"].astype(float))].copy()
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    frame["y"] = frame["value"].astype(float) * scale
+    order = order or setting_order(with_setting(runs))
+    palette = palette or _palette(order)
+    present = [s for s in order if s in set(frame["setting"])]
+    sns.lineplot(data=frame, x="epoch", y="y", hue="setting", hue_order=present, palette=palette,
+                 errorbar=t_interval, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax,
+                 marker="o", markersize=3, linewidth=1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    if metric == "train_loss":
+        ax.set_yscale("log")  # p=1 sits at ln 10 while healthy runs reach ~0.3: one scale for both
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    _drop_legend(ax)
+    return ax
+
+
+def plot_forest(comparisons: Sequence[dict[str, Any]], margin: float, *,
+                ax: Axes | None = None, focus_pp: float = 5.0) -> Axes:
+    """Mean difference to the baseline (pp) with its 95% CI, coloured and shaped by verdict, over
+    the ±margin equivalence band. Rows whose CI reaches beyond `focus_pp` are drawn as arrows at
+    the edge so the band stays readable; the numbers column on the right always shows the truth."""
+    ax = _new_axes(ax)
+    rows = [_forest_row(c) for c in comparisons]
+    limit = _forest_limit(rows, margin * 100, focus_pp)
+    ax.axvspan(-margin * 100, margin * 100, color="#0072B2", alpha=0.12, linewidth=0,
+               label=f"±{margin * 100:g} pp equivalence margin")
+    ax.axvline(0, color="black", linewidth=0.7)
+    for y, row in enumerate(rows):
+        _draw_forest_row(ax, y, row, limit)
+    ax.set_yticks(range(len(rows)), [r["setting"] for r in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(-limit, limit)
+    ax.set_xlabel("difference in mean test accuracy vs baseline (pp)")
+    ax.set_ylabel("(dropout1, dropout2)")
+    ax.grid(axis="y", visible=False)
+    return ax
+
+
+def _forest_row(comparison: dict[str, Any]) -> dict[str, Any]:
+    ci = comparison.get("mean_diff_ci95") or [None, None]
+    pp = lambda v: None if v is None or not math.isfinite(v) else v * 100  # noqa: E731
+    return {"setting": setting_label(comparison["dropout1"], comparison["dropout2"]),
+            "diff": pp(comparison.get("mean_diff")), "lo": pp(ci[0]), "hi": pp(ci[1]),
+            "verdict": comparison.get("verdict") or "inconclusive"}
+
+
+def _forest_limit(rows: list[dict[str, Any]], margin_pp: float, focus_pp: float) -> float:
+    reach = [max(abs(v) for v in (r["lo"], r["hi"], r["diff"]) if v is not None)
+             for r in rows if any(v is not None for v in (r["lo"], r["hi"], r["diff"]))]
+    near = [v for v in reach if v <= focus_pp]
+    return 1.15 * max([2 * margin_pp, *near])
+
+
+def _draw_forest_row(ax: Axes, y: int, row: dict[str, Any], limit: float) -> None:
+    colour = VERDICT_COLOURS.get(row["verdict"], "#7f7f7f")
+    marker = VERDICT_MARKERS.get(row["verdict"], "s")
+    text_at = ax.get_yaxis_transform()  # x in axes units, y in data: a column right of the plot
+    if row["diff"] is None:
+        ax.text(1.02, y, "not computable", transform=text_at, va="center", fontsize=6)
+        return
+    clip = lambda v: min(max(v, -limit), limit)  # noqa: E731
+    inside = abs(row["diff"]) <= limit
+    if row["lo"] is not None and row["hi"] is not None:
+        ax.plot([clip(row["lo"]), clip(row["hi"])], [y, y], color=colour, linewidth=1.6)
+        for end in (row["lo"], row["hi"]):
+            if inside and abs(end) > limit:
+                ax.plot([clip(end)], [y], marker=">" if end > 0 else "<", color=colour,
+                        markersize=5)
+    if not inside:  # the estimate itself is off the axis: an arrow at the edge points to it
+        marker = ">" if row["diff"] > 0 else "<"
+    ax.plot([clip(row["diff"])], [y], marker=marker, color=colour, markersize=5,
+            markeredgecolor="black", markeredgewidth=0.4, label=row["verdict"], clip_on=False)
+    ci = "" if row["lo"] is None else f" [{row['lo']:+.2f}, {row['hi']:+.2f}]"
+    ax.text(1.02, y, f"{row['diff']:+.2f}{ci} {row['verdict']}", transform=text_at,
+            va="center", fontsize=6, color=colour)
+
+
+def plot_sd(runs: pd.DataFrame, *, order: list[str] | None = None,
+            palette: dict[str, Any] | None = None, ax: Axes | None = None) -> Axes:
+    """Seed-to-seed SD of final test accuracy per setting with a percentile-bootstrap 95% CI."""
+    ax = _new_axes(ax)
+    order = order or setting_order(with_setting(runs))
+    palette = palette or _palette(order)
+    table = sd_table(runs, order)
+    for x, row in enumerate(table.itertuples()):
+        if not math.isfinite(row.sd):
+            continue
+        ax.errorbar([x], [row.sd], yerr=[[row.sd - row.lo], [row.hi - row.sd]], fmt="o",
+                    color=palette[row.setting], capsize=3, markersize=5,
+                    markeredgecolor="black", markeredgewidth=0.4)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("(dropout1, dropout2)")
+    ax.set_ylabel("SD of final test accuracy (pp)")
+    return ax
+
+
+def plot_gap(runs: pd.DataFrame, groups: Sequence[dict[str, Any]], *,
+             order: list[str] | None = None, palette: dict[str, Any] | None = None,
+             ax: Axes | None = None) -> Axes:
+    """Train minus test accuracy per seed (dots) with the results' mean and 95% CI (bar)."""
+    ax = _new_axes(ax)
+    frame = with_setting(runs)
+    frame["gap"] = (frame["train_acc"].astype(float) - frame["test_acc"].astype(float)) * 100
+    frame = frame[np.isfinite(frame["gap"])]
+    order = order or setting_order(frame)
+    palette = palette or _palette(order)
+    sns.swarmplot(data=frame, x="setting", y="gap", order=order, hue="setting", palette=palette,
+                  ax=ax, size=3, alpha=0.8, warn_thresh=1.0)
+    for group in groups:
+        x = order.index(setting_label(group["dropout1"], group["dropout2"]))
+        mean, ci = group.get("gap_mean"), group.get("gap_ci95") or [None, None]
+        if mean is None or ci[0] is None:
+            continue
+        ax.errorbar([x + 0.28], [mean * 100], yerr=[[(mean - ci[0]) * 100], [(ci[1] - mean) * 100]],
+                    fmt="_", color="black", capsize=3, markersize=8)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("(dropout1, dropout2)")
+    ax.set_ylabel("train − test accuracy (pp)")
+    _drop_legend(ax)
+    return ax
+
+
+def _drop_legend(ax: Axes) -> None:
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+
+
+# --- faceting and saving: the one place that decides names, sizes and style ------------------
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    with mpl.rc_context(_RC):
+        yield
+
+
+def facet(n_panels: int, panel: tuple[float, float] = PANEL_SIZE,
+          columns: int = MAX_COLUMNS) -> tuple[Figure, list[Axes]]:
+    cols = max(1, min(columns, n_panels))
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(panel[0] * cols, panel[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for extra in axes[n_panels:]:
+        extra.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """Write `name.png` and `name.svg`; byte-identical for identical figures."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, svg = out_dir / f"{name}.png", out_dir / f"{name}.svg"
+    with style():
+        fig.savefig(png, format="png", metadata=PNG_METADATA)
+        fig.savefig(svg, format="svg", metadata=SVG_METADATA)
+    return png, svg
+
+
+CAPTIONS = {
+    "final_accuracy": "Final test accuracy per dropout setting; each dot is one seed, boxes show "
+                      "median and IQR. Runs far below the healthy ones are drawn as triangles on "
+                      "the bottom edge with their mean.",
+    "curves_test_acc": "Test accuracy after each epoch (eval mode): mean across seeds with a 95% "
+                       "Student-t band, one line per setting.",
+    "curves_train_loss": "Training loss per epoch (train mode, dropout on, averaged over "
+                         "minibatches): mean across seeds with a 95% Student-t band; log scale.",
+    "forest": "Difference in mean final test accuracy to the baseline, with its 95% CI, coloured "
+              "and shaped by verdict (different / equivalent / inconclusive); the shaded band is "
+              "the equivalence margin. Intervals beyond the axis end in arrows; the numbers on "
+              "the right are exact.",
+    "sd": f"Seed-to-seed SD of final test accuracy per setting. Error bars: percentile bootstrap "
+          f"95% CI over runs ({SD_BOOTSTRAP:,} resamples, fixed RNG seed {SD_BOOTSTRAP_SEED}); "
+          f"with few seeds such intervals are too narrow, so read them as rough.",
+    "gap": "Train minus test accuracy at the last epoch; dots are seeds, black bars the mean and "
+           "95% CI from the analysis. Train accuracy is measured with dropout on, so a negative "
+           "gap is expected for strong dropout and is not 'underfitting' by itself.",
+}
+
+
+def _stratum_frames(results: dict[str, Any], runs: pd.DataFrame
+                    ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    return [(s, select_stratum(runs, s["stratum"])) for s in results["strata"]]
+
+
+def _in_stratum(items: Sequence[dict[str, Any]], stratum: dict[str, Any]) -> list[dict[str, Any]]:
+    return [item for item in items if item["stratum"] == stratum]
+
+
+def _draw_facets(name: str, results: dict[str, Any], table: Any, out_dir: Path,
+                 draw: Callable[[dict[str, Any], pd.DataFrame, Axes], None],
+                 legend: dict[str, Any] | None = None) -> FigureFile:
+    frames = _stratum_frames(results, table.runs)
+    with style():
+        fig, axes = facet(len(frames))
+        for (stratum, runs), ax in zip(frames, axes):
+            draw(stratum, runs, ax)
+            if len(frames) > 1:
+                ax.set_title(stratum["label"])
+        if legend:
+            fig.legend(handles=list(legend.values()), labels=list(legend), loc="outside lower center",
+                       ncols=min(len(legend), 6), frameon=False)
+    png, svg = save(fig, out_dir, name)
+    return FigureFile(name, png, svg, CAPTIONS[name])
+
+
+def _setting_handles(palette: dict[str, Any]) -> dict[str, Any]:
+    return {s: mpl.lines.Line2D([], [], color=c, marker="o", markersize=4) for s, c in palette.items()}
+
+
+def _verdict_handles(margin: float) -> dict[str, Any]:
+    handles = {v: mpl.lines.Line2D([], [], color=c, marker=VERDICT_MARKERS[v], linewidth=1.6,
+                                   markeredgecolor="black", markeredgewidth=0.4, markersize=5)
+               for v, c in VERDICT_COLOURS.items()}
+    band = mpl.patches.Patch(color="#0072B2", alpha=0.12, linewidth=0)
+    return {**handles, f"±{margin * 100:g} pp equivalence margin": band}
+
+
+def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[FigureFile]:
+    """All report figures for every stratum of `results`, saved under `out_dir`."""
+    order = setting_order(table.runs, table.protocol)
+    palette = _palette(order)
+    margin = float(results["equivalence_margin"])
+
+    def final(s, runs, ax):
+        plot_final_accuracy(runs, order=_present(order, runs), palette=palette, ax=ax)
+
+    def curves(metric):
+        def draw(s, runs, ax):
+            plot_learning_curves(table.curves, runs, metric, order=order, palette=palette, ax=ax)
+        return draw
+
+    def forest(s, runs, ax):
+        plot_forest(_in_stratum(results["comparisons"], s["stratum"]), margin, ax=ax)
+
+    def sd(s, runs, ax):
+        plot_sd(runs, order=_present(order, runs), palette=palette, ax=ax)
+
+    def gap(s, runs, ax):
+        plot_gap(runs, _in_stratum(results["groups"], s["stratum"]),
+                 order=_present(order, runs), palette=palette, ax=ax)
+
+    lines = _setting_handles(palette)
+    return [
+        _draw_facets("final_accuracy", results, table, out_dir, final),
+        _draw_facets("curves_test_acc", results, table, out_dir, curves("test_acc"), lines),
+        _draw_facets("curves_train_loss", results, table, out_dir, curves("train_loss"), lines),
+        _draw_facets("forest", results, table, out_dir, forest, _verdict_handles(margin)),
+        _draw_facets("sd", results, table, out_dir, sd),
+        _draw_facets("gap", results, table, out_dir, gap),
+    ]
+
+
+def _present(order: list[str], runs: pd.DataFrame) -> list[str]:
+    here = set(with_setting(runs)["setting"])
+    return [s for s in order if s in here]

@@ -1,0 +1,130 @@
+"""The textbook models and the three dropout implementations the lesson compares.
+
+- `torch`: `nn.Dropout`, drawing from the global generator (seeded per run by `train`).
+- `scratch`: the book's hand-written mask, `(torch.rand(X.shape) > p).float() * X / (1 - p)`.
+- `scratch-randn`: the lesson's printed version with `torch.randn`. Its keep-rate is
+  P(N(0,1) > p), about 31% at p=0.5, yet it still rescales by 1/(1-p).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from study.protocol import Model
+
+IMAGE_SIDE, CLASSES = 28, 10
+
+
+class Dropout(nn.Module):
+    """Dropout whose masks come from an explicit generator, drawn where that generator lives.
+
+    With `kind="bernoulli"` it draws exactly what `nn.Dropout` draws on the CPU
+    (`empty.bernoulli_(1-p)` then `div_(1-p)`), so a portable run matches a native CPU run.
+    """
+
+    def __init__(self, p: float, kind: str, generator: torch.Generator):
+        super().__init__()
+        self.p, self.kind, self.generator = p, kind, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return torch.zeros_like(x)
+        gen_device = self.generator.device
+        if self.kind == "bernoulli":
+            noise = torch.empty(x.shape, device=gen_device).bernoulli_(1 - self.p,
+                                                                      generator=self.generator)
+            return x * noise.div_(1 - self.p).to(x.device)
+        draw = torch.rand if self.kind == "rand" else torch.randn
+        mask = (draw(x.shape, generator=self.generator, device=gen_device) > self.p).float()
+        return mask.to(x.device) * x / (1.0 - self.p)
+
+
+class KeepRate(nn.Module):
+    """Counts the share of non-zero inputs a dropout layer keeps, whatever draws its mask."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.kept: torch.Tensor | int = 0
+        self.alive: torch.Tensor | int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.training:
+            live = x != 0
+            # Accumulate on the device; one transfer at the end of the run, not a sync per batch.
+            self.kept = self.kept + (live & (out != 0)).sum()
+            self.alive = self.alive + live.sum()
+        return out
+
+    def rate(self) -> float | None:
+        alive = float(self.alive)
+        return float(self.kept) / alive if alive else None
+
+
+def make_dropout(p: float, implementation: str, generator: torch.Generator | None) -> nn.Module:
+    """One dropout layer; `generator=None` means the global generator (native nn.Dropout)."""
+    if implementation == "torch" and generator is None:
+        return nn.Dropout(p)
+    if generator is None:
+        raise ValueError(f"implementation {implementation!r} needs an explicit generator")
+    kind = {"torch": "bernoulli", "scratch": "rand", "scratch-randn": "randn"}[implementation]
+    return Dropout(p, kind, generator)
+
+
+def mlp(hidden: tuple[int, ...], drops: tuple[nn.Module, nn.Module]) -> nn.Sequential:
+    h1, h2 = hidden
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(IMAGE_SIDE * IMAGE_SIDE, h1), nn.ReLU(), KeepRate(drops[0]),
+        nn.Linear(h1, h2), nn.ReLU(), KeepRate(drops[1]), nn.Linear(h2, CLASSES))
+
+
+def lenet(drops: tuple[nn.Module, nn.Module]) -> nn.Sequential:
+    """d2l's LeNet-5 (sigmoid, average pooling) with dropout after the two hidden dense layers."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, IMAGE_SIDE, IMAGE_SIDE)),
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(), nn.AvgPool2d(2, 2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(), nn.AvgPool2d(2, 2), nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(), KeepRate(drops[0]),
+        nn.Linear(120, 84), nn.Sigmoid(), KeepRate(drops[1]), nn.Linear(84, CLASSES))
+
+
+def build(spec: Model, drops: tuple[nn.Module, nn.Module], init: torch.Generator,
+          device: str) -> nn.Sequential:
+    """Construct without touching the global generator (meta device), then initialise from `init`."""
+    with torch.device("meta"):
+        net = mlp(spec.hidden, drops) if spec.arch == "mlp" else lenet(drops)
+    net = net.to_empty(device=device)
+    for layer in net.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            _init_layer(layer, spec, init)
+    return net
+
+
+def _init_layer(layer: nn.Linear | nn.Conv2d, spec: Model, gen: torch.Generator) -> None:
+    # Drawn on the generator's device (the CPU) and copied, so the same seed gives the same
+    # initial weights on every device.
+    fan_in = layer.weight[0].numel()
+    fan_out = layer.weight.shape[0] * layer.weight[0, 0].numel() if layer.weight.dim() > 2 \
+        else layer.weight.shape[0]
+    shape = layer.weight.shape
+    if spec.init == "normal":
+        w = torch.empty(shape).normal_(0.0, spec.init_std, generator=gen)
+    else:
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    # PyTorch's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from our stream.
+    bias_bound = 1.0 / math.sqrt(fan_in)
+    b = torch.empty(layer.bias.shape).uniform_(-bias_bound, bias_bound, generator=gen)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+
+
+def keep_rates(net: nn.Module) -> tuple[float | None, ...]:
+    return tuple(m.rate() for m in net.modules() if isinstance(m, KeepRate))

@@ -1,0 +1,129 @@
+"""One seed in, named random streams out; determinism modes as named, reported flag sets.
+
+Nothing else in the package seeds or reads global random state, with one contained exception:
+`nn.Dropout` can only draw from the global generator, so `train` forks it and seeds it from the
+dropout stream for the duration of one run (see `global_dropout_rng`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+STREAMS = ("init", "data", "dropout")
+
+
+@dataclass(frozen=True)
+class StreamSeeds:
+    """Independent 63-bit seeds, one per random stream of a run."""
+
+    init: int
+    data: int
+    dropout: int
+
+
+def derive(seed: int, stream: str) -> int:
+    """A seed for `stream`, independent of every other stream's (NumPy SeedSequence spawn keys)."""
+    seq = np.random.SeedSequence(entropy=seed, spawn_key=(STREAMS.index(stream),))
+    return int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def stream_seeds(seed: int, vary: str = "all", fixed: int = 0) -> StreamSeeds:
+    """Seeds of a run: the streams named by `vary` follow `seed`, the others stay at `fixed`."""
+    def pick(stream: str) -> int:
+        return derive(seed if vary in ("all", stream) else fixed, stream)
+
+    return StreamSeeds(init=pick("init"), data=pick("data"), dropout=pick("dropout"))
+
+
+def generator(seed: int, device: str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+@contextlib.contextmanager
+def global_dropout_rng(seed: int, device: str) -> Iterator[None]:
+    """Seed the global generator(s) that nn.Dropout draws from, and restore them afterwards."""
+    devices = [torch.cuda.current_device()] if device == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+# --- determinism modes -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Flags:
+    """The knobs that decide whether a run is bitwise repeatable."""
+
+    deterministic_algorithms: bool
+    cudnn_deterministic: bool
+    cudnn_benchmark: bool
+    # TF32 trades mantissa bits for speed on Ampere+; a mode claiming determinism must not
+    # silently inherit it from whatever ran before.
+    matmul_tf32: bool
+    cudnn_tf32: bool
+    cublas_workspace_config: str | None
+    fill_uninitialized_memory: bool
+
+
+MODES: dict[str, Flags] = {
+    "default": Flags(False, False, False, False, True, None, False),
+    "benchmark": Flags(False, False, True, False, True, None, False),
+    "strict": Flags(True, True, False, False, False, ":4096:8", True),
+}
+
+
+def current_flags() -> Flags:
+    return Flags(
+        deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+        cudnn_deterministic=torch.backends.cudnn.deterministic,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+        matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+        cudnn_tf32=torch.backends.cudnn.allow_tf32,
+        cublas_workspace_config=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        fill_uninitialized_memory=torch.utils.deterministic.fill_uninitialized_memory,
+    )
+
+
+def _set(flags: Flags) -> None:
+    torch.use_deterministic_algorithms(flags.deterministic_algorithms)
+    torch.backends.cudnn.deterministic = flags.cudnn_deterministic
+    torch.backends.cudnn.benchmark = flags.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = flags.matmul_tf32
+    torch.backends.cudnn.allow_tf32 = flags.cudnn_tf32
+    if flags.cublas_workspace_config is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        # cuBLAS reads this when a handle is created; set before the first CUDA matmul.
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = flags.cublas_workspace_config
+    torch.utils.deterministic.fill_uninitialized_memory = flags.fill_uninitialized_memory
+
+
+@contextlib.contextmanager
+def determinism(mode: str) -> Iterator[Flags]:
+    """Apply a named mode, yield the flags read back after applying it, then restore."""
+    before = current_flags()
+    _set(MODES[mode])
+    try:
+        yield current_flags()
+    finally:
+        _set(before)
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[int]:
+    """Use `count` CPU threads (None keeps torch's default); yield the count in effect."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

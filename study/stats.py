@@ -1,0 +1,602 @@
+"""Statistics for the dropout study: pure functions, NumPy arrays in, small frozen dataclasses out.
+
+    python -c "import numpy as np; from study import stats; print(stats.describe(np.array([.84, .85, .86]), np.random.default_rng(0)))"
+
+Conventions every function here follows:
+
+- Inputs are 1-D float arrays of accuracies (fractions in [0, 1]); shapes are in each docstring.
+- "Not computable" is `None` plus a `reason` string, never NaN: results are written to JSON.
+- NaN inputs (diverged runs) are dropped and counted, with the count in the result.
+- Resampling takes an explicit `numpy.random.Generator`; nothing touches global random state.
+- Bootstrap intervals are percentile intervals (not BCa): BCa's jackknife acceleration is
+  undefined for the constant groups this study produces (the (1, 1) setting sits at 0.1).
+- A group or a set of paired differences whose range is below `TOLERANCE` counts as constant:
+  accuracies are multiples of 1e-4 (10k test images), so anything smaller is float round-off,
+  and a t statistic built on round-off would be a huge, meaningless number.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, special
+from scipy import stats as sps
+from statsmodels.stats.oneway import anova_oneway
+from statsmodels.stats.power import TTestIndPower, TTestPower
+
+TOLERANCE = 1e-9
+# Fewer runs than this per group and no test is run: with 2 seeds a t test has 1 degree of
+# freedom and the exact rank tests cannot reach p < 0.05 at all.
+MIN_N = 3
+LEVEL = 0.95
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Description:
+    """One group of runs. `ci95` is t-based, `ci95_boot` a percentile bootstrap of the mean;
+    `iqr` is (q1, q3) by linear interpolation (NumPy's default)."""
+
+    n: int
+    n_dropped: int
+    mean: float | None
+    sd: float | None
+    ci95: tuple[float, float] | None
+    ci95_boot: tuple[float, float] | None
+    median: float | None
+    iqr: tuple[float, float] | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TestResult:
+    test: str
+    statistic: float | None
+    p: float | None
+    reason: str | None = None
+    forced: str | None = None  # a verdict that holds by construction when p is undefined
+
+
+@dataclass(frozen=True)
+class Omnibus:
+    test: str
+    statistic: float | None
+    p: float | None
+    reason: str | None = None
+    secondary: TestResult | None = None
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Mean difference (setting - baseline) with its t test. `forced` is a verdict that holds by
+    construction when the t statistic is undefined (every difference identical)."""
+
+    test: str
+    mean_diff: float
+    ci95: tuple[float, float]
+    statistic: float | None
+    p: float | None
+    forced: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Spread:
+    ratio: float | None  # SD(setting) / SD(baseline)
+    ratio_ci95: tuple[float | None, float | None] | None
+    brown_forsythe: TestResult
+    fligner: TestResult
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Power:
+    mde: float | None  # smallest |difference| detectable at `power` with the n used, accuracy units
+    seeds_needed: int | None  # seeds (per group when unpaired) to detect the observed difference
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One setting against the baseline, before multiplicity correction (see `holm`, `verdict`).
+
+    `n` is the number of pairs when paired, the runs of both groups together when unpaired."""
+
+    paired: bool
+    n: int
+    n_setting: int
+    n_baseline: int
+    n_dropped: int
+    mean_diff: float | None
+    mean_diff_ci95: tuple[float, float] | None
+    test: str
+    p: float | None
+    rank_test: str
+    rank_p: float | None
+    hedges_g: float | None
+    prob_superiority: float | None
+    tost_p: float | None
+    variance_ratio: float | None
+    variance_ratio_ci95: tuple[float | None, float | None] | None
+    brown_forsythe_p: float | None
+    fligner_p: float | None
+    mde: float | None
+    seeds_needed: int | None
+    forced: str | None = None
+    reason: str | None = None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def join_reasons(*reasons: str | None) -> str | None:
+    """Join the non-empty reasons with "; ", dropping repeats; None when there are none."""
+    kept = [r for r in reasons if r]
+    return "; ".join(dict.fromkeys(kept)) if kept else None
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def is_constant(x: np.ndarray) -> bool:
+    """x: [n]. True when every value is the same up to float round-off (see TOLERANCE)."""
+    return x.size > 0 and float(np.ptp(x)) <= TOLERANCE
+
+
+def drop_nan(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """x: [n] -> (finite values [n - k], k dropped)."""
+    x = np.asarray(x, dtype=float)
+    keep = np.isfinite(x)
+    return x[keep], int((~keep).sum())
+
+
+def drop_nan_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """x, y: [n] aligned by seed -> the pairs where both are finite, and how many were dropped."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired arrays differ in shape: {x.shape} vs {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep], int((~keep).sum())
+
+
+def _quiet(fn, *args, **kwargs):
+    # scipy warns (and returns NaN) on degenerate input; callers turn NaN into a reason.
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- description
+
+
+def t_interval(mean: float, se: float, df: float, level: float = LEVEL) -> tuple[float, float]:
+    """Two-sided t interval mean +- t_{df} * se. se = 0 gives the degenerate [mean, mean]."""
+    if se == 0:
+        return (float(mean), float(mean))
+    half = float(special.stdtrit(df, 0.5 + level / 2)) * se
+    return (float(mean - half), float(mean + half))
+
+
+def mean_ci(x: np.ndarray, level: float = LEVEL) -> tuple[float, float] | None:
+    """x: [n] finite values -> t-based interval for the mean, None when n < 2."""
+    if x.size < 2:
+        return None
+    return t_interval(float(x.mean()), float(x.std(ddof=1)) / math.sqrt(x.size), x.size - 1, level)
+
+
+def bootstrap_mean_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int = 10_000,
+                      level: float = LEVEL) -> tuple[float, float] | None:
+    """x: [n] finite values -> percentile bootstrap interval of the mean over n_boot resamples."""
+    if x.size < 2:
+        return None
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return (float(lo), float(hi))
+
+
+def describe(x: np.ndarray, rng: np.random.Generator, n_boot: int = 10_000) -> Description:
+    """x: [n] accuracies, NaN allowed (dropped and counted) -> Description."""
+    x, dropped = drop_nan(x)
+    note = f"{dropped} non-finite value(s) dropped" if dropped else None
+    if x.size == 0:
+        return Description(0, dropped, None, None, None, None, None, None,
+                           join_reasons(note, "no finite values"))
+    q1, med, q3 = (float(v) for v in np.percentile(x, [25, 50, 75]))
+    few = "fewer than 2 values: no SD or interval" if x.size < 2 else None
+    flat = ("zero variance: every run gives the same value, so each interval is that point"
+            if x.size >= 2 and is_constant(x) else None)
+    return Description(
+        n=int(x.size), n_dropped=dropped, mean=float(x.mean()),
+        sd=float(x.std(ddof=1)) if x.size >= 2 else None,
+        ci95=mean_ci(x), ci95_boot=bootstrap_mean_ci(x, rng, n_boot),
+        median=med, iqr=(q1, q3), reason=join_reasons(note, few, flat))
+
+
+# ----------------------------------------------------------------------------- omnibus
+
+
+def friedman(matrix: np.ndarray) -> Omnibus:
+    """matrix: [n_seeds, k] (row = seed, column = setting). Rows with any NaN are dropped."""
+    matrix = np.asarray(matrix, dtype=float)
+    complete = np.isfinite(matrix).all(axis=1)
+    m = matrix[complete]
+    note = f"{int((~complete).sum())} seed(s) without every setting dropped" if (~complete).any() else None
+    n, k = m.shape
+    if k < 3:
+        return Omnibus("friedman", None, None, join_reasons(note, f"Friedman needs at least 3 settings, got {k}"))
+    if n < MIN_N:
+        return Omnibus("friedman", None, None, join_reasons(note, f"only {n} complete seed(s), need {MIN_N}"))
+    if all(is_constant(row) for row in m):
+        return Omnibus("friedman", None, None,
+                       join_reasons(note, "every seed gives the same value for every setting: no ranks"))
+    res = _quiet(sps.friedmanchisquare, *m.T)
+    return _omnibus_from("friedman", res, note)
+
+
+def _omnibus_from(test: str, res, note: str | None, secondary: TestResult | None = None) -> Omnibus:
+    stat, p = _finite(res.statistic), _finite(res.pvalue)
+    reason = None if p is not None else f"{test} not computable on these values"
+    return Omnibus(test, stat if p is not None else None, p, join_reasons(note, reason), secondary)
+
+
+def welch_anova(groups: Sequence[np.ndarray]) -> Omnibus:
+    """groups: k arrays [n_i]; NaN dropped. Welch's ANOVA, with Kruskal-Wallis as secondary."""
+    cleaned = [drop_nan(g) for g in groups]
+    dropped = sum(d for _, d in cleaned)
+    gs = [g for g, _ in cleaned if g.size > 0]
+    note = f"{dropped} non-finite value(s) dropped" if dropped else None
+    secondary = kruskal(gs)
+    if len(gs) < 2:
+        return Omnibus("welch_anova", None, None, join_reasons(note, "fewer than 2 settings with data"), secondary)
+    if min(g.size for g in gs) < MIN_N:
+        return Omnibus("welch_anova", None, None,
+                       join_reasons(note, f"a setting has fewer than {MIN_N} runs"), secondary)
+    if any(is_constant(g) for g in gs):
+        # Welch weights are n / variance: a zero-variance group has infinite weight.
+        return Omnibus("welch_anova", None, None,
+                       join_reasons(note, "a setting has zero variance: Welch weights undefined"), secondary)
+    res = _quiet(anova_oneway, gs, use_var="unequal")
+    return _omnibus_from("welch_anova", res, note, secondary)
+
+
+def kruskal(groups: Sequence[np.ndarray]) -> TestResult:
+    """groups: k arrays [n_i] of finite values -> Kruskal-Wallis H test."""
+    gs = [g for g in groups if g.size > 0]
+    if len(gs) < 2:
+        return TestResult("kruskal", None, None, "fewer than 2 settings with data")
+    if is_constant(np.concatenate(gs)):
+        return TestResult("kruskal", None, None, "every run gives the same value: no ranks")
+    res = _quiet(sps.kruskal, *gs)
+    return _test_from("kruskal", res)
+
+
+def _test_from(test: str, res) -> TestResult:
+    stat, p = _finite(res.statistic), _finite(res.pvalue)
+    if p is None:
+        return TestResult(test, None, None, f"{test} not computable on these values")
+    return TestResult(test, stat, p)
+
+
+# ----------------------------------------------------------------------------- location
+
+
+def _location(test: str, diff: float, se: float, df: float, constant: bool,
+              why_different: str) -> Shift:
+    """Shared t machinery. `constant`: the data have no spread, so t = diff / 0 is undefined and
+    the interval collapses to the point [diff, diff]."""
+    if constant:
+        if abs(diff) > TOLERANCE:
+            return Shift(test, diff, (diff, diff), None, None, "different",
+                         f"{why_different}: t undefined, different by construction")
+        return Shift(test, diff, (diff, diff), None, None, None,
+                     "no spread and a difference of exactly 0: t undefined")
+    t = diff / se
+    # special.stdtr is the CDF behind scipy.stats.t, without the distribution-object overhead
+    # (20x faster, which the calibration tests' thousands of studies need).
+    p = float(2 * special.stdtr(df, -abs(t)))
+    return Shift(test, diff, t_interval(diff, se, df), float(t), p)
+
+
+def paired_t(x: np.ndarray, y: np.ndarray) -> Shift:
+    """x, y: [n] finite, aligned by seed -> paired t on d = x - y."""
+    d = x - y
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    return _location("paired_t", float(d.mean()), se, d.size - 1, is_constant(d),
+                     "every seed differs by the same amount")
+
+
+def welch_df(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """x: [n1], y: [n2] -> (standard error of mean(x) - mean(y), Welch-Satterthwaite df)."""
+    a, b = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    se2 = a + b
+    if se2 == 0:
+        return 0.0, float("nan")
+    df = se2**2 / (a**2 / (x.size - 1) + b**2 / (y.size - 1))
+    return float(math.sqrt(se2)), float(df)
+
+
+def welch_t(x: np.ndarray, y: np.ndarray) -> Shift:
+    """x: [n1], y: [n2] finite -> Welch t on mean(x) - mean(y)."""
+    se, df = welch_df(x, y)
+    constant = is_constant(x) and is_constant(y)
+    return _location("welch_t", float(x.mean() - y.mean()), se, df, constant,
+                     "both settings are constant across runs and differ")
+
+
+# ----------------------------------------------------------------------------- ranks, effect sizes
+
+
+def wilcoxon(x: np.ndarray, y: np.ndarray) -> TestResult:
+    """x, y: [n] finite, aligned by seed -> Wilcoxon signed-rank (zero differences dropped, scipy default)."""
+    d = x - y
+    if np.all(np.abs(d) <= TOLERANCE):
+        return TestResult("wilcoxon", None, None, "every difference is 0: no signed ranks")
+    return _test_from("wilcoxon", _quiet(sps.wilcoxon, d))
+
+
+def mann_whitney(x: np.ndarray, y: np.ndarray) -> TestResult:
+    """x: [n1], y: [n2] finite -> two-sided Mann-Whitney U (statistic is U of x)."""
+    if is_constant(np.concatenate([x, y])):
+        return TestResult("mann_whitney", None, None, "every run gives the same value: no ranks")
+    return _test_from("mann_whitney", _quiet(sps.mannwhitneyu, x, y, alternative="two-sided"))
+
+
+def hedges_correction(df: float) -> float:
+    """Exact small-sample factor J(df) = Gamma(df/2) / (sqrt(df/2) Gamma((df-1)/2)) ~ 1 - 3/(4df-1)."""
+    return float(math.exp(special.gammaln(df / 2) - special.gammaln((df - 1) / 2)) / math.sqrt(df / 2))
+
+
+def hedges_g(x: np.ndarray, y: np.ndarray) -> float | None:
+    """x: [n1], y: [n2] -> (mean(x) - mean(y)) / pooled SD * J(n1 + n2 - 2).
+
+    Standardised by the pooled SD of the two groups (for paired data that is the root mean of
+    the two variances, Cumming's d_av), not by the SD of the differences: that keeps g on the
+    same scale in paired and unpaired strata and stops it growing with the seed correlation."""
+    df = x.size + y.size - 2
+    pooled = ((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / df
+    if pooled <= TOLERANCE**2:
+        return None
+    return float((x.mean() - y.mean()) / math.sqrt(pooled) * hedges_correction(df))
+
+
+def prob_superiority(x: np.ndarray, y: np.ndarray, paired: bool) -> float:
+    """Paired (x, y: [n]): share of seeds with x > y; unpaired: P(X > Y) = U / (n1 n2). Ties count half."""
+    diff = (x - y) if paired else (x[:, None] - y[None, :]).ravel()
+    wins = (diff > TOLERANCE).sum() + 0.5 * (np.abs(diff) <= TOLERANCE).sum()
+    return float(wins / diff.size)
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+
+def _tost(diff: float, se: float, df: float, margin: float, constant: bool, name: str) -> TestResult:
+    if constant:
+        if abs(diff) <= TOLERANCE and margin > 0:
+            return TestResult(name, None, None, "every difference is exactly 0 and the margin is "
+                              "positive: equivalent by construction", forced="equivalent")
+        return TestResult(name, None, None, "no spread: TOST undefined")
+    p_low = special.stdtr(df, -(diff + margin) / se)  # H0: diff <= -margin
+    p_high = special.stdtr(df, (diff - margin) / se)  # H0: diff >= +margin
+    return TestResult(name, None, float(max(p_low, p_high)))
+
+
+def tost_paired(x: np.ndarray, y: np.ndarray, margin: float) -> TestResult:
+    """x, y: [n] aligned by seed -> TOST on d = x - y against (-margin, +margin); p = max of both."""
+    d = x - y
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    return _tost(float(d.mean()), se, d.size - 1, margin, is_constant(d), "tost_paired")
+
+
+def tost_welch(x: np.ndarray, y: np.ndarray, margin: float) -> TestResult:
+    """x: [n1], y: [n2] -> Welch TOST on mean(x) - mean(y) against (-margin, +margin)."""
+    se, df = welch_df(x, y)
+    constant = is_constant(x) and is_constant(y)
+    return _tost(float(x.mean() - y.mean()), se, df, margin, constant, "tost_welch")
+
+
+# ----------------------------------------------------------------------------- spread
+
+
+def sd_ratio_ci(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,
+                n_boot: int = 10_000, level: float = LEVEL) -> tuple[tuple[float | None, float | None], str | None]:
+    """x: [n1], y: [n2] -> percentile bootstrap interval of SD(x)/SD(y).
+
+    Paired data are resampled by seed (x and y together) so the interval keeps their correlation.
+    Resamples where both SDs are 0 (0/0) are dropped; an infinite bound (baseline resample SD 0)
+    is reported as None."""
+    ix = rng.integers(0, x.size, size=(n_boot, x.size))
+    iy = ix if paired else rng.integers(0, y.size, size=(n_boot, y.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = x[ix].std(axis=1, ddof=1) / y[iy].std(axis=1, ddof=1)
+    undefined = int(np.isnan(ratios).sum())
+    ratios = ratios[~np.isnan(ratios)]
+    note = f"{undefined} of {n_boot} resamples had SD 0 in both groups and were dropped" if undefined else None
+    if ratios.size == 0:
+        return (None, None), join_reasons(note, "no resample had a defined SD ratio")
+    lo, hi = (_finite(v) for v in np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)]))
+    if hi is None:
+        note = join_reasons(note, "upper bound infinite: baseline resamples with SD 0")
+    return (lo, hi), note
+
+
+def spread(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,
+           n_boot: int = 10_000) -> Spread:
+    """x: [n1] setting, y: [n2] baseline -> SD ratio with CI, Brown-Forsythe and Fligner-Killeen."""
+    if is_constant(x) and is_constant(y):
+        why = "both settings have zero variance: equal spread by construction, nothing to test"
+        none = TestResult("brown_forsythe", None, None, why)
+        return Spread(None, None, none, TestResult("fligner", None, None, why), why)
+    bf = _test_from("brown_forsythe", _quiet(sps.levene, x, y, center="median"))
+    fk = _test_from("fligner", _quiet(sps.fligner, x, y))
+    sx, sy = float(x.std(ddof=1)), float(y.std(ddof=1))
+    if sy <= TOLERANCE:
+        return Spread(None, None, bf, fk, "baseline SD is 0: ratio undefined")
+    ci, note = sd_ratio_ci(x, y, paired, rng, n_boot)
+    return Spread(sx / sy, ci, bf, fk, note)
+
+
+# ----------------------------------------------------------------------------- power
+
+
+def _power(effect: float, n1: int, n2: int, alpha: float, paired: bool) -> float:
+    """Power of the two-sided t test for a standardised effect; n2 is ignored when paired."""
+    if paired:
+        return float(TTestPower().power(effect, nobs=n1, alpha=alpha, alternative="two-sided"))
+    return float(TTestIndPower().power(effect, nobs1=n1, alpha=alpha, ratio=n2 / n1,
+                                       alternative="two-sided"))
+
+
+def power_at(diff: float, sd: float, n: int, alpha: float, paired: bool) -> float:
+    """Predicted power of the two-sided t test for a true difference `diff` (accuracy units).
+
+    sd: SD of the paired differences (paired) or the common SD of both groups (unpaired);
+    n: pairs (paired) or runs per group (unpaired, equal groups)."""
+    return _power(abs(diff) / sd, n, n, alpha, paired)
+
+
+def _min_effect(n1: int, n2: int, alpha: float, power: float, paired: bool) -> float | None:
+    """Smallest standardised effect reaching `power`. Root-found here rather than with
+    statsmodels' solve_power, which warns and returns NaN outside its search bounds."""
+    gap = lambda e: _power(e, n1, n2, alpha, paired) - power  # noqa: E731
+    hi = 1.0
+    while not gap(hi) >= 0:  # power rises to 1 with the effect; double until bracketed
+        hi *= 2
+        if hi > 1e4:
+            return None
+    return float(optimize.brentq(gap, 0.0, hi, xtol=1e-12))
+
+
+def _min_seeds(effect: float, alpha: float, power: float, paired: bool,
+               cap: int = 1_000_000) -> int | None:
+    """Smallest n >= 2 (pairs, or runs per group) whose power reaches `power`; None past `cap`.
+
+    Doubling then bisection: statsmodels' noncentral t returns NaN at very large noncentrality,
+    so n is never pushed far beyond the answer."""
+    reaches = lambda n: _power(effect, n, n, alpha, paired) >= power  # noqa: E731  (NaN -> False)
+    lo, hi = 1, 2
+    while not reaches(hi):
+        lo, hi = hi, hi * 2
+        if hi > cap:
+            return None
+    while hi - lo > 1:  # invariant: power(lo) < target <= power(hi); power rises with n
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return max(hi, 2)
+
+
+def power_analysis(diff: float, sd: float, n_setting: int, n_baseline: int, paired: bool,
+                   alpha: float = 0.05, power: float = 0.8) -> Power:
+    """Minimum detectable |difference| with the n used, and seeds needed for the observed one.
+
+    sd: SD of the paired differences (paired) or pooled SD (unpaired); n_setting = pairs when
+    paired. Uses the nominal alpha (no multiplicity correction), so with several settings both
+    numbers are optimistic. Power is statsmodels' TTestPower / TTestIndPower (noncentral t)."""
+    if n_setting < 2 or n_baseline < 2:
+        return Power(None, None, "fewer than 2 runs per group: power undefined")
+    if not sd > TOLERANCE:
+        return Power(None, None, "SD is 0: power undefined")
+    effect = _min_effect(n_setting, n_baseline, alpha, power, paired)
+    mde = effect * sd if effect is not None else None
+    why_mde = None if mde is not None else "power equation has no root for the n used"
+    if abs(diff) <= TOLERANCE:
+        return Power(mde, None, join_reasons(why_mde, "observed difference is 0: no seed count detects it"))
+    needed = _min_seeds(abs(diff) / sd, alpha, power, paired)
+    if needed is None:
+        return Power(mde, None, join_reasons(why_mde, "observed difference too small: over a million seeds needed"))
+    return Power(mde, needed, why_mde)
+
+
+def pooled_sd(x: np.ndarray, y: np.ndarray) -> float:
+    """x: [n1], y: [n2] -> sqrt of the df-weighted mean of the two variances."""
+    df = x.size + y.size - 2
+    return float(math.sqrt(((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / df))
+
+
+# ----------------------------------------------------------------------------- one comparison
+
+
+def compare(setting: np.ndarray, baseline: np.ndarray, *, paired: bool, rng: np.random.Generator,
+            margin: float, alpha: float = 0.05, power: float = 0.8, n_boot: int = 10_000) -> Comparison:
+    """setting, baseline: [n] aligned by seed when paired, else [n1], [n2]; NaN dropped (pairs
+    where either side is NaN when paired). Returns unadjusted p-values; see `holm`, `verdict`."""
+    if paired:
+        x, y, dropped = drop_nan_pairs(setting, baseline)
+    else:
+        (x, dx), (y, dy) = drop_nan(setting), drop_nan(baseline)
+        dropped = dx + dy
+    note = f"{dropped} {'pair(s)' if paired else 'run(s)'} with non-finite values dropped" if dropped else None
+    n = x.size if paired else x.size + y.size
+    if min(x.size, y.size) < MIN_N:
+        return _too_few(paired, n, x.size, y.size, dropped, join_reasons(note, f"fewer than {MIN_N} runs per group"))
+    shift = paired_t(x, y) if paired else welch_t(x, y)
+    rank = wilcoxon(x, y) if paired else mann_whitney(x, y)
+    tost = tost_paired(x, y, margin) if paired else tost_welch(x, y, margin)
+    spr = spread(x, y, paired, rng, n_boot)
+    sd = float((x - y).std(ddof=1)) if paired else pooled_sd(x, y)
+    pw = power_analysis(shift.mean_diff, sd, x.size, y.size, paired, alpha, power)
+    forced = shift.forced or tost.forced
+    return Comparison(
+        paired=paired, n=n, n_setting=int(x.size), n_baseline=int(y.size), n_dropped=dropped,
+        mean_diff=shift.mean_diff, mean_diff_ci95=shift.ci95, test=shift.test, p=shift.p,
+        rank_test=rank.test, rank_p=rank.p, hedges_g=hedges_g(x, y),
+        prob_superiority=prob_superiority(x, y, paired), tost_p=tost.p,
+        variance_ratio=spr.ratio, variance_ratio_ci95=spr.ratio_ci95,
+        brown_forsythe_p=spr.brown_forsythe.p, fligner_p=spr.fligner.p,
+        mde=pw.mde, seeds_needed=pw.seeds_needed, forced=forced,
+        reason=join_reasons(note, shift.reason, rank.reason, tost.reason, spr.reason,
+                     spr.brown_forsythe.reason, spr.fligner.reason, pw.reason))
+
+
+def _too_few(paired: bool, n: int, n1: int, n2: int, dropped: int, reason: str | None) -> Comparison:
+    return Comparison(paired, n, n1, n2, dropped, None, None, "paired_t" if paired else "welch_t",
+                      None, "wilcoxon" if paired else "mann_whitney", None, None, None, None,
+                      None, None, None, None, None, None, None, reason)
+
+
+# ----------------------------------------------------------------------------- family and verdicts
+
+
+def holm(p: Sequence[float | None]) -> list[float | None]:
+    """Holm step-down adjusted p-values; None (not computed) stays None and is not in the family.
+
+    Leaving a None out is the same as counting it with p = 0 when it stands for a difference
+    that holds by construction: Holm rejects p = 0 first and the others keep their multipliers."""
+    idx = [i for i, v in enumerate(p) if v is not None]
+    out: list[float | None] = [None] * len(p)
+    if not idx:
+        return out
+    vals = np.array([p[i] for i in idx], dtype=float)
+    order = np.argsort(vals, kind="stable")
+    m = vals.size
+    scaled = np.minimum(1.0, (m - np.arange(m)) * vals[order])
+    adjusted = np.maximum.accumulate(scaled)
+    for rank, j in enumerate(order):
+        out[idx[j]] = float(adjusted[rank])
+    return out
+
+
+def verdict(p_adjusted: float | None, tost_p_adjusted: float | None, alpha: float,
+            forced: str | None = None) -> str:
+    """'different' if the adjusted t-test p < alpha; else 'equivalent' if the adjusted TOST p <
+    alpha; else 'inconclusive' (never 'no difference'). `forced` holds by construction."""
+    if forced:
+        return forced
+    if p_adjusted is not None and p_adjusted < alpha:
+        return "different"
+    if tost_p_adjusted is not None and tost_p_adjusted < alpha:
+        return "equivalent"
+    return "inconclusive"
+
+
+def variance_verdict(p_adjusted: float | None, alpha: float) -> str:
+    """'different' when the adjusted Brown-Forsythe p < alpha, else 'not_shown_different'."""
+    return "different" if p_adjusted is not None and p_adjusted < alpha else "not_shown_different"

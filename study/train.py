@@ -1,0 +1,139 @@
+"""One cell in, one result out: the textbook training loop on in-memory tensors. No MLflow here.
+
+Metrics follow d2l's `train_ch3`: train loss and accuracy are averaged over the epoch's examples
+in train mode (dropout on); test accuracy is measured on the whole test set in eval mode after
+every epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from study import model as models
+from study.data import Dataset
+from study.plan import Cell
+from study.seeding import Flags, StreamSeeds, generator, global_dropout_rng, stream_seeds
+
+CHANCE = 1.0 / models.CLASSES
+# A run whose final test accuracy is this close to chance learned nothing (e.g. dropout 1.0).
+DEGENERATE_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    test_acc: float
+
+
+@dataclass(frozen=True)
+class Result:
+    cell: Cell
+    epochs: tuple[EpochMetrics, ...]
+    status: str  # ok | degenerate | diverged
+    textbook_check: bool  # d2l's `assert train_loss < 0.5 and train_acc > 0.7 and test_acc > 0.7`
+    weights_sha256: str
+    seconds: float
+    keep_rates: tuple[float | None, ...]  # observed share of live units each dropout layer kept
+    streams: StreamSeeds
+    flags: Flags | None = None  # determinism flags in effect, filled in by the runner
+    threads: int | None = None
+
+
+def seeds_of(cell: Cell) -> StreamSeeds:
+    return stream_seeds(cell.seed, cell.vary, cell.config.fixed_seed)
+
+
+def mask_generator(cell: Cell, seeds: StreamSeeds) -> torch.Generator | None:
+    """Where masks come from: None means nn.Dropout's global generator (native `torch`)."""
+    portable = cell.config.randomness == "portable"
+    if cell.implementation == "torch" and not portable:
+        return None
+    return generator(seeds.dropout, "cpu" if portable else cell.device)
+
+
+def train(cell: Cell, data: Dataset) -> Result:
+    """Train one cell on `data` (already on `cell.device`)."""
+    seeds = seeds_of(cell)
+    gen = mask_generator(cell, seeds)
+    drops = tuple(models.make_dropout(p, cell.implementation, gen)
+                  for p in (cell.dropout1, cell.dropout2))
+    net = models.build(cell.config.model, drops, generator(seeds.init), cell.device)
+    rng_scope = global_dropout_rng(seeds.dropout, cell.device) if gen is None \
+        else contextlib.nullcontext()
+    start = time.perf_counter()
+    with rng_scope:
+        epochs = _fit(net, cell, data, generator(seeds.data))
+    return Result(cell=cell, epochs=epochs, status=status_of(epochs, cell.config.training.epochs),
+                  textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
+                  seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net),
+                  streams=seeds)
+
+
+def _fit(net: nn.Module, cell: Cell, data: Dataset, order: torch.Generator) -> tuple[EpochMetrics, ...]:
+    spec = cell.config.training
+    opt = torch.optim.SGD(net.parameters(), lr=spec.lr)
+    epochs: list[EpochMetrics] = []
+    for epoch in range(1, spec.epochs + 1):
+        loss, acc = _train_epoch(net, opt, data, spec.batch_size, order)
+        if not math.isfinite(loss):
+            epochs.append(EpochMetrics(epoch, loss, acc, float("nan")))
+            break  # diverged: the rest of the run cannot recover
+        epochs.append(EpochMetrics(epoch, loss, acc, evaluate(net, data.test_x, data.test_y)))
+    return tuple(epochs)
+
+
+def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, data: Dataset, batch: int,
+                 order: torch.Generator) -> tuple[float, float]:
+    net.train()
+    n = len(data.train_y)
+    # The order is drawn on the CPU so that the same seed shuffles the same way on every device.
+    perm = torch.randperm(n, generator=order).to(data.train_x.device)
+    loss_sum = torch.zeros((), device=data.train_x.device)
+    correct = torch.zeros((), device=data.train_x.device, dtype=torch.long)
+    for idx in perm.split(batch):
+        x, y = data.train_x[idx], data.train_y[idx]
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        # Summed on the device: a .item() here would force a GPU sync every minibatch.
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    return float(loss_sum) / n, float(correct) / n
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    net.eval()
+    return int((net(x).argmax(1) == y).sum()) / len(y)
+
+
+def status_of(epochs: tuple[EpochMetrics, ...], planned: int) -> str:
+    last = epochs[-1]
+    if len(epochs) < planned or not math.isfinite(last.train_loss):
+        return "diverged"
+    return "degenerate" if last.test_acc <= CHANCE + DEGENERATE_MARGIN else "ok"
+
+
+def textbook_check(epochs: tuple[EpochMetrics, ...]) -> bool:
+    last = epochs[-1]
+    return last.train_loss < 0.5 and last.train_acc > 0.7 and last.test_acc > 0.7
+
+
+def weights_sha256(net: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,381 @@
+"""study.stats against independent references: scipy/statsmodels called here, or hand arithmetic.
+
+    .venv/bin/python -m pytest tests/test_stats.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.oneway import anova_oneway
+from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+
+from study import stats
+
+ALPHA = 0.05
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _sample(n: int, seed: int, loc: float = 0.85, scale: float = 0.003) -> np.ndarray:
+    return _rng(seed).normal(loc, scale, n)
+
+
+def _no_nan(obj) -> bool:
+    """True when no float field (recursively) is NaN or infinite."""
+    if dataclasses.is_dataclass(obj):
+        return all(_no_nan(v) for v in dataclasses.asdict(obj).values())
+    if isinstance(obj, dict):
+        return all(_no_nan(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_no_nan(v) for v in obj)
+    return not (isinstance(obj, float) and not math.isfinite(obj))
+
+
+# ----------------------------------------------------------------------------- description
+
+
+def test_describe_by_hand():
+    # x = [0.80, 0.82, 0.84]: mean 0.82; deviations -0.02, 0, 0.02 -> var = 0.0008/2 -> SD 0.02.
+    # se = 0.02/sqrt(3) = 0.0115470; t_{0.975, 2} = 4.3026527 -> half width 0.0496828.
+    # Median 0.82; linear quartiles at positions 0.5 and 1.5 -> 0.81 and 0.83.
+    d = stats.describe(np.array([0.80, 0.82, 0.84]), _rng())
+    assert d.n == 3 and d.n_dropped == 0 and d.reason is None
+    assert d.mean == pytest.approx(0.82) and d.sd == pytest.approx(0.02)
+    assert d.ci95 == pytest.approx((0.82 - 0.0496828, 0.82 + 0.0496828), abs=1e-7)
+    assert d.median == pytest.approx(0.82) and d.iqr == pytest.approx((0.81, 0.83))
+
+
+def test_describe_ci_matches_scipy_t_interval_and_bootstrap():
+    x = _sample(12, 1)
+    d = stats.describe(x, _rng(), n_boot=20_000)
+    ref = sps.t.interval(0.95, x.size - 1, loc=x.mean(), scale=sps.sem(x))
+    assert d.ci95 == pytest.approx(ref, rel=1e-12)
+    boot = sps.bootstrap((x,), np.mean, method="percentile", n_resamples=20_000, rng=_rng(5))
+    # Different random streams: agree to Monte-Carlo error (~2e-5 here), not bit for bit.
+    assert d.ci95_boot == pytest.approx((boot.confidence_interval.low, boot.confidence_interval.high), abs=1.5e-4)
+
+
+def test_describe_drops_nan_and_states_small_n():
+    d = stats.describe(np.array([0.8, np.nan, 0.82, np.nan]), _rng())
+    assert d.n == 2 and d.n_dropped == 2 and "2 non-finite" in d.reason
+    one = stats.describe(np.array([0.8]), _rng())
+    assert one.sd is None and one.ci95 is None and one.mean == 0.8 and "fewer than 2" in one.reason
+    none = stats.describe(np.array([np.nan]), _rng())
+    assert none.n == 0 and none.mean is None and "no finite values" in none.reason
+
+
+def test_describe_constant_group_has_reason_and_no_nan():
+    d = stats.describe(np.full(10, 0.1), _rng())
+    assert d.sd == 0.0 and d.ci95 == (0.1, 0.1) and d.ci95_boot == pytest.approx((0.1, 0.1))
+    assert "zero variance" in d.reason and _no_nan(d)
+
+
+def test_bootstrap_seed_controls_output():
+    x = _sample(10, 2)
+    same = stats.bootstrap_mean_ci(x, _rng(7), 2000), stats.bootstrap_mean_ci(x, _rng(7), 2000)
+    other = stats.bootstrap_mean_ci(x, _rng(8), 2000)
+    assert same[0] == same[1] and other != same[0]
+    y = _sample(10, 3)
+    for paired in (True, False):
+        a, _ = stats.sd_ratio_ci(x, y, paired, _rng(7), 2000)
+        b, _ = stats.sd_ratio_ci(x, y, paired, _rng(7), 2000)
+        c, _ = stats.sd_ratio_ci(x, y, paired, _rng(8), 2000)
+        assert a == b and a != c
+
+
+# ----------------------------------------------------------------------------- omnibus
+
+
+def test_friedman_matches_scipy_and_drops_incomplete_seeds():
+    m = np.column_stack([_sample(8, s) for s in range(4)])
+    got = stats.friedman(m)
+    ref = sps.friedmanchisquare(*m.T)
+    assert got.statistic == pytest.approx(ref.statistic) and got.p == pytest.approx(ref.pvalue)
+    m2 = m.copy()
+    m2[0, 1] = np.nan
+    got2 = stats.friedman(m2)
+    assert got2.p == pytest.approx(sps.friedmanchisquare(*m[1:].T).pvalue)
+    assert "1 seed(s)" in got2.reason
+
+
+def test_friedman_degenerate_inputs_give_reasons():
+    assert "at least 3" in stats.friedman(np.column_stack([_sample(5, 0), _sample(5, 1)])).reason
+    assert "complete seed" in stats.friedman(np.column_stack([_sample(2, s) for s in range(3)])).reason
+    tied = np.column_stack([_sample(6, 0)] * 3)
+    r = stats.friedman(tied)
+    assert r.p is None and "same value" in r.reason
+
+
+def _welch_anova_by_hand(groups):
+    # Welch (1951): w_i = n_i / s_i^2, weighted grand mean, F = A / B with
+    # A = sum w_i (m_i - m_w)^2 / (k - 1), B = 1 + 2 (k - 2) / (k^2 - 1) * L,
+    # L = sum (1 - w_i / W)^2 / (n_i - 1); df2 = (k^2 - 1) / (3 L).
+    k = len(groups)
+    n = np.array([g.size for g in groups])
+    m = np.array([g.mean() for g in groups])
+    w = n / np.array([g.var(ddof=1) for g in groups])
+    mw = (w * m).sum() / w.sum()
+    lam = ((1 - w / w.sum()) ** 2 / (n - 1)).sum()
+    f = ((w * (m - mw) ** 2).sum() / (k - 1)) / (1 + 2 * (k - 2) / (k**2 - 1) * lam)
+    return f, sps.f.sf(f, k - 1, (k**2 - 1) / (3 * lam))
+
+
+def test_welch_anova_matches_hand_formula_and_kruskal_matches_scipy():
+    groups = [_sample(8, 0), _sample(10, 1, loc=0.852), _sample(9, 2, scale=0.006)]
+    got = stats.welch_anova(groups)
+    f, p = _welch_anova_by_hand(groups)
+    assert got.test == "welch_anova" and got.statistic == pytest.approx(f) and got.p == pytest.approx(p)
+    assert got.p == pytest.approx(anova_oneway(groups, use_var="unequal").pvalue)
+    ref = sps.kruskal(*groups)
+    assert got.secondary.statistic == pytest.approx(ref.statistic)
+    assert got.secondary.p == pytest.approx(ref.pvalue)
+
+
+def test_welch_anova_with_a_constant_group_states_why_and_keeps_kruskal():
+    got = stats.welch_anova([_sample(8, 0), np.full(8, 0.1), _sample(8, 2)])
+    assert got.p is None and "zero variance" in got.reason
+    assert got.secondary.p is not None and _no_nan(got)
+    all_same = stats.welch_anova([np.full(5, 0.1), np.full(5, 0.1)])
+    assert all_same.secondary.p is None and all_same.secondary.reason
+
+
+# ----------------------------------------------------------------------------- location and ranks
+
+
+def test_paired_t_matches_scipy_including_interval():
+    x, y = _sample(10, 0), _sample(10, 1)
+    got = stats.paired_t(x, y)
+    ref = sps.ttest_rel(x, y)
+    assert got.statistic == pytest.approx(ref.statistic) and got.p == pytest.approx(ref.pvalue)
+    ci = ref.confidence_interval(0.95)
+    assert got.ci95 == pytest.approx((ci.low, ci.high)) and got.mean_diff == pytest.approx((x - y).mean())
+
+
+def test_welch_t_matches_scipy_including_interval():
+    x, y = _sample(7, 0, scale=0.002), _sample(12, 1, scale=0.006)
+    got = stats.welch_t(x, y)
+    ref = sps.ttest_ind(x, y, equal_var=False)
+    assert got.statistic == pytest.approx(ref.statistic) and got.p == pytest.approx(ref.pvalue)
+    ci = ref.confidence_interval(0.95)
+    assert got.ci95 == pytest.approx((ci.low, ci.high))
+
+
+def test_rank_tests_match_scipy():
+    x, y = _sample(9, 0), _sample(9, 1)
+    assert stats.wilcoxon(x, y).p == pytest.approx(sps.wilcoxon(x - y).pvalue)
+    u = sps.mannwhitneyu(x, y, alternative="two-sided")
+    got = stats.mann_whitney(x, y)
+    assert got.p == pytest.approx(u.pvalue) and got.statistic == pytest.approx(u.statistic)
+
+
+def test_hedges_g_by_hand():
+    # x = [1, 2, 3], y = [3, 4, 5]: both variances 1 -> pooled SD 1, d = (2 - 4) / 1 = -2.
+    # df = 4: J = Gamma(2) / (sqrt(2) Gamma(1.5)) = 1 / (1.4142136 * 0.8862269) = 0.7978846
+    # -> g = -1.5957691 (the usual approximation 1 - 3/(4*4 - 1) = 0.8 gives -1.6).
+    assert stats.hedges_g(np.array([1.0, 2, 3]), np.array([3.0, 4, 5])) == pytest.approx(-1.5957691)
+    for df in (5, 18, 40):
+        assert stats.hedges_correction(df) == pytest.approx(1 - 3 / (4 * df - 1), abs=0.05 / df**2)  # the approximation errs by O(1/df^2)
+
+
+def test_prob_superiority_by_hand_and_against_u():
+    # Paired differences +, -, 0, + -> (2 wins + 0.5 tie) / 4 = 0.625.
+    x = np.array([0.81, 0.80, 0.82, 0.84])
+    y = np.array([0.80, 0.81, 0.82, 0.83])
+    assert stats.prob_superiority(x, y, paired=True) == pytest.approx(0.625)
+    a, b = np.round(_sample(8, 0), 3), np.round(_sample(6, 1), 3)  # rounding makes ties
+    u = sps.mannwhitneyu(a, b, alternative="two-sided").statistic
+    assert stats.prob_superiority(a, b, paired=False) == pytest.approx(u / (a.size * b.size))
+
+
+# ----------------------------------------------------------------------------- Holm, TOST, spread
+
+
+def test_holm_matches_statsmodels_and_keeps_none():
+    p = _rng(3).uniform(0, 0.1, 7)
+    ref = multipletests(p, method="holm")[1]
+    assert stats.holm(list(p)) == pytest.approx(list(ref))
+    got = stats.holm([p[0], None, p[1], p[2]])
+    assert got[1] is None
+    assert [got[0], got[2], got[3]] == pytest.approx(list(multipletests(p[:3], method="holm")[1]))
+    assert stats.holm([None, None]) == [None, None]
+
+
+def test_tost_matches_statsmodels():
+    x, y = _sample(10, 0), _sample(10, 1, loc=0.851)
+    m = 0.005
+    assert stats.tost_paired(x, y, m).p == pytest.approx(ttost_paired(x, y, -m, m)[0])
+    a, b = _sample(7, 2, scale=0.002), _sample(11, 3, scale=0.004)
+    assert stats.tost_welch(a, b, m).p == pytest.approx(ttost_ind(a, b, -m, m, usevar="unequal")[0])
+
+
+def test_spread_matches_scipy_and_ratio_by_hand():
+    x, y = _sample(10, 0, scale=0.006), _sample(10, 1, scale=0.002)
+    s = stats.spread(x, y, paired=False, rng=_rng(), n_boot=2000)
+    assert s.brown_forsythe.p == pytest.approx(sps.levene(x, y, center="median").pvalue)
+    assert s.fligner.p == pytest.approx(sps.fligner(x, y).pvalue)
+    assert s.ratio == pytest.approx(x.std(ddof=1) / y.std(ddof=1))
+    lo, hi = s.ratio_ci95
+    assert lo < s.ratio < hi
+
+
+# ----------------------------------------------------------------------------- power
+
+
+def test_power_matches_statsmodels_solver():
+    sd = 0.003
+    p = stats.power_analysis(0.002, sd, 10, 10, paired=True, alpha=ALPHA, power=0.8)
+    assert p.mde == pytest.approx(TTestPower().solve_power(None, nobs=10, alpha=ALPHA, power=0.8) * sd, rel=1e-6)
+    assert p.seeds_needed == math.ceil(TTestPower().solve_power(0.002 / sd, nobs=None, alpha=ALPHA, power=0.8))
+    q = stats.power_analysis(0.002, sd, 8, 12, paired=False, alpha=ALPHA, power=0.8)
+    ref = TTestIndPower().solve_power(None, nobs1=8, ratio=12 / 8, alpha=ALPHA, power=0.8)
+    assert q.mde == pytest.approx(ref * sd, rel=1e-6)
+    assert q.seeds_needed == math.ceil(TTestIndPower().solve_power(0.002 / sd, nobs1=None, alpha=ALPHA, power=0.8))
+
+
+def test_power_edge_cases_give_reasons():
+    zero = stats.power_analysis(0.0, 0.003, 10, 10, paired=True)
+    assert zero.mde is not None and zero.seeds_needed is None and "is 0" in zero.reason
+    flat = stats.power_analysis(0.01, 0.0, 10, 10, paired=True)
+    assert flat.mde is None and flat.seeds_needed is None and "SD is 0" in flat.reason
+    huge = stats.power_analysis(0.5, 0.001, 10, 10, paired=True)  # 500 SDs: 2 seeds suffice
+    assert huge.seeds_needed == 2
+
+
+# ----------------------------------------------------------------------------- compare and edge cases
+
+
+def _cmp(x, y, paired=True, margin=0.005, seed=0):
+    return stats.compare(x, y, paired=paired, rng=_rng(seed), margin=margin, n_boot=500)
+
+
+def test_constant_group_against_baseline_is_computable():
+    base = _sample(10, 0)
+    for paired in (True, False):
+        c = _cmp(np.full(10, 0.1), base, paired)
+        assert c.p is not None and c.p < 1e-10 and c.variance_ratio == 0.0 and _no_nan(c)
+        assert stats.verdict(c.p, c.tost_p, ALPHA, c.forced) == "different"
+
+
+def test_identical_nonzero_differences_are_different_by_construction():
+    base = _sample(10, 0)
+    c = _cmp(base + 0.01, base)
+    assert c.p is None and c.forced == "different" and _no_nan(c)
+    assert "every seed differs by the same amount" in c.reason
+    assert c.mean_diff == pytest.approx(0.01) and c.mean_diff_ci95 == pytest.approx((0.01, 0.01))
+
+
+def test_identical_settings_are_equivalent_by_construction_only_with_positive_margin():
+    base = _sample(10, 0)
+    c = _cmp(base.copy(), base)
+    assert c.p is None and c.tost_p is None and c.forced == "equivalent"
+    assert "equivalent by construction" in c.reason and _no_nan(c)
+    t = stats.tost_paired(base, base, margin=0.0)
+    assert t.forced is None and t.p is None and t.reason
+
+
+def test_both_groups_constant():
+    c = _cmp(np.full(6, 0.1), np.full(6, 0.1), paired=False)
+    assert c.forced == "equivalent" and c.brown_forsythe_p is None and "zero variance" in c.reason
+    d = _cmp(np.full(6, 0.1), np.full(6, 0.2), paired=False)
+    assert d.forced == "different" and d.p is None and _no_nan(d)
+
+
+def test_too_few_runs_and_nan_are_reported():
+    c = _cmp(np.array([0.8, 0.81]), np.array([0.8, 0.82]))
+    assert c.p is None and "fewer than 3" in c.reason
+    x, y = _sample(10, 0), _sample(10, 1)
+    x[2] = np.nan
+    d = _cmp(x, y)
+    assert d.n == 9 and d.n_dropped == 1 and "1 pair(s)" in d.reason
+    assert d.p == pytest.approx(sps.ttest_rel(np.delete(x, 2), np.delete(y, 2)).pvalue)
+    e = _cmp(x, y, paired=False)
+    assert e.n_setting == 9 and e.n_baseline == 10 and "1 run(s)" in e.reason
+
+
+def test_verdict_rules():
+    assert stats.verdict(0.01, 0.01, ALPHA) == "different"
+    assert stats.verdict(0.5, 0.01, ALPHA) == "equivalent"
+    assert stats.verdict(0.5, 0.5, ALPHA) == "inconclusive"
+    assert stats.verdict(None, None, ALPHA) == "inconclusive"
+    assert stats.verdict(None, None, ALPHA, forced="different") == "different"
+    assert stats.variance_verdict(0.01, ALPHA) == "different"
+    assert stats.variance_verdict(0.2, ALPHA) == "not_shown_different"
+    assert stats.variance_verdict(None, ALPHA) == "not_shown_different"
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _binomial_ceiling(rate: float, n: int) -> float:
+    return rate + 3 * math.sqrt(rate * (1 - rate) / n)
+
+
+def _study(rng, n_seeds, k, shift=0.0, paired=True, seed_sd=0.01, noise_sd=0.003):
+    """[n_seeds, k] accuracies: a seed effect plus independent noise; column 0 is the baseline,
+    every other column shifted by `shift`. Paired: one seed effect per row shared by all
+    settings (same seeds); unpaired: an independent seed effect per cell (different seeds)."""
+    seed_effect = rng.normal(0, seed_sd, (n_seeds, 1 if paired else k))
+    acc = 0.85 + seed_effect + rng.normal(0, noise_sd, (n_seeds, k))
+    acc[:, 1:] += shift
+    return acc
+
+
+def _family_rejects(acc: np.ndarray, paired: bool) -> bool:
+    test = stats.paired_t if paired else stats.welch_t
+    results = [test(acc[:, j], acc[:, 0]) for j in range(1, acc.shape[1])]
+    adjusted = stats.holm([r.p for r in results])
+    return any(stats.verdict(p, None, ALPHA, r.forced) == "different" for p, r in zip(adjusted, results))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_holm_family_wise_false_positive_rate(paired):
+    """No true difference among k = 5 settings (4 comparisons), 10 seeds: FWER <= alpha."""
+    rng, n_studies = _rng(2024), 8000
+    hits = sum(_family_rejects(_study(rng, 10, 5, paired=paired), paired) for _ in range(n_studies))
+    rate = hits / n_studies
+    print(f"\nFWER ({'paired' if paired else 'welch'}, Holm, k=5, 10 seeds, {n_studies} studies): {rate:.4f}")
+    assert rate <= _binomial_ceiling(ALPHA, n_studies)
+
+
+def test_tost_false_equivalence_rate_at_the_margin():
+    """True difference exactly at the margin: TOST must claim equivalence at most alpha of the time."""
+    rng, n_studies, margin = _rng(7), 10_000, 0.005
+    hits = 0
+    for _ in range(n_studies):
+        acc = _study(rng, 10, 2, shift=margin)
+        hits += stats.tost_paired(acc[:, 1], acc[:, 0], margin).p < ALPHA
+    rate = hits / n_studies
+    print(f"\nTOST false equivalence at the margin (10 seeds, {n_studies} studies): {rate:.4f}")
+    assert rate <= _binomial_ceiling(ALPHA, n_studies)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_planted_shift_detected_at_predicted_power(paired):
+    """Shift = the MDE that power_analysis reports for 10 seeds at power 0.8 (true SD known):
+    the t test must detect it 80% of the time, within binomial error."""
+    n_seeds, noise_sd, n_studies = 10, 0.003, 10_000
+    # Paired: the seed effect cancels, differences have SD noise_sd * sqrt(2).
+    # Unpaired: each group's SD is sqrt(seed_sd^2 + noise_sd^2); use fresh seeds per group.
+    sd = noise_sd * math.sqrt(2) if paired else math.sqrt(0.01**2 + noise_sd**2)
+    shift = stats.power_analysis(1.0, sd, n_seeds, n_seeds, paired, ALPHA, 0.8).mde
+    predicted = stats.power_at(shift, sd, n_seeds, ALPHA, paired)
+    rng, hits = _rng(11), 0
+    for _ in range(n_studies):
+        acc = _study(rng, n_seeds, 2, shift=shift, paired=paired, noise_sd=noise_sd)
+        r = (stats.paired_t if paired else stats.welch_t)(acc[:, 1], acc[:, 0])
+        hits += r.p < ALPHA
+    rate = hits / n_studies
+    tol = 3 * math.sqrt(predicted * (1 - predicted) / n_studies)
+    print(f"\nplanted shift ({'paired' if paired else 'welch'}, 10 seeds, {n_studies} studies): "
+          f"shift={shift:.5f} empirical={rate:.4f} predicted={predicted:.4f} +- {tol:.4f}")
+    assert predicted == pytest.approx(0.8, abs=1e-6)
+    assert abs(rate - predicted) <= tol
