@@ -66,7 +66,7 @@ def write(results: dict[str, Any], table: RunTable, out_dir: Path) -> list[Path]
     paths = [out_dir / name for name in ("results.json", "groups.csv", "comparisons.csv", "runs.csv")]
     # allow_nan=False: a NaN reaching the JSON is a bug to surface, not a value to write.
     paths[0].write_text(json.dumps(results, sort_keys=True, indent=2, allow_nan=False) + "\n")
-    _write_csv(pd.DataFrame([flatten(r) for r in results["groups"]]), paths[1])
+    _write_csv(_counts_as_int(pd.DataFrame([flatten(r) for r in results["groups"]])), paths[1])
     _write_csv(pd.DataFrame([flatten(r) for r in results["comparisons"]]), paths[2])
     _write_csv(_sorted_runs(table.runs), paths[3])
     return paths
@@ -179,7 +179,8 @@ def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], optio
     gap = gap[np.isfinite(gap)]
     reason = desc.reason
     if desc.n_dropped:
-        reason = stats.join_reasons(f"{desc.n_dropped} diverged run(s) (non-finite {METRIC}) excluded", reason)
+        excluded = f"{desc.n_dropped} diverged run(s) (non-finite {METRIC}) excluded"
+        reason = stats.join_reasons(excluded, reason)
     return {
         "stratum": stratum, "dropout1": setting[0], "dropout2": setting[1],
         "n": desc.n, "mean": desc.mean, "sd": desc.sd, "ci95": desc.ci95,
@@ -188,7 +189,8 @@ def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], optio
         "train_acc_mean": _finite_mean(rows["train_acc"]),
         "gap_mean": float(gap.mean()) if gap.size else None, "gap_ci95": stats.mean_ci(gap),
         "status_counts": {str(k): int(v) for k, v in sorted(rows["status"].value_counts().items())},
-        "textbook_check_passed": int(rows["textbook_check"].astype(bool).sum()),
+        # `== True`, not astype(bool): a missing check (NaN) must not count as passed.
+        "textbook_check_passed": int((rows["textbook_check"] == True).sum()),  # noqa: E712
         "n_excluded": desc.n_dropped, "reason": reason,
     }
 
@@ -211,7 +213,8 @@ def _aligned(frame: pd.DataFrame, setting: Setting, base: Setting) -> tuple[np.n
 
 
 def _compare_one(frame: pd.DataFrame, setting: Setting, base: Setting, paired: bool,
-                 stratum: dict[str, Any], options: Analysis, seed: int) -> tuple[stats.Comparison, str | None]:
+                 stratum: dict[str, Any], options: Analysis, seed: int
+                 ) -> tuple[stats.Comparison, str | None]:
     rng = _rng(seed, "comparison", stratum, setting, base)
     kwargs = dict(rng=rng, margin=options.equivalence_margin, alpha=options.alpha,
                   power=options.power, n_boot=options.bootstrap)
@@ -302,6 +305,13 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
 
 # Interval-valued fields that may be None: they still get their _lo/_hi columns.
 _INTERVALS = ("ci95", "ci95_boot", "iqr", "gap_ci95", "mean_diff_ci95", "variance_ratio_ci95")
+
+
+def _counts_as_int(frame: pd.DataFrame) -> pd.DataFrame:
+    # A status absent from a group is a count of 0, not a missing value (which prints as 10.0).
+    cols = [c for c in frame.columns if c.startswith("status_counts_")]
+    frame[cols] = frame[cols].fillna(0).astype(int)
+    return frame
 
 
 def _sorted_runs(runs: pd.DataFrame) -> pd.DataFrame:

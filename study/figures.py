@@ -10,6 +10,7 @@ same data, same files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,7 +44,10 @@ _RC: dict[str, Any] = {
     "ytick.labelsize": 7,
     "legend.fontsize": 7,
 }
-PANEL_SIZE = (4.2, 2.9)  # inches per facet; two facets fit an A4 text width at 100%
+# Inches. Figures are placed in the PDF at their true size, so 7-pt labels stay 7 pt: one panel
+# takes most of an A4 text width (6.6 in), two panels share it.
+SINGLE_PANEL = (5.0, 3.0)
+PANEL_SIZE = (3.3, 2.5)
 MAX_COLUMNS = 2
 PNG_METADATA = {"Software": None}
 SVG_METADATA = {"Date": None, "Creator": None}
@@ -64,6 +68,7 @@ class FigureFile:
     png: Path
     svg: Path
     caption: str
+    width_in: float = SINGLE_PANEL[0]
 
 
 # --- data shaping ----------------------------------------------------------------------------
@@ -142,7 +147,7 @@ def _new_axes(ax: Axes | None) -> Axes:
     if ax is not None:
         return ax
     # A bare Figure, not pyplot: no global figure registry, no backend chosen at import.
-    return Figure(figsize=PANEL_SIZE, layout="constrained").add_subplot()
+    return Figure(figsize=SINGLE_PANEL, layout="constrained").add_subplot()
 
 
 # --- one stratum, one Axes -------------------------------------------------------------------
@@ -216,6 +221,9 @@ def plot_learning_curves(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, 
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if metric == "train_loss":
         ax.set_yscale("log")  # p=1 sits at ln 10 while healthy runs reach ~0.3: one scale for both
+        ax.yaxis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(mpl.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
     ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
     _drop_legend(ax)
     return ax
@@ -343,9 +351,11 @@ def style() -> Iterator[None]:
         yield
 
 
-def facet(n_panels: int, panel: tuple[float, float] = PANEL_SIZE,
-          columns: int = MAX_COLUMNS) -> tuple[Figure, list[Axes]]:
+def facet(n_panels: int, columns: int = MAX_COLUMNS) -> tuple[Figure, list[Axes]]:
     cols = max(1, min(columns, n_panels))
+    panel = SINGLE_PANEL if cols == 1 else PANEL_SIZE
+    if cols == 1 and n_panels > 1:  # stacked full-width panels: shorter, so a page holds several
+        panel = (SINGLE_PANEL[0], 0.75 * SINGLE_PANEL[1])
     rows = math.ceil(n_panels / cols)
     fig = Figure(figsize=(panel[0] * cols, panel[1] * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
@@ -365,7 +375,8 @@ def save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
 
 
 CAPTIONS = {
-    "final_accuracy": "Final test accuracy per dropout setting; each dot is one seed, boxes show "
+    "final_accuracy": "Final test accuracy per dropout setting; each dot is one seed (first "
+                      "replicate of each cell, as in every figure), boxes show "
                       "median and IQR. Runs far below the healthy ones are drawn as triangles on "
                       "the bottom edge with their mean.",
     "curves_test_acc": "Test accuracy after each epoch (eval mode): mean across seeds with a 95% "
@@ -394,21 +405,31 @@ def _in_stratum(items: Sequence[dict[str, Any]], stratum: dict[str, Any]) -> lis
     return [item for item in items if item["stratum"] == stratum]
 
 
+def panel_titles(strata: Sequence[dict[str, Any]]) -> list[str]:
+    """What tells the panels apart: only the stratum columns whose values differ between them."""
+    keys = [k for k in strata[0]["stratum"] if len({str(s["stratum"].get(k)) for s in strata}) > 1] \
+        if strata else []
+    if not keys:
+        return [s["label"] for s in strata]
+    return [", ".join(f"{k}: {s['stratum'].get(k)}" for k in keys) for s in strata]
+
+
 def _draw_facets(name: str, results: dict[str, Any], table: Any, out_dir: Path,
                  draw: Callable[[dict[str, Any], pd.DataFrame, Axes], None],
-                 legend: dict[str, Any] | None = None) -> FigureFile:
+                 legend: dict[str, Any] | None = None, columns: int = MAX_COLUMNS) -> FigureFile:
     frames = _stratum_frames(results, table.runs)
+    titles = panel_titles(results["strata"])
     with style():
-        fig, axes = facet(len(frames))
-        for (stratum, runs), ax in zip(frames, axes):
+        fig, axes = facet(len(frames), columns)
+        for (stratum, runs), ax, title in zip(frames, axes, titles):
             draw(stratum, runs, ax)
             if len(frames) > 1:
-                ax.set_title(stratum["label"])
+                ax.set_title(title)
         if legend:
             fig.legend(handles=list(legend.values()), labels=list(legend), loc="outside lower center",
-                       ncols=min(len(legend), 6), frameon=False)
+                       ncols=min(len(legend), 5 if fig.get_figwidth() > 4.5 else 3), frameon=False)
     png, svg = save(fig, out_dir, name)
-    return FigureFile(name, png, svg, CAPTIONS[name])
+    return FigureFile(name, png, svg, CAPTIONS[name], float(fig.get_figwidth()))
 
 
 def _setting_handles(palette: dict[str, Any]) -> dict[str, Any]:
@@ -428,6 +449,8 @@ def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[Fig
     order = setting_order(table.runs, table.protocol)
     palette = _palette(order)
     margin = float(results["equivalence_margin"])
+    # Replicates repeat a cell exactly; drawing them would count one seed twice.
+    table = _first_replicates(table)
 
     def final(s, runs, ax):
         plot_final_accuracy(runs, order=_present(order, runs), palette=palette, ax=ax)
@@ -452,10 +475,17 @@ def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[Fig
         _draw_facets("final_accuracy", results, table, out_dir, final),
         _draw_facets("curves_test_acc", results, table, out_dir, curves("test_acc"), lines),
         _draw_facets("curves_train_loss", results, table, out_dir, curves("train_loss"), lines),
-        _draw_facets("forest", results, table, out_dir, forest, _verdict_handles(margin)),
+        # One column: the numbers printed right of each panel need the full width.
+        _draw_facets("forest", results, table, out_dir, forest, _verdict_handles(margin), columns=1),
         _draw_facets("sd", results, table, out_dir, sd),
         _draw_facets("gap", results, table, out_dir, gap),
     ]
+
+
+def _first_replicates(table: Any) -> Any:
+    runs = table.runs[table.runs["replicate"] == 0]
+    return dataclasses.replace(table, runs=runs,
+                               curves=table.curves[table.curves["run_id"].isin(runs["run_id"])])
 
 
 def _present(order: list[str], runs: pd.DataFrame) -> list[str]:

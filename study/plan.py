@@ -24,6 +24,8 @@ class RunConfig:
     randomness: str
     threads: int | None
     fixed_seed: int
+    # How many cells share one batched model; changes speed, not what a cell is.
+    batch_members: int = 60
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class Cell:
     @property
     def key(self) -> str:
         """Stable identity of the run: a hash of everything that defines it, nothing else."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=list)
+        fields = asdict(self)
+        del fields["config"]["batch_members"]
+        blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -66,7 +70,8 @@ class Cell:
 def run_config(protocol: Protocol) -> RunConfig:
     return RunConfig(model=protocol.model, training=protocol.training, data=protocol.data,
                      execution=protocol.execution, randomness=protocol.randomness,
-                     threads=protocol.threads, fixed_seed=protocol.seeds.fixed)
+                     threads=protocol.threads, fixed_seed=protocol.seeds.fixed,
+                     batch_members=protocol.batch_members)
 
 
 def expand(protocol: Protocol) -> list[Cell]:

@@ -117,6 +117,8 @@ class Protocol:
     implementations: tuple[Implementation, ...] = ("torch",)
     vary: tuple[Vary, ...] = ("all",)
     execution: Execution = "sequential"
+    # Cells trained together as one batched model (execution: batched); no effect otherwise.
+    batch_members: Annotated[int, Field(gt=0, strict=True)] = 60
     randomness: Randomness = "native"
     replicates: Annotated[int, Field(gt=0, strict=True)] = 1
     # CPU threads for torch; null keeps torch's default (recorded either way).

@@ -33,6 +33,7 @@ BODY_FONT = "Libertinus Serif"
 MONO_FONT = "DejaVu Sans Mono"
 MINUS = "\u2212"
 NA = "n/a"
+TEXT_WIDTH_IN = 6.6  # A4 minus the page margins set in the preamble
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,12 @@ def fmt_p(p: Any) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def p_rel(p: Any) -> str:
+    """The relation and value after 'p': '= 0.004' or '< 0.001'."""
+    text = fmt_p(p)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def fmt_num(x: Any, digits: int = 2) -> str:
     return f"{x:.{digits}f}".replace("-", MINUS) if _finite(x) else NA
 
@@ -216,18 +223,18 @@ def verdict_phrase(c: dict[str, Any], results: dict[str, Any]) -> str:
     corr = correction_name(results)
     verdict = c.get("verdict")
     if verdict == "different":
-        return f"different after {corr} correction (p = {fmt_p(c.get('p_adjusted'))})"
+        return f"different after {corr} correction (p {p_rel(c.get('p_adjusted'))})"
     if verdict == "equivalent":
         return (f"no real difference: equivalent within ±{margin} "
-                f"(TOST, {corr}-adjusted p = {fmt_p(c.get('tost_p_adjusted'))})")
-    return (f"not shown different ({corr}-adjusted p = {fmt_p(c.get('p_adjusted'))}) and not "
+                f"(TOST, {corr}-adjusted p {p_rel(c.get('tost_p_adjusted'))})")
+    return (f"not shown different ({corr}-adjusted p {p_rel(c.get('p_adjusted'))}) and not "
             f"shown equivalent within ±{margin}; needs more seeds ({seeds_needed_text(c)})")
 
 
 def variance_phrase(c: dict[str, Any], results: dict[str, Any]) -> str:
     """How a spread comparison reads. Failing to show a difference never becomes 'same spread'."""
     ratio = f"variance ratio {fmt_num(c.get('variance_ratio'))} {_ci(c.get('variance_ratio_ci95'))}"
-    p = f"{correction_name(results)}-adjusted p = {fmt_p(c.get('variance_p_adjusted'))}"
+    p = f"{correction_name(results)}-adjusted p {p_rel(c.get('variance_p_adjusted'))}"
     if c.get("variance_verdict") == "different":
         return f"its seed-to-seed spread differs from the baseline's ({ratio}, {p})"
     return (f"a difference in seed-to-seed spread was not shown ({ratio}, {p}); with "
@@ -291,7 +298,7 @@ def _stratum_abstract(results: dict[str, Any], stratum: dict[str, Any],
 
 
 def _claim_heading(text: str) -> Heading:
-    return Heading(3, text)
+    return Heading(2, text)
 
 
 def question_section(results: dict[str, Any]) -> list[Block]:
@@ -450,7 +457,7 @@ def _omnibus_text(stratum: dict[str, Any]) -> str:
             f"{'paired by seed' if stratum.get('paired') else 'unpaired'}. ")
     if not _finite(o.get("p")):
         return head + f"The {name} was not computed: {o.get('reason') or 'no reason given'}."
-    return head + f"{name}: statistic {fmt_num(o.get('statistic'))}, p = {fmt_p(o.get('p'))}."
+    return head + f"{name}: statistic {fmt_num(o.get('statistic'))}, p {p_rel(o.get('p'))}."
 
 
 def summary_table(results: dict[str, Any], stratum: dict[str, Any]) -> Table:
@@ -700,7 +707,8 @@ def threats_section(results: dict[str, Any]) -> list[Block]:
 
 
 def appendix(table: RunTable) -> list[Block]:
-    proto = yaml.safe_dump(table.protocol, sort_keys=False, allow_unicode=True) \
+    proto = yaml.safe_dump(table.protocol, sort_keys=False, allow_unicode=True,
+                           default_flow_style=None) \
         if table.protocol else "# no protocol was logged with these runs\n"
     env_rows = tuple((str(k), str(v)) for k, v in sorted((table.environment or {}).items()))
     return [Appendix(), Heading(1, "Resolved protocol"), CodeBlock(proto.rstrip("\n"), "yaml"),
@@ -770,7 +778,8 @@ def _typst_block(b: Block) -> str:
     if isinstance(b, Table):
         return _typst_table(b)
     if isinstance(b, Fig):
-        return (f"#figure(image({typst_string('figures/' + b.file.svg.name)}, width: 100%),\n"
+        width = f"{min(b.file.width_in, TEXT_WIDTH_IN):.2f}in"
+        return (f"#figure(image({typst_string('figures/' + b.file.svg.name)}, width: {width}),\n"
                 f"  caption: [{escape_typst(b.file.caption)}])\n")
     if isinstance(b, CodeBlock):
         return f"#raw(block: true, lang: {typst_string(b.lang)}, {typst_string(b.text)})\n"

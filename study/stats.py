@@ -1,6 +1,7 @@
 """Statistics for the dropout study: pure functions, NumPy arrays in, small frozen dataclasses out.
 
-    python -c "import numpy as np; from study import stats; print(stats.describe(np.array([.84, .85, .86]), np.random.default_rng(0)))"
+    python -c "import numpy as np; from study import stats; \
+        print(stats.describe(np.array([.84, .85, .86]), np.random.default_rng(0)))"
 
 Conventions every function here follows:
 
@@ -232,9 +233,11 @@ def friedman(matrix: np.ndarray) -> Omnibus:
     note = f"{int((~complete).sum())} seed(s) without every setting dropped" if (~complete).any() else None
     n, k = m.shape
     if k < 3:
-        return Omnibus("friedman", None, None, join_reasons(note, f"Friedman needs at least 3 settings, got {k}"))
+        why = f"Friedman needs at least 3 settings, got {k}"
+        return Omnibus("friedman", None, None, join_reasons(note, why))
     if n < MIN_N:
-        return Omnibus("friedman", None, None, join_reasons(note, f"only {n} complete seed(s), need {MIN_N}"))
+        why = f"only {n} complete seed(s), need {MIN_N}"
+        return Omnibus("friedman", None, None, join_reasons(note, why))
     if all(is_constant(row) for row in m):
         return Omnibus("friedman", None, None,
                        join_reasons(note, "every seed gives the same value for every setting: no ranks"))
@@ -256,14 +259,15 @@ def welch_anova(groups: Sequence[np.ndarray]) -> Omnibus:
     note = f"{dropped} non-finite value(s) dropped" if dropped else None
     secondary = kruskal(gs)
     if len(gs) < 2:
-        return Omnibus("welch_anova", None, None, join_reasons(note, "fewer than 2 settings with data"), secondary)
+        why = "fewer than 2 settings with data"
+        return Omnibus("welch_anova", None, None, join_reasons(note, why), secondary)
     if min(g.size for g in gs) < MIN_N:
         return Omnibus("welch_anova", None, None,
                        join_reasons(note, f"a setting has fewer than {MIN_N} runs"), secondary)
     if any(is_constant(g) for g in gs):
         # Welch weights are n / variance: a zero-variance group has infinite weight.
-        return Omnibus("welch_anova", None, None,
-                       join_reasons(note, "a setting has zero variance: Welch weights undefined"), secondary)
+        why = "a setting has zero variance: Welch weights undefined"
+        return Omnibus("welch_anova", None, None, join_reasons(note, why), secondary)
     res = _quiet(anova_oneway, gs, use_var="unequal")
     return _omnibus_from("welch_anova", res, note, secondary)
 
@@ -336,7 +340,8 @@ def welch_t(x: np.ndarray, y: np.ndarray) -> Shift:
 
 
 def wilcoxon(x: np.ndarray, y: np.ndarray) -> TestResult:
-    """x, y: [n] finite, aligned by seed -> Wilcoxon signed-rank (zero differences dropped, scipy default)."""
+    """x, y: [n] finite, aligned by seed -> Wilcoxon signed-rank on x - y (scipy's defaults:
+    zero differences dropped, exact null distribution for small n without ties)."""
     d = x - y
     if np.all(np.abs(d) <= TOLERANCE):
         return TestResult("wilcoxon", None, None, "every difference is 0: no signed ranks")
@@ -407,7 +412,8 @@ def tost_welch(x: np.ndarray, y: np.ndarray, margin: float) -> TestResult:
 
 
 def sd_ratio_ci(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,
-                n_boot: int = 10_000, level: float = LEVEL) -> tuple[tuple[float | None, float | None], str | None]:
+                n_boot: int = 10_000, level: float = LEVEL
+                ) -> tuple[tuple[float | None, float | None], str | None]:
     """x: [n1], y: [n2] -> percentile bootstrap interval of SD(x)/SD(y).
 
     Paired data are resampled by seed (x and y together) so the interval keeps their correlation.
@@ -419,7 +425,8 @@ def sd_ratio_ci(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Gener
         ratios = x[ix].std(axis=1, ddof=1) / y[iy].std(axis=1, ddof=1)
     undefined = int(np.isnan(ratios).sum())
     ratios = ratios[~np.isnan(ratios)]
-    note = f"{undefined} of {n_boot} resamples had SD 0 in both groups and were dropped" if undefined else None
+    note = (f"{undefined} of {n_boot} resamples had SD 0 in both groups and were dropped"
+            if undefined else None)
     if ratios.size == 0:
         return (None, None), join_reasons(note, "no resample had a defined SD ratio")
     lo, hi = (_finite(v) for v in np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)]))
@@ -511,7 +518,8 @@ def power_analysis(diff: float, sd: float, n_setting: int, n_baseline: int, pair
         return Power(mde, None, join_reasons(why_mde, "observed difference is 0: no seed count detects it"))
     needed = _min_seeds(abs(diff) / sd, alpha, power, paired)
     if needed is None:
-        return Power(mde, None, join_reasons(why_mde, "observed difference too small: over a million seeds needed"))
+        why = "observed difference too small: over a million seeds needed"
+        return Power(mde, None, join_reasons(why_mde, why))
     return Power(mde, needed, why_mde)
 
 
@@ -533,10 +541,12 @@ def compare(setting: np.ndarray, baseline: np.ndarray, *, paired: bool, rng: np.
     else:
         (x, dx), (y, dy) = drop_nan(setting), drop_nan(baseline)
         dropped = dx + dy
-    note = f"{dropped} {'pair(s)' if paired else 'run(s)'} with non-finite values dropped" if dropped else None
+    unit = "pair(s)" if paired else "run(s)"
+    note = f"{dropped} {unit} with non-finite values dropped" if dropped else None
     n = x.size if paired else x.size + y.size
     if min(x.size, y.size) < MIN_N:
-        return _too_few(paired, n, x.size, y.size, dropped, join_reasons(note, f"fewer than {MIN_N} runs per group"))
+        why = join_reasons(note, f"fewer than {MIN_N} runs per group")
+        return _too_few(paired, n, x.size, y.size, dropped, why)
     shift = paired_t(x, y) if paired else welch_t(x, y)
     rank = wilcoxon(x, y) if paired else mann_whitney(x, y)
     tost = tost_paired(x, y, margin) if paired else tost_welch(x, y, margin)

@@ -68,11 +68,17 @@ def experiment_id(mlflow: MlflowClient, name: str, create: bool = True) -> str:
     if not create:
         raise TrackingError(f"no experiment named {name!r} in {tracking_uri()}")
     # A custom kind makes the MLflow 3 UI show the runs table rather than a GenAI overview.
-    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else \
-        (STORE_DIR / "artifacts").as_uri()
     return mlflow.create_experiment(
-        name, artifact_location=artifacts,
+        name, artifact_location=artifact_root(),
         tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def artifact_root() -> str | None:
+    """`artifacts/` beside a SQLite store; a tracking server decides for itself."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
 
 
 def _training_runs(mlflow: MlflowClient, exp_id: str, status: str) -> list:

@@ -241,15 +241,3 @@ def test_saved_svg_and_png_are_byte_identical(tmp_path: Path, table: RunTable) -
     assert first == second
     assert first[0].startswith(b"\x89PNG") and b"<svg" in first[1]
     assert b"<dc:date>" not in first[1]
-
-
-def test_make_figures_facets_every_stratum(tmp_path: Path) -> None:
-    table = make_table(("torch", "scratch"))
-    results = make_results(table)
-    files = figures.make_figures(results, table, tmp_path)
-    assert [f.name for f in files] == list(figures.CAPTIONS)
-    for f in files:
-        assert f.png.stat().st_size > 0 and f.svg.stat().st_size > 0
-    svg = files[0].svg.read_text()
-    # Panel titles name each stratum: strata are side by side, never pooled.
-    assert svg.count("<g id=\"axes_") == 2

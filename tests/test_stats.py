@@ -61,7 +61,8 @@ def test_describe_ci_matches_scipy_t_interval_and_bootstrap():
     assert d.ci95 == pytest.approx(ref, rel=1e-12)
     boot = sps.bootstrap((x,), np.mean, method="percentile", n_resamples=20_000, rng=_rng(5))
     # Different random streams: agree to Monte-Carlo error (~2e-5 here), not bit for bit.
-    assert d.ci95_boot == pytest.approx((boot.confidence_interval.low, boot.confidence_interval.high), abs=1.5e-4)
+    ref_boot = (boot.confidence_interval.low, boot.confidence_interval.high)
+    assert d.ci95_boot == pytest.approx(ref_boot, abs=1.5e-4)
 
 
 def test_describe_drops_nan_and_states_small_n():
@@ -183,7 +184,8 @@ def test_hedges_g_by_hand():
     # -> g = -1.5957691 (the usual approximation 1 - 3/(4*4 - 1) = 0.8 gives -1.6).
     assert stats.hedges_g(np.array([1.0, 2, 3]), np.array([3.0, 4, 5])) == pytest.approx(-1.5957691)
     for df in (5, 18, 40):
-        assert stats.hedges_correction(df) == pytest.approx(1 - 3 / (4 * df - 1), abs=0.05 / df**2)  # the approximation errs by O(1/df^2)
+        # The approximation errs by O(1/df^2).
+        assert stats.hedges_correction(df) == pytest.approx(1 - 3 / (4 * df - 1), abs=0.05 / df**2)
 
 
 def test_prob_superiority_by_hand_and_against_u():
@@ -233,12 +235,14 @@ def test_spread_matches_scipy_and_ratio_by_hand():
 def test_power_matches_statsmodels_solver():
     sd = 0.003
     p = stats.power_analysis(0.002, sd, 10, 10, paired=True, alpha=ALPHA, power=0.8)
-    assert p.mde == pytest.approx(TTestPower().solve_power(None, nobs=10, alpha=ALPHA, power=0.8) * sd, rel=1e-6)
-    assert p.seeds_needed == math.ceil(TTestPower().solve_power(0.002 / sd, nobs=None, alpha=ALPHA, power=0.8))
+    paired = TTestPower()
+    assert p.mde == pytest.approx(paired.solve_power(None, nobs=10, alpha=ALPHA, power=0.8) * sd, rel=1e-6)
+    assert p.seeds_needed == math.ceil(paired.solve_power(0.002 / sd, nobs=None, alpha=ALPHA, power=0.8))
     q = stats.power_analysis(0.002, sd, 8, 12, paired=False, alpha=ALPHA, power=0.8)
     ref = TTestIndPower().solve_power(None, nobs1=8, ratio=12 / 8, alpha=ALPHA, power=0.8)
     assert q.mde == pytest.approx(ref * sd, rel=1e-6)
-    assert q.seeds_needed == math.ceil(TTestIndPower().solve_power(0.002 / sd, nobs1=None, alpha=ALPHA, power=0.8))
+    needed = TTestIndPower().solve_power(0.002 / sd, nobs1=None, alpha=ALPHA, power=0.8)
+    assert q.seeds_needed == math.ceil(needed)
 
 
 def test_power_edge_cases_give_reasons():
@@ -342,7 +346,8 @@ def test_holm_family_wise_false_positive_rate(paired):
     rng, n_studies = _rng(2024), 8000
     hits = sum(_family_rejects(_study(rng, 10, 5, paired=paired), paired) for _ in range(n_studies))
     rate = hits / n_studies
-    print(f"\nFWER ({'paired' if paired else 'welch'}, Holm, k=5, 10 seeds, {n_studies} studies): {rate:.4f}")
+    kind = "paired" if paired else "welch"
+    print(f"\nFWER ({kind}, Holm, k=5, 10 seeds, {n_studies} studies): {rate:.4f}")
     assert rate <= _binomial_ceiling(ALPHA, n_studies)
 
 

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny Fashion-MNIST-shaped IDX files that go through the real loader."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from study import data
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian sizes, then the bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def make_idx_dir(folder: Path, n_train: int, n_test: int, seed: int = 0) -> dict[str, str]:
+    """Write the four IDX .gz files; return the MD5s of their unpacked content.
+
+    Images are class-dependent blobs plus noise, so a model can learn them in a few steps.
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    prototypes = rng.integers(0, 256, size=(10, 28, 28))
+    checksums = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        noise = rng.integers(-40, 40, size=(n, 28, 28))
+        images = np.clip(prototypes[labels] + noise, 0, 255)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            name = f"{split}-{kind}-ubyte"
+            write_idx(folder / f"{name}.gz", array)
+            content = gzip.decompress((folder / f"{name}.gz").read_bytes())
+            checksums[name] = hashlib.md5(content).hexdigest()
+    return checksums
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("idx")
+    return folder, make_idx_dir(folder, n_train=600, n_test=200)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_files, tmp_path_factory) -> data.Dataset:
+    folder, checksums = tiny_files
+    return data.load(folder, cache=tmp_path_factory.mktemp("cache"), checksums=checksums)
+
+
+def real_data_present() -> bool:
+    try:
+        data.locate(download_to=None)
+    except data.DataError:
+        return False
+    return True

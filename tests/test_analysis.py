@@ -1,0 +1,250 @@
+"""study.analysis on synthetic RunTables with planted effects.
+
+    .venv/bin/python -m pytest tests/test_analysis.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from study import analysis
+from study.protocol import Analysis
+from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+
+BASE = (0.0, 0.0)
+OPTIONS = Analysis(alpha=0.05, equivalence_margin=0.005, bootstrap=500, power=0.8)
+
+
+def _runs(accs: dict[tuple[float, float], np.ndarray], seeds=None, **stratum) -> list[dict]:
+    """One row per (setting, seed); `accs[setting][i]` is the test accuracy of seed i.
+    `seeds` maps a setting to its seed list (default 0..n-1)."""
+    rows = []
+    for setting, values in accs.items():
+        setting_seeds = (seeds or {}).get(setting, range(len(values)))
+        for seed, acc in zip(setting_seeds, values):
+            rows.append(_row(setting, seed, float(acc), **stratum))
+    return rows
+
+
+def _row(setting, seed, acc, device="cpu", replicate=0, **extra) -> dict:
+    diverged = not math.isfinite(acc)
+    return {
+        "run_id": f"{device}-{setting}-{seed}-{replicate}", "run_name": f"p{setting}-seed{seed}",
+        "dropout1": setting[0], "dropout2": setting[1], "seed": seed, "device": device,
+        "determinism": "default", "implementation": "torch", "execution": "sequential",
+        "randomness": "native", "vary": "all", "replicate": replicate,
+        "status": "diverged" if diverged else ("degenerate" if acc <= 0.11 else "ok"),
+        "textbook_check": (not diverged) and acc > 0.7, "weights_sha256": "0" * 64,
+        "epochs_done": 10, "test_acc": acc, "train_acc": acc + 0.01 if not diverged else math.nan,
+        "train_loss": 0.4 if not diverged else math.nan, **extra,
+    }
+
+
+def _table(rows: list[dict]) -> RunTable:
+    curves = pd.DataFrame({c: pd.Series(dtype=t) for c, t in CURVE_COLUMNS.items()})
+    return RunTable("1", "synthetic", pd.DataFrame(rows, columns=list(RUN_COLUMNS)), curves)
+
+
+def _seeded(n: int, seed: int = 0, seed_sd: float = 0.003) -> tuple[np.random.Generator, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng, 0.85 + rng.normal(0, seed_sd, n)  # baseline accuracies with a per-seed effect
+
+
+def _comparison(results: dict, setting, device="cpu") -> dict:
+    (c,) = [c for c in results["comparisons"]
+            if (c["dropout1"], c["dropout2"]) == setting and c["stratum"]["device"] == device]
+    return c
+
+
+def _walk(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+    else:
+        yield obj
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def test_planted_verdicts_different_equivalent_inconclusive():
+    rng, base = _seeded(10)
+    gap = base + 0.01 + rng.normal(0, 0.001, 10)  # a real 1-point gain
+    same = base + rng.normal(0, 0.0005, 10)  # equal means, tight spread
+    table = _table(_runs({BASE: base, (0.2, 0.5): gap, (0.5, 0.5): same}))
+    results = analysis.analyze(table, BASE, OPTIONS)
+    assert _comparison(results, (0.2, 0.5))["verdict"] == "different"
+    assert _comparison(results, (0.5, 0.5))["verdict"] == "equivalent"
+    assert results["strata"][0]["paired"] and results["strata"][0]["omnibus"]["test"] == "friedman"
+
+
+def test_small_gap_with_few_noisy_seeds_is_inconclusive():
+    rng = np.random.default_rng(3)
+    base = 0.85 + rng.normal(0, 0.01, 4)
+    noisy = base + 0.003 + rng.normal(0, 0.01, 4)
+    results = analysis.analyze(_table(_runs({BASE: base, (0.2, 0.5): noisy})), BASE, OPTIONS)
+    c = _comparison(results, (0.2, 0.5))
+    assert c["verdict"] == "inconclusive"
+    assert c["seeds_needed"] > 4 and c["mde"] > abs(c["mean_diff"])
+
+
+def test_comparison_numbers_match_scipy_and_holm_is_per_stratum_family():
+    rng, base = _seeded(10, seed=5)
+    accs = {BASE: base, (0.2, 0.5): base + 0.002 + rng.normal(0, 0.002, 10),
+            (0.5, 0.5): base - 0.001 + rng.normal(0, 0.002, 10),
+            (0.6, 0.8): base + rng.normal(0, 0.004, 10)}
+    results = analysis.analyze(_table(_runs(accs)), BASE, OPTIONS)
+    comps = sorted(results["comparisons"], key=lambda c: (c["dropout1"], c["dropout2"]))
+    settings = sorted(s for s in accs if s != BASE)
+    raw = [sps.ttest_rel(accs[s], base).pvalue for s in settings]
+    assert [c["p"] for c in comps] == pytest.approx(raw)
+    assert [c["p_adjusted"] for c in comps] == pytest.approx(list(multipletests(raw, method="holm")[1]))
+    bf = [sps.levene(accs[s], base, center="median").pvalue for s in settings]
+    holm = lambda p: list(multipletests(p, method="holm")[1])  # noqa: E731
+    assert [c["variance_p_adjusted"] for c in comps] == pytest.approx(holm(bf))
+    ranks = [sps.wilcoxon(accs[s] - base).pvalue for s in settings]
+    assert [c["rank_p_adjusted"] for c in comps] == pytest.approx(holm(ranks))
+    matrix = np.column_stack([accs[s] for s in sorted(accs)])
+    assert results["strata"][0]["omnibus"]["p"] == pytest.approx(sps.friedmanchisquare(*matrix.T).pvalue)
+
+
+def test_constant_chance_group_has_reasons_and_no_nan():
+    rng, base = _seeded(10)
+    accs = {BASE: base, (0.2, 0.5): base + rng.normal(0, 0.002, 10),
+            (0.9, 0.9): np.full(10, 0.1), (1.0, 1.0): np.full(10, 0.1)}
+    table = _table(_runs(accs))
+    results = analysis.analyze(table, BASE, OPTIONS)
+    text = json.dumps(results, allow_nan=False)  # raises on NaN or infinity
+    assert "NaN" not in text
+    assert not any(isinstance(v, float) and not math.isfinite(v) for v in _walk(results))
+    (chance,) = [g for g in results["groups"] if (g["dropout1"], g["dropout2"]) == (1.0, 1.0)]
+    assert chance["sd"] == 0.0 and "zero variance" in chance["reason"]
+    assert chance["status_counts"] == {"degenerate": 10} and chance["textbook_check_passed"] == 0
+    c = _comparison(results, (1.0, 1.0))
+    assert c["verdict"] == "different" and c["variance_ratio"] == 0.0
+    # Unpaired, the constant groups make Welch's ANOVA undefined: a reason, Kruskal still runs.
+    shifted = _table(_runs(accs, seeds={s: range(10 * i, 10 * i + 10) for i, s in enumerate(accs)}))
+    unpaired = analysis.analyze(shifted, BASE, OPTIONS)
+    omnibus = unpaired["strata"][0]["omnibus"]
+    assert omnibus["p"] is None and "zero variance" in omnibus["reason"]
+    assert omnibus["secondary"]["p"] is not None
+    json.dumps(unpaired, allow_nan=False)
+
+
+def test_every_none_in_a_comparison_comes_with_a_reason():
+    rng, base = _seeded(10)
+    results = analysis.analyze(_table(_runs({BASE: base, (0.5, 0.5): base.copy(),
+                                             (1.0, 1.0): np.full(10, 0.1)})), BASE, OPTIONS)
+    for c in results["comparisons"]:
+        if any(c[k] is None for k in ("p", "rank_p", "tost_p", "brown_forsythe_p", "mde", "seeds_needed")):
+            assert c["reason"], c
+    same = _comparison(results, (0.5, 0.5))
+    assert same["verdict"] == "equivalent" and "by construction" in same["reason"]
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_two_devices_make_two_strata():
+    rng, base = _seeded(6)
+    rows = (_runs({BASE: base, (0.2, 0.5): base + 0.01}, device="cpu")
+            + _runs({BASE: base - 0.002, (0.2, 0.5): base + rng.normal(0, 0.003, 6)}, device="cuda"))
+    results = analysis.analyze(_table(rows), BASE, OPTIONS)
+    assert [s["stratum"]["device"] for s in results["strata"]] == ["cpu", "cuda"]
+    assert results["strata"][0]["label"] == "cpu / default / torch / sequential / native / all"
+    assert results["stratified_by"] == ["device"]
+    assert len(results["groups"]) == 4 and len(results["comparisons"]) == 2
+    assert {c["stratum"]["device"] for c in results["comparisons"]} == {"cpu", "cuda"}
+    # Each stratum is its own Holm family of one: adjusted p equals raw p.
+    assert all(c["p_adjusted"] == c["p"] for c in results["comparisons"] if c["p"] is not None)
+    assert results["strata"][0]["omnibus"]["reason"]  # 2 settings: Friedman needs 3
+
+
+def test_unpaired_path_when_seeds_differ():
+    rng = np.random.default_rng(1)
+    base, other = 0.85 + rng.normal(0, 0.003, 8), 0.86 + rng.normal(0, 0.003, 8)
+    rows = _runs({BASE: base, (0.2, 0.5): other}, seeds={BASE: range(8), (0.2, 0.5): range(100, 108)})
+    results = analysis.analyze(_table(rows), BASE, OPTIONS)
+    c = _comparison(results, (0.2, 0.5))
+    assert not c["paired"] and c["test"] == "welch_t" and c["rank_test"] == "mann_whitney"
+    assert c["p"] == pytest.approx(sps.ttest_ind(other, base, equal_var=False).pvalue)
+    assert results["strata"][0]["omnibus"]["test"] == "welch_anova"
+    assert results["strata"][0]["n_seeds"] == 16
+
+
+def test_diverged_runs_and_replicates_are_excluded_and_counted():
+    rng, base = _seeded(10)
+    setting = base + 0.005 + rng.normal(0, 0.001, 10)
+    setting[3] = math.nan
+    rows = _runs({BASE: base, (0.2, 0.5): setting})
+    rows.append(_row((0.2, 0.5), 0, 0.99, replicate=1))  # a replicate must not enter the stats
+    results = analysis.analyze(_table(rows), BASE, OPTIONS)
+    (g,) = [g for g in results["groups"] if g["dropout1"] == 0.2]
+    assert g["n"] == 9 and g["n_excluded"] == 1 and "diverged" in g["reason"]
+    assert g["status_counts"] == {"diverged": 1, "ok": 9}
+    c = _comparison(results, (0.2, 0.5))
+    assert c["paired"] and c["n"] == 9 and c["n_dropped"] == 1 and "1 pair(s)" in c["reason"]
+    keep = np.isfinite(setting)
+    assert c["p"] == pytest.approx(sps.ttest_rel(setting[keep], base[keep]).pvalue)
+    assert results["n_replicate_runs_ignored"] == 1
+
+
+def test_missing_baseline_and_empty_table_are_stated_not_crashed(tmp_path):
+    rng, base = _seeded(5)
+    results = analysis.analyze(_table(_runs({(0.2, 0.5): base, (0.5, 0.5): base + 0.01})), BASE, OPTIONS)
+    assert results["comparisons"] == [] and "no runs" in results["strata"][0]["notes"][0]
+    empty = _table([])
+    nothing = analysis.analyze(empty, BASE, OPTIONS)
+    assert nothing["strata"] == [] and nothing["n_runs"] == 0
+    assert len(analysis.write(nothing, empty, tmp_path)) == 4
+
+
+def test_group_summary_fields():
+    rng, base = _seeded(5)
+    results = analysis.analyze(_table(_runs({BASE: base, (0.2, 0.5): base + 0.01})), BASE, OPTIONS)
+    (g,) = [g for g in results["groups"] if g["dropout1"] == 0.0]
+    assert g["mean"] == pytest.approx(base.mean()) and g["sd"] == pytest.approx(base.std(ddof=1))
+    assert g["gap_mean"] == pytest.approx(0.01) and g["train_loss_mean"] == pytest.approx(0.4)
+    assert g["textbook_check_passed"] == 5 and g["iqr"][0] <= g["median"] <= g["iqr"][1]
+
+
+# ----------------------------------------------------------------------------- determinism and output
+
+
+def test_seed_controls_bootstrap():
+    rng, base = _seeded(10)
+    table = _table(_runs({BASE: base, (0.2, 0.5): base + rng.normal(0.002, 0.002, 10)}))
+    a, b = analysis.analyze(table, BASE, OPTIONS, seed=1), analysis.analyze(table, BASE, OPTIONS, seed=1)
+    c = analysis.analyze(table, BASE, OPTIONS, seed=2)
+    assert a == b
+    assert a["groups"][0]["ci95_boot"] != c["groups"][0]["ci95_boot"]
+
+
+def test_write_is_byte_identical_and_flattens(tmp_path):
+    rng, base = _seeded(10)
+    accs = {BASE: base, (0.2, 0.5): base + rng.normal(0.002, 0.002, 10), (1.0, 1.0): np.full(10, 0.1)}
+    table = _table(_runs(accs) + _runs({BASE: base}, device="cuda"))
+    first = analysis.write(analysis.analyze(table, BASE, OPTIONS), table, tmp_path / "a")
+    second = analysis.write(analysis.analyze(table, BASE, OPTIONS), table, tmp_path / "b")
+    assert [p.name for p in first] == ["results.json", "groups.csv", "comparisons.csv", "runs.csv"]
+    for p, q in zip(first, second):
+        assert p.read_bytes() == q.read_bytes(), p.name
+    comps = pd.read_csv(first[2])
+    for col in ("device", "mean_diff_ci95_lo", "mean_diff_ci95_hi", "variance_ratio_ci95_hi",
+                "baseline_dropout1", "p_adjusted", "verdict"):
+        assert col in comps.columns
+    groups = pd.read_csv(first[1])
+    assert {"ci95_lo", "ci95_hi", "iqr_lo", "iqr_hi", "status_counts_ok"} <= set(groups.columns)
+    assert len(pd.read_csv(first[3])) == len(table.runs)
+    loaded = json.loads(first[0].read_text())
+    assert loaded["metric"] == "test_acc" and loaded["baseline"] == [0.0, 0.0]

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+from study import plan, protocol
+
+D2L = Path(__file__).resolve().parents[1] / "protocols" / "d2l-dropout.yaml"
+
+
+def test_expansion_covers_every_combination():
+    proto = protocol.load(D2L, ["seeds.count=3", "devices=[cpu, cuda]",
+                                "determinism=[default, strict]", "implementations=[torch, scratch]",
+                                "replicates=2"])
+    cells = plan.expand(proto)
+    assert len(cells) == 6 * 3 * 2 * 2 * 2 * 2
+    combos = {(c.dropout1, c.dropout2, c.seed, c.device, c.determinism, c.implementation,
+               c.replicate) for c in cells}
+    assert len(combos) == len(cells)
+    assert len({c.key for c in cells}) == len(cells)
+
+
+def test_first_seed_of_every_setting_comes_first():
+    cells = plan.expand(protocol.load(D2L))
+    assert [c.seed for c in cells[:6]] == [0] * 6
+    assert {(c.dropout1, c.dropout2) for c in cells[:6]} == set(protocol.load(D2L).dropout)
+
+
+def test_keys_are_stable_and_track_what_defines_a_run():
+    keys = [c.key for c in plan.expand(protocol.load(D2L))]
+    assert keys == [c.key for c in plan.expand(protocol.load(D2L))]
+    # Pinned: a key that silently changed would make every store re-run its whole study.
+    assert keys[0] == "8917af3013e2a368"
+    other_epochs = [c.key for c in plan.expand(protocol.load(D2L, ["training.epochs=3"]))]
+    assert not set(keys) & set(other_epochs)
+    wider_batches = [c.key for c in plan.expand(protocol.load(D2L, ["batch_members=7"]))]
+    assert keys == wider_batches  # how cells are grouped for speed is not what they are
+    renamed = [c.key for c in plan.expand(protocol.load(D2L, ["description=other"]))]
+    assert keys == renamed
+
+
+def test_run_names_are_readable():
+    cell = plan.expand(protocol.load(D2L))[1]
+    assert cell.name == "p0.2-0.5 seed0 cpu default torch"

@@ -1,0 +1,114 @@
+"""End to end: protocol -> runner -> a temporary MLflow store -> read back through MLflow."""
+
+import pytest
+from mlflow import MlflowClient
+
+from study import data, plan, protocol, runner, tracking
+
+PROTO = dict(name="e2e", dropout=[[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]], seeds={"count": 2},
+             baseline=[0.5, 0.5], training={"epochs": 2, "batch_size": 100})
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "STORE_DIR", tmp_path)
+    return tracking.client()
+
+
+@pytest.fixture
+def loader(tiny_files, tmp_path):
+    folder, checksums = tiny_files
+    return lambda: data.load(folder, cache=tmp_path / "cache", checksums=checksums)
+
+
+def _runs(store: MlflowClient, status: str | None = None):
+    exp = store.get_experiment_by_name("e2e")
+    query = f"attributes.status = '{status}'" if status else ""
+    return store.search_runs([exp.experiment_id], query)
+
+
+def test_a_run_logs_every_cell_and_a_second_adds_none(store, loader):
+    proto = protocol.parse(PROTO)
+    first = runner.run(proto, load=loader, progress=False)
+    assert first.ran == 6 and first.already_done == 0
+    runs = _runs(store, "FINISHED")
+    assert len(runs) == 6
+    exp = store.get_experiment(first.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    one = next(r for r in runs if r.info.run_name == "p0.5-0.5 seed1 cpu default torch")
+    assert one.data.params["dropout1"] == "0.5" and one.data.params["seed"] == "1"
+    assert one.data.params["protocol.training.epochs"] == "2"
+    assert one.data.tags["study.status"] == "ok"
+    assert one.data.tags["study.cell"] == plan.expand(proto)[4].key
+    assert len(one.data.tags["study.weights_sha256"]) == 64
+    assert one.data.tags["study.env.torch_version"].startswith("2.")
+    assert one.data.tags["study.flag.deterministic_algorithms"] == "False"
+    history = store.get_metric_history(one.info.run_id, "test_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert "protocol.yaml" in {a.path for a in store.list_artifacts(one.info.run_id)}
+
+    dead = next(r for r in runs if r.info.run_name.startswith("p1-1"))
+    assert dead.data.tags["study.status"] == "degenerate"
+    assert dead.data.tags["study.textbook_check"] == "False"
+
+    second = runner.run(proto, load=loader, progress=False)
+    assert second.ran == 0 and second.already_done == 6
+    assert len(_runs(store)) == 6
+
+
+def test_runs_left_running_are_marked_and_redone(store, loader):
+    proto = protocol.parse(PROTO)
+    runner.run(proto, load=loader, progress=False)
+    victim = _runs(store, "FINISHED")[0]
+    store.set_terminated(victim.info.run_id, "RUNNING")  # as if killed mid-run
+    again = runner.run(proto, load=loader, progress=False)
+    assert again.interrupted == 1 and again.ran == 1
+    assert store.get_run(victim.info.run_id).info.status == "KILLED"
+    finished = _runs(store, "FINISHED")
+    assert len(finished) == 6
+    assert len({r.data.tags["study.cell"] for r in finished}) == 6  # never two per cell
+
+
+def test_failure_mid_study_keeps_what_finished(store, tiny_files, tmp_path, monkeypatch):
+    folder, checksums = tiny_files
+    proto = protocol.parse(PROTO)
+    calls = {"n": 0}
+    real_train = runner.train
+
+    def flaky(cell, ds):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real_train(cell, ds)
+
+    monkeypatch.setattr(runner, "train", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run(proto, load=lambda: data.load(folder, cache=tmp_path / "c", checksums=checksums),
+                   progress=False)
+    assert len(_runs(store, "FINISHED")) == 2
+    failed = _runs(store, "FAILED")
+    assert len(failed) == 1 and "boom" in failed[0].data.tags["study.error"]
+
+
+def test_load_runs_gives_the_tidy_table(store, loader):
+    runner.run(protocol.parse(PROTO), load=loader, progress=False)
+    table = tracking.load_runs(store, "e2e")
+    assert len(table.runs) == 6
+    assert sorted(set(zip(table.runs.dropout1, table.runs.dropout2))) == [(0.0, 0.0), (0.5, 0.5),
+                                                                          (1.0, 1.0)]
+    assert set(table.runs.seed) == {0, 1}
+    assert len(table.curves) == 6 * 2 * 3
+    assert table.protocol["name"] == "e2e"
+    assert "torch_version" in table.environment
+
+
+def test_cuda_cells_skip_or_fail_without_a_gpu(store, loader, monkeypatch):
+    monkeypatch.setattr(runner, "available", lambda device: device == "cpu")
+    proto = protocol.parse({**PROTO, "devices": ["cpu", "cuda"], "seeds": {"count": 1}})
+    summary = runner.run(proto, load=loader, progress=False)
+    assert summary.ran == 3 and summary.skipped == 3
+    required = protocol.parse({**PROTO, "devices": ["cpu", "cuda"], "required_devices": ["cuda"]})
+    with pytest.raises(runner.RunnerError, match="requires"):
+        runner.run(required, load=loader, progress=False)

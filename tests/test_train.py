@@ -1,0 +1,95 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from study import model, plan, protocol
+from study.train import CHANCE, train
+
+BASE = dict(name="t", dropout=[[0.2, 0.5]], seeds={"count": 1}, baseline=[0.2, 0.5],
+            training={"epochs": 2, "batch_size": 64, "lr": 0.5})
+
+
+def cell(**overrides) -> plan.Cell:
+    raw = {**BASE, **{k: v for k, v in overrides.items() if k in BASE or k in (
+        "implementations", "randomness", "determinism", "vary")}}
+    c = plan.expand(protocol.parse(raw))[0]
+    fields = {k: v for k, v in overrides.items() if k in ("seed", "dropout1", "dropout2")}
+    return replace(c, **fields)
+
+
+def test_two_cpu_runs_of_one_cell_give_the_same_weights(tiny_data):
+    a, b = train(cell(), tiny_data), train(cell(), tiny_data)
+    assert a.weights_sha256 == b.weights_sha256
+    assert a.epochs == b.epochs
+
+
+def test_strict_mode_replicates_are_bitwise_identical(tiny_data):
+    from study.seeding import determinism
+    with determinism("strict"):
+        a, b = train(cell(), tiny_data), train(cell(), tiny_data)
+    assert a.weights_sha256 == b.weights_sha256
+
+
+def test_another_seed_gives_other_weights(tiny_data):
+    assert train(cell(seed=0), tiny_data).weights_sha256 != \
+        train(cell(seed=1), tiny_data).weights_sha256
+
+
+def test_it_learns_and_reports_textbook_metrics(tiny_data):
+    result = train(cell(dropout1=0.0, dropout2=0.0), tiny_data)
+    assert [e.epoch for e in result.epochs] == [1, 2]
+    assert result.epochs[-1].test_acc > 0.5  # the tiny classes are easy; chance is 0.1
+    assert result.status == "ok"
+
+
+def test_dropout_one_trains_to_chance_and_is_recorded(tiny_data):
+    result = train(cell(dropout1=1.0, dropout2=1.0), tiny_data)
+    assert result.status == "degenerate"
+    assert not result.textbook_check
+    assert result.epochs[-1].test_acc == pytest.approx(CHANCE, abs=0.05)
+    assert result.keep_rates == (0.0, 0.0)
+
+
+def test_divergence_ends_the_run_with_a_status(tiny_data):
+    c = cell()
+    huge = replace(c, config=replace(c.config, training=replace(c.config.training, lr=1e12)))
+    result = train(huge, tiny_data)
+    assert result.status == "diverged"
+    assert not math.isfinite(result.epochs[-1].train_loss)
+
+
+def test_settings_share_init_and_data_order_by_seed(tiny_data):
+    """Paired by seed: only the dropout differs between two settings of one seed."""
+    a = train(cell(dropout1=0.0, dropout2=0.0), tiny_data)
+    b = train(cell(dropout1=0.0, dropout2=0.0, seed=0), tiny_data)
+    assert a.streams == b.streams
+    c = train(cell(dropout1=0.5, dropout2=0.5), tiny_data)
+    assert c.streams == a.streams and c.weights_sha256 != a.weights_sha256
+
+
+def test_portable_torch_masks_equal_nn_dropout_on_cpu(tiny_data):
+    native = train(cell(), tiny_data)
+    portable = train(cell(randomness="portable"), tiny_data)
+    assert native.weights_sha256 == portable.weights_sha256
+
+
+def test_training_leaves_global_rng_alone(tiny_data):
+    before = torch.random.get_rng_state()
+    train(cell(), tiny_data)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("impl, p, expected", [
+    ("torch", 0.5, 0.5), ("scratch", 0.5, 0.5), ("scratch-randn", 0.5, 0.3085),
+    ("scratch", 0.2, 0.8), ("scratch-randn", 0.2, 0.4207)])
+def test_keep_rate_of_each_implementation(impl, p, expected):
+    # scratch-randn keeps P(N(0,1) > p): 1 - Phi(0.5) = 0.3085, 1 - Phi(0.2) = 0.4207.
+    gen = torch.Generator().manual_seed(0)
+    layer = model.KeepRate(model.make_dropout(p, impl, gen))
+    layer.train()
+    out = layer(torch.ones(400, 500))
+    assert layer.rate() == pytest.approx(expected, abs=0.005)
+    kept = out[out != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)))  # every kind rescales by 1/(1-p)
