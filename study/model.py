@@ -18,30 +18,38 @@ from study.protocol import Model
 IMAGE_SIDE, CLASSES = 28, 10
 
 
-class Dropout(nn.Module):
-    """Dropout whose masks come from an explicit generator, drawn where that generator lives.
+def scaled_mask(p: float, kind: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """The factor a dropout layer multiplies its input by: kept/(1-p) or 0, for 0 < p < 1.
 
-    With `kind="bernoulli"` it draws exactly what `nn.Dropout` draws on the CPU
-    (`empty.bernoulli_(1-p)` then `div_(1-p)`), so a portable run matches a native CPU run.
+    kind "bernoulli": what nn.Dropout draws on the CPU, `empty.bernoulli_(1-p).div_(1-p)`,
+    bit for bit, given the same generator state.
+    kind "uniform": the same Bernoulli(1-p) mask from `torch.rand(...) >= p`, a different stream
+    but about 3.5x cheaper on the CPU (the portable mask of the `torch` implementation).
+    kinds "rand"/"randn": the book's and the lesson's hand-written masks, `rand/randn(...) > p`.
     """
+    device = generator.device
+    if kind == "bernoulli":
+        return torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator).div_(1 - p)
+    if kind == "uniform":
+        return (torch.rand(shape, generator=generator, device=device) >= p).float().div_(1 - p)
+    draw = torch.rand if kind == "rand" else torch.randn
+    return (draw(shape, generator=generator, device=device) > p).float().div_(1 - p)
+
+
+class Dropout(nn.Module):
+    """Dropout whose masks come from an explicit generator, drawn where that generator lives."""
 
     def __init__(self, p: float, kind: str, generator: torch.Generator):
         super().__init__()
         self.p, self.kind, self.generator = p, kind, generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The same shortcuts as nn.Dropout and the book: p=0 and p=1 draw nothing.
         if not self.training or self.p == 0.0:
             return x
         if self.p == 1.0:
             return torch.zeros_like(x)
-        gen_device = self.generator.device
-        if self.kind == "bernoulli":
-            noise = torch.empty(x.shape, device=gen_device).bernoulli_(1 - self.p,
-                                                                      generator=self.generator)
-            return x * noise.div_(1 - self.p).to(x.device)
-        draw = torch.rand if self.kind == "rand" else torch.randn
-        mask = (draw(x.shape, generator=self.generator, device=gen_device) > self.p).float()
-        return mask.to(x.device) * x / (1.0 - self.p)
+        return x * scaled_mask(self.p, self.kind, x.shape, self.generator).to(x.device)
 
 
 class KeepRate(nn.Module):
@@ -67,14 +75,16 @@ class KeepRate(nn.Module):
         return float(self.kept) / alive if alive else None
 
 
+MASK_KINDS = {"torch": "uniform", "scratch": "rand", "scratch-randn": "randn"}
+
+
 def make_dropout(p: float, implementation: str, generator: torch.Generator | None) -> nn.Module:
     """One dropout layer; `generator=None` means the global generator (native nn.Dropout)."""
     if implementation == "torch" and generator is None:
         return nn.Dropout(p)
     if generator is None:
         raise ValueError(f"implementation {implementation!r} needs an explicit generator")
-    kind = {"torch": "bernoulli", "scratch": "rand", "scratch-randn": "randn"}[implementation]
-    return Dropout(p, kind, generator)
+    return Dropout(p, MASK_KINDS[implementation], generator)
 
 
 def mlp(hidden: tuple[int, ...], drops: tuple[nn.Module, nn.Module]) -> nn.Sequential:

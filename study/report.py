@@ -43,6 +43,11 @@ class ReportFiles:
     typst: Path
     figures: list[FigureFile] = field(default_factory=list)
 
+    def all(self) -> list[Path]:
+        """Every file written, for logging to the analysis run."""
+        return [self.pdf, self.markdown, self.typst,
+                *(path for f in self.figures for path in (f.png, f.svg))]
+
 
 # --- document model: what both renderers understand -----------------------------------------
 

@@ -32,6 +32,9 @@ RUN_COLUMNS = {
     "test_acc": float,  # final epoch; NaN when diverged before any epoch finished
     "train_acc": float,
     "train_loss": float,
+    # Observed share of live units each dropout layer kept in training (NaN when unrecorded).
+    "keep_rate1": float,
+    "keep_rate2": float,
 }
 
 # Columns that split runs into strata analysed separately (never pooled).

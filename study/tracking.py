@@ -226,7 +226,7 @@ def _row(run: Any, experiment: str) -> dict[str, Any]:
 
 
 def _convert(raw: Any, kind: type, default: Any, column: str, run: Any, experiment: str) -> Any:
-    if raw is None:
+    if raw is None or (kind is float and raw == "none"):
         return default if column in DEFAULTS else float("nan")
     try:
         if kind is bool:

@@ -47,7 +47,8 @@ def _run_rows(implementation: str, rng: np.random.Generator) -> list[dict[str, A
                 "textbook_check": bool(test > 0.7 and not degenerate),
                 "weights_sha256": f"{implementation}{d1}{d2}{seed}", "epochs_done": EPOCHS,
                 "test_acc": test, "train_acc": test + 0.01 - 0.05 * d1,
-                "train_loss": 2.3026 if degenerate else 0.35 + 0.3 * d1})
+                "train_loss": 2.3026 if degenerate else 0.35 + 0.3 * d1,
+                "keep_rate1": 1 - d1, "keep_rate2": 1 - d2})
     return rows
 
 
