@@ -27,7 +27,7 @@ def test_keys_are_stable_and_track_what_defines_a_run():
     keys = [c.key for c in plan.expand(protocol.load(D2L))]
     assert keys == [c.key for c in plan.expand(protocol.load(D2L))]
     # Pinned: a key that silently changed would make every store re-run its whole study.
-    assert keys[0] == "8917af3013e2a368"
+    assert keys[0] == "91b8f4d0af397f3d"
     other_epochs = [c.key for c in plan.expand(protocol.load(D2L, ["training.epochs=3"]))]
     assert not set(keys) & set(other_epochs)
     wider_batches = [c.key for c in plan.expand(protocol.load(D2L, ["batch_members=7"]))]

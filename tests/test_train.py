@@ -69,10 +69,20 @@ def test_settings_share_init_and_data_order_by_seed(tiny_data):
     assert c.streams == a.streams and c.weights_sha256 != a.weights_sha256
 
 
-def test_portable_torch_masks_equal_nn_dropout_on_cpu(tiny_data):
+def test_bernoulli_mask_is_nn_dropouts_own_draw_on_cpu():
+    x = torch.rand(64, 300) + 0.5
+    torch_gen = torch.Generator().manual_seed(7)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        expected = torch.nn.functional.dropout(x, 0.3, training=True)
+    assert torch.equal(x * model.scaled_mask(0.3, "bernoulli", x.shape, torch_gen), expected)
+
+
+def test_portable_and_native_torch_masks_are_different_streams(tiny_data):
     native = train(cell(), tiny_data)
     portable = train(cell(randomness="portable"), tiny_data)
-    assert native.weights_sha256 == portable.weights_sha256
+    assert native.weights_sha256 != portable.weights_sha256
+    assert portable.weights_sha256 == train(cell(randomness="portable"), tiny_data).weights_sha256
 
 
 def test_training_leaves_global_rng_alone(tiny_data):
