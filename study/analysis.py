@@ -11,6 +11,11 @@ CUDA run of the same seed are different experiments. Within a stratum the settin
 seed" when every setting has the same set of seeds; then each comparison uses the seeds finite
 in both groups. Each stratum's comparisons against the baseline form one Holm family per
 p-value kind (mean, rank, TOST, variance).
+
+`results["diagnostics"]` holds `diagnostics.analyze(table, options, seed)`: replicates,
+determinism modes, CPU against GPU, sources of variance, keep rates and implementation
+equivalence (schema in `study/diagnostics.py`). `write` also saves each applicable section's
+records as `diagnostics_<section>.csv` (not among the paths it returns).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study import stats
+from study import diagnostics, stats
 from study.protocol import Analysis
 from study.table import STRATUM_COLUMNS, RunTable
 
@@ -47,7 +52,7 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         strata.append(s)
         groups.extend(g)
         comparisons.extend(c)
-    return _plain({
+    results = _plain({
         "experiment": table.experiment_name, "baseline": list(base), "alpha": options.alpha,
         "equivalence_margin": options.equivalence_margin, "power": options.power,
         "bootstrap": options.bootstrap, "seed": seed, "metric": METRIC,
@@ -55,6 +60,8 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         "n_runs": int(len(runs)), "n_replicate_runs_ignored": int(len(table.runs) - len(runs)),
         "strata": strata, "groups": groups, "comparisons": comparisons,
     })
+    results["diagnostics"] = diagnostics.analyze(table, options, seed)
+    return results
 
 
 def write(results: dict[str, Any], table: RunTable, out_dir: Path) -> list[Path]:
@@ -69,7 +76,26 @@ def write(results: dict[str, Any], table: RunTable, out_dir: Path) -> list[Path]
     _write_csv(_counts_as_int(pd.DataFrame([flatten(r) for r in results["groups"]])), paths[1])
     _write_csv(pd.DataFrame([flatten(r) for r in results["comparisons"]]), paths[2])
     _write_csv(_sorted_runs(table.runs), paths[3])
+    write_diagnostics(results.get("diagnostics") or {}, out_dir)
     return paths
+
+
+def write_diagnostics(diag: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Each diagnostics section with records -> out_dir/diagnostics_<section>.csv; a stale file
+    of a section without records is removed. Returns the files written."""
+    written = []
+    for section, body in sorted(diag.items()):
+        path = Path(out_dir) / f"diagnostics_{section}.csv"
+        records = body.get("records") or []
+        if not records:
+            path.unlink(missing_ok=True)
+            continue
+        # A missing interval still gets its _lo/_hi columns, so every row has the same columns.
+        rows = [flatten({k: [None, None] if v is None and k.endswith("ci95") else v
+                         for k, v in r.items()}) for r in records]
+        _write_csv(pd.DataFrame(rows), path)
+        written.append(path)
+    return written
 
 
 # ----------------------------------------------------------------------------- strata

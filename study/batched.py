@@ -37,9 +37,6 @@ from study.train import EpochMetrics, Result
 BLOCK = 8
 # Test images per evaluation slice: bounds the [rows, members * hidden] activations to ~20 MiB.
 TEST_CHUNK = 2500
-# Exactness of the fast Bernoulli draw: `random_()` on float64 yields the low 53 bits of one
-# random64() per element, the same bits `bernoulli_(q)` turns into a uniform (bits * 2**-53 < q).
-BITS53 = 2.0 ** 53
 
 
 class BatchedError(ValueError):
@@ -77,49 +74,32 @@ def _check_supported(cell: Cell) -> None:
 class MaskStream:
     """One member's dropout stream: the draws its sequential twin makes, in the same order.
 
-    Layers with p=0 or p=1 draw nothing (as nn.Dropout and `model.Dropout` do); their mask rows
-    are constant ones or zeros.
+    Each draw is `model.scaled_mask`, the very function the sequential `model.Dropout` calls;
+    native nn.Dropout on the CPU is its "bernoulli" kind (tests/test_batched.py checks both).
+    Layers with p=0 or p=1 draw nothing, as in the sequential path; their rows stay constant.
     """
 
     probs: tuple[float, ...]
-    kind: str  # bernoulli | rand | randn (see model.make_dropout)
+    kind: str  # a `model.scaled_mask` kind
     gen: torch.Generator
 
-    def drawing(self) -> list[int]:
-        return [i for i, p in enumerate(self.probs) if 0.0 < p < 1.0]
+    def draws(self, layer: int) -> bool:
+        return 0.0 < self.probs[layer] < 1.0
 
-    def keep(self, rows: int, widths: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Keep-masks (bool, [rows, width]) of the layers that draw for one minibatch."""
-        layers = self.drawing()
-        if self.kind == "bernoulli" and self.gen.device.type == "cpu":
-            return self._bernoulli(rows, widths, layers)
-        draw = torch.rand if self.kind == "rand" else torch.randn
-        return {i: draw((rows, widths[i]), generator=self.gen, device=self.gen.device)
-                > self.probs[i] for i in layers}
-
-    def _bernoulli(self, rows: int, widths: Sequence[int], layers: list[int]) -> dict[int, torch.Tensor]:
-        # One call for all layers: the CPU generator is serial, so layer 1 then layer 2 from one
-        # buffer consume exactly the words of two separate bernoulli_ calls. ~30% cheaper than
-        # bernoulli_ itself, which spends its time converting bits to doubles.
-        if not layers:
-            return {}
-        bits = torch.empty(rows * sum(widths[i] for i in layers), dtype=torch.float64)
-        bits.random_(generator=self.gen)
-        out, start = {}, 0
-        for i in layers:
-            chunk = bits[start:start + rows * widths[i]].view(rows, widths[i])
-            out[i] = chunk < (1.0 - self.probs[i]) * BITS53
-            start += rows * widths[i]
-        return out
+    def masks(self, rows: int, widths: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Scaled masks [rows, width] of the layers that draw for one minibatch, layer 1 first."""
+        return {i: models.scaled_mask(self.probs[i], self.kind, torch.Size((rows, widths[i])),
+                                      self.gen)
+                for i in range(len(self.probs)) if self.draws(i)}
 
 
 def mask_stream(cell: Cell, seeds: StreamSeeds) -> MaskStream:
     gen = sequential.mask_generator(cell, seeds)
-    # Native nn.Dropout on the CPU draws bernoulli_ from the global generator seeded with the
-    # dropout seed: the same mt19937 stream as an explicit generator with that seed.
-    gen = gen if gen is not None else generator(seeds.dropout)
-    kind = {"torch": "bernoulli", "scratch": "rand", "scratch-randn": "randn"}[cell.implementation]
-    return MaskStream((cell.dropout1, cell.dropout2), kind, gen)
+    if gen is None:
+        # Native nn.Dropout on the CPU: bernoulli_ on the global generator seeded with the
+        # dropout seed, i.e. the same mt19937 stream as an explicit generator with that seed.
+        return MaskStream((cell.dropout1, cell.dropout2), "bernoulli", generator(seeds.dropout))
+    return MaskStream((cell.dropout1, cell.dropout2), models.MASK_KINDS[cell.implementation], gen)
 
 
 # --- stacked parameters -------------------------------------------------------------------------
@@ -261,10 +241,8 @@ class MaskBuffers:
     def _draw(self, ks: range, rows: int) -> None:
         for k in ks:
             m = self.group[k]
-            for i, keep in m.masks.keep(rows, self.widths).items():
-                # bool / q in float32: the same values as nn.Dropout's noise.div_(1 - p).
-                torch.div(keep.to(self.device), 1.0 - m.masks.probs[i],
-                          out=self.bufs[i][k, :rows])
+            for i, mask in m.masks.masks(rows, self.widths).items():
+                self.bufs[i][k, :rows].copy_(mask)
 
 
 def train_epoch(stack: Stack, group: Sequence[Member], data: Dataset, batch: int, lr: float,

@@ -103,3 +103,24 @@ def test_keep_rate_of_each_implementation(impl, p, expected):
     assert layer.rate() == pytest.approx(expected, abs=0.005)
     kept = out[out != 0]
     assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)))  # every kind rescales by 1/(1-p)
+
+
+def test_lenet_option_builds_and_trains(tiny_data):
+    c = cell()
+    lenet = replace(c, config=replace(c.config, model=protocol.Model(arch="lenet", init="xavier"),
+                                      training=replace(c.config.training, epochs=1, lr=0.9)))
+    result = train(lenet, tiny_data)
+    assert result.status in ("ok", "degenerate")
+    assert len(result.keep_rates) == 2 and result.keep_rates[0] == pytest.approx(0.8, abs=0.05)
+    assert result.weights_sha256 == train(lenet, tiny_data).weights_sha256
+
+
+def test_init_follows_the_textbook(tiny_data):
+    gen = torch.Generator().manual_seed(0)
+    net = model.build(protocol.Model(), (torch.nn.Identity(), torch.nn.Identity()), gen, "cpu")
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(256, 784), (256, 256), (10, 256)]
+    assert float(linears[0].weight.std()) == pytest.approx(0.01, rel=0.02)
+    # Biases keep PyTorch's default range, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    assert float(linears[0].bias.abs().max()) <= 1 / 784 ** 0.5
+    assert float(linears[0].bias.abs().max()) > 0.5 / 784 ** 0.5
