@@ -47,4 +47,4 @@ bench: setup
 ui: $(STAMP)
 	@echo "Runs of $(PROTOCOL): $$($(BIN)/python -m study url $(PROTOCOL) 2>/dev/null)"
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --host 127.0.0.1 --port 5000
+	  --host 127.0.0.1 --port 5000 --workers 1

@@ -60,7 +60,7 @@ def members(group: list[Cell]) -> Iterator[list[Cell]]:
 def _check_supported(cell: Cell) -> None:
     if cell.config.model.arch != "mlp":
         raise BatchedError(f"{cell.name}: batched execution covers the MLP only; "
-                           "use execution: sequential for arch {cell.config.model.arch!r}")
+                           f"use execution: sequential for arch {cell.config.model.arch!r}")
     if sequential.mask_generator(cell, sequential.seeds_of(cell)) is None and cell.device != "cpu":
         # nn.Dropout on CUDA draws inside a fused kernel from the global Philox stream; no
         # explicit-generator call reproduces it per member.
@@ -136,14 +136,14 @@ def _template(cell: Cell, init: torch.Generator) -> nn.Sequential:
     return models.build(cell.config.model, (nn.Identity(), nn.Identity()), init, "cpu")
 
 
-def member_sha256(cell: Cell, stack: Stack, row: int) -> str:
-    """`train.weights_sha256` of one member, its weights put back into the sequential layout."""
+def member_net(cell: Cell, stack: Stack, row: int) -> nn.Sequential:
+    """One member as the sequential model (same state_dict names, shapes, dtypes), on the CPU."""
     net = _template(cell, generator(0))
     with torch.no_grad():
         for layer, w, b in zip(_linears(net), stack.w, stack.b):
             layer.weight.copy_(w[row].t())
             layer.bias.copy_(b[row, 0])
-    return sequential.weights_sha256(net)
+    return net
 
 
 # --- one minibatch step -------------------------------------------------------------------------
@@ -292,6 +292,12 @@ def train_many(cells: list[Cell], data: Dataset) -> Iterator[Result]:
     A member whose epoch loss is not finite is recorded as diverged at the end of that epoch
     (as the sequential path does) and dropped from the stack; the others go on.
     """
+    for result, _ in fit_many(cells, data):
+        yield result
+
+
+def fit_many(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.Sequential]]:
+    """`train_many`, each result with its member's final weights as the sequential model."""
     for cell in cells:
         _check_supported(cell)
     spec = cells[0].config.training
@@ -306,11 +312,11 @@ def train_many(cells: list[Cell], data: Dataset) -> Iterator[Result]:
             seconds = (time.perf_counter() - start) / len(cells)
             yield from (_result(m, stack, k, seconds) for k, m in enumerate(group) if not finite[k])
             if not all(finite):
-                keep = [k for k in range(len(group)) if finite[k]]
-                if not keep:
+                alive = [k for k in range(len(group)) if finite[k]]
+                if not alive:
                     return
-                group = [group[k] for k in keep]
-                stack = stack.rows(torch.tensor(keep, device=stack.w[0].device))
+                group = [group[k] for k in alive]
+                stack = stack.rows(torch.tensor(alive, device=stack.w[0].device))
     seconds = (time.perf_counter() - start) / len(cells)
     yield from (_result(m, stack, k, seconds) for k, m in enumerate(group))
 
@@ -331,11 +337,13 @@ def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor, epoch
     return finite
 
 
-def _result(m: Member, stack: Stack, row: int, seconds: float) -> Result:
+def _result(m: Member, stack: Stack, row: int, seconds: float) -> tuple[Result, nn.Sequential]:
     """`seconds` is this member's share of the batch's wall time."""
     epochs = tuple(m.epochs)
-    return Result(cell=m.cell, epochs=epochs,
-                  status=sequential.status_of(epochs, m.cell.config.training.epochs),
-                  textbook_check=sequential.textbook_check(epochs),
-                  weights_sha256=member_sha256(m.cell, stack, row), seconds=seconds,
-                  keep_rates=m.keep_rates(), streams=m.seeds)
+    net = member_net(m.cell, stack, row)
+    result = Result(cell=m.cell, epochs=epochs,
+                     status=sequential.status_of(epochs, m.cell.config.training.epochs),
+                     textbook_check=sequential.textbook_check(epochs),
+                     weights_sha256=sequential.weights_sha256(net), seconds=seconds,
+                     keep_rates=m.keep_rates(), streams=m.seeds)
+    return result, net
