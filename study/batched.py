@@ -175,7 +175,7 @@ def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tenso
     logits = torch.baddbmm(p.b[2], d2, p.w[2])
     logp = logits.log_softmax(2)
     target = y.unsqueeze(2)
-    stats.loss[rows] -= logp.gather(2, target).sum((1, 2)) # = mean loss * n, as train.py sums
+    stats.loss[rows] -= logp.gather(2, target).sum((1, 2))  # mean loss * n, as train.py sums
     stats.correct[rows] += (logits.argmax(2) == y).sum(1)
     live1, live2 = h1 > 0, h2 > 0
     stats.alive[rows] += torch.stack([live1.sum((1, 2)), live2.sum((1, 2))], 1)

@@ -274,7 +274,7 @@ def machine() -> dict[str, object]:
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(),
             # The machine may be shared: the load says how much the numbers can be trusted.
-            "load_average": os.getloadavg()}
+            "load_average": list(os.getloadavg())}
 
 
 def _cpuinfo() -> list[str]:
