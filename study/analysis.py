@@ -15,7 +15,7 @@ p-value kind (mean, rank, TOST, variance).
 `results["diagnostics"]` holds `diagnostics.analyze(table, options, seed)`: replicates,
 determinism modes, CPU against GPU, sources of variance, keep rates and implementation
 equivalence (schema in `study/diagnostics.py`). `write` also saves each applicable section's
-records as `diagnostics_<section>.csv` (not among the paths it returns).
+records as `diagnostics_<section>.csv` and returns those paths too, so they are logged.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
 
 
 def write(results: dict[str, Any], table: RunTable, out_dir: Path) -> list[Path]:
-    """Write results.json, groups.csv, comparisons.csv and runs.csv into out_dir; return them.
+    """Write results.json, groups.csv, comparisons.csv, runs.csv and the diagnostics CSVs
+    (sorted by section) into out_dir; return every path written, in that order.
 
     Byte-identical for the same input: sorted JSON keys, fixed row order, '\\n' line ends."""
     out_dir = Path(out_dir)
@@ -76,8 +77,8 @@ def write(results: dict[str, Any], table: RunTable, out_dir: Path) -> list[Path]
     _write_csv(_counts_as_int(pd.DataFrame([flatten(r) for r in results["groups"]])), paths[1])
     _write_csv(pd.DataFrame([flatten(r) for r in results["comparisons"]]), paths[2])
     _write_csv(_sorted_runs(table.runs), paths[3])
-    write_diagnostics(results.get("diagnostics") or {}, out_dir)
-    return paths
+    # Returned, not only written: the caller logs exactly this list to the MLflow analysis run.
+    return paths + write_diagnostics(results.get("diagnostics") or {}, out_dir)
 
 
 def write_diagnostics(diag: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -337,6 +337,70 @@ def plot_gap(runs: pd.DataFrame, groups: Sequence[dict[str, Any]], *,
     return ax
 
 
+IMPLEMENTATION_MARKERS = {"torch": "o", "scratch": "s", "scratch-randn": "D"}
+# Dodge per implementation along p: torch and scratch keep the same share and would hide each other.
+KEEP_DODGE = 0.015
+
+
+def plot_keep_rates(records: Sequence[dict[str, Any]], *, ax: Axes | None = None) -> Axes:
+    """Measured keep rate (diagnostics `keep_rates` records) against the drop probability p,
+    one marker per implementation, over the nominal 1 - p and, where scratch-randn ran, the
+    P(N(0,1) > p) its `randn > p` mask draws."""
+    ax = _new_axes(ax)
+    impls = sorted({r["implementation"] for r in records}, key=lambda i: (i != "torch", i))
+    grid = np.linspace(0.0, 1.0, 101)
+    ax.plot(grid, 1 - grid, color="black", linewidth=0.8, label="nominal 1 − p")
+    if "scratch-randn" in impls:
+        inner = grid[1:-1]  # p = 0 and p = 1 draw no mask, so the curve holds strictly inside
+        ax.plot(inner, stats.norm.sf(inner), color="black", linewidth=0.8, linestyle="--",
+                label="P(N(0,1) > p)")
+    colours = dict(zip(impls, sns.color_palette("colorblind", len(impls))))
+    for k, impl in enumerate(impls):
+        pts = [(r["p"], r["observed"]) for r in records
+               if r["implementation"] == impl and r.get("observed") is not None]
+        shift = (k - (len(impls) - 1) / 2) * KEEP_DODGE
+        ax.plot([x + shift for x, _ in pts], [y for _, y in pts], linestyle="none",
+                marker=IMPLEMENTATION_MARKERS.get(impl, "^"), color=colours[impl], markersize=5,
+                markeredgecolor="black", markeredgewidth=0.4, label=impl)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("drop probability p")
+    ax.set_ylabel("share of units kept in training")
+    ax.legend(loc="upper right", frameon=False)
+    return ax
+
+
+def plot_source_sds(records: Sequence[dict[str, Any]], *, ax: Axes | None = None) -> Axes:
+    """Seed-to-seed SD (pp) per varied random source (diagnostics `variance_sources` records)
+    with its bootstrap 95% CI, one colour per setting, dodged along the source axis."""
+    ax = _new_axes(ax)
+    sources = list(dict.fromkeys(r["source"] for r in records))
+    settings = list(dict.fromkeys(_source_group(r) for r in records))
+    palette = dict(zip(settings, sns.color_palette("colorblind", len(settings))))
+    width = 0.6 / max(len(settings), 1)
+    for k, group in enumerate(settings):
+        shift = (k - (len(settings) - 1) / 2) * width
+        for r in (r for r in records if _source_group(r) == group and r.get("sd") is not None):
+            sd, ci = r["sd"] * 100, r.get("sd_ci95") or [r["sd"], r["sd"]]
+            ax.errorbar([sources.index(r["source"]) + shift], [sd],
+                        yerr=[[sd - ci[0] * 100], [ci[1] * 100 - sd]], fmt="o", capsize=3,
+                        markersize=4, color=palette[group], markeredgecolor="black",
+                        markeredgewidth=0.4, label=group)
+    ax.set_xticks(range(len(sources)), sources)
+    ax.set_xlim(-0.5, len(sources) - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("random source varied across seeds")
+    ax.set_ylabel("SD of final test accuracy (pp)")
+    if len(settings) > 1:  # one setting needs no key; the caption names it
+        handles = {h.get_label(): h for h in ax.containers}
+        ax.legend(handles=list(handles.values()), labels=list(handles), loc="best", frameon=False)
+    return ax
+
+
+def _source_group(record: dict[str, Any]) -> str:
+    return setting_label(record["dropout1"], record["dropout2"])
+
+
 def _drop_legend(ax: Axes) -> None:
     if ax.get_legend() is not None:
         ax.get_legend().remove()
@@ -393,7 +457,17 @@ CAPTIONS = {
     "gap": "Train minus test accuracy at the last epoch; dots are seeds, black bars the mean and "
            "95% CI from the analysis. Train accuracy is measured with dropout on, so a negative "
            "gap is expected for strong dropout and is not 'underfitting' by itself.",
+    "keep_rates": "Share of units each dropout layer kept in training, per implementation "
+                  "(mean over first runs; one marker per setting and layer, dodged sideways so "
+                  "implementations do not hide each other). Solid: the nominal 1 \u2212 p; "
+                  "dashed: P(N(0,1) > p), what the lesson's randn mask keeps.",
+    "variance_sources": "Seed-to-seed SD of final test accuracy when only one random source "
+                        "follows the seed (the others held fixed), against all sources; error "
+                        "bars are percentile-bootstrap 95% CIs from the analysis.",
 }
+# Drawn from results["diagnostics"] as one panel each, and placed by the report next to the
+# claim they answer rather than among the per-stratum figures.
+DIAGNOSTIC_FIGURES = ("keep_rates", "variance_sources")
 
 
 def _stratum_frames(results: dict[str, Any], runs: pd.DataFrame
@@ -445,7 +519,8 @@ def _verdict_handles(margin: float) -> dict[str, Any]:
 
 
 def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[FigureFile]:
-    """All report figures for every stratum of `results`, saved under `out_dir`."""
+    """All report figures for every stratum of `results`, then the diagnostic ones, saved under
+    `out_dir`."""
     order = setting_order(table.runs, table.protocol)
     palette = _palette(order)
     margin = float(results["equivalence_margin"])
@@ -471,7 +546,7 @@ def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[Fig
                  order=_present(order, runs), palette=palette, ax=ax)
 
     lines = _setting_handles(palette)
-    return [
+    per_stratum = [
         _draw_facets("final_accuracy", results, table, out_dir, final),
         _draw_facets("curves_test_acc", results, table, out_dir, curves("test_acc"), lines),
         _draw_facets("curves_train_loss", results, table, out_dir, curves("train_loss"), lines),
@@ -480,6 +555,28 @@ def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[Fig
         _draw_facets("sd", results, table, out_dir, sd),
         _draw_facets("gap", results, table, out_dir, gap),
     ]
+    return per_stratum + diagnostic_figures(results, out_dir)
+
+
+def diagnostic_figures(results: dict[str, Any], out_dir: Path) -> list[FigureFile]:
+    """One single-panel figure per applicable diagnostics section that has one."""
+    diag = results.get("diagnostics") or {}
+    draw = {"keep_rates": plot_keep_rates, "variance_sources": plot_source_sds}
+    out = []
+    for name in DIAGNOSTIC_FIGURES:
+        section = diag.get(name) or {}
+        if section.get("applicable") and section.get("records"):
+            out.append(_single_figure(name, out_dir, lambda ax, f=draw[name], s=section:
+                                      f(s["records"], ax=ax)))
+    return out
+
+
+def _single_figure(name: str, out_dir: Path, draw: Callable[[Axes], Any]) -> FigureFile:
+    with style():
+        fig, (ax,) = facet(1)
+        draw(ax)
+    png, svg = save(fig, out_dir, name)
+    return FigureFile(name, png, svg, CAPTIONS[name], float(fig.get_figwidth()))
 
 
 def _first_replicates(table: Any) -> Any:

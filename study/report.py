@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import typst
 import yaml
 
 from study import figures
 from study.figures import FigureFile, setting_label
-from study.table import STRATUM_COLUMNS, RunTable
+from study.table import RunTable
 
 # Families shipped inside the typst package itself; ignore_system_fonts=True makes that binding.
 BODY_FONT = "Libertinus Serif"
@@ -278,7 +276,8 @@ def abstract(results: dict[str, Any], table: RunTable, max_strata: int = 3) -> P
     if len(results["strata"]) > max_strata:
         parts.append(f"The other {len(results['strata']) - max_strata} strata are reported in "
                      f"Section 3.")
-    return Para((" ".join(parts),))
+    parts.append(diagnostics_abstract(results))
+    return Para((" ".join(p for p in parts if p),))
 
 
 def _stratum_abstract(results: dict[str, Any], stratum: dict[str, Any],
@@ -423,7 +422,17 @@ def _statistics_blocks(results: dict[str, Any]) -> list[Block]:
         f"±{margin}, and \u201cinconclusive\u201d otherwise; for those we report the minimum "
         f"detectable effect and the seeds needed at {results['power']:.0%} power. Seed-to-seed "
         f"spread is compared by the variance ratio with Brown\u2013Forsythe and Fligner\u2013Killeen "
-        f"tests.")]
+        f"tests.", _diagnostics_method(results))]
+
+
+def _diagnostics_method(results: dict[str, Any]) -> str:
+    if not results.get("diagnostics"):
+        return ""
+    return (" The diagnostics pair runs of the same cell (replicate against first run, "
+            "determinism mode against default, CUDA against CPU, each implementation against "
+            "torch) and compare them by weight hash and by a paired t-test and TOST, "
+            "Holm-adjusted within each family; shares of identical runs carry Clopper\u2013Pearson "
+            "CIs and SDs percentile-bootstrap CIs.")
 
 
 # --- results: tables and figures -------------------------------------------------------------
@@ -437,7 +446,8 @@ def results_section(results: dict[str, Any], table: RunTable,
     blocks.append(Heading(2, "Figures"))
     blocks.append(para("Each figure has one panel per stratum" if len(results["strata"]) > 1
                        else "All figures show the single stratum", f" ({_strata_list(results)})."))
-    blocks += [Fig(f) for f in figs]
+    # Diagnostic figures sit with the claim they answer, not among the per-stratum ones.
+    blocks += [Fig(f) for f in figs if f.name not in figures.DIAGNOSTIC_FIGURES]
     return blocks
 
 
@@ -523,7 +533,8 @@ def _int_or_na(x: Any) -> str:
 # --- verdicts, one per claim ------------------------------------------------------------------
 
 
-def verdicts_section(results: dict[str, Any], table: RunTable) -> list[Block]:
+def verdicts_section(results: dict[str, Any], table: RunTable,
+                     figs: Sequence[FigureFile] = ()) -> list[Block]:
     return [Heading(1, "Verdicts"),
             para("Each claim of the lesson against the data, stratum by stratum. \u201cNo real "
                  "difference\u201d is said only where equivalence within the margin was shown."),
@@ -531,9 +542,9 @@ def verdicts_section(results: dict[str, Any], table: RunTable) -> list[Block]:
             _claim_heading("C2: (1, 1) errors"), *claim_degenerate(results, (1.0, 1.0)),
             _claim_heading("C3: (0.9, 0.9) has problems"), *claim_degenerate(results, (0.9, 0.9)),
             _claim_heading("C4: hand-written and nn.Dropout perform the same"),
-            *claim_implementations(results),
+            *claim_implementations(results, figs),
             _claim_heading("C5: a fixed seed makes training repeatable; cuDNN may not"),
-            *claim_repeatability(table)]
+            *claim_repeatability(results, table)]
 
 
 def claim_no_dropout(results: dict[str, Any]) -> list[Block]:
@@ -597,7 +608,19 @@ def _degenerate_text(g: dict[str, Any], c: dict[str, Any] | None, results: dict[
     return text + "."
 
 
-def claim_implementations(results: dict[str, Any]) -> list[Block]:
+def claim_implementations(results: dict[str, Any],
+                          figs: Sequence[FigureFile] = ()) -> list[Block]:
+    """The paired equivalence test when the diagnostics have one, else the groups side by side;
+    then the keep rates, which show what each implementation actually draws."""
+    blocks = equivalence_blocks(results) if applicable(diag_section(results, "implementations")) \
+        else _implementations_side_by_side(results)
+    keep = diag_section(results, "keep_rates")
+    if applicable(keep) and len({r["implementation"] for r in keep["records"]}) > 1:
+        blocks += keep_rate_blocks(results, figs)
+    return blocks
+
+
+def _implementations_side_by_side(results: dict[str, Any]) -> list[Block]:
     by_impl: dict[str, list[dict[str, Any]]] = {}
     for s in results["strata"]:
         impl = s["stratum"].get("implementation")
@@ -621,60 +644,386 @@ def claim_implementations(results: dict[str, Any]) -> list[Block]:
                   "llrrr")]
 
 
-# Cells identical in everything that defines a run; replicates of one cell should match bit for bit.
-_CELL_COLUMNS = ("dropout1", "dropout2", "seed", *STRATUM_COLUMNS)
+# --- diagnostics: C4, C5 and the sources of variance, read from results["diagnostics"] --------
+# The analysis computes every number here (study.diagnostics); the report only words them, so
+# the CSVs, results.json and this text cannot disagree.
+
+SUMMERS = "Summers & Dinneen (ICML 2021)"
+REPLICATE_KEYS = ("device", "determinism", "execution")
+NO_DIAGNOSTICS = "the results carry no diagnostics; rerun python -m study analyze"
 
 
-def repeatability(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per stratum: how many cells ran more than once and how many of those gave identical weights.
-
-    Columns: stratum (label), cells, repeated, identical."""
-    strata = [c for c in STRATUM_COLUMNS if c in runs.columns]
-    rows = []
-    for key, frame in runs.groupby(list(strata), sort=True, dropna=False):
-        cells = frame.groupby(list(_CELL_COLUMNS), dropna=False)["weights_sha256"]
-        sizes, distinct = cells.size(), cells.nunique()
-        repeated = sizes[sizes > 1].index
-        rows.append({"stratum": " / ".join(str(k) for k in np.atleast_1d(key)),
-                     "cells": int(len(sizes)), "repeated": int(len(repeated)),
-                     "identical": int((distinct.loc[repeated] == 1).sum())})
-    return pd.DataFrame(rows, columns=["stratum", "cells", "repeated", "identical"])
+def diag_section(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return (results.get("diagnostics") or {}).get(name)
 
 
-def determinism_modes_agree(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per device: runs of the same cell under different determinism modes, and how many of
-    those cells gave one weights hash across all modes."""
-    rest = [c for c in _CELL_COLUMNS if c != "determinism"] + ["replicate"]
-    rows = []
-    for device, frame in runs.groupby("device", sort=True):
-        if frame["determinism"].nunique() < 2:
-            continue
-        cells = frame.groupby(rest, dropna=False).agg(modes=("determinism", "nunique"),
-                                                      hashes=("weights_sha256", "nunique"))
-        multi = cells[cells["modes"] > 1]
-        rows.append({"device": device, "cells": int(len(multi)),
-                     "identical": int((multi["hashes"] == 1).sum())})
-    return pd.DataFrame(rows, columns=["device", "cells", "identical"])
+def applicable(section: dict[str, Any] | None) -> bool:
+    return bool(section and section.get("applicable") and section.get("records"))
 
 
-def claim_repeatability(table: RunTable) -> list[Block]:
-    reps = repeatability(table.runs)
-    modes = determinism_modes_agree(table.runs)
-    blocks: list[Block] = []
-    repeated = reps[reps["repeated"] > 0]
-    if repeated.empty:
-        blocks.append(para("The protocol ran every cell once (no replicates), so the data do not "
-                           "speak to run-to-run repeatability with a fixed seed."))
-    else:
-        blocks.append(Bullets(tuple(
-            para(f"{r.stratum}: the same seed gave bit-identical final weights in {r.identical} "
-                 f"of {r.repeated} repeated cells.") for r in repeated.itertuples())))
-    if not modes.empty:
-        blocks.append(Bullets(tuple(
-            para(f"{r.device}: across determinism modes, {r.identical} of {r.cells} cells gave "
-                 f"one weights hash in every mode (cuDNN flags govern convolutions and RNNs; "
-                 f"this MLP runs on BLAS).") for r in modes.itertuples())))
+def not_measured(what: str, section: dict[str, Any] | None) -> Para:
+    why = (section or {}).get("reason") or NO_DIAGNOSTICS
+    return para(f"The protocol did not measure {what} ({why}).")
+
+
+def fmt_pp_exact(x: Any) -> str:
+    # An exact zero is a finding (bitwise-identical runs), not a rounded small number.
+    return "0 (exact)" if x == 0.0 and _finite(x) else fmt_pp(x, sign=False, unit=False)
+
+
+def fmt_ratio_ci(ci: Any) -> str:
+    # A ratio CI may be open above (None upper bound): the data cannot bound it.
+    if not ci or not _finite(ci[0]):
+        return NA
+    hi = fmt_num(ci[1]) if _finite(ci[1]) else "\u221e"
+    return f"[{fmt_num(ci[0])}, {hi}]"
+
+
+def where(stratum: dict[str, Any], keys: Sequence[str]) -> str:
+    return " / ".join(str(stratum[k]) for k in keys if k in stratum)
+
+
+def varying_keys(records: Sequence[dict[str, Any]], fallback: Sequence[str] = ()) -> list[str]:
+    """The stratum columns that tell the records apart (all the same: `fallback`)."""
+    keys = dict.fromkeys(k for r in records for k in r["stratum"])
+    found = [k for k in keys if len({str(r["stratum"].get(k)) for r in records}) > 1]
+    return found or [k for k in fallback if k in keys]
+
+
+def identical_text(n_same: Any, n: Any) -> str:
+    return f"{n_same}/{n}" + (f" ({fmt_pct(n_same / n, 0)})" if n else "")
+
+
+def verdict_lists(records: Sequence[dict[str, Any]], results: dict[str, Any]) -> str:
+    """Settings grouped by verdict; the wording rule of `verdict_phrase` in short form."""
+    margin = fmt_pp(results["equivalence_margin"], sign=False)
+    keys = varying_keys(records)  # a setting may recur in several strata: name them
+
+    def name(r: dict[str, Any]) -> str:
+        return fmt_setting(r) + (f" in {where(r['stratum'], keys)}" if keys else "")
+
+    by = {v: [name(r) for r in records if r.get("verdict") == v]
+          for v in ("different", "equivalent", "inconclusive")}
+    need = [r["seeds_needed"] for r in records
+            if r.get("verdict") == "inconclusive" and _finite(r.get("seeds_needed"))]
+    parts = []
+    if by["different"]:
+        parts.append(f"different at {', '.join(by['different'])}")
+    if by["equivalent"]:
+        parts.append(f"no real difference (equivalent within ±{margin}) at "
+                     f"{', '.join(by['equivalent'])}")
+    if by["inconclusive"]:
+        more = f", up to about {int(math.ceil(max(need)))} seeds per setting" if need else ""
+        parts.append(f"not shown different nor equivalent at {', '.join(by['inconclusive'])} "
+                     f"(needs more seeds{more})")
+    return "; ".join(parts) or "no verdict"
+
+
+# C5 -------------------------------------------------------------------------------------------
+
+
+def claim_repeatability(results: dict[str, Any], table: RunTable) -> list[Block]:
+    blocks = [*replicate_blocks(results), *mode_blocks(results), *device_blocks(results, table)]
+    sources = diag_section(results, "variance_sources")
+    if not applicable(sources):
+        blocks.append(not_measured("which random stream (initialisation, data order, dropout "
+                                   "masks) makes the seed-to-seed spread", sources))
     return blocks
+
+
+def replicate_blocks(results: dict[str, Any]) -> list[Block]:
+    section = diag_section(results, "replicates")
+    if not applicable(section):
+        return [not_measured("run-to-run repeatability with a fixed seed", section)]
+    recs = section["records"]
+    same = sum(_all_identical(r) for r in recs)
+    rows = tuple((where(r["stratum"], REPLICATE_KEYS), str(r["n_cells"]),
+                  identical_text(r["n_identical"], r["n_hash_compared"]),
+                  fmt_ci_pct(r.get("share_identical_ci95"), 0),
+                  fmt_pp_exact((r.get("max_abs_diff") or {}).get("test_acc")),
+                  fmt_pp_exact(r.get("nondeterminism_sd")), fmt_pp_exact(r.get("seed_sd")),
+                  fmt_num(r.get("variance_ratio"), 3)) for r in recs)
+    lead = para(
+        f"A replicate re-runs a cell (same setting, seed, device and mode) and is compared with "
+        f"that cell's first run. In {same} of {len(recs)} device / mode strata every replicate "
+        f"gave bit-identical final weights. The nondeterminism SD (pooled over replicates of a "
+        f"cell) is set against the seed-to-seed SD (pooled over seeds of a setting): their "
+        f"variance ratio is the share of seed-to-seed variance that run-to-run noise alone "
+        f"could produce.")
+    header = ("device / mode / execution", "cells", "identical", "95% CI (%)", "max |\u0394| (pp)",
+              "nondet. SD (pp)", "seed SD (pp)", "var. ratio")
+    blocks: list[Block] = [lead, Table(header, rows, "Replicates against the first run of their "
+                                       "cell (final test accuracy; identical = same weight hash, "
+                                       "Clopper\u2013Pearson CI).", "lrrrrrrr")]
+    differing = [para(_replicate_gap_text(r)) for r in recs if not _all_identical(r)]
+    return blocks + ([Bullets(tuple(differing))] if differing else [])
+
+
+def _all_identical(r: dict[str, Any]) -> bool:
+    return bool(r.get("n_hash_compared")) and r["n_identical"] == r["n_hash_compared"]
+
+
+def _replicate_gap_text(r: dict[str, Any]) -> str:
+    diff = r["n_hash_compared"] - r["n_identical"]
+    return (f"{where(r['stratum'], REPLICATE_KEYS)}: {diff} of {r['n_hash_compared']} replicates "
+            f"differ from their first run; the largest test-accuracy gap is "
+            f"{fmt_pp((r.get('max_abs_diff') or {}).get('test_acc'), sign=False)} and the "
+            f"nondeterminism variance is {fmt_num(r.get('variance_ratio'), 3)} times the "
+            f"seed-to-seed variance.")
+
+
+def mode_blocks(results: dict[str, Any]) -> list[Block]:
+    section = diag_section(results, "modes")
+    if not applicable(section):
+        return [not_measured("the effect of determinism modes", section)]
+    return [para(f"Determinism modes against \u2018{section.get('reference')}\u2019, pairing first "
+                 f"runs of the same cell. The cuDNN flags govern convolutions and RNNs and this "
+                 f"MLP runs on BLAS, so a null result is expected for them."),
+            Bullets(tuple(para(_mode_text(r, results)) for r in section["records"]))]
+
+
+def _mode_text(r: dict[str, Any], results: dict[str, Any]) -> str:
+    head = f"{r['mode']} vs {r['reference']} on {where(r['stratum'], ('device', 'execution'))}"
+    if r.get("no_change_observed"):
+        return (f"{head}: no change observed, all {r['n_pairs']} paired runs have the same "
+                f"weight hash. A null result for the cells, model and machine measured, not "
+                f"proof that the mode never matters.")
+    return (f"{head}: {r['n_hash_compared'] - r['n_identical']} of {r['n_hash_compared']} runs "
+            f"differ bitwise; mean test-accuracy gap {fmt_pp(r.get('mean_diff'))} "
+            f"{fmt_ci_pp(r.get('mean_diff_ci95'))}, largest "
+            f"{fmt_pp((r.get('max_abs_diff') or {}).get('test_acc'), sign=False)}; "
+            f"{verdict_phrase(r, results)}.")
+
+
+def device_blocks(results: dict[str, Any], table: RunTable) -> list[Block]:
+    section = diag_section(results, "devices")
+    if not applicable(section):
+        if "cuda" not in set(table.runs["device"]):
+            return [para("No GPU runs were in the data, so the lesson's cuDNN caveat (CPU "
+                         "against GPU) was not measured here.")]
+        return [not_measured("a paired CPU\u2013GPU gap", section)]
+    recs = section["records"]
+    keys = varying_keys(recs, ("determinism",))
+    n_same = sum(r["n_identical"] for r in recs)
+    n_hash = sum(r["n_hash_compared"] for r in recs)
+    rows = tuple((fmt_setting(r), where(r["stratum"], keys), str(r["n_pairs"]),
+                  identical_text(r["n_identical"], r["n_hash_compared"]),
+                  fmt_pp(r.get("mean_diff"), unit=False), fmt_ci_pp(r.get("mean_diff_ci95")),
+                  fmt_pp((r.get("max_abs_diff") or {}).get("test_acc"), sign=False, unit=False),
+                  fmt_p(r.get("p_adjusted")), fmt_p(r.get("tost_p_adjusted")),
+                  str(r.get("verdict", NA))) for r in recs)
+    header = ("setting", " / ".join(keys), "pairs", "identical", "\u0394 (pp)", "95% CI",
+              "max |\u0394| (pp)", "p adj.", "TOST p adj.", "verdict")
+    return [para(f"CUDA against CPU, paired by cell: {n_same} of {n_hash} pairs gave identical "
+                 f"weights (the two generators differ, so 0 is expected). The mean gap in final "
+                 f"test accuracy (cuda \u2212 cpu) is {verdict_lists(recs, results)}."),
+            Table(header, rows, "Final test accuracy, CUDA minus CPU, paired by seed; p-values "
+                  "Holm-adjusted over the settings.", "llrrrrrrrl")]
+
+
+# C4 -------------------------------------------------------------------------------------------
+
+
+def keep_rate_blocks(results: dict[str, Any], figs: Sequence[FigureFile]) -> list[Block]:
+    section = diag_section(results, "keep_rates")
+    if not applicable(section):
+        return [not_measured("the share of units each implementation keeps", section)]
+    # p = 0 and p = 1 draw no mask: every implementation keeps all or nothing by construction.
+    recs = sorted((r for r in section["records"] if 0 < r["p"] < 1),
+                  key=lambda r: r["implementation"] != "torch")  # the reference first
+    rows = tuple((r["implementation"], fmt_setting(r), str(r["layer"]), fmt_num(r["p"], 1),
+                  str(r["n"]), fmt_pct(r.get("observed"), 1), fmt_pct(r.get("nominal"), 1),
+                  fmt_pct(r.get("expected"), 1), fmt_num(r.get("activation_scale")))
+                 for r in recs)
+    header = ("implementation", "setting", "layer", "p", "runs", "kept", "nominal 1\u2212p",
+              "expected", "activation scale")
+    blocks: list[Block] = [
+        para("Share of live units each dropout layer kept in training, averaged over first runs. "
+             "Expected is what the code draws: 1 \u2212 p for torch and scratch, "
+             "P(N(0,1) > p) for scratch-randn (the lesson's torch.randn(X.shape) > p). The "
+             "activation scale is kept share \u00d7 1/(1 \u2212 p), the mean factor a unit is "
+             "multiplied by in training; correct inverted dropout gives 1."),
+        Table(header, rows, "Measured keep rates per implementation, setting and layer (p = 0 "
+              "and p = 1 draw no mask and are left out).", "llrrrrrrr")]
+    off = [para(r["finding"]) for r in _worst_keep_records(section["records"])]
+    blocks += [Bullets(tuple(off))] if off else []
+    return blocks + _figures_named(figs, "keep_rates")
+
+
+def _worst_keep_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per implementation that misses its nominal rate, the record furthest from it."""
+    worst: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r.get("matches_nominal") is False and _finite(r.get("deviation")):
+            best = worst.get(r["implementation"])
+            if best is None or abs(r["deviation"]) > abs(best["deviation"]):
+                worst[r["implementation"]] = r
+    return [worst[k] for k in sorted(worst)]
+
+
+def equivalence_blocks(results: dict[str, Any]) -> list[Block]:
+    section = diag_section(results, "implementations")
+    if not applicable(section):
+        return [not_measured("a paired test between implementations", section)]
+    recs = section["records"]
+    keys = varying_keys(recs, ("device",))
+    rows = tuple((r["implementation"], fmt_setting(r), where(r["stratum"], keys),
+                  str(r["n_pairs"]), fmt_pp(r.get("mean_diff"), unit=False),
+                  fmt_ci_pp(r.get("mean_diff_ci95")), fmt_p(r.get("p_adjusted")),
+                  fmt_p(r.get("tost_p_adjusted")), str(r.get("verdict", NA)),
+                  # Only an open question needs more seeds; a settled one is shown as a dash.
+                  _int_or_na(r.get("seeds_needed")) if r.get("verdict") == "inconclusive"
+                  else "\u2013") for r in recs)
+    header = ("implementation", "setting", " / ".join(keys), "pairs", "\u0394 (pp)", "95% CI",
+              "p adj.", "TOST p adj.", "verdict", "seeds needed")
+    impls = sorted({r["implementation"] for r in recs})
+    summary = [para(f"{impl} vs torch: ",
+                    verdict_lists([r for r in recs if r["implementation"] == impl], results), ".")
+               for impl in impls]
+    return [para(f"Each implementation against nn.Dropout (torch), paired by seed, with a "
+                 f"t-test and TOST at ±{fmt_pp(section.get('margin'), sign=False)}, "
+                 f"Holm-adjusted within each stratum."),
+            Bullets(tuple(summary)),
+            Table(header, rows, "Final test accuracy, implementation minus torch, paired by "
+                  "seed.", "lllrrrrrlr")]
+
+
+# Sources of variance ----------------------------------------------------------------------------
+
+
+def sources_section(results: dict[str, Any], figs: Sequence[FigureFile]) -> list[Block]:
+    section = diag_section(results, "variance_sources")
+    if not applicable(section):
+        return []  # C5 says in one sentence that the protocol did not measure it
+    recs, summaries = section["records"], section.get("summaries") or []
+    keys = varying_keys(recs)
+    rows = tuple((fmt_setting(r), *([where(r["stratum"], keys)] if keys else []), r["source"],
+                  str(r["n"]), fmt_pp_exact(r.get("sd")), fmt_ci_pp(r.get("sd_ci95"), sign=False),
+                  fmt_num(r.get("ratio")) if r["source"] != "all" else "1 (ref.)",
+                  fmt_ratio_ci(r.get("ratio_ci95")), fmt_p(r.get("brown_forsythe_p_adjusted")),
+                  str(r.get("summers", NA)).replace("_", " ")) for r in recs)
+    header = ("setting", *([" / ".join(keys)] if keys else []), "source varied", "seeds",
+              "SD (pp)", "95% CI", "SD ratio", "95% CI", "BF p adj.", "vs S&D")
+    low = section.get("low_ratio", 0.5)
+    return [Heading(1, "Sources of variance"),
+            para(f"Which random stream makes the seed-to-seed spread? Each source "
+                 f"(initialisation, data order, dropout masks) was varied alone with the others "
+                 f"held at a fixed seed, and its SD compared with the SD when all vary. "
+                 f"{SUMMERS} report that any single source alone gives about the full spread; "
+                 f"a source is consistent with that when its SD-ratio CI contains 1 and excludes "
+                 f"{low:g}. SD CIs are percentile bootstrap; Brown\u2013Forsythe p-values are "
+                 f"Holm-adjusted over the sources of one setting."),
+            Table(header, rows, "Seed-to-seed SD of final test accuracy per varied source, and "
+                  "its ratio to the SD when all sources vary.",
+                  "l" + "l" * bool(keys) + "lrrrrrrl"),
+            Bullets(tuple(para(f"{fmt_setting(s)}"
+                               f"{', ' + where(s['stratum'], keys) if keys else ''}: "
+                               f"{s['finding'].replace('_', ' ')}{_omnibus_sources(s)}")
+                          for s in summaries)),
+            *_figures_named(figs, "variance_sources")]
+
+
+def _omnibus_sources(s: dict[str, Any]) -> str:
+    o = s.get("omnibus") or {}
+    if not _finite(o.get("p")):
+        return ""
+    return f" Brown\u2013Forsythe across all sources: p {p_rel(o['p'])}."
+
+
+# Headline findings for the abstract --------------------------------------------------------------
+
+
+def diagnostics_abstract(results: dict[str, Any]) -> str:
+    lines = (_replicates_headline(results), _modes_headline(results),
+             _devices_headline(results), _keep_headline(results), _impl_headline(results),
+             _sources_headline(results))
+    return " ".join(x for x in lines if x)
+
+
+def _replicates_headline(results: dict[str, Any]) -> str:
+    section = diag_section(results, "replicates")
+    if not applicable(section):
+        return ""
+    keys = varying_keys(section["records"], ("device",))  # constant columns would only pad
+    cells = ", ".join(f"{r['n_identical']}/{r['n_hash_compared']} on {where(r['stratum'], keys)}"
+                      for r in section["records"])
+    return f"Re-running a cell with the same seed gave bit-identical weights in {cells}."
+
+
+def _modes_headline(results: dict[str, Any]) -> str:
+    section = diag_section(results, "modes")
+    if not applicable(section):
+        return ""
+    recs = section["records"]
+    quiet = [f"{r['mode']} on {r['stratum']['device']}" for r in recs if r.get("no_change_observed")]
+    loud = [f"{r['mode']} on {r['stratum']['device']} changed "
+            f"{r['n_hash_compared'] - r['n_identical']}/{r['n_hash_compared']} weight hashes "
+            f"(mean accuracy gap {fmt_pp(r.get('mean_diff'))} {fmt_ci_pp(r.get('mean_diff_ci95'))}, "
+            f"{verdict_word(r.get('verdict'), results)})"
+            for r in recs if not r.get("no_change_observed")]
+    text = f"Against the \u2018{section.get('reference')}\u2019 mode, "
+    parts = ([f"no change was observed for {', '.join(quiet)} (a null result, not proof)"]
+             if quiet else []) + loud
+    return text + "; ".join(parts) + "."
+
+
+def _devices_headline(results: dict[str, Any]) -> str:
+    section = diag_section(results, "devices")
+    if not applicable(section):
+        return ""
+    return (f"CUDA against CPU, paired by cell, the mean accuracy gap was "
+            f"{_verdict_counts(section['records'], results)}.")
+
+
+def _keep_headline(results: dict[str, Any]) -> str:
+    section = diag_section(results, "keep_rates")
+    if not applicable(section):
+        return ""
+    return " ".join(f"{r['implementation']} keeps {fmt_pct(r['observed'], 1)} of units at "
+                    f"p = {r['p']:g} (nominal {fmt_pct(r['nominal'], 1)}), so live units are "
+                    f"scaled by {fmt_num(r.get('activation_scale'))} on average in training."
+                    for r in _worst_keep_records(section["records"]))
+
+
+def _impl_headline(results: dict[str, Any]) -> str:
+    section = diag_section(results, "implementations")
+    if not applicable(section):
+        return ""
+    recs = section["records"]
+    impls = sorted({r["implementation"] for r in recs})
+    return "Against nn.Dropout: " + "; ".join(
+        f"{i} {_verdict_counts([r for r in recs if r['implementation'] == i], results)}"
+        for i in impls) + "."
+
+
+def verdict_word(verdict: Any, results: dict[str, Any]) -> str:
+    """A verdict in a few words, for lists; the same rule as `verdict_phrase`."""
+    margin = fmt_pp(results["equivalence_margin"], sign=False)
+    return {"different": "different", "equivalent": f"equivalent within ±{margin}"}.get(
+        verdict, "not shown different (needs more seeds)")
+
+
+def _verdict_counts(recs: Sequence[dict[str, Any]], results: dict[str, Any]) -> str:
+    counts = [(verdict_word(v, results), sum(r.get("verdict") == v for r in recs))
+              for v in ("different", "equivalent", "inconclusive")]
+    return ", ".join(f"{w} in {n} of {len(recs)}" for w, n in counts if n) + " settings"
+
+
+def _sources_headline(results: dict[str, Any]) -> str:
+    section = diag_section(results, "variance_sources")
+    summaries = (section or {}).get("summaries") or []
+    if not applicable(section) or not summaries:
+        return ""
+    words = {"agree": "agree", "disagree": "disagree", "inconclusive": "are inconclusive",
+             "not_computable": "cannot be compared"}
+    parts = [f"{w} in {sum(s['agreement'] == a for s in summaries)}" for a, w in words.items()
+             if any(s["agreement"] == a for s in summaries)]
+    return (f"Varying one random source at a time, set against {SUMMERS} the data "
+            f"{', '.join(parts)} of {len(summaries)} settings.")
+
+
+def _figures_named(figs: Sequence[FigureFile], name: str) -> list[Block]:
+    return [Fig(f) for f in figs if f.name == name]
 
 
 # --- the rest of the paper -------------------------------------------------------------------
@@ -729,7 +1078,8 @@ def title(table: RunTable) -> str:
 def document(results: dict[str, Any], table: RunTable, figs: list[FigureFile]) -> list[Block]:
     return [Abstract(abstract(results, table)), *question_section(results),
             *method_section(results, table), *results_section(results, table, figs),
-            *verdicts_section(results, table), *reproducibility_section(table),
+            *verdicts_section(results, table, figs), *sources_section(results, figs),
+            *reproducibility_section(table),
             *threats_section(results), *appendix(table)]
 
 

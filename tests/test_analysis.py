@@ -236,7 +236,9 @@ def test_write_is_byte_identical_and_flattens(tmp_path):
     table = _table(_runs(accs) + _runs({BASE: base}, device="cuda"))
     first = analysis.write(analysis.analyze(table, BASE, OPTIONS), table, tmp_path / "a")
     second = analysis.write(analysis.analyze(table, BASE, OPTIONS), table, tmp_path / "b")
-    assert [p.name for p in first] == ["results.json", "groups.csv", "comparisons.csv", "runs.csv"]
+    # The same cells on cpu and cuda make the devices section applicable: its CSV is returned too.
+    assert [p.name for p in first] == ["results.json", "groups.csv", "comparisons.csv", "runs.csv",
+                                       "diagnostics_devices.csv"]
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes(), p.name
     comps = pd.read_csv(first[2])
