@@ -12,7 +12,6 @@ measured here on the run's own shapes: the time the arithmetic alone needs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -29,9 +28,8 @@ from study import batched, plan, protocol
 from study import data as datamod
 from study.data import Dataset
 from study.plan import Cell
-from study import model as models
-from study.seeding import generator, global_dropout_rng
-from study.train import EpochMetrics, _fit, mask_generator, seeds_of, train
+from study import train as sequential
+from study.train import EpochMetrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "protocols" / "d2l-dropout.yaml"
@@ -207,17 +205,9 @@ def floor(n_train: int, n_test: int, batch: int, dims: list[int]) -> tuple[float
 # --- batched members against their sequential twins ---------------------------------------------
 
 def sequential_twin(cell: Cell, data: Dataset) -> tuple[nn.Module, tuple[EpochMetrics, ...]]:
-    """What `train.train` does, keeping the model (train.train returns only its hash)."""
-    seeds = seeds_of(cell)
-    gen = mask_generator(cell, seeds)
-    drops = tuple(models.make_dropout(p, cell.implementation, gen)
-                  for p in (cell.dropout1, cell.dropout2))
-    net = models.build(cell.config.model, drops, generator(seeds.init), cell.device)
-    scope = global_dropout_rng(seeds.dropout, cell.device) if gen is None \
-        else contextlib.nullcontext()
-    with scope:
-        epochs = _fit(net, cell, data, generator(seeds.data))
-    return net, epochs
+    """What `train.train` does, keeping the model."""
+    net, result = sequential.fit(cell, data)
+    return net, result.epochs
 
 
 @dataclass(frozen=True)

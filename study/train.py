@@ -63,6 +63,11 @@ def mask_generator(cell: Cell, seeds: StreamSeeds) -> torch.Generator | None:
 
 def train(cell: Cell, data: Dataset) -> Result:
     """Train one cell on `data` (already on `cell.device`)."""
+    return fit(cell, data)[1]
+
+
+def fit(cell: Cell, data: Dataset) -> tuple[nn.Module, Result]:
+    """`train`, also handing back the trained model (for the benchmark's twin comparison)."""
     seeds = seeds_of(cell)
     gen = mask_generator(cell, seeds)
     drops = tuple(models.make_dropout(p, cell.implementation, gen)
@@ -73,10 +78,10 @@ def train(cell: Cell, data: Dataset) -> Result:
     start = time.perf_counter()
     with rng_scope:
         epochs = _fit(net, cell, data, generator(seeds.data))
-    return Result(cell=cell, epochs=epochs, status=status_of(epochs, cell.config.training.epochs),
-                  textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
-                  seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net),
-                  streams=seeds)
+    return net, Result(
+        cell=cell, epochs=epochs, status=status_of(epochs, cell.config.training.epochs),
+        textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
+        seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net), streams=seeds)
 
 
 def _fit(net: nn.Module, cell: Cell, data: Dataset, order: torch.Generator) -> tuple[EpochMetrics, ...]:

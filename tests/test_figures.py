@@ -242,3 +242,48 @@ def test_saved_svg_and_png_are_byte_identical(tmp_path: Path, table: RunTable) -
     assert first == second
     assert first[0].startswith(b"\x89PNG") and b"<svg" in first[1]
     assert b"<dc:date>" not in first[1]
+
+
+def _keep_record(impl: str, p: float, observed: float) -> dict[str, Any]:
+    return {"implementation": impl, "dropout1": p, "dropout2": p, "layer": 1, "p": p,
+            "observed": observed}
+
+
+def test_keep_rates_plot_marks_each_implementation_against_its_law() -> None:
+    records = [_keep_record("torch", 0.5, 0.5), _keep_record("scratch", 0.5, 0.5),
+               _keep_record("scratch-randn", 0.5, 0.309), _keep_record("scratch-randn", 0.2, 0.421)]
+    ax = figures.plot_keep_rates(records)
+    assert isinstance(ax, Axes)
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines) == ["nominal 1 \u2212 p", "P(N(0,1) > p)", "torch", "scratch", "scratch-randn"]
+    # The randn curve is the normal tail, strictly inside (0, 1): at p = 0.5 it reads 0.3085.
+    curve = lines["P(N(0,1) > p)"]
+    assert np.interp(0.5, curve.get_xdata(), curve.get_ydata()) == pytest.approx(0.3085, abs=1e-4)
+    assert list(lines["scratch-randn"].get_ydata()) == [0.309, 0.421]
+    # torch and scratch keep the same share: dodged sideways so neither hides the other.
+    assert lines["torch"].get_xdata()[0] < lines["scratch"].get_xdata()[0] < 0.5 + 0.05
+    only_torch = figures.plot_keep_rates([_keep_record("torch", 0.2, 0.8)])
+    assert "P(N(0,1) > p)" not in [ln.get_label() for ln in only_torch.get_lines()]
+
+
+def test_source_sd_plot_one_errorbar_per_source_and_setting() -> None:
+    records = [{"dropout1": d, "dropout2": 0.5, "source": s, "sd": sd, "sd_ci95": [sd / 2, sd * 2]}
+               for d in (0.2, 0.5) for s, sd in (("all", 0.004), ("init", 0.003), ("dropout", 0.0))]
+    ax = Figure().add_subplot()
+    assert figures.plot_source_sds(records, ax=ax) is ax
+    assert len(ax.containers) == 6
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["all", "init", "dropout"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["(0.2, 0.5)", "(0.5, 0.5)"]
+    y = sorted(c.lines[0].get_ydata()[0] for c in ax.containers)
+    assert y == pytest.approx([0, 0, 0.3, 0.3, 0.4, 0.4])  # percentage points
+
+
+def test_diagnostic_figures_only_for_applicable_sections(tmp_path: Path) -> None:
+    diag = {"keep_rates": {"applicable": True, "records": [_keep_record("torch", 0.5, 0.5)]},
+            "variance_sources": {"applicable": False, "records": []}}
+    first = figures.diagnostic_figures({"diagnostics": diag}, tmp_path / "a")
+    second = figures.diagnostic_figures({"diagnostics": diag}, tmp_path / "b")
+    assert [f.name for f in first] == ["keep_rates"]
+    assert first[0].svg.read_bytes() == second[0].svg.read_bytes()
+    assert first[0].png.read_bytes() == second[0].png.read_bytes()
+    assert figures.diagnostic_figures({}, tmp_path / "c") == []
