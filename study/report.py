@@ -6,6 +6,9 @@
 figures, code) and renders that list twice, to Typst (compiled to PDF by the `typst` package with
 its embedded fonts only) and to Markdown, so the two can never say different things. Every number
 in the text is read from the results dict; nothing about the findings is hard-coded.
+Repeatability (C5), implementation equivalence and keep rates (C4) and the sources of variance
+are worded from `results["diagnostics"]` (see study/diagnostics.py), the one place they are
+computed; a section the protocol did not measure says so in one sentence.
 """
 
 from __future__ import annotations

@@ -368,7 +368,9 @@ def test_analysis_carries_diagnostics_and_writes_their_csvs(tmp_path):
     assert set(results["diagnostics"]) == {"replicates", "modes", "devices", "variance_sources",
                                            "keep_rates", "implementations"}
     paths = analysis.write(results, table, tmp_path)
-    assert [p.name for p in paths] == ["results.json", "groups.csv", "comparisons.csv", "runs.csv"]
+    assert [p.name for p in paths] == [
+        "results.json", "groups.csv", "comparisons.csv", "runs.csv",
+        "diagnostics_implementations.csv", "diagnostics_modes.csv", "diagnostics_replicates.csv"]
     loaded = json.loads(paths[0].read_text())
     assert loaded["diagnostics"]["replicates"]["records"][0]["share_identical"] == 1.0
     reps = pd.read_csv(tmp_path / "diagnostics_replicates.csv")
