@@ -53,21 +53,30 @@ class Dropout(nn.Module):
 
 
 class KeepRate(nn.Module):
-    """Counts the share of non-zero inputs a dropout layer keeps, whatever draws its mask."""
+    """Counts the share of non-zero inputs a dropout layer keeps, whatever draws its mask.
+
+    Counted on every `EVERY`-th training call only: the count costs three passes over the
+    activations, and 1 call in 8 still sees ~2M units per epoch (standard error < 0.001).
+    """
+
+    EVERY = 8
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self.calls = 0
         self.kept: torch.Tensor | int = 0
         self.alive: torch.Tensor | int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
         if self.training:
-            live = x != 0
-            # Accumulate on the device; one transfer at the end of the run, not a sync per batch.
-            self.kept = self.kept + (live & (out != 0)).sum()
-            self.alive = self.alive + live.sum()
+            if self.calls % self.EVERY == 0:
+                live = x != 0
+                # Accumulated on the device: one transfer at the end of the run, no sync per batch.
+                self.kept = self.kept + (live & (out != 0)).sum()
+                self.alive = self.alive + live.sum()
+            self.calls += 1
         return out
 
     def rate(self) -> float | None:

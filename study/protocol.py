@@ -193,9 +193,11 @@ def apply_override(raw: dict[str, Any], item: str, path: Path | str = "--set") -
 def _describe(err: ValidationError, raw: dict[str, Any], source: str) -> str:
     lines = [f"{source}: invalid protocol"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         # pydantic's union/literal branches add tags like 'function-after[...]' to the path.
-        key = ".".join(p for p in key.split(".") if "[" not in p)
-        value = e.get("input")
-        lines.append(f"  key '{key}': {e['msg']} (value: {value!r})")
+        key = ".".join(str(p) for p in e["loc"] if "[" not in str(p))
+        message = e["msg"].removeprefix("Value error, ")
+        if key:
+            lines.append(f"  key '{key}': {message} (value: {e.get('input')!r})")
+        else:  # a check across keys: its message names the key and the value itself
+            lines.append(f"  {message}")
     return "\n".join(lines)
