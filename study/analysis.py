@@ -21,7 +21,6 @@ records as `diagnostics_<section>.csv` and returns those paths too, so they are 
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import pandas as pd
 
 from study import diagnostics, stats
 from study.protocol import Analysis
-from study.table import STRATUM_COLUMNS, RunTable
+from study.table import STRATUM_COLUMNS, RunTable, jsonable, scalar
 
 METRIC = "test_acc"
 Setting = tuple[float, float]
@@ -52,7 +51,7 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         strata.append(s)
         groups.extend(g)
         comparisons.extend(c)
-    results = _plain({
+    results = jsonable({
         "experiment": table.experiment_name, "baseline": list(base), "alpha": options.alpha,
         "equivalence_margin": options.equivalence_margin, "power": options.power,
         "bootstrap": options.bootstrap, "seed": seed, "metric": METRIC,
@@ -126,7 +125,7 @@ def _strata(runs: pd.DataFrame) -> list[tuple[dict[str, Any], pd.DataFrame]]:
         return []
     out = []
     for values, frame in runs.groupby(list(STRATUM_COLUMNS), dropna=False, sort=True):
-        out.append(({c: _scalar(v) for c, v in zip(STRATUM_COLUMNS, values)}, frame))
+        out.append(({c: scalar(v) for c, v in zip(STRATUM_COLUMNS, values)}, frame))
     return out
 
 
@@ -286,26 +285,6 @@ def _comparison_record(setting: Setting, base: Setting, stratum: dict[str, Any],
 
 
 # ----------------------------------------------------------------------------- output helpers
-
-
-def _scalar(value: Any) -> Any:
-    """NumPy/pandas scalar -> plain Python; missing -> None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return None
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _plain(obj: Any) -> Any:
-    """Recursively convert to JSON types: tuples to lists, NumPy scalars to Python, NaN to None
-    (only `_finite_mean`-style gaps could produce one; stats already returns None)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    obj = _scalar(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def flatten(record: dict[str, Any]) -> dict[str, Any]:

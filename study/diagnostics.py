@@ -87,7 +87,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 from study import stats
 from study.protocol import Analysis
-from study.table import STRATUM_COLUMNS, RunTable
+from study.table import STRATUM_COLUMNS, RunTable, jsonable, scalar
 
 METRIC = "test_acc"
 METRICS = ("test_acc", "train_loss")
@@ -110,7 +110,7 @@ def analyze(table: RunTable, options: Analysis, seed: int = 0) -> dict[str, Any]
     """RunTable -> diagnostics dict (schema in the module docstring). `seed` drives bootstraps."""
     runs = _normalised(table.runs)
     first = runs[runs["replicate"] == 0]
-    return _plain({
+    return jsonable({
         "replicates": replicates(runs),
         "modes": modes(first, options, seed),
         "devices": devices(first, options, seed),
@@ -235,7 +235,7 @@ def _rng(seed: int, *keys: Any) -> np.random.Generator:
 
 def _stratum(values: Any, columns: list[str]) -> dict[str, Any]:
     values = values if isinstance(values, tuple) else (values,)
-    return {c: _scalar(v) for c, v in zip(columns, values)}
+    return {c: scalar(v) for c, v in zip(columns, values)}
 
 
 def _groups(frame: pd.DataFrame, columns: list[str]):
@@ -709,24 +709,3 @@ def _impl_finding(r: dict[str, Any], margin: float) -> str:
                         f"\u00b1{100 * margin:.2f} pp is shown",
     }[r["verdict"]]
     return f"{head}: {tail}."
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def _scalar(value: Any) -> Any:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _plain(obj: Any) -> Any:
-    """Recursively to JSON types: tuples to lists, NumPy scalars to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    obj = _scalar(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
+import numpy as np
 import pandas as pd
 
 # Columns of RunTable.runs, one row per FINISHED training run.
@@ -62,3 +65,22 @@ class RunTable:
         missing = set(CURVE_COLUMNS) - set(self.curves.columns)
         if missing:
             raise ValueError(f"curve table lacks columns {sorted(missing)}")
+
+
+def scalar(value: Any) -> Any:
+    """A NumPy/pandas scalar from a table as plain Python; missing (NaN, NA) as None."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def jsonable(obj: Any) -> Any:
+    """Recursively to JSON types: tuples to lists, NumPy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    obj = scalar(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
