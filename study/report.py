@@ -603,7 +603,7 @@ def _degenerate_text(g: dict[str, Any], c: dict[str, Any] | None, results: dict[
     failed = f"{n - passed} of {n}" if isinstance(passed, int) else NA
     text = (f"every run completed here (status: {status or NA}); the textbook's end-of-training "
             f"assertion (train loss < 0.5, accuracies > 0.7) would have failed in {failed} runs, "
-            f"which is what \u201cerrors\u201d means in the lesson. Final test accuracy "
+            f"the assertion the lesson saw fail as \u201cerrors\u201d. Final test accuracy "
             f"{fmt_mean_sd(g)} (chance is 10%)")
     if c is not None:
         text += f"; vs baseline {fmt_pp(c.get('mean_diff'))} {fmt_ci_pp(c.get('mean_diff_ci95'))}, "
