@@ -11,12 +11,10 @@ BASE = dict(name="t", dropout=[[0.2, 0.5]], seeds={"count": 1}, baseline=[0.2, 0
             training={"epochs": 2, "batch_size": 64, "lr": 0.5})
 
 
-def cell(**overrides) -> plan.Cell:
-    raw = {**BASE, **{k: v for k, v in overrides.items() if k in BASE or k in (
-        "implementations", "randomness", "determinism", "vary")}}
-    c = plan.expand(protocol.parse(raw))[0]
-    fields = {k: v for k, v in overrides.items() if k in ("seed", "dropout1", "dropout2")}
-    return replace(c, **fields)
+def cell(seed: int = 0, dropout1: float = 0.2, dropout2: float = 0.5, **keys) -> plan.Cell:
+    """A cell of a tiny protocol; `keys` are protocol keys (e.g. randomness="portable")."""
+    c = plan.expand(protocol.parse({**BASE, **keys}))[0]
+    return replace(c, seed=seed, dropout1=dropout1, dropout2=dropout2)
 
 
 def test_two_cpu_runs_of_one_cell_give_the_same_weights(tiny_data):
