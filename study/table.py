@@ -32,7 +32,7 @@ RUN_COLUMNS = {
     "textbook_check": bool,  # d2l's end-of-training assertion would have passed
     "weights_sha256": str,
     "epochs_done": int,
-    "test_acc": float,  # final epoch; NaN when diverged before any epoch finished
+    "test_acc": float,  # final epoch; NaN when the run diverged (status "diverged")
     "train_acc": float,
     "train_loss": float,
     # Observed share of live units each dropout layer kept in training (NaN when unrecorded).

@@ -219,6 +219,10 @@ def _row(run: Any, experiment: str) -> dict[str, Any]:
             continue
         raw = params.get(column, tags.get(f"study.{column}", metrics.get(column)))
         row[column] = _convert(raw, kind, DEFAULTS.get(column), column, run, experiment)
+    if row["status"] == "diverged":
+        # Its last finite metrics are from before the blow-up, not an outcome of the run:
+        # NaN makes the analysis exclude the run and count it, instead of scoring it.
+        row.update(test_acc=float("nan"), train_acc=float("nan"), train_loss=float("nan"))
     if row["textbook_check"] is None:
         row["textbook_check"] = bool(row["train_loss"] < 0.5 and row["train_acc"] > 0.7
                                      and row["test_acc"] > 0.7)

@@ -112,3 +112,16 @@ def test_cuda_cells_skip_or_fail_without_a_gpu(store, loader, monkeypatch):
     required = protocol.parse({**PROTO, "devices": ["cpu", "cuda"], "required_devices": ["cuda"]})
     with pytest.raises(runner.RunnerError, match="requires"):
         runner.run(required, load=loader, progress=False)
+
+
+def test_diverged_runs_load_as_nan_and_are_excluded_with_a_count(store, loader):
+    from study import analysis
+    from study.protocol import Analysis
+
+    wild = {**PROTO, "dropout": [[0.0, 0.0], [0.5, 0.5]], "training": {"epochs": 2, "lr": 1e12}}
+    runner.run(protocol.parse(wild), load=loader, progress=False)
+    table = tracking.load_runs(store, "e2e")
+    assert set(table.runs.status) == {"diverged"}
+    assert table.runs.test_acc.isna().all()
+    results = analysis.analyze(table, (0.5, 0.5), Analysis(bootstrap=200))
+    assert all(g["n"] == 0 and g["n_excluded"] == 2 for g in results["groups"])
