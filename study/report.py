@@ -239,7 +239,8 @@ def verdict_phrase(c: dict[str, Any], results: dict[str, Any]) -> str:
 
 def variance_phrase(c: dict[str, Any], results: dict[str, Any]) -> str:
     """How a spread comparison reads. Failing to show a difference never becomes 'same spread'."""
-    ratio = f"variance ratio {fmt_num(c.get('variance_ratio'))} {_ci(c.get('variance_ratio_ci95'))}"
+    # `variance_ratio` in the results is SD(setting) / SD(baseline), the issue's "SD ratio".
+    ratio = f"SD ratio {fmt_num(c.get('variance_ratio'))} {_ci(c.get('variance_ratio_ci95'))}"
     p = f"{correction_name(results)}-adjusted p {p_rel(c.get('variance_p_adjusted'))}"
     if c.get("variance_verdict") == "different":
         return f"its seed-to-seed spread differs from the baseline's ({ratio}, {p})"
@@ -424,8 +425,8 @@ def _statistics_blocks(results: dict[str, Any]) -> list[Block]:
         f"\u201cequivalent\u201d when two one-sided tests (TOST) place the difference inside "
         f"±{margin}, and \u201cinconclusive\u201d otherwise; for those we report the minimum "
         f"detectable effect and the seeds needed at {results['power']:.0%} power. Seed-to-seed "
-        f"spread is compared by the variance ratio with Brown\u2013Forsythe and Fligner\u2013Killeen "
-        f"tests.", _diagnostics_method(results))]
+        f"spread is compared by the SD ratio (setting / baseline, bootstrap CI) with "
+        f"Brown\u2013Forsythe and Fligner\u2013Killeen tests.", _diagnostics_method(results))]
 
 
 def _diagnostics_method(results: dict[str, Any]) -> str:
@@ -465,6 +466,9 @@ def _stratum_results(results: dict[str, Any], stratum: dict[str, Any]) -> list[B
     if in_stratum(results["comparisons"], key):
         blocks.append(comparison_table(results, stratum))
         blocks.append(spread_table(results, stratum))
+        blocks.append(Bullets(tuple(
+            para(f"{fmt_setting(c)}: ", variance_phrase(c, results))
+            for c in in_stratum(results["comparisons"], key))))
     return blocks
 
 
@@ -519,10 +523,10 @@ def spread_table(results: dict[str, Any], stratum: dict[str, Any]) -> Table:
                      _ci(c.get("variance_ratio_ci95")).replace("[CI n/a]", NA),
                      fmt_p(c.get("brown_forsythe_p")), fmt_p(c.get("fligner_p")),
                      fmt_p(c.get("variance_p_adjusted")), verdict))
-    header = ("setting", "variance ratio", "95% CI", "Brown\u2013Forsythe p", "Fligner p",
+    header = ("setting", "SD ratio", "95% CI", "Brown\u2013Forsythe p", "Fligner p",
               "p adj.", "verdict")
     return Table(header, tuple(rows), f"Seed-to-seed spread vs baseline, {stratum['label']} "
-                 f"(ratio of variances, setting / baseline).", "lrrrrrl")
+                 f"(ratio of SDs, setting / baseline).", "lrrrrrl")
 
 
 def _test_name(test: Any) -> str:

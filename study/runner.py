@@ -62,21 +62,17 @@ def groups(cells: list[Cell]) -> Iterator[list[Cell]]:
         yield list(group)
 
 
-def chunks(group: list[Cell]) -> Iterator[list[Cell]]:
-    """Cells trained together: one at a time, or as many as one batched model holds."""
+Chunker = Callable[[list[Cell]], Iterator[list[Cell]]]
+Trainer = Callable[[list[Cell], Dataset], Iterator[Result]]
+
+
+def engine(group: list[Cell]) -> tuple[Chunker, Trainer]:
+    """How a group is cut into chunks trained together, and how a chunk is trained."""
     if group[0].config.execution == "batched":
-        from study.batched import members  # imported lazily: only batched protocols need it
-        yield from members(group)
-    else:
-        yield from ([cell] for cell in group)
-
-
-def execute(cells: list[Cell], data: Dataset) -> Iterator[Result]:
-    if cells[0].config.execution == "batched":
-        from study.batched import train_many
-        yield from train_many(cells, data)
-    else:
-        yield from (train(cell, data) for cell in cells)
+        from study import batched  # imported lazily: only batched protocols need it
+        return batched.members, batched.train_many
+    return (lambda cells: ([c] for c in cells)), \
+        (lambda cells, data: (train(c, data) for c in cells))
 
 
 def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
@@ -106,9 +102,10 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
             env = environment.describe(group[0].device)
             with threads(protocol.threads) as n_threads, \
                     determinism(group[0].determinism) as flags:
+                chunks, trainer = engine(group)
                 for chunk in chunks(group):
-                    for result in _run_chunk(mlflow, exp_id, protocol, chunk, data, env,
-                                             flags, n_threads):
+                    for result in _run_chunk(mlflow, exp_id, protocol, chunk, trainer, data,
+                                             env, flags, n_threads):
                         results.append(result)
                         bar.update()
                         bar.set_postfix_str(f"{result.cell.name}: test_acc "
@@ -116,12 +113,13 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
     return results
 
 
-def _run_chunk(mlflow, exp_id: str, protocol: Protocol, chunk: list[Cell], data: Dataset,
-               env: dict[str, str], flags: Flags, n_threads: int) -> Iterator[Result]:
+def _run_chunk(mlflow, exp_id: str, protocol: Protocol, chunk: list[Cell], trainer: Trainer,
+               data: Dataset, env: dict[str, str], flags: Flags,
+               n_threads: int) -> Iterator[Result]:
     """Open a run per cell, train, close each run as its result arrives."""
     run_ids = {c.key: tracking.start(mlflow, exp_id, c, protocol, env) for c in chunk}
     try:
-        for result in execute(chunk, data):
+        for result in trainer(chunk, data):
             result = replace(result, flags=flags, threads=n_threads)
             tracking.finish(mlflow, run_ids.pop(result.cell.key), result)
             yield result

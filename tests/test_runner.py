@@ -125,3 +125,12 @@ def test_diverged_runs_load_as_nan_and_are_excluded_with_a_count(store, loader):
     assert table.runs.test_acc.isna().all()
     results = analysis.analyze(table, (0.5, 0.5), Analysis(bootstrap=200))
     assert all(g["n"] == 0 and g["n_excluded"] == 2 for g in results["groups"])
+
+
+def test_batched_protocol_runs_through_the_runner(store, loader):
+    proto = protocol.parse({**PROTO, "execution": "batched", "batch_members": 4})
+    summary = runner.run(proto, load=loader, progress=False)
+    assert summary.ran == 6
+    runs = _runs(store, "FINISHED")
+    assert {r.data.params["execution"] for r in runs} == {"batched"}
+    assert runner.run(proto, load=loader, progress=False).ran == 0
