@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study import data, plan, protocol, runner, tracking
+from mlflow import MlflowClient
+
 from study.protocol import Analysis, Protocol
+from study.table import RunTable
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
@@ -121,32 +124,46 @@ def _target(args: argparse.Namespace) -> Target:
     return Target(proto.name, proto.baseline, proto.analysis)
 
 
-def _analyze(target: Target):
+@dataclass(frozen=True)
+class Analysed:
+    """What `analyze` and `report` share: the runs, their results and the files written."""
+
+    mlflow: MlflowClient
+    table: RunTable
+    results: dict
+    out: Path
+    files: list[Path]
+
+    def log(self, extra: list[Path] = ()) -> None:
+        tracking.log_analysis(self.mlflow, self.table.experiment_id, [*self.files, *extra],
+                              self.out)
+
+
+def _analyze(target: Target) -> Analysed:
     from study import analysis  # heavy (scipy, statsmodels): only the commands that need it
 
     mlflow = tracking.client()
     table = tracking.load_runs(mlflow, target.experiment)
     results = analysis.analyze(table, target.baseline, target.options)
     out = REPORTS / target.experiment
-    files = analysis.write(results, table, out)
-    return mlflow, table, results, out, files
+    return Analysed(mlflow, table, results, out, analysis.write(results, table, out))
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    mlflow, table, _, out, files = _analyze(_target(args))
-    tracking.log_analysis(mlflow, table.experiment_id, files, out)
-    print(f"Results: {out / 'results.json'}")
+    done = _analyze(_target(args))
+    done.log()
+    print(f"Results: {done.out / 'results.json'}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from study import report
 
-    mlflow, table, results, out, files = _analyze(_target(args))
-    written = report.write_report(results, table, out)
-    tracking.log_analysis(mlflow, table.experiment_id, files + written.all(), out)
+    done = _analyze(_target(args))
+    written = report.write_report(done.results, done.table, done.out)
+    done.log(written.all())
     print(f"Report: {written.pdf}\nMarkdown: {written.markdown}")
-    _print_where(table.experiment_id)
+    _print_where(done.table.experiment_id)
     return 0
 
 
