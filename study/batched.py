@@ -1,6 +1,6 @@
 """Batched execution: K cells train as one stacked MLP, each member exactly as it would alone.
 
-    python -m study run protocols/d2l-dropout.yaml --set execution=batched
+    python -m study run protocols/d2l-dropout.yaml      # the d2l protocol runs batched
 
 Every member keeps its own streams (init, data order, dropout masks), drawn in the order and with
 the shortcuts of the sequential path (`study.train`), so a member's randomness never depends on
@@ -11,15 +11,22 @@ The forward and backward passes are written out by hand: per member, the loss is
 cross-entropy, so the gradients of the summed loss stay independent per member, and the SGD step
 is fused into the weight-gradient GEMM (`baddbmm_` with alpha=-lr). lr=0.5 is a power of two, so
 the fused update rounds exactly like `param.add_(grad, alpha=-lr)` given the same product.
+
+Two schedules run that same `step` (the members' weights live in one stack [K, in, out]):
+- on the CPU, side by side: each member trains alone, on a one-row slice of the stack, one
+  member per core at a time (`fit_side_by_side`);
+- on accelerators, in lockstep: all K members take each minibatch step together, one batched
+  GEMM per layer (`fit_lockstep`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,6 +35,7 @@ from study import model as models
 from study import train as sequential
 from study.data import Dataset
 from study.plan import Cell
+from study.protocol import Training
 from study.seeding import StreamSeeds, generator
 from study.train import EpochMetrics, Result
 
@@ -76,21 +84,25 @@ class MaskStream:
 
     Each draw is `model.scaled_mask`, the very function the sequential `model.Dropout` calls;
     native nn.Dropout on the CPU is its "bernoulli" kind (tests/test_batched.py checks both).
-    Layers with p=0 or p=1 draw nothing, as in the sequential path; their rows stay constant.
+    Layers with p=0 or p=1 draw nothing, as in the sequential path.
     """
 
     probs: tuple[float, ...]
     kind: str  # a `model.scaled_mask` kind
-    gen: torch.Generator
+    gen: models.MaskGenerator
 
     def draws(self, layer: int) -> bool:
         return 0.0 < self.probs[layer] < 1.0
 
     def masks(self, rows: int, widths: Sequence[int]) -> dict[int, torch.Tensor]:
         """Scaled masks [rows, width] of the layers that draw for one minibatch, layer 1 first."""
-        return {i: models.scaled_mask(self.probs[i], self.kind, torch.Size((rows, widths[i])),
-                                      self.gen)
-                for i in range(len(self.probs)) if self.draws(i)}
+        return {i: self.draw(i, rows, widths[i]) for i in range(len(self.probs)) if self.draws(i)}
+
+    def draw(self, layer: int, rows: int, width: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer's scaled mask [rows, width] (into `out` if given); the layer must draw."""
+        return models.scaled_mask(self.probs[layer], self.kind, torch.Size((rows, width)),
+                                  self.gen, out)
 
 
 def mask_stream(cell: Cell, seeds: StreamSeeds) -> MaskStream:
@@ -154,7 +166,7 @@ class StepStats:
 
     loss: torch.Tensor  # [K] float: sum of minibatch loss * minibatch size
     correct: torch.Tensor  # [K] long
-    alive: torch.Tensor  # [K, 2] long: non-zero inputs to each dropout layer
+    alive: torch.Tensor  # [K, 2] long: non-zero inputs to each dropout layer (counted steps)
     kept: torch.Tensor  # [K, 2] long: of those, non-zero after dropout
 
     @staticmethod
@@ -163,34 +175,56 @@ class StepStats:
                          torch.zeros(k, 2, dtype=torch.long, device=device),
                          torch.zeros(k, 2, dtype=torch.long, device=device))
 
+    def count(self, rows: slice, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add each dropout layer's (input, output) non-zeros, as `model.KeepRate` counts them."""
+        self.alive[rows] += torch.stack([torch.count_nonzero(h, (1, 2)) for h, _ in layers], 1)
+        self.kept[rows] += torch.stack([torch.count_nonzero(d, (1, 2)) for _, d in layers], 1)
 
-def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tensor], lr: float,
-         stats: StepStats, rows: slice) -> None:
-    """One SGD step of members `rows`: x [c, B, 784], y [c, B], scaled masks [c, B, hidden]."""
+
+def counted(step_index: int) -> bool:
+    """Whether the keep rates count this minibatch: the steps `model.KeepRate` counts."""
+    return step_index % models.KeepRate.EVERY == 0
+
+
+def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tensor | None],
+         lr: float, stats: StepStats, rows: slice, count: bool) -> None:
+    """One SGD step of members `rows`: x [c, B, 784], y [c, B], scaled masks [c, B, hidden].
+
+    A mask of None is a layer without dropout (p=0 in every member): no multiply at all.
+    """
     n = y.shape[1]
     h1 = torch.baddbmm(p.b[0], x, p.w[0]).relu_()
-    d1 = h1 * masks[0]
+    d1 = h1 if masks[0] is None else h1 * masks[0]
     h2 = torch.baddbmm(p.b[1], d1, p.w[1]).relu_()
-    d2 = h2 * masks[1]
+    d2 = h2 if masks[1] is None else h2 * masks[1]
     logits = torch.baddbmm(p.b[2], d2, p.w[2])
     logp = logits.log_softmax(2)
     target = y.unsqueeze(2)
     stats.loss[rows] -= logp.gather(2, target).sum((1, 2))  # mean loss * n, as train.py sums
     stats.correct[rows] += (logits.argmax(2) == y).sum(1)
-    live1, live2 = h1 > 0, h2 > 0
-    stats.alive[rows] += torch.stack([live1.sum((1, 2)), live2.sum((1, 2))], 1)
-    stats.kept[rows] += torch.stack([torch.count_nonzero(d1, (1, 2)),
-                                     torch.count_nonzero(d2, (1, 2))], 1)
+    if count:
+        stats.count(rows, [(h1, d1), (h2, d2)])
     # d(mean CE)/d logits = (softmax - onehot) / n, per member: members stay independent.
     grad = logp.exp_().scatter_add_(2, target, torch.full(target.shape, -1.0, device=x.device))
     grad.div_(n)
     back2 = torch.bmm(grad, p.w[2].transpose(1, 2))  # before w3 moves
     _sgd(p, 2, d2, grad, lr)
-    grad = back2.mul_(masks[1]).mul_(live2)
+    grad = _through_dropout_relu(back2, masks[1], d2)
     back1 = torch.bmm(grad, p.w[1].transpose(1, 2))
     _sgd(p, 1, d1, grad, lr)
-    grad = back1.mul_(masks[0]).mul_(live1)
-    _sgd(p, 0, x, grad, lr)
+    _sgd(p, 0, x, _through_dropout_relu(back1, masks[0], d1), lr)
+
+
+def _through_dropout_relu(grad: torch.Tensor, mask: torch.Tensor | None,
+                          out: torch.Tensor) -> torch.Tensor:
+    """d loss / d pre-activation from d loss / d (relu(h) * mask); `out` is relu(h) * mask.
+
+    Masks are >= 0, so out > 0 exactly where h > 0 and the unit was kept; elsewhere the
+    gradient is 0 either way. ReLU's own backward kernel gates on `out` in one pass.
+    """
+    if mask is not None:
+        grad = grad.mul_(mask)
+    return torch.ops.aten.threshold_backward(grad, out, 0.0)
 
 
 def _sgd(p: Stack, layer: int, inputs: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
@@ -199,7 +233,7 @@ def _sgd(p: Stack, layer: int, inputs: torch.Tensor, grad: torch.Tensor, lr: flo
     p.b[layer].add_(grad.sum(1, keepdim=True), alpha=-lr)
 
 
-# --- epochs -------------------------------------------------------------------------------------
+# --- members ------------------------------------------------------------------------------------
 
 @dataclass
 class Member:
@@ -218,51 +252,6 @@ class Member:
 
     def keep_rates(self) -> tuple[float | None, ...]:
         return tuple(k / a if a else None for k, a in zip(self.kept, self.alive))
-
-
-class MaskBuffers:
-    """Scaled masks [K, batch, width] per layer; rows of p=0 / p=1 members are filled once."""
-
-    def __init__(self, group: Sequence[Member], batch: int, widths: Sequence[int], device: str,
-                 pool: ThreadPoolExecutor):
-        self.group, self.widths, self.device, self.pool = group, widths, device, pool
-        self.bufs = [torch.empty(len(group), batch, w, device=device) for w in widths]
-        for k, m in enumerate(group):
-            for i, p in enumerate(m.masks.probs):
-                if p == 0.0 or p == 1.0:
-                    self.bufs[i][k].fill_(1.0 if p == 0.0 else 0.0)
-
-    def draw(self, rows: int) -> list[torch.Tensor]:
-        """This minibatch's masks; members draw in parallel, each from its own generator."""
-        halves = [range(0, len(self.group), 2), range(1, len(self.group), 2)]
-        list(self.pool.map(lambda ks: self._draw(ks, rows), halves))
-        return [buf[:, :rows] for buf in self.bufs]
-
-    def _draw(self, ks: range, rows: int) -> None:
-        for k in ks:
-            m = self.group[k]
-            for i, mask in m.masks.masks(rows, self.widths).items():
-                self.bufs[i][k, :rows].copy_(mask)
-
-
-def train_epoch(stack: Stack, group: Sequence[Member], data: Dataset, batch: int, lr: float,
-                pool: ThreadPoolExecutor) -> StepStats:
-    device = data.train_x.device
-    n = len(data.train_y)
-    # Each member's own order, drawn on the CPU once per epoch exactly like train._train_epoch.
-    perms = torch.stack([torch.randperm(n, generator=m.order) for m in group]).to(device)
-    widths = [w.shape[2] for w in stack.w[:-1]]
-    masks = MaskBuffers(group, batch, widths, str(device), pool)
-    stats = StepStats.zeros(len(group), device)
-    for start in range(0, n, batch):
-        idx = perms[:, start:start + batch]
-        scaled = masks.draw(idx.shape[1])
-        for lo in range(0, len(group), BLOCK):
-            rows = slice(lo, lo + BLOCK)
-            sel = idx[rows]
-            x = data.train_x[sel.reshape(-1)].view(*sel.shape, -1)
-            step(stack.rows(rows), x, data.train_y[sel], [s[rows] for s in scaled], lr, stats, rows)
-    return stats
 
 
 @torch.no_grad()
@@ -284,43 +273,6 @@ def test_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return correct
 
 
-# --- the run ------------------------------------------------------------------------------------
-
-def train_many(cells: list[Cell], data: Dataset) -> Iterator[Result]:
-    """Train `cells` as one batched model on `data` (already on their device); a result per cell.
-
-    A member whose epoch loss is not finite is recorded as diverged at the end of that epoch
-    (as the sequential path does) and dropped from the stack; the others go on.
-    """
-    for result, _ in fit_many(cells, data):
-        yield result
-
-
-def fit_many(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.Sequential]]:
-    """`train_many`, each result with its member's final weights as the sequential model."""
-    for cell in cells:
-        _check_supported(cell)
-    spec = cells[0].config.training
-    group = [Member.of(c) for c in cells]
-    stack = initial_stack(cells, cells[0].device)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="masks") as pool:
-        for epoch in range(1, spec.epochs + 1):
-            stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool)
-            test = test_accuracy(stack, data.test_x, data.test_y)
-            finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
-            seconds = (time.perf_counter() - start) / len(cells)
-            yield from (_result(m, stack, k, seconds) for k, m in enumerate(group) if not finite[k])
-            if not all(finite):
-                alive = [k for k in range(len(group)) if finite[k]]
-                if not alive:
-                    return
-                group = [group[k] for k in alive]
-                stack = stack.rows(torch.tensor(alive, device=stack.w[0].device))
-    seconds = (time.perf_counter() - start) / len(cells)
-    yield from (_result(m, stack, k, seconds) for k, m in enumerate(group))
-
-
 def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor, epoch: int,
             n_train: int, n_test: int) -> list[bool]:
     """Append this epoch's metrics to each member; return which members stayed finite."""
@@ -338,7 +290,6 @@ def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor, epoch
 
 
 def _result(m: Member, stack: Stack, row: int, seconds: float) -> tuple[Result, nn.Sequential]:
-    """`seconds` is this member's share of the batch's wall time."""
     epochs = tuple(m.epochs)
     net = member_net(m.cell, stack, row)
     result = Result(cell=m.cell, epochs=epochs,
@@ -347,3 +298,177 @@ def _result(m: Member, stack: Stack, row: int, seconds: float) -> tuple[Result, 
                      weights_sha256=sequential.weights_sha256(net), seconds=seconds,
                      keep_rates=m.keep_rates(), streams=m.seeds)
     return result, net
+
+
+# --- CPU: each member alone on one core, members side by side -----------------------------------
+#
+# On a few CPU cores, stepping all K members in lockstep streams every member's weights (1 MiB
+# each) through the caches at every step, and splits each small GEMM across cores. Training one
+# member per core for a whole run keeps its weights in that core's cache and its GEMMs
+# single-threaded: measured 1.2 -> ~0.55 s per member-epoch on the 2-core machine. The
+# arithmetic is the same `step`, on a one-member stack.
+
+def member_epoch(p: Stack, m: Member, data: Dataset, batch: int, lr: float,
+                 first_step: int) -> StepStats:
+    """One epoch of one member (a one-row stack): its own order, masks and minibatches."""
+    n = len(data.train_y)
+    perm = torch.randperm(n, generator=m.order)  # as train._train_epoch draws it
+    widths = [w.shape[2] for w in p.w[:-1]]
+    x_buf = torch.empty(batch, data.train_x.shape[1])
+    mask_bufs = [torch.empty(batch, w) for w in widths]
+    # p=1 layers multiply by zeros they never draw; p=0 layers skip the multiply (None).
+    zeros = [torch.zeros(1, batch, w) for w in widths]
+    stats = StepStats.zeros(1, "cpu")
+    for i, start in enumerate(range(0, n, batch)):
+        idx = perm[start:start + batch]
+        rows = len(idx)
+        x = torch.index_select(data.train_x, 0, idx, out=x_buf[:rows])
+        masks = [m.masks.draw(j, rows, widths[j], mask_bufs[j][:rows])[None]
+                 if m.masks.draws(j) else
+                 (zeros[j][:, :rows] if m.masks.probs[j] == 1.0 else None)
+                 for j in range(len(widths))]
+        step(p, x[None], data.train_y[idx][None], masks, lr, stats, slice(0, 1),
+             counted(first_step + i))
+    return stats
+
+
+def fit_member(m: Member, p: Stack, data: Dataset, spec: Training,
+               stop: threading.Event) -> tuple[Result, nn.Sequential] | None:
+    """Train one member to the end (or to divergence); None if `stop` was set meanwhile."""
+    torch.set_num_threads(1)  # this thread's GEMMs and elementwise passes stay on its core
+    start = time.perf_counter()
+    steps = math.ceil(len(data.train_y) / spec.batch_size)
+    for epoch in range(1, spec.epochs + 1):
+        if stop.is_set():
+            return None
+        stats = member_epoch(p, m, data, spec.batch_size, spec.lr, (epoch - 1) * steps)
+        test = test_accuracy(p, data.test_x, data.test_y)
+        if not _record([m], stats, test, epoch, len(data.train_y), len(data.test_y))[0]:
+            break
+    return _result(m, p, 0, time.perf_counter() - start)
+
+
+def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.Sequential]]:
+    """Each member on its own worker thread, as many workers as torch has CPU threads.
+
+    Results come as members finish. A member's `seconds` is its own wall time divided by the
+    number of workers: its share of the machine, comparable with a sequential run's seconds.
+    """
+    workers = torch.get_num_threads()
+    stack = initial_stack(cells, "cpu")
+    spec = cells[0].config.training
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="member")
+    try:
+        jobs = [pool.submit(fit_member, Member.of(c), stack.rows(slice(k, k + 1)), data, spec,
+                            stop) for k, c in enumerate(cells)]
+        for job in as_completed(jobs):
+            result, net = job.result()
+            yield replace(result, seconds=result.seconds / workers), net
+    finally:
+        stop.set()  # an interrupted chunk stops its running members at their next epoch
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- accelerators: all members in lockstep, one batched GEMM per layer --------------------------
+
+class MaskBuffers:
+    """Scaled masks [K, batch, width] per layer; rows of p=0 / p=1 members are filled once."""
+
+    def __init__(self, group: Sequence[Member], batch: int, widths: Sequence[int], device: str,
+                 pool: ThreadPoolExecutor):
+        self.group, self.widths, self.device, self.pool = group, widths, device, pool
+        self.bufs = [torch.empty(len(group), batch, w) for w in widths]
+        for k, m in enumerate(group):
+            for i, p in enumerate(m.masks.probs):
+                if p == 0.0 or p == 1.0:
+                    self.bufs[i][k].fill_(1.0 if p == 0.0 else 0.0)
+
+    def draw(self, rows: int) -> list[torch.Tensor]:
+        """This minibatch's masks on the device; members draw in parallel, each its own stream."""
+        halves = [range(0, len(self.group), 2), range(1, len(self.group), 2)]
+        list(self.pool.map(lambda ks: self._draw(ks, rows), halves))
+        return [buf[:, :rows].to(self.device) for buf in self.bufs]
+
+    def _draw(self, ks: range, rows: int) -> None:
+        for k in ks:
+            masks = self.group[k].masks
+            for i, width in enumerate(self.widths):
+                if masks.draws(i):
+                    masks.draw(i, rows, width, self.bufs[i][k, :rows])
+
+
+def train_epoch(stack: Stack, group: Sequence[Member], data: Dataset, batch: int, lr: float,
+                pool: ThreadPoolExecutor, first_step: int) -> StepStats:
+    device = data.train_x.device
+    n = len(data.train_y)
+    # Each member's own order, drawn on the CPU once per epoch exactly like train._train_epoch.
+    perms = torch.stack([torch.randperm(n, generator=m.order) for m in group]).to(device)
+    widths = [w.shape[2] for w in stack.w[:-1]]
+    masks = MaskBuffers(group, batch, widths, str(device), pool)
+    stats = StepStats.zeros(len(group), device)
+    for i, start in enumerate(range(0, n, batch)):
+        idx = perms[:, start:start + batch]
+        scaled = masks.draw(idx.shape[1])
+        for lo in range(0, len(group), BLOCK):
+            rows = slice(lo, lo + BLOCK)
+            sel = idx[rows]
+            x = data.train_x[sel.reshape(-1)].view(*sel.shape, -1)
+            step(stack.rows(rows), x, data.train_y[sel], [s[rows] for s in scaled], lr, stats,
+                 rows, counted(first_step + i))
+    return stats
+
+
+def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.Sequential]]:
+    """All members step together, BLOCK at a time. A member whose epoch loss is not finite is
+    recorded as diverged at the end of that epoch and dropped from the stack; the others go on.
+    A member's `seconds` is its share of the batch's wall time."""
+    spec = cells[0].config.training
+    group = [Member.of(c) for c in cells]
+    stack = initial_stack(cells, cells[0].device)
+    steps = math.ceil(len(data.train_y) / spec.batch_size)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="masks") as pool:
+        for epoch in range(1, spec.epochs + 1):
+            stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool,
+                                (epoch - 1) * steps)
+            test = test_accuracy(stack, data.test_x, data.test_y)
+            finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
+            seconds = (time.perf_counter() - start) / len(cells)
+            yield from (_result(m, stack, k, seconds) for k, m in enumerate(group) if not finite[k])
+            if not all(finite):
+                alive = [k for k in range(len(group)) if finite[k]]
+                if not alive:
+                    return
+                group = [group[k] for k in alive]
+                stack = stack.rows(torch.tensor(alive, device=stack.w[0].device))
+    seconds = (time.perf_counter() - start) / len(cells)
+    yield from (_result(m, stack, k, seconds) for k, m in enumerate(group))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def train_many(cells: list[Cell], data: Dataset) -> Iterator[Result]:
+    """Train `cells` as one batched model on `data` (already on their device); a result per cell.
+
+    A member whose epoch loss is not finite is recorded as diverged (as the sequential path
+    does); the others go on.
+    """
+    for result, _ in fit_many(cells, data):
+        yield result
+
+
+def fit_many(cells: list[Cell], data: Dataset,
+             lockstep: bool | None = None) -> Iterator[tuple[Result, nn.Sequential]]:
+    """`train_many`, each result with its member's final weights as the sequential model.
+
+    `lockstep` picks the schedule; by default side by side on the CPU, lockstep elsewhere.
+    Either way each member computes exactly the same `step`s.
+    """
+    for cell in cells:
+        _check_supported(cell)
+    if lockstep is None:
+        lockstep = cells[0].device != "cpu"
+    yield from (fit_lockstep if lockstep else fit_side_by_side)(cells, data)
+
+

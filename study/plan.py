@@ -45,8 +45,18 @@ class Cell:
         """Stable identity of the run: a hash of everything that defines it, nothing else."""
         fields = asdict(self)
         del fields["config"]["batch_members"]
+        if self.mask_rng != "torch":
+            # Added with the SFC64 masks; absent means torch's, so older keys stay valid and
+            # runs drawn with torch.rand's portable masks are never taken for SFC64 ones.
+            fields["mask_rng"] = self.mask_rng
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def mask_rng(self) -> str:
+        """Which generator draws the dropout masks: "sfc64" (portable `torch`) or "torch"."""
+        portable = self.config.randomness == "portable"
+        return "sfc64" if portable and self.implementation == "torch" else "torch"
 
     @property
     def name(self) -> str:
@@ -64,7 +74,7 @@ class Cell:
                 "device": self.device, "determinism": self.determinism,
                 "implementation": self.implementation, "vary": self.vary,
                 "replicate": self.replicate, "execution": self.config.execution,
-                "randomness": self.config.randomness}
+                "randomness": self.config.randomness, "mask_rng": self.mask_rng}
 
 
 def run_config(protocol: Protocol) -> RunConfig:

@@ -26,6 +26,7 @@ RUN_COLUMNS = {
     "implementation": str,  # torch | scratch | scratch-randn
     "execution": str,  # sequential | batched
     "randomness": str,  # native | portable
+    "mask_rng": str,  # torch | sfc64: the generator of the dropout masks
     "vary": str,  # all | init | data | dropout: which random streams follow the seed
     "replicate": int,  # 0 for the first run of a cell; >0 repeats it exactly
     "status": str,  # ok | degenerate | diverged
@@ -41,7 +42,8 @@ RUN_COLUMNS = {
 }
 
 # Columns that split runs into strata analysed separately (never pooled).
-STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "vary")
+STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "mask_rng",
+                   "vary")
 
 # Columns of RunTable.curves, one row per run, epoch and metric.
 CURVE_COLUMNS = {"run_id": str, "epoch": int, "metric": str, "value": float}

@@ -186,7 +186,8 @@ def log_analysis(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Pat
 # Columns a user's own runs may omit, with the value that means "the usual".
 DEFAULTS: dict[str, Any] = {
     "device": "cpu", "determinism": "default", "implementation": "torch",
-    "execution": "sequential", "randomness": "native", "vary": "all", "replicate": 0,
+    "execution": "sequential", "randomness": "native", "mask_rng": "torch", "vary": "all",
+    "replicate": 0,
     "status": "ok", "textbook_check": None, "weights_sha256": "", "epochs_done": None,
 }
 REQUIRED_PARAMS = ("dropout1", "dropout2", "seed")

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,11 +54,15 @@ def seeds_of(cell: Cell) -> StreamSeeds:
     return stream_seeds(cell.seed, cell.vary, cell.config.fixed_seed)
 
 
-def mask_generator(cell: Cell, seeds: StreamSeeds) -> torch.Generator | None:
-    """Where masks come from: None means nn.Dropout's global generator (native `torch`)."""
+def mask_generator(cell: Cell, seeds: StreamSeeds) -> models.MaskGenerator | None:
+    """Where masks come from: None means nn.Dropout's global generator (native `torch`).
+
+    Portable `torch` masks come from a NumPy SFC64 seeded with the dropout seed; portable
+    hand-written masks from a CPU torch generator, as the book's code draws them.
+    """
     portable = cell.config.randomness == "portable"
-    if cell.implementation == "torch" and not portable:
-        return None
+    if cell.implementation == "torch":
+        return np.random.SFC64(seeds.dropout) if portable else None
     return generator(seeds.dropout, "cpu" if portable else cell.device)
 
 

@@ -3,6 +3,7 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -43,19 +44,20 @@ def test_nn_dropout_draws_the_bernoulli_mask_of_an_explicit_generator():
 
 
 def test_p0_and_p1_layers_draw_nothing():
-    stream = batched.MaskStream((0.0, 1.0), "uniform", generator(5))
+    stream = batched.MaskStream((0.0, 1.0), "sfc64", np.random.SFC64(5))
     assert stream.masks(8, [4, 4]) == {}
-    assert torch.equal(stream.gen.get_state(), generator(5).get_state())
+    assert np.array_equal(stream.gen.random_raw(4), np.random.SFC64(5).random_raw(4))  # unmoved
 
 
+@pytest.mark.parametrize("lockstep", [False, True], ids=["side-by-side", "lockstep"])
 @pytest.mark.parametrize("overrides", [
     {"randomness": "native", "implementations": ["torch"]},
     {"randomness": "portable", "implementations": ["torch"]},
     {"randomness": "native", "implementations": ["scratch", "scratch-randn"]},
 ])
-def test_members_match_their_sequential_twins(tiny_data, overrides):
+def test_members_match_their_sequential_twins(tiny_data, overrides, lockstep):
     group = cells(training=CALM, seeds={"count": 1}, **overrides)
-    gaps = twin_gaps(group, tiny_data)
+    gaps = twin_gaps(group, tiny_data, lockstep)
     assert len(gaps) == len(group)
     for gap in gaps:
         assert gap.max_abs_weight < SAME_RANDOMNESS, gap
@@ -70,6 +72,28 @@ def test_the_twin_check_notices_other_masks(tiny_data, monkeypatch):
     monkeypatch.setattr(batched, "mask_stream", shifted)
     gap = twin_gaps(cells(training=CALM, dropout=[[0.2, 0.5]], seeds={"count": 1}), tiny_data)[0]
     assert gap.max_abs_weight > 100 * SAME_RANDOMNESS
+
+
+def test_keep_rates_count_the_steps_the_sequential_twin_counts(tiny_data):
+    # 2 epochs of 10 minibatches: KeepRate counts steps 0, 8 and 16 (its calls run across
+    # epochs); the members must count the same ones.
+    group = cells(training=CALM | {"epochs": 2}, dropout=[[0.2, 0.5], [0.9, 0.9]],
+                  seeds={"count": 1}, randomness="portable")
+    for lockstep in (False, True):
+        for result, _ in batched.fit_many(group, tiny_data, lockstep):
+            twin = train(replace(result.cell, config=replace(result.cell.config,
+                                                               execution="sequential")), tiny_data)
+            assert result.keep_rates == pytest.approx(twin.keep_rates, abs=1e-9), lockstep
+
+
+def test_the_two_schedules_train_the_same_members(tiny_data):
+    group = cells(randomness="portable")
+    side = {r.cell.key: r for r in batched.train_many(group, tiny_data)}
+    lock = {r.cell.key: r for r, _ in batched.fit_many(group, tiny_data, lockstep=True)}
+    assert set(side) == set(lock) == {c.key for c in group}
+    for key, r in side.items():
+        assert r.keep_rates == pytest.approx(lock[key].keep_rates, abs=1e-3)
+        assert r.epochs[-1].test_acc == pytest.approx(lock[key].epochs[-1].test_acc, abs=0.02)
 
 
 def test_a_member_does_not_depend_on_its_batch_mates(tiny_data):

@@ -1,6 +1,7 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,7 +95,7 @@ def test_training_leaves_global_rng_alone(tiny_data):
     ("scratch", 0.2, 0.8), ("scratch-randn", 0.2, 0.4207)])
 def test_keep_rate_of_each_implementation(impl, p, expected):
     # scratch-randn keeps P(N(0,1) > p): 1 - Phi(0.5) = 0.3085, 1 - Phi(0.2) = 0.4207.
-    gen = torch.Generator().manual_seed(0)
+    gen = np.random.SFC64(0) if impl == "torch" else torch.Generator().manual_seed(0)
     layer = model.KeepRate(model.make_dropout(p, impl, gen))
     layer.train()
     out = layer(torch.ones(400, 500))
@@ -122,3 +123,32 @@ def test_init_follows_the_textbook(tiny_data):
     # Biases keep PyTorch's default range, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     assert float(linears[0].bias.detach().abs().max()) <= 1 / 784 ** 0.5
     assert float(linears[0].bias.detach().abs().max()) > 0.5 / 784 ** 0.5
+
+
+def test_sfc64_mask_matches_a_hand_split_of_the_raw_words():
+    # Independent of the uint32 view: split each 64-bit word with shifts, low half first.
+    raw = np.random.SFC64(11).random_raw(3)
+    words = np.stack([raw & 0xFFFFFFFF, raw >> 32], 1).reshape(-1)[:5]  # 5 units: 3 words
+    threshold = round(0.3 * 2**32)
+    expected = torch.tensor([1 / np.float32(0.7) if w >= threshold else 0.0 for w in words],
+                            dtype=torch.float32).view(1, 5)
+    bits = np.random.SFC64(11)
+    assert torch.equal(model.sfc64_mask(0.3, torch.Size((1, 5)), bits), expected)
+    # ceil(5/2) = 3 words consumed: the next draw starts at the 4th.
+    assert bits.random_raw() == np.random.SFC64(11).random_raw(4)[3]
+
+
+def test_sfc64_mask_keeps_one_minus_p_and_rescales():
+    mask = model.sfc64_mask(0.3, torch.Size((1000, 1000)), np.random.SFC64(0))
+    kept = float((mask != 0).float().mean())
+    assert abs(kept - 0.7) < 4 * math.sqrt(0.7 * 0.3 / 1e6)  # 4 standard errors
+    assert set(mask.unique().tolist()) == {0.0, float(np.float32(1) / np.float32(0.7))}
+
+
+def test_sfc64_mask_fills_a_buffer_and_refuses_a_strided_one():
+    buf = torch.empty(8, 6)
+    out = model.sfc64_mask(0.5, torch.Size((4, 6)), np.random.SFC64(2), buf[:4])
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:4], model.sfc64_mask(0.5, torch.Size((4, 6)), np.random.SFC64(2)))
+    with pytest.raises(RuntimeError):
+        model.sfc64_mask(0.5, torch.Size((6, 4)), np.random.SFC64(2), buf[:4].t())
