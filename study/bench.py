@@ -62,25 +62,33 @@ class Bench:
     textbook: Timing  # per run-epoch
     sequential: Timing  # per run-epoch
     batched: Timing  # per member-epoch
-    floor_s: float  # per run-epoch
-    gemm_gflops: float
+    floor: Timing  # per run-epoch
     flops_per_epoch: float
     batched_masks_s: float  # share of a batched member-epoch spent drawing dropout masks
     members: int
     epochs: int
 
+    @property
+    def floor_s(self) -> float:
+        return self.floor.best
+
+    @property
+    def gemm_gflops(self) -> float:
+        return self.flops_per_epoch / self.floor_s / 1e9
+
     def ratios(self) -> dict[str, float]:
-        t, s, b = self.textbook.best, self.sequential.best, self.batched.best
+        t, s, b, f = self.textbook.best, self.sequential.best, self.batched.best, self.floor_s
         return {"textbook_over_sequential": t / s, "textbook_over_batched": t / b,
-                "sequential_over_floor": s / self.floor_s, "batched_over_floor": b / self.floor_s,
+                "sequential_over_floor": s / f, "batched_over_floor": b / f,
                 "sequential_over_batched": s / b}
 
     def seconds(self) -> dict[str, object]:
-        timed = {name: getattr(self, name) for name in ("textbook", "sequential", "batched")}
+        timed = {name: getattr(self, name)
+                 for name in ("textbook", "sequential", "batched", "floor")}
         return {**{f"{k}_s": t.best for k, t in timed.items()},
                 **{f"{k}_median_s": t.median for k, t in timed.items()},
                 **{f"{k}_samples_s": list(t.samples) for k, t in timed.items()},
-                "floor_s": self.floor_s, "gemm_gflops": self.gemm_gflops,
+                "gemm_gflops": self.gemm_gflops,
                 "flops_per_epoch": self.flops_per_epoch, "batched_masks_s": self.batched_masks_s,
                 "members": self.members, "epochs": self.epochs}
 
@@ -276,16 +284,19 @@ def measure(epochs: int, members: int, root: Path, data: Dataset, protocol_path:
     group = [cell] + [c for c in cells if c != cell][:members - 1]
     data = data.subset(subset)
     dims = [784, *cell.config.model.hidden, 10]
-    floor_s, flops, gflops = floor(len(data.train_y), len(data.test_y),
-                                   cell.config.training.batch_size, dims)
     sequential_cell = replace(cell, config=replace(cell.config, execution="sequential"))
     # Warm-up: thread pools, allocator growth and first-touch page faults land here, not in the
     # first timed repeat.
     warm = data.subset(min(len(data.train_y), 4 * cell.config.training.batch_size))
     time_sequential(sequential_cell, warm)
     time_batched(group[:2], warm)
-    runs: dict[str, list[float]] = {"sequential": [], "batched": []}
+    runs: dict[str, list[float]] = {"floor": [], "sequential": [], "batched": []}
     for _ in range(repeats):
+        # The floor too is measured once per repeat: a neighbour busy during one short floor
+        # measurement would otherwise inflate it for the whole bench.
+        floor_s, flops, _ = floor(len(data.train_y), len(data.test_y),
+                                  cell.config.training.batch_size, dims)
+        runs["floor"].append(floor_s)
         runs["sequential"].append(time_sequential(sequential_cell, data))
         runs["batched"].append(time_batched(group, data))
     masks_s = time_masks(group, data) / 2
@@ -293,7 +304,7 @@ def measure(epochs: int, members: int, root: Path, data: Dataset, protocol_path:
     # exiting, competing for the 2 cores, while the runners are timed.
     textbook = time_textbook(root, cell, epochs * repeats, workers, subset)
     return Bench(textbook=Timing(tuple(textbook)), sequential=Timing(tuple(runs["sequential"])),
-                 batched=Timing(tuple(runs["batched"])), floor_s=floor_s, gemm_gflops=gflops,
+                 batched=Timing(tuple(runs["batched"])), floor=Timing(tuple(runs["floor"])),
                  flops_per_epoch=flops, batched_masks_s=masks_s, members=len(group),
                  epochs=epochs)
 
@@ -338,8 +349,8 @@ def show(bench: Bench) -> str:
         line("sequential", bench.sequential, "run-epoch"),
         line(f"batched (K={bench.members})", bench.batched, "member-epoch")
         + f", masks ~{bench.batched_masks_s:.3f}",
-        f"GEMM floor      {bench.floor_s:8.3f} s per epoch ({bench.flops_per_epoch / 1e9:.1f} GFLOP "
-        f"at {bench.gemm_gflops:.0f} GFLOP/s)",
+        line("GEMM floor", bench.floor, "run-epoch")
+        + f", {bench.flops_per_epoch / 1e9:.1f} GFLOP at {bench.gemm_gflops:.0f} GFLOP/s",
         f"textbook/sequential {r['textbook_over_sequential']:.1f}x, "
         f"textbook/batched {r['textbook_over_batched']:.1f}x, "
         f"sequential/floor {r['sequential_over_floor']:.2f}x, "
