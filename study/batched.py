@@ -308,26 +308,37 @@ def _result(m: Member, stack: Stack, row: int, seconds: float) -> tuple[Result, 
 # single-threaded: measured 1.2 -> ~0.55 s per member-epoch on the 2-core machine. The
 # arithmetic is the same `step`, on a one-member stack.
 
+class MemberMasks:
+    """One member's scaled masks per minibatch, [1, rows, width], drawn into reused buffers.
+
+    A p=0 layer gets None (the step skips its multiply); a p=1 layer gets zeros it never draws.
+    """
+
+    def __init__(self, stream: MaskStream, batch: int, widths: Sequence[int]):
+        self.stream, self.widths = stream, widths
+        self.bufs = [torch.zeros(1, batch, w) for w in widths]  # zeros stay zeros for p=1
+
+    def draw(self, rows: int) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for i, (width, buf) in enumerate(zip(self.widths, self.bufs)):
+            if self.stream.draws(i):
+                self.stream.draw(i, rows, width, buf[0, :rows])
+            out.append(None if self.stream.probs[i] == 0.0 else buf[:, :rows])
+        return out
+
+
 def member_epoch(p: Stack, m: Member, data: Dataset, batch: int, lr: float,
                  first_step: int) -> StepStats:
     """One epoch of one member (a one-row stack): its own order, masks and minibatches."""
     n = len(data.train_y)
     perm = torch.randperm(n, generator=m.order)  # as train._train_epoch draws it
-    widths = [w.shape[2] for w in p.w[:-1]]
+    masks = MemberMasks(m.masks, batch, [w.shape[2] for w in p.w[:-1]])
     x_buf = torch.empty(batch, data.train_x.shape[1])
-    mask_bufs = [torch.empty(batch, w) for w in widths]
-    # p=1 layers multiply by zeros they never draw; p=0 layers skip the multiply (None).
-    zeros = [torch.zeros(1, batch, w) for w in widths]
     stats = StepStats.zeros(1, "cpu")
     for i, start in enumerate(range(0, n, batch)):
         idx = perm[start:start + batch]
-        rows = len(idx)
-        x = torch.index_select(data.train_x, 0, idx, out=x_buf[:rows])
-        masks = [m.masks.draw(j, rows, widths[j], mask_bufs[j][:rows])[None]
-                 if m.masks.draws(j) else
-                 (zeros[j][:, :rows] if m.masks.probs[j] == 1.0 else None)
-                 for j in range(len(widths))]
-        step(p, x[None], data.train_y[idx][None], masks, lr, stats, slice(0, 1),
+        x = torch.index_select(data.train_x, 0, idx, out=x_buf[:len(idx)])
+        step(p, x[None], data.train_y[idx][None], masks.draw(len(idx)), lr, stats, slice(0, 1),
              counted(first_step + i))
     return stats
 
@@ -363,8 +374,9 @@ def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result,
         jobs = [pool.submit(fit_member, Member.of(c), stack.rows(slice(k, k + 1)), data, spec,
                             stop) for k, c in enumerate(cells)]
         for job in as_completed(jobs):
-            result, net = job.result()
-            yield replace(result, seconds=result.seconds / workers), net
+            if (done := job.result()) is not None:  # None: stopped, only after we stop asking
+                result, net = done
+                yield replace(result, seconds=result.seconds / workers), net
     finally:
         stop.set()  # an interrupted chunk stops its running members at their next epoch
         pool.shutdown(wait=True, cancel_futures=True)

@@ -413,8 +413,8 @@ def _statistics_blocks(results: dict[str, Any]) -> list[Block]:
     corr = correction_name(results)
     margin = fmt_pp(results["equivalence_margin"], sign=False)
     return [Heading(2, "Statistics"), para(
-        f"Strata (device, determinism mode, implementation, execution, randomness, varied streams) "
-        f"are analysed separately and never pooled. Within a stratum, an omnibus test "
+        f"Strata (device, determinism mode, implementation, execution, randomness, mask generator, "
+        f"varied streams) are analysed separately and never pooled. Within a stratum, an omnibus test "
         f"({'Friedman, seeds as blocks' if paired else 'Welch ANOVA'}) asks whether settings differ "
         f"at all; each setting is then compared with the baseline "
         f"{fmt_setting(results['baseline'])} by a {'paired' if paired else 'Welch'} t-test on "
