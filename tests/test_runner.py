@@ -134,3 +134,26 @@ def test_batched_protocol_runs_through_the_runner(store, loader):
     runs = _runs(store, "FINISHED")
     assert {r.data.params["execution"] for r in runs} == {"batched"}
     assert runner.run(proto, load=loader, progress=False).ran == 0
+
+
+def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
+        store, loader, monkeypatch):
+    import threading
+    proto = protocol.parse({**PROTO, "execution": "batched", "batch_members": 6})
+    real_finish, calls = tracking.finish, {"n": 0}
+
+    def ctrl_c_on_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_finish(*args)
+
+    monkeypatch.setattr(tracking, "finish", ctrl_c_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(proto, load=loader, progress=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith("member")]
+    assert len(_runs(store, "FINISHED")) == 1
+    assert len(_runs(store, "KILLED")) == 4  # the one being logged stays RUNNING till next start
+    monkeypatch.setattr(tracking, "finish", real_finish)
+    summary = runner.run(proto, load=loader, progress=False)
+    assert (summary.interrupted, summary.already_done, summary.ran) == (1, 1, 5)
