@@ -289,14 +289,15 @@ def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor, epoch
     return finite
 
 
-def _result(m: Member, stack: Stack, row: int, seconds: float) -> tuple[Result, nn.Sequential]:
+def _result(m: Member, stack: Stack, row: int, seconds: float,
+            started: float) -> tuple[Result, nn.Sequential]:
     epochs = tuple(m.epochs)
     net = member_net(m.cell, stack, row)
     result = Result(cell=m.cell, epochs=epochs,
                      status=sequential.status_of(epochs, m.cell.config.training.epochs),
                      textbook_check=sequential.textbook_check(epochs),
                      weights_sha256=sequential.weights_sha256(net), seconds=seconds,
-                     keep_rates=m.keep_rates(), streams=m.seeds)
+                     keep_rates=m.keep_rates(), streams=m.seeds, started=started)
     return result, net
 
 
@@ -348,7 +349,7 @@ def fit_member(m: Member, p: Stack, data: Dataset, spec: Training,
                stop: threading.Event) -> tuple[Result, nn.Sequential] | None:
     """Train one member to the end (or to divergence); None if `stop` was set meanwhile."""
     torch.set_num_threads(1)  # this thread's GEMMs and elementwise passes stay on its core
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     steps = math.ceil(len(data.train_y) / spec.batch_size)
     for epoch in range(1, spec.epochs + 1):
         if stop.is_set():
@@ -357,7 +358,7 @@ def fit_member(m: Member, p: Stack, data: Dataset, spec: Training,
         test = test_accuracy(p, data.test_x, data.test_y)
         if not _record([m], stats, test, epoch, len(data.train_y), len(data.test_y))[0]:
             break
-    return _result(m, p, 0, time.perf_counter() - start)
+    return _result(m, p, 0, time.perf_counter() - start, started)
 
 
 def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.Sequential]]:
@@ -440,7 +441,7 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.
     group = [Member.of(c) for c in cells]
     stack = initial_stack(cells, cells[0].device)
     steps = math.ceil(len(data.train_y) / spec.batch_size)
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="masks") as pool:
         for epoch in range(1, spec.epochs + 1):
             stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool,
@@ -448,7 +449,8 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.
             test = test_accuracy(stack, data.test_x, data.test_y)
             finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
             seconds = (time.perf_counter() - start) / len(cells)
-            yield from (_result(m, stack, k, seconds) for k, m in enumerate(group) if not finite[k])
+            yield from (_result(m, stack, k, seconds, started)
+                        for k, m in enumerate(group) if not finite[k])
             if not all(finite):
                 alive = [k for k in range(len(group)) if finite[k]]
                 if not alive:
@@ -456,7 +458,7 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.
                 group = [group[k] for k in alive]
                 stack = stack.rows(torch.tensor(alive, device=stack.w[0].device))
     seconds = (time.perf_counter() - start) / len(cells)
-    yield from (_result(m, stack, k, seconds) for k, m in enumerate(group))
+    yield from (_result(m, stack, k, seconds, started) for k, m in enumerate(group))
 
 
 # --- the run ------------------------------------------------------------------------------------

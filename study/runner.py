@@ -116,12 +116,21 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
 def _run_chunk(mlflow, exp_id: str, protocol: Protocol, chunk: list[Cell], trainer: Trainer,
                data: Dataset, env: dict[str, str], flags: Flags,
                n_threads: int) -> Iterator[Result]:
-    """Open a run per cell, train, close each run as its result arrives."""
-    run_ids = {c.key: tracking.start(mlflow, exp_id, c, protocol, env) for c in chunk}
+    """Log each cell's run as its result arrives.
+
+    A lone cell's run opens before training: RUNNING while it trains, failed or KILLED (here or
+    on the next start) if training does not end. A batched chunk's runs open as their results
+    arrive, backdated to when each member began, so MLflow's start and duration are the
+    member's own rather than the chunk's; members in flight when it stops are simply redone.
+    """
+    run_ids = {c.key: tracking.start(mlflow, exp_id, c, protocol, env)
+               for c in chunk} if len(chunk) == 1 else {}
     try:
         for result in trainer(chunk, data):
             result = replace(result, flags=flags, threads=n_threads)
-            tracking.finish(mlflow, run_ids.pop(result.cell.key), result)
+            run_id = run_ids.pop(result.cell.key, None) or tracking.start(
+                mlflow, exp_id, result.cell, protocol, env, result.started)
+            tracking.finish(mlflow, run_id, result)
             yield result
     except BaseException as err:
         for run_id in run_ids.values():  # what finished stays recorded

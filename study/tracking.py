@@ -120,11 +120,13 @@ def flatten(tree: Any, prefix: str) -> dict[str, str]:
 
 
 def start(mlflow: MlflowClient, exp_id: str, cell: Cell, protocol: Protocol,
-          environment: dict[str, str]) -> str:
-    """Open a RUNNING run for `cell` with everything known before training."""
+          environment: dict[str, str], started: float | None = None) -> str:
+    """Open a RUNNING run for `cell` with everything known before training; `started` (Unix
+    time) backdates its start to when training began, for runs opened after the fact."""
     tags = {"study.kind": "train", "study.protocol": protocol.name, "study.cell": cell.key,
             **{f"study.env.{k}": v for k, v in environment.items()}}
-    run = mlflow.create_run(exp_id, run_name=cell.name, tags=tags)
+    run = mlflow.create_run(exp_id, run_name=cell.name, tags=tags,
+                            start_time=None if started is None else int(started * 1000))
     params = {**{k: str(v) for k, v in cell.labels().items()},
               **flatten(protocol.to_dict(), "protocol")}
     items = [Param(k, v) for k, v in params.items()]

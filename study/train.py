@@ -48,6 +48,7 @@ class Result:
     streams: StreamSeeds
     flags: Flags | None = None  # determinism flags in effect, filled in by the runner
     threads: int | None = None
+    started: float | None = None  # Unix time its training began (the MLflow run's start)
 
 
 def seeds_of(cell: Cell) -> StreamSeeds:
@@ -80,13 +81,14 @@ def fit(cell: Cell, data: Dataset) -> tuple[nn.Module, Result]:
     net = models.build(cell.config.model, drops, generator(seeds.init), cell.device)
     rng_scope = global_dropout_rng(seeds.dropout, cell.device) if gen is None \
         else contextlib.nullcontext()
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     with rng_scope:
         epochs = _fit(net, cell, data, generator(seeds.data))
     return net, Result(
         cell=cell, epochs=epochs, status=status_of(epochs, cell.config.training.epochs),
         textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
-        seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net), streams=seeds)
+        seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net), streams=seeds,
+        started=started)
 
 
 def _fit(net: nn.Module, cell: Cell, data: Dataset, order: torch.Generator) -> tuple[EpochMetrics, ...]:

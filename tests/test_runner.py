@@ -133,6 +133,11 @@ def test_batched_protocol_runs_through_the_runner(store, loader):
     assert summary.ran == 6
     runs = _runs(store, "FINISHED")
     assert {r.data.params["execution"] for r in runs} == {"batched"}
+    # Each run starts when its member began (members queue for the cores), not with the chunk.
+    for r in runs:
+        result = next(x for x in summary.results if x.cell.key == r.data.tags["study.cell"])
+        assert r.info.start_time == int(result.started * 1000)
+    assert len({r.info.start_time for r in runs}) > 1
     assert runner.run(proto, load=loader, progress=False).ran == 0
 
 
@@ -153,7 +158,8 @@ def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
         runner.run(proto, load=loader, progress=False)
     assert not [t for t in threading.enumerate() if t.name.startswith("member")]
     assert len(_runs(store, "FINISHED")) == 1
-    assert len(_runs(store, "KILLED")) == 4  # the one being logged stays RUNNING till next start
+    # The run being logged stays RUNNING until the next start; members in flight left no run.
+    assert len(_runs(store, "RUNNING")) == 1 and len(_runs(store)) == 2
     monkeypatch.setattr(tracking, "finish", real_finish)
     summary = runner.run(proto, load=loader, progress=False)
     assert (summary.interrupted, summary.already_done, summary.ran) == (1, 1, 5)
