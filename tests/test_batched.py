@@ -86,16 +86,6 @@ def test_keep_rates_count_the_steps_the_sequential_twin_counts(tiny_data):
             assert result.keep_rates == pytest.approx(twin.keep_rates, abs=1e-9), lockstep
 
 
-def test_the_two_schedules_train_the_same_members(tiny_data):
-    group = cells(randomness="portable")
-    side = {r.cell.key: r for r in batched.train_many(group, tiny_data)}
-    lock = {r.cell.key: r for r, _ in batched.fit_many(group, tiny_data, lockstep=True)}
-    assert set(side) == set(lock) == {c.key for c in group}
-    for key, r in side.items():
-        assert r.keep_rates == pytest.approx(lock[key].keep_rates, abs=1e-3)
-        assert r.epochs[-1].test_acc == pytest.approx(lock[key].epochs[-1].test_acc, abs=0.02)
-
-
 def test_a_member_does_not_depend_on_its_batch_mates(tiny_data):
     group = cells()
     target = group[1]
