@@ -83,7 +83,9 @@ def test_keep_rates_count_the_steps_the_sequential_twin_counts(tiny_data):
         for result, _ in batched.fit_many(group, tiny_data, lockstep):
             twin = train(replace(result.cell, config=replace(result.cell.config,
                                                                execution="sequential")), tiny_data)
-            assert result.keep_rates == pytest.approx(twin.keep_rates, abs=1e-9), lockstep
+            # 1e-4: a unit flipped by last-bit drift moves a rate by ~2e-5; counting other steps
+            # (other masks) moves it by ~2e-3.
+            assert result.keep_rates == pytest.approx(twin.keep_rates, abs=1e-4), lockstep
 
 
 def test_a_member_does_not_depend_on_its_batch_mates(tiny_data):
