@@ -181,6 +181,14 @@ class StepStats:
         self.kept[rows] += torch.stack([torch.count_nonzero(d, (1, 2)) for _, d in layers], 1)
 
 
+def minibatches(n: int, batch: int, epoch: int) -> Iterator[tuple[int, int]]:
+    """(step index counted from the run's first minibatch, first row) of each minibatch of
+    `epoch` (1-based): `model.KeepRate` counts its calls across epochs, so the index does too."""
+    per_epoch = math.ceil(n / batch)
+    for i, start in enumerate(range(0, n, batch)):
+        yield (epoch - 1) * per_epoch + i, start
+
+
 def counted(step_index: int) -> bool:
     """Whether the keep rates count this minibatch: the steps `model.KeepRate` counts."""
     return step_index % models.KeepRate.EVERY == 0
@@ -190,7 +198,7 @@ def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tenso
          lr: float, stats: StepStats, rows: slice, count: bool) -> None:
     """One SGD step of members `rows`: x [c, B, 784], y [c, B], scaled masks [c, B, hidden].
 
-    A mask of None is a layer without dropout (p=0 in every member): no multiply at all.
+    A mask of None is a layer without dropout in any member (p=0): no multiply at all.
     """
     n = y.shape[1]
     h1 = torch.baddbmm(p.b[0], x, p.w[0]).relu_()
@@ -310,38 +318,19 @@ def _result(m: Member, stack: Stack, row: int, seconds: float,
 # come, and an interrupted study loses only the runs in flight, not the whole chunk of K.
 # The arithmetic is the same `step`, on a one-member stack.
 
-class MemberMasks:
-    """One member's scaled masks per minibatch, [1, rows, width], drawn into reused buffers.
-
-    A p=0 layer gets None (the step skips its multiply); a p=1 layer gets zeros it never draws.
-    """
-
-    def __init__(self, stream: MaskStream, batch: int, widths: Sequence[int]):
-        self.stream, self.widths = stream, widths
-        self.bufs = [torch.zeros(1, batch, w) for w in widths]  # zeros stay zeros for p=1
-
-    def draw(self, rows: int) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = []
-        for i, (width, buf) in enumerate(zip(self.widths, self.bufs)):
-            if self.stream.draws(i):
-                self.stream.draw(i, rows, width, buf[0, :rows])
-            out.append(None if self.stream.probs[i] == 0.0 else buf[:, :rows])
-        return out
-
-
 def member_epoch(p: Stack, m: Member, data: Dataset, batch: int, lr: float,
-                 first_step: int) -> StepStats:
+                 epoch: int) -> StepStats:
     """One epoch of one member (a one-row stack): its own order, masks and minibatches."""
     n = len(data.train_y)
     perm = torch.randperm(n, generator=m.order)  # as train._train_epoch draws it
-    masks = MemberMasks(m.masks, batch, [w.shape[2] for w in p.w[:-1]])
+    masks = MaskBuffers([m], batch, [w.shape[2] for w in p.w[:-1]], "cpu")
     x_buf = torch.empty(batch, data.train_x.shape[1])
     stats = StepStats.zeros(1, "cpu")
-    for i, start in enumerate(range(0, n, batch)):
+    for step_index, start in minibatches(n, batch, epoch):
         idx = perm[start:start + batch]
         x = torch.index_select(data.train_x, 0, idx, out=x_buf[:len(idx)])
         step(p, x[None], data.train_y[idx][None], masks.draw(len(idx)), lr, stats, slice(0, 1),
-             counted(first_step + i))
+             counted(step_index))
     return stats
 
 
@@ -350,11 +339,10 @@ def fit_member(m: Member, p: Stack, data: Dataset, spec: Training,
     """Train one member to the end (or to divergence); None if `stop` was set meanwhile."""
     torch.set_num_threads(1)  # this thread's GEMMs and elementwise passes stay on its core
     started, start = time.time(), time.perf_counter()
-    steps = math.ceil(len(data.train_y) / spec.batch_size)
     for epoch in range(1, spec.epochs + 1):
         if stop.is_set():
             return None
-        stats = member_epoch(p, m, data, spec.batch_size, spec.lr, (epoch - 1) * steps)
+        stats = member_epoch(p, m, data, spec.batch_size, spec.lr, epoch)
         test = test_accuracy(p, data.test_x, data.test_y)
         if not _record([m], stats, test, epoch, len(data.train_y), len(data.test_y))[0]:
             break
@@ -387,22 +375,32 @@ def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result,
 # --- accelerators: all members in lockstep, one batched GEMM per layer --------------------------
 
 class MaskBuffers:
-    """Scaled masks [K, batch, width] per layer; rows of p=0 / p=1 members are filled once."""
+    """A group's scaled masks per minibatch, [K, rows, width] per layer, in reused CPU buffers.
+
+    Rows of p=0 / p=1 members are filled once (ones / zeros) and never drawn. A layer with p=0
+    in every member comes back as None: the step skips its multiply. With a pool, members draw
+    in parallel, each from its own stream.
+    """
 
     def __init__(self, group: Sequence[Member], batch: int, widths: Sequence[int], device: str,
-                 pool: ThreadPoolExecutor):
+                 pool: ThreadPoolExecutor | None = None):
         self.group, self.widths, self.device, self.pool = group, widths, device, pool
         self.bufs = [torch.empty(len(group), batch, w) for w in widths]
         for k, m in enumerate(group):
             for i, p in enumerate(m.masks.probs):
                 if p == 0.0 or p == 1.0:
                     self.bufs[i][k].fill_(1.0 if p == 0.0 else 0.0)
+        self.unmasked = [all(m.masks.probs[i] == 0.0 for m in group) for i in range(len(widths))]
 
-    def draw(self, rows: int) -> list[torch.Tensor]:
-        """This minibatch's masks on the device; members draw in parallel, each its own stream."""
-        halves = [range(0, len(self.group), 2), range(1, len(self.group), 2)]
-        list(self.pool.map(lambda ks: self._draw(ks, rows), halves))
-        return [buf[:, :rows].to(self.device) for buf in self.bufs]
+    def draw(self, rows: int) -> list[torch.Tensor | None]:
+        """This minibatch's masks on the device (None: no dropout in that layer)."""
+        if self.pool is None:
+            self._draw(range(len(self.group)), rows)
+        else:
+            halves = [range(0, len(self.group), 2), range(1, len(self.group), 2)]
+            list(self.pool.map(lambda ks: self._draw(ks, rows), halves))
+        return [None if skip else buf[:, :rows].to(self.device)
+                for buf, skip in zip(self.bufs, self.unmasked)]
 
     def _draw(self, ks: range, rows: int) -> None:
         for k in ks:
@@ -413,7 +411,7 @@ class MaskBuffers:
 
 
 def train_epoch(stack: Stack, group: Sequence[Member], data: Dataset, batch: int, lr: float,
-                pool: ThreadPoolExecutor, first_step: int) -> StepStats:
+                pool: ThreadPoolExecutor, epoch: int) -> StepStats:
     device = data.train_x.device
     n = len(data.train_y)
     # Each member's own order, drawn on the CPU once per epoch exactly like train._train_epoch.
@@ -421,15 +419,16 @@ def train_epoch(stack: Stack, group: Sequence[Member], data: Dataset, batch: int
     widths = [w.shape[2] for w in stack.w[:-1]]
     masks = MaskBuffers(group, batch, widths, str(device), pool)
     stats = StepStats.zeros(len(group), device)
-    for i, start in enumerate(range(0, n, batch)):
+    for step_index, start in minibatches(n, batch, epoch):
         idx = perms[:, start:start + batch]
         scaled = masks.draw(idx.shape[1])
         for lo in range(0, len(group), BLOCK):
             rows = slice(lo, lo + BLOCK)
             sel = idx[rows]
             x = data.train_x[sel.reshape(-1)].view(*sel.shape, -1)
-            step(stack.rows(rows), x, data.train_y[sel], [s[rows] for s in scaled], lr, stats,
-                 rows, counted(first_step + i))
+            step(stack.rows(rows), x, data.train_y[sel],
+                 [None if s is None else s[rows] for s in scaled], lr, stats, rows,
+                 counted(step_index))
     return stats
 
 
@@ -440,12 +439,10 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.
     spec = cells[0].config.training
     group = [Member.of(c) for c in cells]
     stack = initial_stack(cells, cells[0].device)
-    steps = math.ceil(len(data.train_y) / spec.batch_size)
     started, start = time.time(), time.perf_counter()
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="masks") as pool:
         for epoch in range(1, spec.epochs + 1):
-            stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool,
-                                (epoch - 1) * steps)
+            stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool, epoch)
             test = test_accuracy(stack, data.test_x, data.test_y)
             finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
             seconds = (time.perf_counter() - start) / len(cells)

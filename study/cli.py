@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study import data, plan, protocol, runner, tracking
-from mlflow import MlflowClient
-
 from study.protocol import Analysis, Protocol
 from study.table import RunTable
 
@@ -128,7 +126,7 @@ def _target(args: argparse.Namespace) -> Target:
 class Analysed:
     """What `analyze` and `report` share: the runs, their results and the files written."""
 
-    mlflow: MlflowClient
+    mlflow: tracking.MlflowClient  # tracking stays the only module that imports MLflow
     table: RunTable
     results: dict
     out: Path

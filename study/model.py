@@ -51,7 +51,8 @@ def sfc64_mask(p: float, shape: torch.Size, bits: np.random.SFC64,
 
     Each mask takes ceil(n/2) raw 64-bit outputs, each read as two 32-bit words (low half first
     on little-endian machines: x86, ARM). ~4x cheaper on the CPU than torch.rand's mt19937 floats
-    (~90 vs ~380 us per 256x256 mask), and finer (torch.rand has 24 bits). NumPy keeps bit-generator streams stable across releases.
+    (~90 vs ~380 us per 256x256 mask), and finer (torch.rand has 24 bits). NumPy keeps
+    bit-generator streams stable across releases.
     `out`, a contiguous CPU float32 tensor of `shape`, receives the mask without an allocation.
     """
     n = math.prod(shape)

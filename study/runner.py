@@ -62,17 +62,23 @@ def groups(cells: list[Cell]) -> Iterator[list[Cell]]:
         yield list(group)
 
 
-Chunker = Callable[[list[Cell]], Iterator[list[Cell]]]
-Trainer = Callable[[list[Cell], Dataset], Iterator[Result]]
+@dataclass(frozen=True)
+class Engine:
+    """How a group is cut into chunks trained together, how a chunk is trained, and whether
+    each run opens in MLflow before training (one at a time) or as its result arrives (batched:
+    backdated to when that member began, so the run's duration is its own, not the chunk's)."""
+
+    chunks: Callable[[list[Cell]], Iterator[list[Cell]]]
+    train: Callable[[list[Cell], Dataset], Iterator[Result]]
+    open_first: bool
 
 
-def engine(group: list[Cell]) -> tuple[Chunker, Trainer]:
-    """How a group is cut into chunks trained together, and how a chunk is trained."""
+def engine(group: list[Cell]) -> Engine:
     if group[0].config.execution == "batched":
         from study import batched  # imported lazily: only batched protocols need it
-        return batched.members, batched.train_many
-    return (lambda cells: ([c] for c in cells)), \
-        (lambda cells, data: (train(c, data) for c in cells))
+        return Engine(batched.members, batched.train_many, open_first=False)
+    return Engine(lambda cells: ([c] for c in cells),
+                  lambda cells, data: (train(c, data) for c in cells), open_first=True)
 
 
 def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
@@ -102,9 +108,9 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
             env = environment.describe(group[0].device)
             with threads(protocol.threads) as n_threads, \
                     determinism(group[0].determinism) as flags:
-                chunks, trainer = engine(group)
-                for chunk in chunks(group):
-                    for result in _run_chunk(mlflow, exp_id, protocol, chunk, trainer, data,
+                how = engine(group)
+                for chunk in how.chunks(group):
+                    for result in _run_chunk(mlflow, exp_id, protocol, chunk, how, data,
                                              env, flags, n_threads):
                         results.append(result)
                         bar.update()
@@ -113,20 +119,19 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
     return results
 
 
-def _run_chunk(mlflow, exp_id: str, protocol: Protocol, chunk: list[Cell], trainer: Trainer,
+def _run_chunk(mlflow, exp_id: str, protocol: Protocol, chunk: list[Cell], how: Engine,
                data: Dataset, env: dict[str, str], flags: Flags,
                n_threads: int) -> Iterator[Result]:
     """Log each cell's run as its result arrives.
 
-    A lone cell's run opens before training: RUNNING while it trains, failed or KILLED (here or
-    on the next start) if training does not end. A batched chunk's runs open as their results
-    arrive, backdated to when each member began, so MLflow's start and duration are the
-    member's own rather than the chunk's; members in flight when it stops are simply redone.
+    Runs opened before training are RUNNING while they train, and failed or KILLED (here or on
+    the next start) if training does not end. Runs opened as results arrive leave nothing for
+    members in flight when the chunk stops; those are simply redone.
     """
     run_ids = {c.key: tracking.start(mlflow, exp_id, c, protocol, env)
-               for c in chunk} if len(chunk) == 1 else {}
+               for c in chunk} if how.open_first else {}
     try:
-        for result in trainer(chunk, data):
+        for result in how.train(chunk, data):
             result = replace(result, flags=flags, threads=n_threads)
             run_id = run_ids.pop(result.cell.key, None) or tracking.start(
                 mlflow, exp_id, result.cell, protocol, env, result.started)
