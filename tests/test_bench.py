@@ -27,18 +27,54 @@ def test_gemm_shapes_count_the_epochs_flops_by_hand():
     assert flops == 600 * per_example + 100 * 2 * weights
 
 
+def test_epoch_gemms_hold_the_counted_flops():
+    gemms = bench.EpochGemms.of(n_train=600, n_test=100, batch=256, dims=DIMS)
+    shapes = bench.gemm_shapes(n_train=600, n_test=100, batch=256, dims=DIMS)
+    assert gemms.flops == sum(2 * m * k * n * count for m, k, n, count, _ in shapes)
+    assert sum(count for *_, count in gemms.ops) == sum(s[3] for s in shapes)
+    assert gemms.replay() > 0 and gemms.peak(calls=2) > 0
+
+
+def test_ratios_pair_the_rounds_and_take_the_best_of_each():
+    def timing(*s):
+        return bench.Timing(s)
+    # Rounds 2 and 3 ran on a machine twice as slow: within a round the ratios see through it;
+    # the best of each pairs the batched runner's best round with the floor's.
+    b = bench.Bench(textbook=timing(9.0, 10.0, 11.0), sequential=timing(1.0, 2.0, 2.1),
+                    batched=timing(0.7, 1.2, 1.25), floor=timing(0.5, 1.0, 1.0),
+                    peak=timing(0.4, 0.8, 0.8), flops_per_epoch=1e9, batched_masks_s=0.01,
+                    members=4, epochs=1)
+    assert b.ratios()["batched_over_floor"] == pytest.approx(0.7 / 0.5)
+    assert b.ratios()["textbook_over_batched"] == pytest.approx(9.0 / 0.7)
+    assert b.ratios()["batched_over_peak"] == pytest.approx(0.7 / 0.4)
+    assert b.paired()["batched_over_floor"].samples == pytest.approx((1.4, 1.2, 1.25))
+    assert b.paired()["batched_over_floor"].median == pytest.approx(1.25)
+    assert b.paired()["sequential_over_floor"].median == pytest.approx(2.0)
+    assert "textbook_over_batched" not in b.paired()
+    assert b.gemm_gflops == pytest.approx(2.0)
+    assert bench.targets_met(b.ratios()) == {"batched_over_floor": False,
+                                             "sequential_over_floor": True,
+                                             "speedup_over_textbook": True}
+    paired = {k: t.median for k, t in b.paired().items()}
+    assert bench.targets_met(paired) == {"batched_over_floor": True,
+                                         "sequential_over_floor": True}
+
+
 def test_bench_reports_every_number(tiny_root, tmp_path):
     root, tiny = tiny_root
-    result = bench.measure(epochs=1, members=3, root=root, data=tiny, workers=0)
+    result = bench.measure(epochs=1, members=3, root=root, data=tiny, workers=0, repeats=2)
     assert result.members == 3 and result.epochs == 1
     out = bench.report(result)
-    for key in ("textbook_s", "sequential_s", "batched_s", "floor_s", "gemm_gflops",
+    for key in ("textbook_s", "sequential_s", "batched_s", "floor_s", "peak_s", "gemm_gflops",
                 "flops_per_epoch", "batched_masks_s"):
         assert out["seconds_per_epoch"][key] > 0, key
-    assert set(out["ratios"]) == {"textbook_over_sequential", "textbook_over_batched",
-                                  "sequential_over_floor", "batched_over_floor",
-                                  "sequential_over_batched"}
+    assert set(out["ratios"]) == set(bench.RATIOS)
     assert all(r > 0 for r in out["ratios"].values())
+    assert set(out["paired_ratios"]) == set(bench.RATIOS) - {"textbook_over_sequential",
+                                                             "textbook_over_batched"}
+    assert all(len(p["rounds"]) == 2 for p in out["paired_ratios"].values())
+    assert set(out["targets_met"]["best"]) == {"batched_over_floor", "sequential_over_floor",
+                                               "speedup_over_textbook"}
     assert {"cpu", "cores", "torch", "threads", "load_average"} <= set(out["machine"])
     assert json.loads(json.dumps(out)) == out
     assert "per member-epoch" in bench.show(result)
