@@ -133,11 +133,16 @@ def _linears(net: nn.Module) -> list[nn.Linear]:
 
 
 def initial_stack(cells: Sequence[Cell], device: str) -> Stack:
-    """Each member's initial weights from `model.build` with its own init stream, stacked."""
+    """Each member's initial weights from `model.build` with its own init stream, stacked.
+
+    The last layer is stored as nn.Linear stores it, [K, classes, hidden], and seen transposed:
+    its thin products then run about 4x faster (see `logits`).
+    """
     nets = [_template(c, generator(sequential.seeds_of(c).init)) for c in cells]
     layers = [_linears(net) for net in nets]
     w = [torch.stack([ls[i].weight.detach().t() for ls in layers]).to(device)
-         for i in range(len(layers[0]))]
+         for i in range(len(layers[0]) - 1)]
+    w.append(torch.stack([ls[-1].weight.detach() for ls in layers]).to(device).transpose(1, 2))
     b = [torch.stack([ls[i].bias.detach()[None] for ls in layers]).to(device)
          for i in range(len(layers[0]))]
     return Stack(w, b)
@@ -194,6 +199,16 @@ def counted(step_index: int) -> bool:
     return step_index % models.KeepRate.EVERY == 0
 
 
+def logits(b: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The last layer, h @ w + b as [K, rows, classes], formed as (w^T h^T + b^T)^T.
+
+    With only 10 outputs, MKL forms this product 3-4x faster as [classes, rows] than as
+    [rows, classes] (one thread, 256 rows: 51 against 155 us; its weight gradient, written into
+    the [K, classes, hidden] storage, 44 against 212 us). Same FLOPs, other summation order.
+    """
+    return torch.baddbmm(b.transpose(1, 2), w.transpose(1, 2), h.transpose(1, 2)).transpose(1, 2)
+
+
 def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tensor | None],
          lr: float, stats: StepStats, rows: slice, count: bool) -> None:
     """One SGD step of members `rows`: x [c, B, 784], y [c, B], scaled masks [c, B, hidden].
@@ -205,11 +220,11 @@ def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tenso
     d1 = h1 if masks[0] is None else h1 * masks[0]
     h2 = torch.baddbmm(p.b[1], d1, p.w[1]).relu_()
     d2 = h2 if masks[1] is None else h2 * masks[1]
-    logits = torch.baddbmm(p.b[2], d2, p.w[2])
-    logp = logits.log_softmax(2)
+    out = logits(p.b[2], p.w[2], d2)
+    logp = out.log_softmax(2)
     target = y.unsqueeze(2)
     stats.loss[rows] -= logp.gather(2, target).sum((1, 2))  # mean loss * n, as train.py sums
-    stats.correct[rows] += (logits.argmax(2) == y).sum(1)
+    stats.correct[rows] += (out.argmax(2) == y).sum(1)
     if count:
         stats.count(rows, [(h1, d1), (h2, d2)])
     # d(mean CE)/d logits = (softmax - onehot) / n, per member: members stay independent.
@@ -276,8 +291,7 @@ def test_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
             xs, ys = x[start:start + TEST_CHUNK], y[start:start + TEST_CHUNK]
             h = (xs @ wide).view(len(ys), c, hidden).transpose(0, 1).add_(p.b[0]).relu_()
             h = torch.baddbmm(p.b[1], h, p.w[1]).relu_()
-            logits = torch.baddbmm(p.b[2], h, p.w[2])
-            correct[rows] += (logits.argmax(2) == ys).sum(1)
+            correct[rows] += (logits(p.b[2], p.w[2], h).argmax(2) == ys).sum(1)
     return correct
 
 
