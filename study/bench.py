@@ -6,7 +6,8 @@
 All four are measured in one invocation on one cell of the d2l protocol, setting (0.2, 0.5),
 seed 0 (the batched runner trains the protocol's first K cells, that cell among them). The floor
 is the time the arithmetic alone needs: one epoch's GEMMs (train forward + backward, test
-forward), at the run's own shapes and counts, replayed back to back on warm operands.
+forward), at the run's own shapes and counts, replayed back to back on warm operands, each
+product in its fastest form.
 
 The machine is shared, and its speed drifts by tens of percent within seconds. So the runners
 and the floor are timed in short rounds of similar length (about a second each), interleaved,
