@@ -118,7 +118,10 @@ def mask_stream(cell: Cell, seeds: StreamSeeds) -> MaskStream:
 
 @dataclass
 class Stack:
-    """K MLPs laid out for bmm: weights [K, in, out] (nn.Linear's transposed), biases [K, 1, out]."""
+    """K MLPs laid out for bmm: weights [K, in, out] (nn.Linear's transposed), biases [K, 1, out].
+
+    The last weight is a transposed view of [K, out, in] storage (see `initial_stack`).
+    """
 
     w: list[torch.Tensor]
     b: list[torch.Tensor]
