@@ -10,9 +10,9 @@ forward), at the run's own shapes and counts, replayed back to back on warm oper
 product in its fastest form.
 
 The machine is shared, and its speed drifts by tens of percent within seconds. So the runners
-and the floor are timed in short rounds of similar length (about a second each), interleaved,
-and every ratio is given two ways: best of each (other load only ever adds time) and the median
-of the ratios within each round (drift between rounds cancels).
+and the floor are timed in short rounds (a few seconds: the floor, one sequential run-epoch,
+the batched runner), interleaved, and every ratio is given two ways: best of each (other load
+only ever adds time) and the median of the ratios within each round (slower drift cancels).
 """
 
 from __future__ import annotations
