@@ -328,8 +328,8 @@ def _result(m: Member, stack: Stack, row: int, seconds: float,
 
 # --- CPU: each member alone on one core, members side by side -----------------------------------
 #
-# Each member trains its whole run on one worker thread with single-threaded GEMMs, its weights
-# staying in that core's cache. On the 2-core machine this costs the same as lockstep within
+# Each member trains its whole run on one worker thread with single-threaded GEMMs: no hand-offs
+# between threads inside a step. On the 2-core machine this costs the same as lockstep within
 # noise (K=60, one epoch, alternating: 0.905 and 0.937 vs 0.970 and 0.934 s per member-epoch),
 # and each run finishes on its own: the progress bar moves per run, results are logged as they
 # come, and an interrupted study loses only the runs in flight, not the whole chunk of K.

@@ -61,10 +61,11 @@ def mask_generator(cell: Cell, seeds: StreamSeeds) -> models.MaskGenerator | Non
     Portable `torch` masks come from a NumPy SFC64 seeded with the dropout seed; portable
     hand-written masks from a CPU torch generator, as the book's code draws them.
     """
-    portable = cell.config.randomness == "portable"
+    if cell.mask_rng == "sfc64":  # decided once, in the plan, and recorded as that param
+        return np.random.SFC64(seeds.dropout)
     if cell.implementation == "torch":
-        return np.random.SFC64(seeds.dropout) if portable else None
-    return generator(seeds.dropout, "cpu" if portable else cell.device)
+        return None
+    return generator(seeds.dropout, "cpu" if cell.config.randomness == "portable" else cell.device)
 
 
 def train(cell: Cell, data: Dataset) -> Result:
