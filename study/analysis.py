@@ -1,18 +1,27 @@
-"""Run table in, statistical results out: the numbers behind every claim in the report.
+"""Run table in, typed results out: the numbers behind every claim in the report.
 
     python -m study analyze protocols/d2l-dropout.yaml
 
-`analyze` turns a `RunTable` into one JSON-able dict (schema below); `write` saves it as
-`results.json` plus flat CSV tables. Only first runs of a cell (`replicate == 0`) enter the
-statistics: replicates repeat a seed exactly and measure determinism, not seed-to-seed spread.
+`analyze` turns a `RunTable` into `results.Results` (the contract: README "Results"); `write`
+saves its JSON form as `results.json` plus flat CSV tables. Only first runs of a cell
+(`replicate == 0`) enter the statistics: replicates repeat a seed exactly and measure
+determinism, not seed-to-seed spread.
 
 Runs are split into strata by `table.STRATUM_COLUMNS` and never pooled across them: a CPU and a
-CUDA run of the same seed are different experiments. Within a stratum the settings "pair by
-seed" when every setting has the same set of seeds; then each comparison uses the seeds finite
-in both groups. Each stratum's comparisons against the baseline form one Holm family per
-p-value kind (mean, rank, TOST, variance).
+CUDA run of the same seed are different experiments. Within a stratum:
 
-`results["diagnostics"]` holds `diagnostics.analyze(table, options, seed)`: replicates,
+- Each setting is compared with the baseline on the seeds finite in both (paired), or by Welch
+  when fewer than 3 seeds are shared; one missing run elsewhere does not unpair a comparison.
+- The declared primary analysis is the protocol's `analysis.endpoint` under the t test. Every
+  comparison is also run under the robustness set (endpoints `final`, `last:3`, `last:5` x the t
+  test, a rank test with its Hodges-Lehmann interval and Yuen's 20%-trimmed test), each analysis
+  its own Holm family. A comparison is `robust` when all give the primary's verdict.
+- Verdicts are `different`, `negligible` (a real gap shown inside the margin), `equivalent` or
+  `inconclusive`; never "no difference".
+- Diverged runs are left out of the accuracy tests and counted: their rate is tested against
+  the baseline's (Fisher's exact test, Holm over the stratum).
+
+`results.diagnostics` holds `diagnostics.analyze(table, options, seed)`: replicates,
 determinism modes, CPU against GPU, sources of variance, keep rates and implementation
 equivalence (schema in `study/diagnostics.py`). `write` also saves each applicable section's
 records as `diagnostics_<section>.csv` and returns those paths too, so they are logged.
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +40,9 @@ import pandas as pd
 
 from study import diagnostics, stats
 from study.protocol import Analysis
-from study.table import STRATUM_COLUMNS, RunTable, jsonable, scalar
+from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Endpoint,
+                           Group, Omnibus, Results, Stratum)
+from study.table import STRATUM_COLUMNS, RunTable, scalar
 
 METRIC = "test_acc"
 Setting = tuple[float, float]
@@ -40,44 +52,62 @@ Setting = tuple[float, float]
 
 
 def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
-            seed: int = 0) -> dict[str, Any]:
-    """RunTable -> results dict (JSON-able, no NaN). `seed` drives every bootstrap."""
+            seed: int = 0) -> Results:
+    """RunTable -> Results (JSON form: `Results.to_json()`). `seed` drives every bootstrap."""
     base = _setting(*baseline)
     runs = table.runs[table.runs["replicate"] == 0]
     _check_unique(runs)
+    primary = Endpoint.parse(options.endpoint)
+    endpoints, left_out = _endpoints(runs, table.curves, primary)
+    runs = _with_endpoints(runs, table.curves, endpoints)
     strata, groups, comparisons = [], [], []
     for stratum, frame in _strata(runs):
-        s, g, c = _analyze_stratum(stratum, frame, base, options, seed)
+        s, g, c = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed)
         strata.append(s)
         groups.extend(g)
         comparisons.extend(c)
-    results = jsonable({
-        "experiment": table.experiment_name, "baseline": list(base), "alpha": options.alpha,
-        "equivalence_margin": options.equivalence_margin, "power": options.power,
-        "bootstrap": options.bootstrap, "seed": seed, "metric": METRIC,
-        "stratified_by": _varying_columns(runs),
-        "n_runs": int(len(runs)), "n_replicate_runs_ignored": int(len(table.runs) - len(runs)),
-        "strata": strata, "groups": groups, "comparisons": comparisons,
-    })
-    results["diagnostics"] = diagnostics.analyze(table, options, seed)
-    return results
+    return Results(
+        experiment=table.experiment_name, baseline=list(base), alpha=options.alpha,
+        equivalence_margin=options.equivalence_margin, power=options.power,
+        bootstrap=options.bootstrap, seed=seed, metric=METRIC, endpoint=primary.name,
+        robustness_endpoints=[e.name for e in endpoints], robustness_tests=list(ROBUSTNESS_TESTS),
+        endpoints_left_out=left_out, stratified_by=_varying_columns(runs),
+        n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
+        strata=strata, groups=groups, comparisons=comparisons,
+        diagnostics=diagnostics.analyze(table, options, seed))
 
 
-def write(results: dict[str, Any], table: RunTable, out_dir: Path) -> list[Path]:
-    """Write results.json, groups.csv, comparisons.csv, runs.csv and the diagnostics CSVs
-    (sorted by section) into out_dir; return every path written, in that order.
+def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:
+    """Write results.json, groups.csv, comparisons.csv, multiverse.csv, runs.csv and the
+    diagnostics CSVs (sorted by section) into out_dir; return every path written, in that order.
 
     Byte-identical for the same input: sorted JSON keys, fixed row order, '\\n' line ends."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / name for name in ("results.json", "groups.csv", "comparisons.csv", "runs.csv")]
+    names = ("results.json", "groups.csv", "comparisons.csv", "multiverse.csv", "runs.csv")
+    paths = [out_dir / name for name in names]
+    data = results.to_json()
     # allow_nan=False: a NaN reaching the JSON is a bug to surface, not a value to write.
-    paths[0].write_text(json.dumps(results, sort_keys=True, indent=2, allow_nan=False) + "\n")
-    _write_csv(_counts_as_int(pd.DataFrame([flatten(r) for r in results["groups"]])), paths[1])
-    _write_csv(pd.DataFrame([flatten(r) for r in results["comparisons"]]), paths[2])
-    _write_csv(_sorted_runs(table.runs), paths[3])
+    paths[0].write_text(json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n")
+    _write_csv(_counts_as_int(pd.DataFrame([flatten(r) for r in data["groups"]])), paths[1])
+    _write_csv(pd.DataFrame([flatten({k: v for k, v in r.items() if k != "multiverse"})
+                             for r in data["comparisons"]]), paths[2])
+    _write_csv(pd.DataFrame(_multiverse_rows(data["comparisons"]), columns=_MULTIVERSE_COLUMNS),
+               paths[3])
+    _write_csv(_sorted_runs(table.runs), paths[4])
     # Returned, not only written: the caller logs exactly this list to the MLflow analysis run.
-    return paths + write_diagnostics(results.get("diagnostics") or {}, out_dir)
+    return paths + write_diagnostics(data.get("diagnostics") or {}, out_dir)
+
+
+_MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "endpoint", "test", "verdict", "mean_diff",
+                       "p_adjusted", "tost_p_adjusted", "paired", "n_pairs"]
+
+
+def _multiverse_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per comparison and robustness analysis, the stratum in its own columns."""
+    return [{**c["stratum"], **{k: c[k] for k in ("dropout1", "dropout2")},
+             **{k: v for k, v in m.items() if k in _MULTIVERSE_COLUMNS}}
+            for c in comparisons for m in c["multiverse"]]
 
 
 def write_diagnostics(diag: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -158,67 +188,108 @@ def _rng(seed: int, *keys: Any) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(json.dumps(keys, default=str).encode())])
 
 
+# ----------------------------------------------------------------------------- endpoints
+
+
+def _column(endpoint: Endpoint) -> str:
+    return f"endpoint:{endpoint.name}"
+
+
+def _evaluated_epochs(runs: pd.DataFrame, curves: pd.DataFrame) -> int:
+    """The fewest evaluated epochs of any finite run: how far back `last:K` can look."""
+    finite = runs.loc[np.isfinite(runs[METRIC].to_numpy(dtype=float)), "run_id"]
+    acc = curves[(curves["metric"] == METRIC) & curves["run_id"].isin(finite)]
+    counts = acc.groupby("run_id")["epoch"].nunique()
+    return int(counts.reindex(finite, fill_value=0).min()) if len(finite) else 0
+
+
+def _endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
+               primary: Endpoint) -> tuple[list[Endpoint], list[str]]:
+    """The primary endpoint and the robustness set, minus those the runs are too short for."""
+    wanted = sorted({primary, *(Endpoint.parse(e) for e in ROBUSTNESS_ENDPOINTS)})
+    epochs = _evaluated_epochs(runs, curves)
+    kept = [e for e in wanted if e.k == 1 or e.k <= epochs]
+    left_out = [f"{e.name} (only {epochs} evaluated epoch(s) in the shortest run)"
+                for e in wanted if e not in kept]
+    if primary not in kept:
+        raise ValueError(f"analysis.endpoint {primary.name!r}: the runs have only {epochs} "
+                         "evaluated epoch(s)")
+    return kept, left_out
+
+
+def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
+                    endpoints: list[Endpoint]) -> pd.DataFrame:
+    """runs plus one column per endpoint. Diverged runs (NaN final accuracy) stay NaN under
+    every endpoint: their earlier epochs are not an outcome of the run."""
+    out = runs.copy()
+    acc = curves[curves["metric"] == METRIC].sort_values(["run_id", "epoch"], kind="stable")
+    finite = np.isfinite(out[METRIC].to_numpy(dtype=float))
+    for e in endpoints:
+        if e.k == 1:
+            out[_column(e)] = out[METRIC].to_numpy(dtype=float)
+            continue
+        means = acc.groupby("run_id").tail(e.k).groupby("run_id")["value"].mean()
+        out[_column(e)] = np.where(finite, out["run_id"].map(means).to_numpy(dtype=float), np.nan)
+    return out
+
+
 # ----------------------------------------------------------------------------- one stratum
 
 
 def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting,
-                     options: Analysis, seed: int) -> tuple[dict, list[dict], list[dict]]:
+                     primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
+                     seed: int) -> tuple[Stratum, list[Group], list[Comparison]]:
     settings = _settings(frame)
-    paired = _pairs_by_seed(frame, settings)
-    groups = [_group(frame, s, stratum, options, seed) for s in settings]
+    column = _column(primary)
+    groups = [_group(frame, s, stratum, column, options, seed) for s in settings]
     notes = []
     if base not in settings:
         notes.append(f"baseline {list(base)} has no runs in this stratum: no comparisons")
         comparisons = []
     else:
         others = [s for s in settings if s != base]
-        comparisons = _comparisons(frame, others, base, paired, stratum, options, seed)
-    summary = {
-        "stratum": stratum, "label": _label(stratum), "paired": paired,
-        "n_seeds": int(frame["seed"].nunique()), "settings": [list(s) for s in settings],
-        "omnibus": _omnibus(frame, settings, paired), "notes": notes,
-    }
+        comparisons = _comparisons(frame, others, base, stratum, primary, endpoints, options, seed)
+    complete = _pairs_by_seed(frame, settings)
+    summary = Stratum(stratum=stratum, label=_label(stratum), paired=complete,
+                      n_seeds=int(frame["seed"].nunique()), settings=[list(s) for s in settings],
+                      omnibus=_omnibus(frame, settings, complete, column), notes=notes)
     return summary, groups, comparisons
 
 
-def _omnibus(frame: pd.DataFrame, settings: list[Setting], paired: bool) -> dict[str, Any]:
+def _omnibus(frame: pd.DataFrame, settings: list[Setting], paired: bool, column: str) -> Omnibus:
     if paired:
-        matrix = pd.concat([_by_seed(frame, s) for s in settings], axis=1).to_numpy()
+        matrix = pd.concat([_by_seed(frame, s, column) for s in settings], axis=1).to_numpy()
         result = stats.friedman(matrix)
     else:
-        result = stats.welch_anova([_by_seed(frame, s).to_numpy() for s in settings])
-    secondary = result.secondary
-    return {
-        "test": result.test, "statistic": result.statistic, "p": result.p, "reason": result.reason,
-        "secondary": None if secondary is None else {
-            "test": secondary.test, "statistic": secondary.statistic, "p": secondary.p,
-            "reason": secondary.reason},
-    }
+        result = stats.welch_anova([_by_seed(frame, s, column).to_numpy() for s in settings])
+    second = result.secondary
+    return Omnibus(result.test, result.statistic, result.p, result.reason,
+                   None if second is None else
+                   Omnibus(second.test, second.statistic, second.p, second.reason))
 
 
-def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], options: Analysis,
-           seed: int) -> dict[str, Any]:
+def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], column: str,
+           options: Analysis, seed: int) -> Group:
     rows = _rows(frame, setting)
-    acc = rows[METRIC].to_numpy(dtype=float)
+    acc = rows[column].to_numpy(dtype=float)
     desc = stats.describe(acc, _rng(seed, "group", stratum, setting), options.bootstrap)
-    gap = (rows["train_acc"].to_numpy(dtype=float) - acc)
+    gap = (rows["train_acc"].to_numpy(dtype=float) - rows[METRIC].to_numpy(dtype=float))
     gap = gap[np.isfinite(gap)]
     reason = desc.reason
     if desc.n_dropped:
         excluded = f"{desc.n_dropped} diverged run(s) (non-finite {METRIC}) excluded"
         reason = stats.join_reasons(excluded, reason)
-    return {
-        "stratum": stratum, "dropout1": setting[0], "dropout2": setting[1],
-        "n": desc.n, "mean": desc.mean, "sd": desc.sd, "ci95": desc.ci95,
-        "ci95_boot": desc.ci95_boot, "median": desc.median, "iqr": desc.iqr,
-        "train_loss_mean": _finite_mean(rows["train_loss"]),
-        "train_acc_mean": _finite_mean(rows["train_acc"]),
-        "gap_mean": float(gap.mean()) if gap.size else None, "gap_ci95": stats.mean_ci(gap),
-        "status_counts": {str(k): int(v) for k, v in sorted(rows["status"].value_counts().items())},
+    return Group(
+        stratum=stratum, dropout1=setting[0], dropout2=setting[1], n=desc.n,
+        n_diverged=desc.n_dropped, mean=desc.mean, sd=desc.sd, ci95=desc.ci95,
+        ci95_boot=desc.ci95_boot, median=desc.median, iqr=desc.iqr,
+        train_loss_mean=_finite_mean(rows["train_loss"]),
+        train_acc_mean=_finite_mean(rows["train_acc"]),
+        gap_mean=float(gap.mean()) if gap.size else None, gap_ci95=stats.mean_ci(gap),
+        status_counts={str(k): int(v) for k, v in sorted(rows["status"].value_counts().items())},
         # `== True`, not astype(bool): a missing check (NaN) must not count as passed.
-        "textbook_check_passed": int((rows["textbook_check"] == True).sum()),  # noqa: E712
-        "n_excluded": desc.n_dropped, "reason": reason,
-    }
+        textbook_check_passed=int((rows["textbook_check"] == True).sum()),  # noqa: E712
+        n_excluded=desc.n_dropped, reason=reason)
 
 
 def _finite_mean(values: pd.Series) -> float | None:
@@ -230,58 +301,183 @@ def _finite_mean(values: pd.Series) -> float | None:
 # ----------------------------------------------------------------------------- comparisons
 
 
-def _aligned(frame: pd.DataFrame, setting: Setting, base: Setting) -> tuple[np.ndarray, np.ndarray, int]:
-    """Paired arrays over the seeds both groups have; the count of seeds only one group has."""
-    x, y = _by_seed(frame, setting), _by_seed(frame, base)
+@dataclass(frozen=True)
+class Sample:
+    """What one comparison tests under one endpoint: paired arrays over the seeds finite in both
+    groups when at least MIN_N are shared, else each group's finite values (Welch)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    paired: bool
+    n_pairs: int
+    note: str | None
+
+
+def _sample(frame: pd.DataFrame, setting: Setting, base: Setting, column: str) -> Sample:
+    x, y = _by_seed(frame, setting, column), _by_seed(frame, base, column)
+    x, y = x[np.isfinite(x.to_numpy())], y[np.isfinite(y.to_numpy())]
     common = x.index.intersection(y.index)
-    unmatched = len(x.index.union(y.index)) - len(common)
-    return x.loc[common].to_numpy(), y.loc[common].to_numpy(), unmatched
+    if len(common) >= stats.MIN_N:
+        unmatched = len(x.index.union(y.index)) - len(common)
+        note = f"{unmatched} finite run(s) without a partner seed left out of the pairing" \
+            if unmatched else None
+        return Sample(x.loc[common].to_numpy(), y.loc[common].to_numpy(), True, len(common), note)
+    note = (f"only {len(common)} seed(s) finite in both groups: unpaired (Welch)"
+            if len(x) and len(y) else None)
+    return Sample(x.to_numpy(), y.to_numpy(), False, 0, note)
 
 
-def _compare_one(frame: pd.DataFrame, setting: Setting, base: Setting, paired: bool,
-                 stratum: dict[str, Any], options: Analysis, seed: int
-                 ) -> tuple[stats.Comparison, str | None]:
-    rng = _rng(seed, "comparison", stratum, setting, base)
-    kwargs = dict(rng=rng, margin=options.equivalence_margin, alpha=options.alpha,
-                  power=options.power, n_boot=options.bootstrap)
-    if not paired:
-        return stats.compare(_by_seed(frame, setting).to_numpy(), _by_seed(frame, base).to_numpy(),
-                             paired=False, **kwargs), None
-    x, y, unmatched = _aligned(frame, setting, base)
-    note = f"{unmatched} seed(s) not in both groups dropped" if unmatched else None
-    return stats.compare(x, y, paired=True, **kwargs), note
+def _comparisons(frame: pd.DataFrame, others: list[Setting], base: Setting,
+                 stratum: dict[str, Any], primary: Endpoint, endpoints: list[Endpoint],
+                 options: Analysis, seed: int) -> list[Comparison]:
+    samples = {e: [_sample(frame, s, base, _column(e)) for s in others] for e in endpoints}
+    verse = _multiverse(samples, options)
+    main = [_primary(samples[primary][i], options, _rng(seed, "comparison", stratum, s, base))
+            for i, s in enumerate(others)]
+    divergence = [_divergence(frame, s, base) for s in others]
+    family = {key: stats.holm([getattr(c, key) for c in main])
+              for key in ("brown_forsythe_p",)}
+    div_adj = stats.holm([d.p for d in divergence])
+    loc = verse[(primary.name, "t")]
+    tost_multipliers = _holm_multipliers([m.location.tost_p for m in loc])
+    out = []
+    for i, s in enumerate(others):
+        sample, c = samples[primary][i], main[i]
+        analyses = [verse[key][i].entry for key in verse]
+        first = loc[i]
+        level = (stats.tost_level(options.alpha, tost_multipliers[i])
+                 if tost_multipliers[i] is not None else None)
+        verdicts = {k: verse[k][i].entry for k in verse}
+        robust, disagreeing = _robustness(verdicts, (primary.name, "t"))
+        pw = stats.power_analysis(first.location.estimate or 0.0, _sd(sample), sample.x.size,
+                                  sample.y.size, sample.paired, options.alpha, options.power,
+                                  options.equivalence_margin)
+        rank = verse[(primary.name, "rank")][i]
+        out.append(Comparison(
+            stratum=stratum, dropout1=s[0], dropout2=s[1], baseline=list(base),
+            endpoint=primary.name, n=c.n, n_setting=c.n_setting, n_baseline=c.n_baseline,
+            n_dropped=divergence[i].n_setting_diverged + divergence[i].n_base_diverged,
+            paired=sample.paired, n_pairs=sample.n_pairs,
+            mean_diff=c.mean_diff, mean_diff_ci95=c.mean_diff_ci95, test=c.test,
+            p=first.location.p, p_adjusted=first.entry.p_adjusted,
+            rank_test=rank.location.test, rank_p=rank.location.p,
+            rank_p_adjusted=rank.entry.p_adjusted,
+            hedges_g=c.hedges_g, prob_superiority=c.prob_superiority,
+            tost_p=first.location.tost_p, tost_p_adjusted=first.entry.tost_p_adjusted,
+            tost_ci90=first.location.ci90,
+            tost_ci=(stats.location_ci("t", sample.x, sample.y, paired=sample.paired, level=level)
+                     if level is not None else None),
+            tost_ci_level=level, verdict=first.entry.verdict,
+            settled_by_construction=first.location.forced is not None,
+            robust=robust, disagreeing=disagreeing, multiverse=analyses,
+            sd_ratio=c.variance_ratio, sd_ratio_ci95=c.variance_ratio_ci95,
+            brown_forsythe_p=c.brown_forsythe_p, fligner_p=c.fligner_p,
+            variance_p_adjusted=family["brown_forsythe_p"][i],
+            variance_verdict=stats.variance_verdict(family["brown_forsythe_p"][i], options.alpha),
+            mde=pw.mde, seeds_needed=pw.seeds_needed, seeds_needed_margin=pw.seeds_needed_margin,
+            seeds_needed_equivalence=pw.seeds_needed_equivalence,
+            n_diverged_setting=divergence[i].n_setting_diverged,
+            n_diverged_baseline=divergence[i].n_base_diverged,
+            divergence_p=divergence[i].p, divergence_p_adjusted=div_adj[i],
+            divergence_verdict=stats.variance_verdict(div_adj[i], options.alpha),
+            reason=stats.join_reasons(sample.note, divergence[i].note, first.location.reason,
+                                      c.reason, pw.reason)))
+    return out
 
 
-def _comparisons(frame: pd.DataFrame, others: list[Setting], base: Setting, paired: bool,
-                 stratum: dict[str, Any], options: Analysis, seed: int) -> list[dict[str, Any]]:
-    done = [_compare_one(frame, s, base, paired, stratum, options, seed) for s in others]
-    results = [c for c, _ in done]
-    # One Holm family per p-value kind within the stratum.
-    adj = {key: stats.holm([getattr(c, key) for c in results])
-           for key in ("p", "rank_p", "tost_p", "brown_forsythe_p")}
-    return [_comparison_record(s, base, stratum, c, note, {k: v[i] for k, v in adj.items()}, options)
-            for i, (s, (c, note)) in enumerate(zip(others, done))]
+def _sd(sample: Sample) -> float:
+    """SD of the paired differences, or the pooled SD: the scale power is computed on."""
+    if sample.x.size < 2 or sample.y.size < 2:
+        return 0.0
+    if sample.paired:
+        return float((sample.x - sample.y).std(ddof=1))
+    return stats.pooled_sd(sample.x, sample.y)
 
 
-def _comparison_record(setting: Setting, base: Setting, stratum: dict[str, Any],
-                       c: stats.Comparison, note: str | None, adj: dict[str, float | None],
-                       options: Analysis) -> dict[str, Any]:
-    return {
-        "stratum": stratum, "dropout1": setting[0], "dropout2": setting[1], "baseline": list(base),
-        "n": c.n, "n_setting": c.n_setting, "n_baseline": c.n_baseline, "n_dropped": c.n_dropped,
-        "paired": c.paired, "mean_diff": c.mean_diff, "mean_diff_ci95": c.mean_diff_ci95,
-        "test": c.test, "p": c.p, "p_adjusted": adj["p"],
-        "rank_test": c.rank_test, "rank_p": c.rank_p, "rank_p_adjusted": adj["rank_p"],
-        "hedges_g": c.hedges_g, "prob_superiority": c.prob_superiority,
-        "tost_p": c.tost_p, "tost_p_adjusted": adj["tost_p"],
-        "verdict": stats.verdict(adj["p"], adj["tost_p"], options.alpha, c.forced),
-        "variance_ratio": c.variance_ratio, "variance_ratio_ci95": c.variance_ratio_ci95,
-        "brown_forsythe_p": c.brown_forsythe_p, "fligner_p": c.fligner_p,
-        "variance_p_adjusted": adj["brown_forsythe_p"],
-        "variance_verdict": stats.variance_verdict(adj["brown_forsythe_p"], options.alpha),
-        "mde": c.mde, "seeds_needed": c.seeds_needed,
-        "reason": stats.join_reasons(note, c.reason),
-    }
+def _primary(sample: Sample, options: Analysis, rng: np.random.Generator) -> stats.Comparison:
+    """The descriptive extras of the primary analysis: interval, effect sizes, spread."""
+    return stats.compare(sample.x, sample.y, paired=sample.paired, rng=rng,
+                         margin=options.equivalence_margin, alpha=options.alpha,
+                         power=options.power, n_boot=options.bootstrap)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    n_setting_diverged: int
+    n_base_diverged: int
+    p: float | None
+    note: str | None
+
+
+def _divergence(frame: pd.DataFrame, setting: Setting, base: Setting) -> Divergence:
+    """Diverged runs are left out of the accuracy test but counted here, so a setting that
+    often blows up is not made to look as good as one that never does."""
+    a, b = _rows(frame, setting), _rows(frame, base)
+    da, db = int((a["status"] == "diverged").sum()), int((b["status"] == "diverged").sum())
+    test = stats.divergence(da, len(a), db, len(b))
+    note = (f"{da} diverged run(s) of the setting and {db} of the baseline excluded from the "
+            "accuracy test" if da or db else None)
+    return Divergence(da, db, test.p if (da or db) else None, note)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One comparison under one (endpoint, test): the location result and its verdict."""
+
+    location: stats.Location
+    entry: Analysed
+
+
+def _multiverse(samples: dict[Endpoint, list[Sample]],
+                options: Analysis) -> dict[tuple[str, str], list[Cell]]:
+    """Every (endpoint, test) analysis of every comparison, each its own Holm family."""
+    out = {}
+    for endpoint, row in samples.items():
+        for test in ROBUSTNESS_TESTS:
+            locs = [stats.location(test, s.x, s.y, paired=s.paired,
+                                   margin=options.equivalence_margin, grid=endpoint.grid)
+                    if min(s.x.size, s.y.size) >= stats.MIN_N else None for s in row]
+            p_adj = stats.holm([loc.p if loc else None for loc in locs])
+            t_adj = stats.holm([loc.tost_p if loc else None for loc in locs])
+            out[(endpoint.name, test)] = [
+                _cell(endpoint, test, s, loc, p, t, options.alpha)
+                for s, loc, p, t in zip(row, locs, p_adj, t_adj)]
+    return out
+
+
+def _cell(endpoint: Endpoint, test: str, sample: Sample, loc: stats.Location | None,
+          p_adj: float | None, tost_adj: float | None, alpha: float) -> Cell:
+    if loc is None:
+        loc = stats.Location(test, "", None, None, None, None, None,
+                             reason=f"fewer than {stats.MIN_N} finite runs per group")
+    verdict = stats.verdict(p_adj, tost_adj, alpha, loc.forced)
+    return Cell(loc, Analysed(endpoint.name, test, verdict, loc.estimate, p_adj, tost_adj,
+                              sample.paired, sample.n_pairs))
+
+
+def _robustness(verdicts: dict[tuple[str, str], Analysed],
+                primary: tuple[str, str]) -> tuple[bool | None, list[str]]:
+    """Robust when every analysis gives the primary's verdict (and, for `different`, the same
+    sign); otherwise the analyses that disagree, named "endpoint/test: verdict"."""
+    main = verdicts[primary]
+    def agrees(a: Analysed) -> bool:
+        if a.verdict != main.verdict:
+            return False
+        return a.verdict != "different" or np.sign(a.mean_diff or 0) == np.sign(main.mean_diff or 0)
+    others = [a for a in verdicts.values() if a is not main]
+    if not others:
+        return None, []
+    off = [f"{a.endpoint}/{a.test}: {a.verdict}" for a in others if not agrees(a)]
+    return not off, off
+
+
+def _holm_multipliers(p: list[float | None]) -> list[int | None]:
+    """Holm's multiplier (m - rank) for each p-value; None stays None and is not counted."""
+    idx = sorted((i for i, v in enumerate(p) if v is not None), key=lambda i: p[i])
+    out: list[int | None] = [None] * len(p)
+    for rank, i in enumerate(idx):
+        out[i] = len(idx) - rank
+    return out
 
 
 # ----------------------------------------------------------------------------- output helpers
@@ -310,7 +506,8 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
 
 
 # Interval-valued fields that may be None: they still get their _lo/_hi columns.
-_INTERVALS = ("ci95", "ci95_boot", "iqr", "gap_ci95", "mean_diff_ci95", "variance_ratio_ci95")
+_INTERVALS = ("ci95", "ci95_boot", "iqr", "gap_ci95", "mean_diff_ci95", "variance_ratio_ci95",
+              "sd_ratio_ci95", "tost_ci90", "tost_ci")
 
 
 def _counts_as_int(frame: pd.DataFrame) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from study import data, plan, protocol, runner, tracking
 from study.protocol import Analysis, Protocol
+from study.results import Results
 from study.table import RunTable
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         _protocol_args(p, optional=True)
         p.add_argument("--experiment", help="analyse any MLflow experiment with the run schema")
         p.add_argument("--baseline", default="0.2,0.5", help="D1,D2 (with --experiment)")
+        p.add_argument("--endpoint", default="final",
+                       help="primary endpoint with --experiment: final or last:K")
         p.set_defaults(func=func)
     p = sub.add_parser("data", help="find, verify and unpack Fashion-MNIST")
     p.set_defaults(func=cmd_data)
@@ -115,7 +118,12 @@ def _target(args: argparse.Namespace) -> Target:
             d1, d2 = (float(v) for v in args.baseline.split(","))
         except ValueError:
             raise protocol.ProtocolError(f"--baseline {args.baseline!r}: expected D1,D2") from None
-        return Target(args.experiment, (d1, d2), Analysis())
+        try:
+            options = Analysis(endpoint=args.endpoint)
+        except ValueError:
+            raise protocol.ProtocolError(f"--endpoint {args.endpoint!r}: expected final or "
+                                         "last:K with K >= 1") from None
+        return Target(args.experiment, (d1, d2), options)
     if not args.protocol:
         raise protocol.ProtocolError("give a protocol file or --experiment NAME")
     proto = _load(args)
@@ -128,7 +136,7 @@ class Analysed:
 
     mlflow: tracking.MlflowClient  # tracking stays the only module that imports MLflow
     table: RunTable
-    results: dict
+    results: Results
     out: Path
     files: list[Path]
 
@@ -158,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from study import report
 
     done = _analyze(_target(args))
-    written = report.write_report(done.results, done.table, done.out)
+    written = report.write_report(done.results.to_json(), done.table, done.out)
     done.log(written.all())
     print(f"Report: {written.pdf}\nMarkdown: {written.markdown}")
     _print_where(done.table.experiment_id)

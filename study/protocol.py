@@ -90,6 +90,9 @@ class Analysis:
     equivalence_margin: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.005
     bootstrap: Annotated[int, Field(ge=100, strict=True)] = 10_000
     power: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.8
+    # The primary endpoint: `final` (the last epoch's test accuracy) or `last:K` (the mean of the
+    # last K evaluated epochs). The robustness set (results.ROBUSTNESS_ENDPOINTS) runs beside it.
+    endpoint: Annotated[str, Field(pattern=r"^(final|last:[1-9][0-9]*)$", strict=True)] = "final"
 
 
 def _nonempty(items: tuple) -> tuple:

@@ -1,0 +1,200 @@
+"""The typed results contract: what `analysis` produces and what JSON, CSV, figures and the report
+read. Every field here is in `results.json` under the same name (see README "Results").
+
+    python -c "from study.results import Endpoint; print(Endpoint.parse('last:3'))"
+
+Intervals are `(lo, hi)` tuples in accuracy units; "not computable" is `None` plus a `reason`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from study.table import jsonable
+
+Interval = tuple[float, float]
+# Fashion-MNIST's test set: every final accuracy is a multiple of 1 / TEST_IMAGES.
+TEST_IMAGES = 10_000
+# The fixed robustness set every comparison is also run under (issue: verdicts that do not move
+# with undeclared analysis choices). The declared primary endpoint joins it when it is not listed.
+ROBUSTNESS_ENDPOINTS = ("final", "last:3", "last:5")
+ROBUSTNESS_TESTS = ("t", "rank", "trimmed")
+TEST_NAMES = {"t": "t test", "rank": "rank test (Hodges-Lehmann)", "trimmed": "20%-trimmed (Yuen)"}
+VERDICTS = ("different", "negligible", "equivalent", "inconclusive")
+_ENDPOINT = re.compile(r"^(final|last:([1-9][0-9]*))$")
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """Which number of a run is analysed: its final test accuracy, or the mean of its last K
+    evaluated epochs (less sensitive to the chaotic last step at lr 0.5)."""
+
+    k: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        match = _ENDPOINT.match(text)
+        if not match:
+            raise ValueError(f"endpoint {text!r}: expected 'final' or 'last:K' with K >= 1")
+        return cls(1 if match.group(1) == "final" else int(match.group(2)))
+
+    @property
+    def name(self) -> str:
+        return "final" if self.k == 1 else f"last:{self.k}"
+
+    @property
+    def grid(self) -> float:
+        """The endpoint's resolution: differences closer than this are ties (round before ranking)."""
+        return 1.0 / (self.k * TEST_IMAGES)
+
+    def describe(self) -> str:
+        return "final-epoch test accuracy" if self.k == 1 else \
+            f"test accuracy averaged over the last {self.k} evaluated epochs"
+
+
+@dataclass(frozen=True)
+class Omnibus:
+    test: str
+    statistic: float | None
+    p: float | None
+    reason: str | None
+    secondary: Omnibus | None = None
+
+
+@dataclass(frozen=True)
+class Stratum:
+    stratum: dict[str, Any]
+    label: str
+    paired: bool  # every setting has the same seeds (the omnibus test is then Friedman)
+    n_seeds: int
+    settings: list[list[float]]
+    omnibus: Omnibus
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Group:
+    stratum: dict[str, Any]
+    dropout1: float
+    dropout2: float
+    n: int  # finite runs that enter the statistics
+    n_diverged: int
+    mean: float | None
+    sd: float | None
+    ci95: Interval | None
+    ci95_boot: Interval | None
+    median: float | None
+    iqr: Interval | None
+    train_loss_mean: float | None
+    train_acc_mean: float | None
+    gap_mean: float | None
+    gap_ci95: Interval | None
+    status_counts: dict[str, int]
+    textbook_check_passed: int
+    n_excluded: int  # every run left out of the statistics, diverged ones included
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """One cell of the multiverse: one endpoint under one test family, with its own Holm family
+    (the stratum's comparisons under the same endpoint and test)."""
+
+    endpoint: str
+    test: str  # t | rank | trimmed
+    verdict: str
+    mean_diff: float | None  # the family's estimate: mean, Hodges-Lehmann or trimmed-mean gap
+    p_adjusted: float | None
+    tost_p_adjusted: float | None
+    paired: bool
+    n_pairs: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One setting against the baseline in one stratum, under the declared primary analysis
+    (endpoint, t test); `multiverse` holds every robustness analysis, the primary included."""
+
+    stratum: dict[str, Any]
+    dropout1: float
+    dropout2: float
+    baseline: list[float]
+    endpoint: str
+    n: int
+    n_setting: int
+    n_baseline: int
+    n_dropped: int
+    paired: bool
+    n_pairs: int  # seeds finite in both groups (0 when unpaired)
+    mean_diff: float | None
+    mean_diff_ci95: Interval | None
+    test: str
+    p: float | None
+    p_adjusted: float | None
+    rank_test: str
+    rank_p: float | None
+    rank_p_adjusted: float | None
+    hedges_g: float | None
+    prob_superiority: float | None
+    tost_p: float | None
+    tost_p_adjusted: float | None
+    # The interval whose lying inside +-margin is the same decision as the TOST: the 90% interval
+    # for the unadjusted TOST, and the wider `tost_ci_level` one for the Holm-adjusted verdict.
+    tost_ci90: Interval | None
+    tost_ci: Interval | None
+    tost_ci_level: float | None
+    verdict: str
+    settled_by_construction: bool
+    robust: bool | None  # None: too few analyses ran to tell
+    disagreeing: list[str]  # "endpoint/test: verdict" of the analyses that differ from the primary
+    multiverse: list[Analysed]
+    sd_ratio: float | None
+    sd_ratio_ci95: Interval | None
+    brown_forsythe_p: float | None
+    fligner_p: float | None
+    variance_p_adjusted: float | None
+    variance_verdict: str
+    mde: float | None
+    seeds_needed: int | None
+    seeds_needed_margin: int | None
+    seeds_needed_equivalence: int | None
+    n_diverged_setting: int
+    n_diverged_baseline: int
+    divergence_p: float | None
+    divergence_p_adjusted: float | None
+    divergence_verdict: str
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Results:
+    experiment: str
+    baseline: list[float]
+    alpha: float
+    equivalence_margin: float
+    power: float
+    bootstrap: int
+    seed: int
+    metric: str
+    endpoint: str  # the declared primary endpoint
+    robustness_endpoints: list[str]  # those that ran
+    robustness_tests: list[str]
+    endpoints_left_out: list[str]  # "last:5 (only 3 epochs run)"
+    stratified_by: list[str]
+    n_runs: int
+    n_replicate_runs_ignored: int
+    strata: list[Stratum]
+    groups: list[Group]
+    comparisons: list[Comparison]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The results.json form: plain JSON types, no NaN. `variance_ratio` (and its interval)
+        repeat `sd_ratio` under its old name for one release: it always was an SD ratio."""
+        out = jsonable(dataclasses.asdict(self))
+        for c in out["comparisons"]:
+            c["variance_ratio"], c["variance_ratio_ci95"] = c["sd_ratio"], c["sd_ratio_ci95"]
+        return out
