@@ -281,7 +281,10 @@ def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], colum
         reason = stats.join_reasons(excluded, reason)
     return Group(
         stratum=stratum, dropout1=setting[0], dropout2=setting[1], n=desc.n,
-        n_diverged=desc.n_dropped, mean=desc.mean, sd=desc.sd, ci95=desc.ci95,
+        n_diverged=desc.n_dropped, mean=desc.mean, sd=desc.sd,
+        sd_ci95=stats.sd_ci(acc[np.isfinite(acc)], _rng(seed, "sd", stratum, setting),
+                            options.bootstrap),
+        ci95=desc.ci95,
         ci95_boot=desc.ci95_boot, median=desc.median, iqr=desc.iqr,
         train_loss_mean=_finite_mean(rows["train_loss"]),
         train_acc_mean=_finite_mean(rows["train_acc"]),

@@ -84,6 +84,7 @@ class Group:
     n_diverged: int
     mean: float | None
     sd: float | None
+    sd_ci95: Interval | None  # bootstrap (BCa where defined); the SD error bars of the figures
     ci95: Interval | None
     ci95_boot: Interval | None
     median: float | None
