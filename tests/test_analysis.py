@@ -52,6 +52,11 @@ def _table(rows: list[dict]) -> RunTable:
     return RunTable("1", "synthetic", pd.DataFrame(rows, columns=list(RUN_COLUMNS)), curves)
 
 
+def _analyze(table: RunTable, base=BASE, options=OPTIONS, seed: int = 0) -> dict:
+    """The results.json form, as a reader of the file sees it."""
+    return analysis.analyze(table, base, options, seed).to_json()
+
+
 def _seeded(n: int, seed: int = 0, seed_sd: float = 0.003) -> tuple[np.random.Generator, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng, 0.85 + rng.normal(0, seed_sd, n)  # baseline accuracies with a per-seed effect
@@ -82,7 +87,7 @@ def test_planted_verdicts_different_equivalent_inconclusive():
     gap = base + 0.01 + rng.normal(0, 0.001, 10)  # a real 1-point gain
     same = base + rng.normal(0, 0.0005, 10)  # equal means, tight spread
     table = _table(_runs({BASE: base, (0.2, 0.5): gap, (0.5, 0.5): same}))
-    results = analysis.analyze(table, BASE, OPTIONS)
+    results = _analyze(table, BASE, OPTIONS)
     assert _comparison(results, (0.2, 0.5))["verdict"] == "different"
     assert _comparison(results, (0.5, 0.5))["verdict"] == "equivalent"
     assert results["strata"][0]["paired"] and results["strata"][0]["omnibus"]["test"] == "friedman"
@@ -92,7 +97,7 @@ def test_small_gap_with_few_noisy_seeds_is_inconclusive():
     rng = np.random.default_rng(3)
     base = 0.85 + rng.normal(0, 0.01, 4)
     noisy = base + 0.003 + rng.normal(0, 0.01, 4)
-    results = analysis.analyze(_table(_runs({BASE: base, (0.2, 0.5): noisy})), BASE, OPTIONS)
+    results = _analyze(_table(_runs({BASE: base, (0.2, 0.5): noisy})), BASE, OPTIONS)
     c = _comparison(results, (0.2, 0.5))
     assert c["verdict"] == "inconclusive"
     assert c["seeds_needed"] > 4 and c["mde"] > abs(c["mean_diff"])
@@ -103,7 +108,7 @@ def test_comparison_numbers_match_scipy_and_holm_is_per_stratum_family():
     accs = {BASE: base, (0.2, 0.5): base + 0.002 + rng.normal(0, 0.002, 10),
             (0.5, 0.5): base - 0.001 + rng.normal(0, 0.002, 10),
             (0.6, 0.8): base + rng.normal(0, 0.004, 10)}
-    results = analysis.analyze(_table(_runs(accs)), BASE, OPTIONS)
+    results = _analyze(_table(_runs(accs)), BASE, OPTIONS)
     comps = sorted(results["comparisons"], key=lambda c: (c["dropout1"], c["dropout2"]))
     settings = sorted(s for s in accs if s != BASE)
     raw = [sps.ttest_rel(accs[s], base).pvalue for s in settings]
@@ -123,7 +128,7 @@ def test_constant_chance_group_has_reasons_and_no_nan():
     accs = {BASE: base, (0.2, 0.5): base + rng.normal(0, 0.002, 10),
             (0.9, 0.9): np.full(10, 0.1), (1.0, 1.0): np.full(10, 0.1)}
     table = _table(_runs(accs))
-    results = analysis.analyze(table, BASE, OPTIONS)
+    results = _analyze(table, BASE, OPTIONS)
     text = json.dumps(results, allow_nan=False)  # raises on NaN or infinity
     assert "NaN" not in text
     assert not any(isinstance(v, float) and not math.isfinite(v) for v in _walk(results))
@@ -134,7 +139,7 @@ def test_constant_chance_group_has_reasons_and_no_nan():
     assert c["verdict"] == "different" and c["variance_ratio"] == 0.0
     # Unpaired, the constant groups make Welch's ANOVA undefined: a reason, Kruskal still runs.
     shifted = _table(_runs(accs, seeds={s: range(10 * i, 10 * i + 10) for i, s in enumerate(accs)}))
-    unpaired = analysis.analyze(shifted, BASE, OPTIONS)
+    unpaired = _analyze(shifted, BASE, OPTIONS)
     omnibus = unpaired["strata"][0]["omnibus"]
     assert omnibus["p"] is None and "zero variance" in omnibus["reason"]
     assert omnibus["secondary"]["p"] is not None
@@ -143,7 +148,7 @@ def test_constant_chance_group_has_reasons_and_no_nan():
 
 def test_every_none_in_a_comparison_comes_with_a_reason():
     rng, base = _seeded(10)
-    results = analysis.analyze(_table(_runs({BASE: base, (0.5, 0.5): base.copy(),
+    results = _analyze(_table(_runs({BASE: base, (0.5, 0.5): base.copy(),
                                              (1.0, 1.0): np.full(10, 0.1)})), BASE, OPTIONS)
     for c in results["comparisons"]:
         if any(c[k] is None for k in ("p", "rank_p", "tost_p", "brown_forsythe_p", "mde", "seeds_needed")):
@@ -159,7 +164,7 @@ def test_two_devices_make_two_strata():
     rng, base = _seeded(6)
     rows = (_runs({BASE: base, (0.2, 0.5): base + 0.01}, device="cpu")
             + _runs({BASE: base - 0.002, (0.2, 0.5): base + rng.normal(0, 0.003, 6)}, device="cuda"))
-    results = analysis.analyze(_table(rows), BASE, OPTIONS)
+    results = _analyze(_table(rows), BASE, OPTIONS)
     assert [s["stratum"]["device"] for s in results["strata"]] == ["cpu", "cuda"]
     assert results["strata"][0]["label"] == "cpu / default / torch / sequential / native / torch / all"
     assert results["stratified_by"] == ["device"]
@@ -174,7 +179,7 @@ def test_unpaired_path_when_seeds_differ():
     rng = np.random.default_rng(1)
     base, other = 0.85 + rng.normal(0, 0.003, 8), 0.86 + rng.normal(0, 0.003, 8)
     rows = _runs({BASE: base, (0.2, 0.5): other}, seeds={BASE: range(8), (0.2, 0.5): range(100, 108)})
-    results = analysis.analyze(_table(rows), BASE, OPTIONS)
+    results = _analyze(_table(rows), BASE, OPTIONS)
     c = _comparison(results, (0.2, 0.5))
     assert not c["paired"] and c["test"] == "welch_t" and c["rank_test"] == "mann_whitney"
     assert c["p"] == pytest.approx(sps.ttest_ind(other, base, equal_var=False).pvalue)
@@ -188,7 +193,7 @@ def test_diverged_runs_and_replicates_are_excluded_and_counted():
     setting[3] = math.nan
     rows = _runs({BASE: base, (0.2, 0.5): setting})
     rows.append(_row((0.2, 0.5), 0, 0.99, replicate=1))  # a replicate must not enter the stats
-    results = analysis.analyze(_table(rows), BASE, OPTIONS)
+    results = _analyze(_table(rows), BASE, OPTIONS)
     (g,) = [g for g in results["groups"] if g["dropout1"] == 0.2]
     assert g["n"] == 9 and g["n_excluded"] == 1 and "diverged" in g["reason"]
     assert g["status_counts"] == {"diverged": 1, "ok": 9}
@@ -201,17 +206,17 @@ def test_diverged_runs_and_replicates_are_excluded_and_counted():
 
 def test_missing_baseline_and_empty_table_are_stated_not_crashed(tmp_path):
     rng, base = _seeded(5)
-    results = analysis.analyze(_table(_runs({(0.2, 0.5): base, (0.5, 0.5): base + 0.01})), BASE, OPTIONS)
+    results = _analyze(_table(_runs({(0.2, 0.5): base, (0.5, 0.5): base + 0.01})), BASE, OPTIONS)
     assert results["comparisons"] == [] and "no runs" in results["strata"][0]["notes"][0]
     empty = _table([])
     nothing = analysis.analyze(empty, BASE, OPTIONS)
-    assert nothing["strata"] == [] and nothing["n_runs"] == 0
-    assert len(analysis.write(nothing, empty, tmp_path)) == 4
+    assert nothing.strata == [] and nothing.n_runs == 0
+    assert len(analysis.write(nothing, empty, tmp_path)) == 5
 
 
 def test_group_summary_fields():
     rng, base = _seeded(5)
-    results = analysis.analyze(_table(_runs({BASE: base, (0.2, 0.5): base + 0.01})), BASE, OPTIONS)
+    results = _analyze(_table(_runs({BASE: base, (0.2, 0.5): base + 0.01})), BASE, OPTIONS)
     (g,) = [g for g in results["groups"] if g["dropout1"] == 0.0]
     assert g["mean"] == pytest.approx(base.mean()) and g["sd"] == pytest.approx(base.std(ddof=1))
     assert g["gap_mean"] == pytest.approx(0.01) and g["train_loss_mean"] == pytest.approx(0.4)
@@ -224,8 +229,8 @@ def test_group_summary_fields():
 def test_seed_controls_bootstrap():
     rng, base = _seeded(10)
     table = _table(_runs({BASE: base, (0.2, 0.5): base + rng.normal(0.002, 0.002, 10)}))
-    a, b = analysis.analyze(table, BASE, OPTIONS, seed=1), analysis.analyze(table, BASE, OPTIONS, seed=1)
-    c = analysis.analyze(table, BASE, OPTIONS, seed=2)
+    a, b = _analyze(table, BASE, OPTIONS, seed=1), _analyze(table, BASE, OPTIONS, seed=1)
+    c = _analyze(table, BASE, OPTIONS, seed=2)
     assert a == b
     assert a["groups"][0]["ci95_boot"] != c["groups"][0]["ci95_boot"]
 
@@ -237,8 +242,8 @@ def test_write_is_byte_identical_and_flattens(tmp_path):
     first = analysis.write(analysis.analyze(table, BASE, OPTIONS), table, tmp_path / "a")
     second = analysis.write(analysis.analyze(table, BASE, OPTIONS), table, tmp_path / "b")
     # The same cells on cpu and cuda make the devices section applicable: its CSV is returned too.
-    assert [p.name for p in first] == ["results.json", "groups.csv", "comparisons.csv", "runs.csv",
-                                       "diagnostics_devices.csv"]
+    assert [p.name for p in first] == ["results.json", "groups.csv", "comparisons.csv",
+                                       "multiverse.csv", "runs.csv", "diagnostics_devices.csv"]
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes(), p.name
     comps = pd.read_csv(first[2])
@@ -247,6 +252,6 @@ def test_write_is_byte_identical_and_flattens(tmp_path):
         assert col in comps.columns
     groups = pd.read_csv(first[1])
     assert {"ci95_lo", "ci95_hi", "iqr_lo", "iqr_hi", "status_counts_ok"} <= set(groups.columns)
-    assert len(pd.read_csv(first[3])) == len(table.runs)
+    assert len(pd.read_csv(first[4])) == len(table.runs)
     loaded = json.loads(first[0].read_text())
     assert loaded["metric"] == "test_acc" and loaded["baseline"] == [0.0, 0.0]
