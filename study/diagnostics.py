@@ -704,6 +704,8 @@ def _impl_finding(r: dict[str, Any], margin: float) -> str:
             f"{_fmt_ci(r['mean_diff_ci95'], _pp)})")
     tail = {
         "different": "different (Holm-adjusted t test)",
+        "negligible": f"a real gap, shown to lie within \u00b1{100 * margin:.2f} pp (Holm-adjusted "
+                      "t test and TOST): negligible",
         "equivalent": f"equivalent within \u00b1{100 * margin:.2f} pp (Holm-adjusted TOST)",
         "inconclusive": f"inconclusive: neither a difference nor equivalence within "
                         f"\u00b1{100 * margin:.2f} pp is shown",
