@@ -60,12 +60,13 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
     primary = Endpoint.parse(options.endpoint)
     endpoints, left_out = _endpoints(runs, table.curves, primary)
     runs = _with_endpoints(runs, table.curves, endpoints)
-    strata, groups, comparisons = [], [], []
+    strata, groups, comparisons, contrasts = [], [], [], []
     for stratum, frame in _strata(runs):
-        s, g, c = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed)
+        s, g, c, k = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed)
         strata.append(s)
         groups.extend(g)
         comparisons.extend(c)
+        contrasts.extend(k)
     return Results(
         experiment=table.experiment_name, baseline=list(base), alpha=options.alpha,
         equivalence_margin=options.equivalence_margin, power=options.power,
@@ -73,39 +74,42 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         robustness_endpoints=[e.name for e in endpoints], robustness_tests=list(ROBUSTNESS_TESTS),
         endpoints_left_out=left_out, stratified_by=_varying_columns(runs),
         n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
-        strata=strata, groups=groups, comparisons=comparisons,
+        strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
         diagnostics=diagnostics.analyze(table, options, seed))
 
 
 def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:
-    """Write results.json, groups.csv, comparisons.csv, multiverse.csv, runs.csv and the
+    """Write results.json, groups.csv, comparisons.csv, contrasts.csv, multiverse.csv, runs.csv and the
     diagnostics CSVs (sorted by section) into out_dir; return every path written, in that order.
 
     Byte-identical for the same input: sorted JSON keys, fixed row order, '\\n' line ends."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = ("results.json", "groups.csv", "comparisons.csv", "multiverse.csv", "runs.csv")
+    names = ("results.json", "groups.csv", "comparisons.csv", "contrasts.csv", "multiverse.csv",
+             "runs.csv")
     paths = [out_dir / name for name in names]
     data = results.to_json()
     # allow_nan=False: a NaN reaching the JSON is a bug to surface, not a value to write.
     paths[0].write_text(json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n")
     _write_csv(_counts_as_int(pd.DataFrame([flatten(r) for r in data["groups"]])), paths[1])
-    _write_csv(pd.DataFrame([flatten({k: v for k, v in r.items() if k != "multiverse"})
-                             for r in data["comparisons"]]), paths[2])
-    _write_csv(pd.DataFrame(_multiverse_rows(data["comparisons"]), columns=_MULTIVERSE_COLUMNS),
-               paths[3])
-    _write_csv(_sorted_runs(table.runs), paths[4])
+    for records, path in ((data["comparisons"], paths[2]), (data["contrasts"], paths[3])):
+        _write_csv(pd.DataFrame([flatten({k: v for k, v in r.items() if k != "multiverse"})
+                                 for r in records]), path)
+    rows = _multiverse_rows(data["comparisons"] + data["contrasts"])
+    _write_csv(pd.DataFrame(rows, columns=_MULTIVERSE_COLUMNS), paths[4])
+    _write_csv(_sorted_runs(table.runs), paths[5])
     # Returned, not only written: the caller logs exactly this list to the MLflow analysis run.
     return paths + write_diagnostics(data.get("diagnostics") or {}, out_dir)
 
 
-_MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "endpoint", "test", "verdict", "mean_diff",
+_MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "baseline_dropout1", "baseline_dropout2", "endpoint", "test", "verdict", "mean_diff",
                        "p_adjusted", "tost_p_adjusted", "paired", "n_pairs"]
 
 
 def _multiverse_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per comparison and robustness analysis, the stratum in its own columns."""
     return [{**c["stratum"], **{k: c[k] for k in ("dropout1", "dropout2")},
+             "baseline_dropout1": c["baseline"][0], "baseline_dropout2": c["baseline"][1],
              **{k: v for k, v in m.items() if k in _MULTIVERSE_COLUMNS}}
             for c in comparisons for m in c["multiverse"]]
 
@@ -238,22 +242,25 @@ def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
 
 def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting,
                      primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
-                     seed: int) -> tuple[Stratum, list[Group], list[Comparison]]:
+                     seed: int) -> tuple[Stratum, list[Group], list[Comparison], list[Comparison]]:
     settings = _settings(frame)
     column = _column(primary)
     groups = [_group(frame, s, stratum, column, options, seed) for s in settings]
     notes = []
     if base not in settings:
         notes.append(f"baseline {list(base)} has no runs in this stratum: no comparisons")
-        comparisons = []
-    else:
-        others = [s for s in settings if s != base]
-        comparisons = _comparisons(frame, others, base, stratum, primary, endpoints, options, seed)
+    pairs = [(s, base) for s in settings if s != base and base in settings]
+    comparisons = _comparisons(frame, pairs, stratum, primary, endpoints, options, seed)
+    declared = [(_setting(*a), _setting(*b)) for a, b in options.contrasts]
+    present = [(a, b) for a, b in declared if a in settings and b in settings]
+    notes += [f"contrast {list(a)} against {list(b)}: a setting has no runs in this stratum"
+              for a, b in declared if (a, b) not in present]
+    contrasts = _comparisons(frame, present, stratum, primary, endpoints, options, seed)
     complete = _pairs_by_seed(frame, settings)
     summary = Stratum(stratum=stratum, label=_label(stratum), paired=complete,
                       n_seeds=int(frame["seed"].nunique()), settings=[list(s) for s in settings],
                       omnibus=_omnibus(frame, settings, complete, column), notes=notes)
-    return summary, groups, comparisons
+    return summary, groups, comparisons, contrasts
 
 
 def _omnibus(frame: pd.DataFrame, settings: list[Setting], paired: bool, column: str) -> Omnibus:
@@ -330,62 +337,87 @@ def _sample(frame: pd.DataFrame, setting: Setting, base: Setting, column: str) -
     return Sample(x.to_numpy(), y.to_numpy(), False, 0, note)
 
 
-def _comparisons(frame: pd.DataFrame, others: list[Setting], base: Setting,
-                 stratum: dict[str, Any], primary: Endpoint, endpoints: list[Endpoint],
-                 options: Analysis, seed: int) -> list[Comparison]:
-    samples = {e: [_sample(frame, s, base, _column(e)) for s in others] for e in endpoints}
+Pair = tuple[Setting, Setting]  # (setting, reference): the gap is setting - reference
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Holm family of comparisons in a stratum, analysed together: the baseline
+    comparisons, or the declared contrasts (a family of their own, so declaring a contrast
+    never moves a baseline comparison's p-values)."""
+
+    pairs: list[Pair]
+    samples: dict[Endpoint, list[Sample]]
+    verse: dict[tuple[str, str], list[Cell]]
+    main: list[stats.Comparison]
+    divergence: list[Divergence]
+    variance_adjusted: list[float | None]
+    divergence_adjusted: list[float | None]
+    tost_multipliers: list[int | None]
+
+
+def _family(frame: pd.DataFrame, pairs: list[Pair], stratum: dict[str, Any], primary: Endpoint,
+            endpoints: list[Endpoint], options: Analysis, seed: int) -> Family:
+    samples = {e: [_sample(frame, s, ref, _column(e)) for s, ref in pairs] for e in endpoints}
     verse = _multiverse(samples, options)
-    main = [_primary(samples[primary][i], options, _rng(seed, "comparison", stratum, s, base))
-            for i, s in enumerate(others)]
-    divergence = [_divergence(frame, s, base) for s in others]
-    family = {key: stats.holm([getattr(c, key) for c in main])
-              for key in ("brown_forsythe_p",)}
-    div_adj = stats.holm([d.p for d in divergence])
-    loc = verse[(primary.name, "t")]
-    tost_multipliers = _holm_multipliers([m.location.tost_p for m in loc])
-    out = []
-    for i, s in enumerate(others):
-        sample, c = samples[primary][i], main[i]
-        analyses = [verse[key][i].entry for key in verse]
-        first = loc[i]
-        level = (stats.tost_level(options.alpha, tost_multipliers[i])
-                 if tost_multipliers[i] is not None else None)
-        verdicts = {k: verse[k][i].entry for k in verse}
-        robust, disagreeing = _robustness(verdicts, (primary.name, "t"))
-        pw = stats.power_analysis(first.location.estimate or 0.0, _sd(sample), sample.x.size,
-                                  sample.y.size, sample.paired, options.alpha, options.power,
-                                  options.equivalence_margin)
-        rank = verse[(primary.name, "rank")][i]
-        out.append(Comparison(
-            stratum=stratum, dropout1=s[0], dropout2=s[1], baseline=list(base),
-            endpoint=primary.name, n=c.n, n_setting=c.n_setting, n_baseline=c.n_baseline,
-            n_dropped=divergence[i].n_setting_diverged + divergence[i].n_base_diverged,
-            paired=sample.paired, n_pairs=sample.n_pairs,
-            mean_diff=c.mean_diff, mean_diff_ci95=c.mean_diff_ci95, test=c.test,
-            p=first.location.p, p_adjusted=first.entry.p_adjusted,
-            rank_test=rank.location.test, rank_p=rank.location.p,
-            rank_p_adjusted=rank.entry.p_adjusted,
-            hedges_g=c.hedges_g, prob_superiority=c.prob_superiority,
-            tost_p=first.location.tost_p, tost_p_adjusted=first.entry.tost_p_adjusted,
-            tost_ci90=first.location.ci90,
-            tost_ci=(stats.location_ci("t", sample.x, sample.y, paired=sample.paired, level=level)
-                     if level is not None else None),
-            tost_ci_level=level, verdict=first.entry.verdict,
-            settled_by_construction=first.location.forced is not None,
-            robust=robust, disagreeing=disagreeing, multiverse=analyses,
-            sd_ratio=c.variance_ratio, sd_ratio_ci95=c.variance_ratio_ci95,
-            brown_forsythe_p=c.brown_forsythe_p, fligner_p=c.fligner_p,
-            variance_p_adjusted=family["brown_forsythe_p"][i],
-            variance_verdict=stats.variance_verdict(family["brown_forsythe_p"][i], options.alpha),
-            mde=pw.mde, seeds_needed=pw.seeds_needed, seeds_needed_margin=pw.seeds_needed_margin,
-            seeds_needed_equivalence=pw.seeds_needed_equivalence,
-            n_diverged_setting=divergence[i].n_setting_diverged,
-            n_diverged_baseline=divergence[i].n_base_diverged,
-            divergence_p=divergence[i].p, divergence_p_adjusted=div_adj[i],
-            divergence_verdict=stats.variance_verdict(div_adj[i], options.alpha),
-            reason=stats.join_reasons(sample.note, divergence[i].note, first.location.reason,
-                                      c.reason, pw.reason)))
-    return out
+    main = [_primary(sample, options, _rng(seed, "comparison", stratum, s, ref))
+            for sample, (s, ref) in zip(samples[primary], pairs)]
+    divergence = [_divergence(frame, s, ref) for s, ref in pairs]
+    return Family(pairs, samples, verse, main, divergence,
+                  stats.holm([c.brown_forsythe_p for c in main]),
+                  stats.holm([d.p for d in divergence]),
+                  _holm_multipliers([cell.location.tost_p for cell in verse[(primary.name, "t")]]))
+
+
+def _comparisons(frame: pd.DataFrame, pairs: list[Pair], stratum: dict[str, Any],
+                 primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
+                 seed: int) -> list[Comparison]:
+    if not pairs:
+        return []
+    fam = _family(frame, pairs, stratum, primary, endpoints, options, seed)
+    return [_record(fam, i, stratum, primary, options) for i in range(len(pairs))]
+
+
+def _record(fam: Family, i: int, stratum: dict[str, Any], primary: Endpoint,
+            options: Analysis) -> Comparison:
+    (s, ref), sample, c, div = fam.pairs[i], fam.samples[primary][i], fam.main[i], fam.divergence[i]
+    first, rank = fam.verse[(primary.name, "t")][i], fam.verse[(primary.name, "rank")][i]
+    robust, disagreeing = _robustness({k: v[i].entry for k, v in fam.verse.items()},
+                                      (primary.name, "t"))
+    k = fam.tost_multipliers[i]
+    level = stats.tost_level(options.alpha, k) if k is not None else None
+    pw = stats.power_analysis(first.location.estimate or 0.0, _sd(sample), sample.x.size,
+                              sample.y.size, sample.paired, options.alpha, options.power,
+                              options.equivalence_margin)
+    return Comparison(
+        stratum=stratum, dropout1=s[0], dropout2=s[1], baseline=list(ref),
+        endpoint=primary.name, n=c.n, n_setting=c.n_setting, n_baseline=c.n_baseline,
+        n_dropped=div.n_setting_diverged + div.n_base_diverged,
+        paired=sample.paired, n_pairs=sample.n_pairs,
+        mean_diff=c.mean_diff, mean_diff_ci95=c.mean_diff_ci95, test=c.test,
+        p=first.location.p, p_adjusted=first.entry.p_adjusted,
+        rank_test=rank.location.test, rank_p=rank.location.p,
+        rank_p_adjusted=rank.entry.p_adjusted,
+        hedges_g=c.hedges_g, prob_superiority=c.prob_superiority,
+        tost_p=first.location.tost_p, tost_p_adjusted=first.entry.tost_p_adjusted,
+        tost_ci90=first.location.ci90,
+        tost_ci=(stats.location_ci("t", sample.x, sample.y, paired=sample.paired, level=level)
+                 if level is not None else None),
+        tost_ci_level=level, verdict=first.entry.verdict,
+        settled_by_construction=first.location.forced is not None,
+        robust=robust, disagreeing=disagreeing,
+        multiverse=[cells[i].entry for cells in fam.verse.values()],
+        sd_ratio=c.variance_ratio, sd_ratio_ci95=c.variance_ratio_ci95,
+        brown_forsythe_p=c.brown_forsythe_p, fligner_p=c.fligner_p,
+        variance_p_adjusted=fam.variance_adjusted[i],
+        variance_verdict=stats.variance_verdict(fam.variance_adjusted[i], options.alpha),
+        mde=pw.mde, seeds_needed=pw.seeds_needed, seeds_needed_margin=pw.seeds_needed_margin,
+        seeds_needed_equivalence=pw.seeds_needed_equivalence,
+        n_diverged_setting=div.n_setting_diverged, n_diverged_baseline=div.n_base_diverged,
+        divergence_p=div.p, divergence_p_adjusted=fam.divergence_adjusted[i],
+        divergence_verdict=stats.variance_verdict(fam.divergence_adjusted[i], options.alpha),
+        reason=stats.join_reasons(sample.note, div.note, first.location.reason, c.reason,
+                                  pw.reason))
 
 
 def _sd(sample: Sample) -> float:

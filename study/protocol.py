@@ -93,6 +93,9 @@ class Analysis:
     # The primary endpoint: `final` (the last epoch's test accuracy) or `last:K` (the mean of the
     # last K evaluated epochs). The robustness set (results.ROBUSTNESS_ENDPOINTS) runs beside it.
     endpoint: Annotated[str, Field(pattern=r"^(final|last:[1-9][0-9]*)$", strict=True)] = "final"
+    # Pairs of settings compared with each other, [setting, reference] (gap = setting - reference),
+    # beside the comparisons with the baseline and in a Holm family of their own.
+    contrasts: tuple[tuple[Setting, Setting], ...] = ()
 
 
 def _nonempty(items: tuple) -> tuple:
@@ -137,6 +140,13 @@ class Protocol:
                 raise ValueError(f"{key}: {err}") from None
         if self.baseline not in self.dropout:
             raise ValueError(f"baseline: {list(self.baseline)} is not one of the dropout settings")
+        for a, b in self.analysis.contrasts:
+            for side in (a, b):
+                if side not in self.dropout:
+                    raise ValueError(f"analysis.contrasts: {list(side)} is not one of the dropout "
+                                     "settings")
+            if a == b:
+                raise ValueError(f"analysis.contrasts: {list(a)} against itself")
         if missing := set(self.required_devices) - set(self.devices):
             raise ValueError(f"required_devices: {sorted(missing)} not listed in devices")
         if self.model.arch == "mlp" and len(self.model.hidden) != 2:

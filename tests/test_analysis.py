@@ -211,7 +211,7 @@ def test_missing_baseline_and_empty_table_are_stated_not_crashed(tmp_path):
     empty = _table([])
     nothing = analysis.analyze(empty, BASE, OPTIONS)
     assert nothing.strata == [] and nothing.n_runs == 0
-    assert len(analysis.write(nothing, empty, tmp_path)) == 5
+    assert len(analysis.write(nothing, empty, tmp_path)) == 6
 
 
 def test_group_summary_fields():
@@ -243,7 +243,8 @@ def test_write_is_byte_identical_and_flattens(tmp_path):
     second = analysis.write(analysis.analyze(table, BASE, OPTIONS), table, tmp_path / "b")
     # The same cells on cpu and cuda make the devices section applicable: its CSV is returned too.
     assert [p.name for p in first] == ["results.json", "groups.csv", "comparisons.csv",
-                                       "multiverse.csv", "runs.csv", "diagnostics_devices.csv"]
+                                       "contrasts.csv", "multiverse.csv", "runs.csv",
+                                       "diagnostics_devices.csv"]
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes(), p.name
     comps = pd.read_csv(first[2])
@@ -252,6 +253,6 @@ def test_write_is_byte_identical_and_flattens(tmp_path):
         assert col in comps.columns
     groups = pd.read_csv(first[1])
     assert {"ci95_lo", "ci95_hi", "iqr_lo", "iqr_hi", "status_counts_ok"} <= set(groups.columns)
-    assert len(pd.read_csv(first[4])) == len(table.runs)
+    assert len(pd.read_csv(first[5])) == len(table.runs)
     loaded = json.loads(first[0].read_text())
     assert loaded["metric"] == "test_acc" and loaded["baseline"] == [0.0, 0.0]
