@@ -241,3 +241,24 @@ def test_results_json_keeps_the_old_variance_ratio_name_as_an_alias():
         assert key in c
     assert set(c["multiverse"][0]) >= {"endpoint", "test", "verdict", "mean_diff", "p_adjusted"}
     assert "n_diverged" in data["groups"][0]
+
+
+# ----------------------------------------------------------------------------- declared contrasts
+
+
+def test_a_declared_contrast_is_its_own_family_and_leaves_baseline_comparisons_alone():
+    rng = np.random.default_rng(10)
+    base = _grid(0.85 + rng.normal(0, 0.004, 10))
+    first, second = _grid(base - 0.02 + rng.normal(0, 0.003, 10)), _grid(base - 0.01 + rng.normal(0, 0.003, 10))
+    table = _table({BASE: _flat(base), (0.8, 0.6): _flat(first), (0.6, 0.8): _flat(second)})
+    plain = analysis.analyze(table, BASE, OPTIONS)
+    declared = Analysis(bootstrap=200, contrasts=(((0.8, 0.6), (0.6, 0.8)),))
+    with_contrast = analysis.analyze(table, BASE, declared)
+    assert [c.p_adjusted for c in with_contrast.comparisons] == [c.p_adjusted for c in plain.comparisons]
+    assert plain.contrasts == []
+    (k,) = with_contrast.contrasts
+    assert (k.dropout1, k.dropout2, k.baseline) == (0.8, 0.6, [0.6, 0.8])
+    assert k.paired and k.n_pairs == 10
+    assert k.p == pytest.approx(sps.ttest_rel(first, second).pvalue)
+    assert k.p_adjusted == k.p  # a family of one
+    assert k.verdict == "different" and k.mean_diff < 0
