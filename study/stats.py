@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special
+from scipy import integrate, optimize, special
 from scipy import stats as sps
 from statsmodels.stats.oneway import anova_oneway
-from statsmodels.stats.power import TTestIndPower, TTestPower
 
 TOLERANCE = 1e-9
 # Fewer runs than this per group and no test is run: with 2 seeds a t test has 1 degree of
@@ -100,6 +99,8 @@ class Spread:
 class Power:
     mde: float | None  # smallest |difference| detectable at `power` with the n used, accuracy units
     seeds_needed: int | None  # seeds (per group when unpaired) to detect the observed difference
+    seeds_needed_margin: int | None = None  # ... to detect a difference equal to the margin
+    seeds_needed_equivalence: int | None = None  # ... for the TOST to pass when the gap is 0
     reason: str | None = None
 
 
@@ -454,12 +455,61 @@ def spread(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,
 # ----------------------------------------------------------------------------- power
 
 
-def _power(effect: float, n1: int, n2: int, alpha: float, paired: bool) -> float:
-    """Power of the two-sided t test for a standardised effect; n2 is ignored when paired."""
+def _chi2_pdf(v: float, df: float) -> float:
+    return math.exp((df / 2 - 1) * math.log(v) - v / 2 - df / 2 * math.log(2) - special.gammaln(df / 2))
+
+
+def _chi2_range(df: float) -> tuple[float, float]:
+    """Where all but 2e-15 of a chi-square(df) lies: quadrature over it loses nothing visible."""
+    return float(special.chdtri(df, 1 - 1e-15)), float(special.chdtri(df, 1e-15))
+
+
+def _nct_cdf_quad(t: float, df: float, nc: float) -> float:
+    """P(T <= t) for T ~ noncentral t(df, nc), as E_V[Phi(t sqrt(V/df) - nc)], V ~ chi2(df):
+    T = (Z + nc) / sqrt(V/df). A bounded integrand over a finite range, so never NaN."""
+    lo, hi = _chi2_range(df)
+    f = lambda v: special.ndtr(t * math.sqrt(v / df) - nc) * _chi2_pdf(v, df)  # noqa: E731
+    return min(1.0, max(0.0, integrate.quad(f, lo, hi, points=[df], epsabs=1e-13, limit=200)[0]))
+
+
+def nct_cdf(t: float, df: float, nc: float) -> float:
+    """CDF of the noncentral t. scipy's nctdtr is exact where it answers, but returns NaN in
+    the far tails (t = -t_crit once nc > ~8, t = +t_crit once nc > ~35, measured on scipy
+    1.17); reading that NaN as "power not reached" gave wrong seed counts. There the
+    quadrature above takes over."""
+    with np.errstate(all="ignore"):
+        value = float(special.nctdtr(df, nc, t))
+    return value if 0.0 <= value <= 1.0 else _nct_cdf_quad(t, df, nc)
+
+
+def _t_design(n1: int, n2: int, paired: bool) -> tuple[float, float]:
+    """(df, sqrt of the effective n): the t statistic's noncentrality is effect * that root."""
     if paired:
-        return float(TTestPower().power(effect, nobs=n1, alpha=alpha, alternative="two-sided"))
-    return float(TTestIndPower().power(effect, nobs1=n1, alpha=alpha, ratio=n2 / n1,
-                                       alternative="two-sided"))
+        return n1 - 1, math.sqrt(n1)
+    return n1 + n2 - 2, math.sqrt(n1 * n2 / (n1 + n2))
+
+
+def _power(effect: float, n1: int, n2: int, alpha: float, paired: bool) -> float:
+    """Power of the two-sided t test (Student's, pooled SD when unpaired) for a standardised
+    effect; n2 is ignored when paired."""
+    df, root = _t_design(n1, n2, paired)
+    nc, crit = abs(effect) * root, float(special.stdtrit(df, 1 - alpha / 2))
+    return (1.0 - nct_cdf(crit, df, nc)) + nct_cdf(-crit, df, nc)
+
+
+def _tost_power(margin_effect: float, n1: int, n2: int, alpha: float, paired: bool) -> float:
+    """Probability that the TOST at `alpha` shows equivalence within +-margin when the true gap
+    is 0 (margin in SD units). It passes when |mean diff| < margin - t_{1-alpha} * se, so
+    power = E_V[max(0, 2 Phi(delta - t sqrt(V/df)) - 1)], delta = margin / (sd / root)."""
+    df, root = _t_design(n1, n2, paired)
+    delta, crit = margin_effect * root, float(special.stdtrit(df, 1 - alpha))
+    v_max = df * (delta / crit) ** 2  # beyond it the margin minus the critical width is < 0
+    lo, hi = _chi2_range(df)
+    if v_max <= lo:
+        return 0.0
+    f = lambda v: (2 * special.ndtr(delta - crit * math.sqrt(v / df)) - 1) * _chi2_pdf(v, df)  # noqa: E731
+    points = [df] if lo < df < min(hi, v_max) else None
+    return float(integrate.quad(f, lo, min(hi, v_max), points=points, epsabs=1e-13, limit=200)[0])
 
 
 def power_at(diff: float, sd: float, n: int, alpha: float, paired: bool) -> float:
@@ -468,6 +518,12 @@ def power_at(diff: float, sd: float, n: int, alpha: float, paired: bool) -> floa
     sd: SD of the paired differences (paired) or the common SD of both groups (unpaired);
     n: pairs (paired) or runs per group (unpaired, equal groups)."""
     return _power(abs(diff) / sd, n, n, alpha, paired)
+
+
+def tost_power_at(margin: float, sd: float, n: int, alpha: float, paired: bool) -> float:
+    """Predicted probability that the TOST within +-margin passes when the true gap is 0;
+    sd and n as in `power_at`."""
+    return _tost_power(margin / sd, n, n, alpha, paired)
 
 
 def _min_effect(n1: int, n2: int, alpha: float, power: float, paired: bool) -> float | None:
@@ -482,45 +538,64 @@ def _min_effect(n1: int, n2: int, alpha: float, power: float, paired: bool) -> f
     return float(optimize.brentq(gap, 0.0, hi, xtol=1e-12))
 
 
-def _min_seeds(effect: float, alpha: float, power: float, paired: bool,
-               cap: int = 1_000_000) -> int | None:
-    """Smallest n >= 2 (pairs, or runs per group) whose power reaches `power`; None past `cap`.
-
-    Doubling then bisection: statsmodels' noncentral t returns NaN at very large noncentrality,
-    so n is never pushed far beyond the answer."""
-    reaches = lambda n: _power(effect, n, n, alpha, paired) >= power  # noqa: E731  (NaN -> False)
+def _min_n(reaches, cap: int = 1_000_000) -> int | None:
+    """Smallest n >= 2 with reaches(n) true, for reaches monotone in n; None past `cap`."""
     lo, hi = 1, 2
     while not reaches(hi):
         lo, hi = hi, hi * 2
         if hi > cap:
             return None
-    while hi - lo > 1:  # invariant: power(lo) < target <= power(hi); power rises with n
+    while hi - lo > 1:  # invariant: reaches(hi), not reaches(lo) (lo = 1 stands for "below 2")
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
-    return max(hi, 2)
+    return hi
+
+
+def _min_seeds(effect: float, alpha: float, power: float, paired: bool,
+               cap: int = 1_000_000) -> int | None:
+    """Seeds per setting (pairs, or runs per group) for the t test to reach `power`."""
+    return _min_n(lambda n: _power(effect, n, n, alpha, paired) >= power, cap)
+
+
+def _min_seeds_equivalence(margin_effect: float, alpha: float, power: float, paired: bool,
+                           cap: int = 1_000_000) -> int | None:
+    """Seeds per setting for the TOST to show equivalence with probability `power` at gap 0."""
+    return _min_n(lambda n: _tost_power(margin_effect, n, n, alpha, paired) >= power, cap)
 
 
 def power_analysis(diff: float, sd: float, n_setting: int, n_baseline: int, paired: bool,
-                   alpha: float = 0.05, power: float = 0.8) -> Power:
-    """Minimum detectable |difference| with the n used, and seeds needed for the observed one.
+                   alpha: float = 0.05, power: float = 0.8, margin: float | None = None) -> Power:
+    """Minimum detectable |difference| with the n used, and seeds needed per setting.
 
     sd: SD of the paired differences (paired) or pooled SD (unpaired); n_setting = pairs when
-    paired. Uses the nominal alpha (no multiplicity correction), so with several settings both
-    numbers are optimistic. Power is statsmodels' TTestPower / TTestIndPower (noncentral t)."""
+    paired. seeds_needed: to detect the observed difference; seeds_needed_margin: a difference
+    equal to `margin`; seeds_needed_equivalence: for the TOST to show equivalence within
+    +-margin when the true gap is 0. All at the nominal alpha (no multiplicity correction, so
+    with several settings they are optimistic), two-sided t / TOST, equal n per group, the
+    observed SD taken as the truth; power from the noncentral t (`nct_cdf`)."""
     if n_setting < 2 or n_baseline < 2:
-        return Power(None, None, "fewer than 2 runs per group: power undefined")
+        return Power(None, None, reason="fewer than 2 runs per group: power undefined")
     if not sd > TOLERANCE:
-        return Power(None, None, "SD is 0: power undefined")
+        return Power(None, None, reason="SD is 0: power undefined")
     effect = _min_effect(n_setting, n_baseline, alpha, power, paired)
     mde = effect * sd if effect is not None else None
-    why_mde = None if mde is not None else "power equation has no root for the n used"
+    reasons = [None if mde is not None else "power equation has no root for the n used"]
+    needed = None
     if abs(diff) <= TOLERANCE:
-        return Power(mde, None, join_reasons(why_mde, "observed difference is 0: no seed count detects it"))
-    needed = _min_seeds(abs(diff) / sd, alpha, power, paired)
-    if needed is None:
-        why = "observed difference too small: over a million seeds needed"
-        return Power(mde, None, join_reasons(why_mde, why))
-    return Power(mde, needed, why_mde)
+        reasons.append("observed difference is 0: no seed count detects it")
+    else:
+        needed = _min_seeds(abs(diff) / sd, alpha, power, paired)
+        if needed is None:
+            reasons.append("observed difference too small: over a million seeds needed")
+    by_margin = by_equivalence = None
+    if margin is not None and not margin > 0:
+        reasons.append("margin is not positive: no seed count for it")
+    elif margin is not None:
+        by_margin = _min_seeds(margin / sd, alpha, power, paired)
+        by_equivalence = _min_seeds_equivalence(margin / sd, alpha, power, paired)
+        if by_margin is None or by_equivalence is None:
+            reasons.append("margin too small against the SD: over a million seeds needed")
+    return Power(mde, needed, by_margin, by_equivalence, join_reasons(*reasons))
 
 
 def pooled_sd(x: np.ndarray, y: np.ndarray) -> float:
@@ -552,7 +627,7 @@ def compare(setting: np.ndarray, baseline: np.ndarray, *, paired: bool, rng: np.
     tost = tost_paired(x, y, margin) if paired else tost_welch(x, y, margin)
     spr = spread(x, y, paired, rng, n_boot)
     sd = float((x - y).std(ddof=1)) if paired else pooled_sd(x, y)
-    pw = power_analysis(shift.mean_diff, sd, x.size, y.size, paired, alpha, power)
+    pw = power_analysis(shift.mean_diff, sd, x.size, y.size, paired, alpha, power, margin)
     forced = shift.forced or tost.forced
     return Comparison(
         paired=paired, n=n, n_setting=int(x.size), n_baseline=int(y.size), n_dropped=dropped,

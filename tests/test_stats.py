@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import special
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.oneway import anova_oneway
@@ -251,7 +252,104 @@ def test_power_edge_cases_give_reasons():
     flat = stats.power_analysis(0.01, 0.0, 10, 10, paired=True)
     assert flat.mde is None and flat.seeds_needed is None and "SD is 0" in flat.reason
     huge = stats.power_analysis(0.5, 0.001, 10, 10, paired=True)  # 500 SDs: 2 seeds suffice
-    assert huge.seeds_needed == 2
+    assert huge.seeds_needed == 2 and huge.seeds_needed_margin is None
+    bad = stats.power_analysis(0.002, 0.003, 10, 10, paired=True, margin=0.0)
+    assert bad.seeds_needed_margin is None and "margin is not positive" in bad.reason
+
+
+def test_nct_cdf_quadrature_matches_scipy_where_scipy_answers():
+    # The fallback is only used where nctdtr returns NaN; here it must agree with nctdtr.
+    for df in (1, 2, 5, 30, 1000):
+        for nc in (0.0, 2.0, 7.0, 30.0):
+            for t in (-4.3, 0.0, 2.5, 12.7):
+                ref = float(special.nctdtr(df, nc, t))
+                if math.isfinite(ref):
+                    assert stats._nct_cdf_quad(t, df, nc) == pytest.approx(ref, abs=1e-8)
+    # Where it does not answer the true lower tail is below Phi(-nc) (T < 0 needs Z + nc < 0).
+    with np.errstate(all="ignore"):
+        assert math.isnan(special.nctdtr(2, 12 * math.sqrt(3), -4.3))
+    assert 0 <= stats.nct_cdf(-4.3, 2, 12 * math.sqrt(3)) <= sps.norm.cdf(-12 * math.sqrt(3))
+
+
+def test_regression_seeds_needed_at_large_effects():
+    """The old code read scipy's NaN tail as "power not reached": paired, 6.7 SD gave 6 seeds,
+    4.6 SD gave 43 and 12 SD gave 6 (see tests below for the Monte Carlo). By hand for 12 SD,
+    n = 2: df 1, t_crit 12.706, noncentrality 12 sqrt(2) = 16.97; the lower tail is below
+    Phi(-16.97) ~ 1e-64, and P(T > t_crit) = 1 - nctdtr(1, 16.97, 12.706) = 0.817 >= 0.8."""
+    want = {6.7: 3, 4.6: 3, 12.0: 2}
+    got = {e: stats.power_analysis(e * 0.003, 0.003, 10, 10, paired=True).seeds_needed for e in want}
+    assert got == want
+    assert stats.power_at(12 * 0.003, 0.003, 2, ALPHA, True) == pytest.approx(
+        1 - special.nctdtr(1, 12 * math.sqrt(2), special.stdtrit(1, 0.975)), abs=1e-12)
+    assert stats.power_at(6.7, 1.0, 2, ALPHA, True) < 0.8 <= stats.power_at(6.7, 1.0, 3, ALPHA, True)
+
+
+def _mc_t_power(effect: float, n: int, paired: bool, rng, reps: int) -> float:
+    """Share of simulated normal studies (unit SD, `effect` SDs apart) where the two-sided t
+    test rejects. Each group's mean and sum of squares are drawn from their exact sampling
+    laws (normal, chi-square): the same statistic as from raw data, at O(reps) cost for any n."""
+    if paired:
+        mean = effect + rng.standard_normal(reps) / math.sqrt(n)
+        se = np.sqrt(rng.chisquare(n - 1, reps) / (n - 1) / n)
+        return float((np.abs(mean / se) > sps.t.ppf(1 - ALPHA / 2, n - 1)).mean())
+    mx = effect + rng.standard_normal(reps) / math.sqrt(n)
+    my = rng.standard_normal(reps) / math.sqrt(n)
+    pooled = (rng.chisquare(n - 1, reps) + rng.chisquare(n - 1, reps)) / (2 * n - 2)
+    t = (mx - my) / np.sqrt(pooled * 2 / n)
+    return float((np.abs(t) > sps.t.ppf(1 - ALPHA / 2, 2 * n - 2)).mean())
+
+
+def _mc_tost_power(margin: float, n: int, paired: bool, rng, reps: int) -> float:
+    """Share of simulated studies with true gap 0 where both one-sided t tests reject at +-margin."""
+    if paired:
+        mean = rng.standard_normal(reps) / math.sqrt(n)
+        se, df = np.sqrt(rng.chisquare(n - 1, reps) / (n - 1) / n), n - 1
+    else:
+        mean = (rng.standard_normal(reps) - rng.standard_normal(reps)) / math.sqrt(n)
+        pooled = (rng.chisquare(n - 1, reps) + rng.chisquare(n - 1, reps)) / (2 * n - 2)
+        se, df = np.sqrt(pooled * 2 / n), 2 * n - 2
+    crit = sps.t.ppf(1 - ALPHA, df)
+    return float((((mean + margin) / se > crit) & ((mean - margin) / se < -crit)).mean())
+
+
+EFFECTS = (0.2, 0.35, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 4.0, 4.6, 6.0, 8.0, 12.0)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_seeds_needed_reach_power_in_monte_carlo(paired):
+    """For each effect (SD units) the returned n reaches 80% power in simulation and n - 1 does
+    not (within 3 Monte Carlo SEs), for the observed gap, a gap equal to the margin, and the TOST
+    at gap 0; the predicted power agrees with the simulation at both n."""
+    rng, reps, sd = _rng(31), 20_000, 0.003
+    se80 = math.sqrt(0.8 * 0.2 / reps)
+    for effect in EFFECTS:
+        pw = stats.power_analysis(effect * sd, sd, 10, 10, paired, margin=effect * sd)
+        assert pw.seeds_needed == pw.seeds_needed_margin
+        cases = ((pw.seeds_needed, _mc_t_power, stats.power_at),
+                 (pw.seeds_needed_equivalence, _mc_tost_power, stats.tost_power_at))
+        for n, simulate, predict in cases:
+            for m in (n, n - 1) if n > 2 else (n,):
+                rate, predicted = simulate(effect, m, paired, rng, reps), predict(effect * sd, sd, m, ALPHA, paired)
+                tol = 4 * math.sqrt(max(predicted * (1 - predicted), 1e-4) / reps)
+                assert abs(rate - predicted) <= tol, (effect, m, rate, predicted)
+                assert (rate >= 0.8 - 3 * se80) if m == n else (rate < 0.8 + 3 * se80), (effect, m, rate)
+                assert (predicted >= 0.8) == (m == n), (effect, m, predicted)
+
+
+def test_seeds_needed_against_raw_data_scipy_t_tests():
+    """Small n, raw normal samples and scipy's own t tests, independent of the sufficient-statistic
+    shortcut above: the 6.7 SD paired case (3 seeds, the old code said 6) and 1.5 SD unpaired."""
+    rng, reps = _rng(5), 20_000
+    assert stats.power_analysis(6.7, 1.0, 10, 10, paired=True).seeds_needed == 3
+    x = 6.7 + rng.standard_normal((reps, 3))
+    assert (sps.ttest_1samp(x, 0, axis=1).pvalue < ALPHA).mean() > 0.8
+    assert (sps.ttest_1samp(x[:, :2], 0, axis=1).pvalue < ALPHA).mean() < 0.8
+    n = stats.power_analysis(1.5, 1.0, 10, 10, paired=False).seeds_needed
+    a, b = 1.5 + rng.standard_normal((reps, n)), rng.standard_normal((reps, n))
+    rate = (sps.ttest_ind(a, b, axis=1).pvalue < ALPHA).mean()
+    assert rate == pytest.approx(stats.power_at(1.5, 1.0, n, ALPHA, False), abs=4 * math.sqrt(0.16 / reps))
+    rate_less = (sps.ttest_ind(a[:, 1:], b[:, 1:], axis=1).pvalue < ALPHA).mean()
+    assert rate >= 0.8 - 3 * math.sqrt(0.16 / reps) and rate_less < 0.8
 
 
 # ----------------------------------------------------------------------------- compare and edge cases
