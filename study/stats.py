@@ -409,6 +409,277 @@ def tost_welch(x: np.ndarray, y: np.ndarray, margin: float) -> TestResult:
     return _tost(float(x.mean() - y.mean()), se, df, margin, constant, "tost_welch")
 
 
+# ----------------------------------------------------------------------------- three location analyses
+
+FAMILIES = ("t", "rank", "trimmed")
+TRIM = 0.2
+
+
+@dataclass(frozen=True)
+class Location:
+    """One location analysis of setting (x) against baseline (y), every estimate x - y.
+
+    family "t": mean difference, paired t / Welch t, t TOST. "rank": Hodges-Lehmann shift,
+    Wilcoxon signed-rank / Mann-Whitney, rank TOST. "trimmed": difference of 20%-trimmed means,
+    Yuen's paired / unpaired test, Yuen TOST. ci90 is the interval dual to the unadjusted TOST at
+    alpha = 0.05 (inside +-margin iff the TOST passes; for ranks up to discreteness and ties).
+    p is two-sided against no shift; tost_p the larger of the two one-sided p at +-margin.
+    `forced` is a verdict settled by construction when every difference is the same number."""
+
+    family: str
+    test: str
+    estimate: float | None
+    ci95: tuple[float, float] | None
+    ci90: tuple[float, float] | None
+    p: float | None
+    tost_p: float | None
+    forced: str | None = None
+    reason: str | None = None
+
+
+def _test_name(family: str, paired: bool) -> str:
+    names = {"t": ("paired_t", "welch_t"), "rank": ("wilcoxon", "mann_whitney"),
+             "trimmed": ("yuen_paired", "yuen")}
+    if family not in names:
+        raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
+    return names[family][0 if paired else 1]
+
+
+def on_grid(v: np.ndarray, grid: float | None) -> np.ndarray:
+    """v: [n] -> v in grid units, rounded to whole units (floats holding integers); unchanged
+    when grid is None. Accuracies are counts / 10k (or means of K such): two differences that
+    are equal on that grid differ by ~1e-16 in floats and would otherwise rank as distinct."""
+    return np.asarray(v, dtype=float) if grid is None else np.rint(np.asarray(v, dtype=float) / grid)
+
+
+def _clean(x: np.ndarray, y: np.ndarray, paired: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
+    if paired:
+        x, y, dropped = drop_nan_pairs(x, y)
+        return x, y, f"{dropped} pair(s) with non-finite values dropped" if dropped else None
+    (x, dx), (y, dy) = drop_nan(x), drop_nan(y)
+    return x, y, f"{dx + dy} run(s) with non-finite values dropped" if dx + dy else None
+
+
+def constant_gap(x: np.ndarray, y: np.ndarray, paired: bool, grid: float | None = None) -> float | None:
+    """The gap x - y when it is the same for every seed (paired: every difference equal; unpaired:
+    both groups constant), rounded to the grid when one is given; None when it varies."""
+    tol = grid / 2 if grid is not None else TOLERANCE
+    if paired:
+        d = x - y
+        flat, gap = float(np.ptp(d)) <= tol, float(d.mean())
+    else:
+        flat = float(np.ptp(x)) <= tol and float(np.ptp(y)) <= tol
+        gap = float(x.mean() - y.mean())
+    if not flat:
+        return None
+    return float(np.rint(gap / grid) * grid) if grid is not None else gap
+
+
+def settle_gap(gap: float, margin: float, grid: float | None = None) -> str:
+    """Verdict for a gap that holds for every seed: no test is needed (or defined)."""
+    tol = grid / 2 if grid is not None else TOLERANCE
+    if abs(gap) <= tol:
+        return "equivalent"
+    return "negligible" if abs(gap) <= margin + tol else "different"
+
+
+def _forced_location(family: str, test: str, gap: float, margin: float, grid: float | None,
+                     note: str | None) -> Location:
+    verdict_ = settle_gap(gap, margin, grid)
+    why = (f"every seed gives the same gap {gap:+.6g} (margin {margin:g}): no spread, so the test "
+           f"statistic is undefined; {verdict_} settled by construction")
+    return Location(family, test, gap, (gap, gap), (gap, gap), None, None, verdict_,
+                    join_reasons(note, why))
+
+
+def location(family: str, x: np.ndarray, y: np.ndarray, *, paired: bool, margin: float,
+             grid: float | None = None) -> Location:
+    """x: [n] setting, y: [n] baseline aligned by seed when paired, else [n1], [n2]; NaN dropped.
+
+    grid: resolution of the accuracies (1e-4 for 10k test images, 1/(K 10000) for a mean of K
+    epochs); rank tests round to it before ranking. Unadjusted; see `holm`, `verdict`."""
+    test = _test_name(family, paired)
+    x, y, note = _clean(x, y, paired)
+    if min(x.size, y.size) < MIN_N:
+        why = f"fewer than {MIN_N} runs per group"
+        return Location(family, test, None, None, None, None, None, None, join_reasons(note, why))
+    gap = constant_gap(x, y, paired, grid)
+    if gap is not None:
+        return _forced_location(family, test, gap, margin, grid, note)
+    if family == "rank":
+        return _rank_location(test, x, y, paired, margin, grid, note)
+    est, se, df = _t_parts(x, y, paired) if family == "t" else yuen_parts(x, y, paired)
+    return _studentised(family, test, est, se, df, margin, note)
+
+
+def location_ci(family: str, x: np.ndarray, y: np.ndarray, *, paired: bool, level: float,
+                grid: float | None = None) -> tuple[float, float] | None:
+    """Interval for the family's shift estimate at `level` (x, y, grid as in `location`); the
+    point when the gap is constant; None when not computable."""
+    _test_name(family, paired)
+    x, y, _ = _clean(x, y, paired)
+    if min(x.size, y.size) < MIN_N:
+        return None
+    gap = constant_gap(x, y, paired, grid)
+    if gap is not None:
+        return (gap, gap)
+    if family == "rank":
+        return hodges_lehmann(x, y, paired, level, grid)[1]
+    est, se, df = _t_parts(x, y, paired) if family == "t" else yuen_parts(x, y, paired)
+    return t_interval(est, se, df, level) if se > 0 else None
+
+
+# t and Yuen: a shift, its standard error and degrees of freedom, then the same machinery.
+
+
+def _t_parts(x: np.ndarray, y: np.ndarray, paired: bool) -> tuple[float, float, float]:
+    if paired:
+        d = x - y
+        return float(d.mean()), float(d.std(ddof=1)) / math.sqrt(d.size), d.size - 1
+    se, df = welch_df(x, y)
+    return float(x.mean() - y.mean()), se, df
+
+
+def _studentised(family: str, test: str, est: float, se: float, df: float, margin: float,
+                 note: str | None) -> Location:
+    if not se > 0:
+        why = "standard error 0 although the gap varies (winsorised variances 0): test undefined"
+        return Location(family, test, est, None, None, None, None, None, join_reasons(note, why))
+    p = float(2 * special.stdtr(df, -abs(est / se)))
+    p_low = special.stdtr(df, -(est + margin) / se)  # H0: shift <= -margin
+    p_high = special.stdtr(df, (est - margin) / se)  # H0: shift >= +margin
+    return Location(family, test, est, t_interval(est, se, df, 0.95), t_interval(est, se, df, 0.90),
+                    p, float(max(p_low, p_high)), None, note)
+
+
+def trimmed_mean(x: np.ndarray, trim: float = TRIM) -> float:
+    """x: [n] -> mean after cutting floor(trim n) values from each end (scipy's trim_mean)."""
+    g = int(math.floor(trim * x.size))
+    return float(np.sort(x)[g:x.size - g].mean())
+
+
+def winsorise(x: np.ndarray, trim: float = TRIM) -> np.ndarray:
+    """x: [n] -> [n] in the same order, the floor(trim n) lowest raised to the next value up and
+    the same number of highest lowered to the next value down."""
+    g = int(math.floor(trim * x.size))
+    s = np.sort(x)
+    return np.clip(x, s[g], s[x.size - 1 - g])
+
+
+def yuen_parts(x: np.ndarray, y: np.ndarray, paired: bool, trim: float = TRIM
+               ) -> tuple[float, float, float]:
+    """x, y: [n] (paired) or [n1], [n2] -> (trimmed-mean difference, its SE, df) of Yuen's test.
+
+    Unpaired (Yuen 1974): d_i = (n_i - 1) s2_w,i / (h_i (h_i - 1)), h_i = n_i - 2 floor(trim n_i),
+    se = sqrt(d_1 + d_2), Welch-type df. Paired (Wilcox 2012, `yuend`): both samples winsorised
+    separately, se^2 = (n - 1)(s2_wx + s2_wy - 2 cov_w) / (h (h - 1)), df = h - 1."""
+    est = trimmed_mean(x, trim) - trimmed_mean(y, trim)
+    wx, wy = winsorise(x, trim), winsorise(y, trim)
+    h = lambda v: v.size - 2 * int(math.floor(trim * v.size))  # noqa: E731
+    if paired:
+        n, hx = x.size, h(x)
+        q = (n - 1) * (wx.var(ddof=1) + wy.var(ddof=1) - 2 * np.cov(wx, wy, ddof=1)[0, 1])
+        return est, float(math.sqrt(max(q, 0.0) / (hx * (hx - 1)))), float(hx - 1)
+    dx = (x.size - 1) * wx.var(ddof=1) / (h(x) * (h(x) - 1))
+    dy = (y.size - 1) * wy.var(ddof=1) / (h(y) * (h(y) - 1))
+    if dx + dy == 0:
+        return est, 0.0, float("nan")
+    df = (dx + dy) ** 2 / (dx**2 / (h(x) - 1) + dy**2 / (h(y) - 1))
+    return est, float(math.sqrt(dx + dy)), float(df)
+
+
+# ranks: Hodges-Lehmann shift and its distribution-free interval, scipy's tests for p.
+
+
+def signed_rank_null(n: int) -> np.ndarray:
+    """[n(n+1)/2 + 1] exact null pmf of the signed-rank sum T+ over n untied, nonzero values:
+    the coefficients of prod_i (1 + q^i) / 2^n."""
+    pmf = np.ones(1)
+    for i in range(1, n + 1):
+        pmf = np.concatenate([pmf, np.zeros(i)]) + np.concatenate([np.zeros(i), pmf])
+    return pmf / pmf.sum()
+
+
+def mann_whitney_null(n1: int, n2: int) -> np.ndarray:
+    """[n1 n2 + 1] exact null pmf of U over untied samples: the coefficients of the Gaussian
+    binomial [n1 + n2 choose n1]_q = prod_{i=1..n1} (1 - q^(n2+i)) / (1 - q^i)."""
+    m, n = sorted((n1, n2))
+    poly = np.zeros(m * n + 1)
+    poly[0] = 1.0
+    for i in range(1, m + 1):
+        poly[n + i:] -= poly[:m * n + 1 - (n + i)].copy()  # times (1 - q^(n+i))
+        for k in range(i, poly.size):  # divided by (1 - q^i): a running sum with stride i
+            poly[k] += poly[k - i]
+    return poly / poly.sum()
+
+
+def _rank_null_cdf(paired: bool, n1: int, n2: int) -> tuple[np.ndarray, str]:
+    """[N + 1] P(S <= c), c = 0..N, for the statistic whose order statistics bound the interval
+    (N = n(n+1)/2 Walsh averages, or n1 n2 differences). Exact where scipy's tests use the exact
+    law (signed rank: n <= 50; Mann-Whitney: a group of <= 8), normal otherwise (Mann-Whitney
+    with scipy's 0.5 continuity correction, signed rank without, as scipy's defaults)."""
+    if paired and n1 <= 50:
+        return np.cumsum(signed_rank_null(n1)), "exact"
+    if not paired and min(n1, n2) <= 8:
+        return np.cumsum(mann_whitney_null(n1, n2)), "exact"
+    if paired:
+        big, mu, sd, cc = n1 * (n1 + 1) // 2, n1 * (n1 + 1) / 4, math.sqrt(n1 * (n1 + 1) * (2 * n1 + 1) / 24), 0.0
+    else:
+        big, mu, sd, cc = n1 * n2, n1 * n2 / 2, math.sqrt(n1 * n2 * (n1 + n2 + 1) / 12), 0.5
+    return special.ndtr((np.arange(big + 1) + cc - mu) / sd), "normal"
+
+
+def hodges_lehmann(x: np.ndarray, y: np.ndarray, paired: bool, level: float = LEVEL,
+                   grid: float | None = None) -> tuple[float, tuple[float, float] | None, str | None]:
+    """x, y: [n] paired or [n1], [n2] -> (HL shift, interval at `level`, reason).
+
+    Paired: median of the Walsh averages (d_i + d_j)/2, i <= j; unpaired: median of all x_i - y_j.
+    Interval [W_(k), W_(N-k+1)] with k the smallest c where P(S <= c) > (1 - level)/2: exactly
+    the shifts the two-sided rank test at 1 - level does not reject (untied data). Ties (after
+    rounding to the grid) make the interval conservative; the order statistics stay defined."""
+    scale = 1.0 if grid is None else grid
+    if paired:
+        d = on_grid(x - y, grid)
+        i, j = np.triu_indices(d.size)
+        w = np.sort((d[i] + d[j]) / 2)
+    else:
+        w = np.sort((on_grid(x, grid)[:, None] - on_grid(y, grid)[None, :]).ravel())
+    cdf, _ = _rank_null_cdf(paired, x.size, y.size)
+    k = int(np.argmax(cdf > (1 - level) / 2))  # first c with P(S <= c) > alpha / 2
+    est = float(np.median(w)) * scale
+    if k == 0:
+        return est, None, f"too few runs for a {level:.0%} rank interval (needs P(S = 0) <= {(1 - level) / 2:g})"
+    return est, (float(w[k - 1]) * scale, float(w[w.size - k]) * scale), None
+
+
+def _rank_p(ux: np.ndarray, uy: np.ndarray, paired: bool, alternative: str) -> float | None:
+    if paired:
+        d = ux - uy
+        if not np.any(d != 0):
+            return None
+        return _finite(_quiet(sps.wilcoxon, d, alternative=alternative).pvalue)
+    return _finite(_quiet(sps.mannwhitneyu, ux, uy, alternative=alternative).pvalue)
+
+
+def _rank_location(test: str, x: np.ndarray, y: np.ndarray, paired: bool, margin: float,
+                   grid: float | None, note: str | None) -> Location:
+    """Rank tests on grid units. TOST: one-sided rank tests of (shift + margin > 0) and
+    (shift - margin < 0), the larger p; dual to the 90% HL interval lying inside +-margin up to
+    discreteness and ties (the interval's critical value is the untied one)."""
+    ux, uy = on_grid(x, grid), on_grid(y, grid)
+    mu = margin if grid is None else float(np.rint(margin / grid))
+    est, ci95, why95 = hodges_lehmann(x, y, paired, 0.95, grid)
+    _, ci90, why90 = hodges_lehmann(x, y, paired, 0.90, grid)
+    p = _rank_p(ux, uy, paired, "two-sided")
+    p_low = _rank_p(ux + mu, uy, paired, "greater")
+    p_high = _rank_p(ux - mu, uy, paired, "less")
+    tost = None if p_low is None or p_high is None else max(p_low, p_high)
+    why = join_reasons(note, why95 if ci90 is not None else why90,
+                       None if p is not None else "rank test not computable on these values",
+                       None if tost is not None else "rank TOST not computable on these values")
+    return Location("rank", test, est, ci95, ci90, p, tost, None, why)
+
+
 # ----------------------------------------------------------------------------- spread
 
 
@@ -437,14 +708,17 @@ def sd_ratio_ci(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Gener
 
 
 def spread(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,
-           n_boot: int = 10_000) -> Spread:
-    """x: [n1] setting, y: [n2] baseline -> SD ratio with CI, Brown-Forsythe and Fligner-Killeen."""
+           n_boot: int = 10_000, grid: float | None = None) -> Spread:
+    """x: [n1] setting, y: [n2] baseline -> SD ratio with CI, Brown-Forsythe and Fligner-Killeen.
+
+    grid: accuracy resolution (see `on_grid`); Fligner ranks |value - median|, so it runs on grid
+    units, where deviations that are equal on the grid are equal floats too."""
     if is_constant(x) and is_constant(y):
         why = "both settings have zero variance: equal spread by construction, nothing to test"
         none = TestResult("brown_forsythe", None, None, why)
         return Spread(None, None, none, TestResult("fligner", None, None, why), why)
     bf = _test_from("brown_forsythe", _quiet(sps.levene, x, y, center="median"))
-    fk = _test_from("fligner", _quiet(sps.fligner, x, y))
+    fk = _test_from("fligner", _quiet(sps.fligner, on_grid(x, grid), on_grid(y, grid)))
     sx, sy = float(x.std(ddof=1)), float(y.std(ddof=1))
     if sy <= TOLERANCE:
         return Spread(None, None, bf, fk, "baseline SD is 0: ratio undefined")

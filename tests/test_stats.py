@@ -482,3 +482,184 @@ def test_planted_shift_detected_at_predicted_power(paired):
           f"shift={shift:.5f} empirical={rate:.4f} predicted={predicted:.4f} +- {tol:.4f}")
     assert predicted == pytest.approx(0.8, abs=1e-6)
     assert abs(rate - predicted) <= tol
+
+
+# ----------------------------------------------------------------------------- three location analyses
+
+
+def _acc(counts) -> np.ndarray:
+    """Accuracies as the study computes them: correct images / 10k test images."""
+    return np.asarray(counts, dtype=float) / 10_000
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_location_t_family_is_todays_t_and_tost(paired):
+    x, y = _sample(10, 0), _sample(10, 1, loc=0.851)
+    got = stats.location("t", x, y, paired=paired, margin=0.005)
+    ref = sps.ttest_rel(x, y) if paired else sps.ttest_ind(x, y, equal_var=False)
+    tost = (ttost_paired(x, y, -0.005, 0.005) if paired
+            else ttost_ind(x, y, -0.005, 0.005, usevar="unequal"))
+    assert got.test == ("paired_t" if paired else "welch_t") and got.forced is None
+    assert got.estimate == pytest.approx(x.mean() - y.mean()) and got.p == pytest.approx(ref.pvalue)
+    assert got.tost_p == pytest.approx(tost[0])
+    for level, ci in ((0.95, got.ci95), (0.90, got.ci90)):
+        ref_ci = ref.confidence_interval(level)
+        assert ci == pytest.approx((ref_ci.low, ref_ci.high))
+        assert stats.location_ci("t", x, y, paired=paired, level=level) == pytest.approx(ci)
+
+
+def test_hodges_lehmann_by_hand():
+    # d = 1..8 (grid units): Walsh averages (i + j)/2, i <= j, 36 of them, symmetric about 4.5,
+    # so the HL shift is 4.5. Smallest: 1, 1.5, 2, 2, 2.5, 2.5, 3, 3, 3, ...
+    # Signed-rank null, n = 8: subsets of {1..8} with sum <= c number 1, 2, 3, 5, 7, 10, 14 for
+    # c = 0..6, over 2^8 = 256. 95%: 5/256 = .0195 <= .025 < 7/256 -> k = 4 -> [W_(4), W_(33)]
+    # = [2, 7]. 90%: 10/256 = .039 <= .05 < 14/256 -> k = 6 -> [W_(6), W_(31)] = [2.5, 6.5].
+    y = _acc(np.full(8, 8500))
+    x = y + _acc(np.arange(1, 9))
+    got = stats.location("rank", x, y, paired=True, margin=0.001, grid=1e-4)
+    assert got.estimate == pytest.approx(4.5e-4)
+    assert got.ci95 == pytest.approx((2e-4, 7e-4)) and got.ci90 == pytest.approx((2.5e-4, 6.5e-4))
+    assert stats.signed_rank_null(8)[:7] * 256 == pytest.approx([1, 1, 1, 2, 2, 3, 4])
+    # Unpaired: x = [1, 5, 9], y = [0, 2] -> differences -1, 1, 3, 5, 7, 9 -> median 4.
+    est, _, _ = stats.hodges_lehmann(np.array([1.0, 5, 9]), np.array([0.0, 2]), paired=False)
+    assert est == 4.0
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_hodges_lehmann_interval_is_the_inverted_scipy_rank_test(paired):
+    """A shift theta lies inside the interval iff scipy's exact two-sided test of x - theta
+    against y does not reject; checked at midpoints between consecutive candidate bounds."""
+    rng = _rng(3)
+    x, y = rng.normal(0.3, 1, 12), rng.normal(0, 1, 12 if paired else 7)
+    for level in (0.95, 0.90):
+        _, (lo, hi), _ = stats.hodges_lehmann(x, y, paired, level)
+        w = (np.sort([(a + b) / 2 for i, a in enumerate(x - y) for b in (x - y)[i:]]) if paired
+             else np.sort((x[:, None] - y[None, :]).ravel()))
+        for theta in (w[1:] + w[:-1]) / 2:
+            p = (sps.wilcoxon(x - y - theta, method="exact").pvalue if paired
+                 else sps.mannwhitneyu(x - theta, y, method="exact").pvalue)
+            assert (lo < theta < hi) == (p > 1 - level), (level, theta, p)
+
+
+def test_exact_rank_nulls_match_scipy():
+    rng = _rng(4)
+    for n1, n2 in ((3, 4), (5, 5), (8, 12), (2, 7)):
+        x, y = rng.normal(size=n1), rng.normal(size=n2)
+        ref = sps.mannwhitneyu(x, y, method="exact", alternative="less")
+        assert np.cumsum(stats.mann_whitney_null(n1, n2))[int(ref.statistic)] == pytest.approx(ref.pvalue)
+    for n in (6, 9, 20):
+        d = rng.normal(size=n)
+        ref = sps.wilcoxon(d, method="exact", alternative="less")
+        t_plus = int((sps.rankdata(np.abs(d)) * (d > 0)).sum())
+        assert np.cumsum(stats.signed_rank_null(n))[t_plus] == pytest.approx(ref.pvalue)
+
+
+def _sign_flip_p(ranks: np.ndarray, t_plus: float) -> float:
+    """Two-sided permutation p of the signed-rank sum over all 2^n sign patterns."""
+    import itertools
+    sums = np.array([ranks[list(s)].sum() if s else 0.0 for k in range(ranks.size + 1)
+                     for s in itertools.combinations(range(ranks.size), k)])
+    mid = ranks.sum() / 2
+    return float((np.abs(sums - mid) >= abs(t_plus - mid) - 1e-12).mean())
+
+
+def test_rank_test_rounds_ties_to_the_grid():
+    """Differences -1, -3, -2, +2, +2 images out of 10k: |d| ranks 1, 5, 3, 3, 3 (three tied at 2),
+    T+ = 6; all 32 sign patterns give p = 0.8125. The float differences of accuracies differ by
+    ~1e-16, scipy then ranks the three 2s as 2, 3, 4 and reports 0.625."""
+    y = _acc([8413, 8520, 8594, 8581, 8521])
+    x = _acc([8412, 8517, 8592, 8583, 8523])  # float accuracies, as the study has them
+    by_hand = _sign_flip_p(np.array([1.0, 5, 3, 3, 3]), 6.0)
+    assert by_hand == pytest.approx(0.8125)
+    rounded = stats.location("rank", x, y, paired=True, margin=0.005, grid=1e-4)
+    assert rounded.p == pytest.approx(by_hand)
+    unrounded = stats.location("rank", x, y, paired=True, margin=0.005)
+    assert unrounded.p == pytest.approx(0.625)  # the defect, still there without a grid
+
+
+def test_fligner_rounds_to_the_grid():
+    # Deviations from the median that are equal on the 1e-4 grid but not in floats.
+    a, b = [8514, 8510, 8513, 8501, 8512], [8493, 8498, 8511, 8484, 8492]
+    x, y = _acc(a), _acc(b)
+    ref = sps.fligner(np.array(a, float), np.array(b, float)).pvalue  # integer counts: exact ties
+    got = stats.spread(x, y, paired=False, rng=_rng(), n_boot=200, grid=1e-4).fligner.p
+    assert got == pytest.approx(ref)
+    assert stats.spread(x, y, paired=False, rng=_rng(), n_boot=200).fligner.p != pytest.approx(ref)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_rank_tost_is_the_larger_one_sided_test_and_dual_to_the_90_interval(paired):
+    rng, margin, agree = _rng(8), (0.6 if paired else 1.1), 0
+    for _ in range(40):
+        x, y = rng.normal(rng.uniform(-0.5, 0.5), 1, 12), rng.normal(0, 1, 12)
+        got = stats.location("rank", x, y, paired=paired, margin=margin)
+        if paired:
+            lo = sps.wilcoxon(x - y + margin, alternative="greater").pvalue
+            hi = sps.wilcoxon(x - y - margin, alternative="less").pvalue
+        else:
+            lo = sps.mannwhitneyu(x + margin, y, alternative="greater").pvalue
+            hi = sps.mannwhitneyu(x - margin, y, alternative="less").pvalue
+        assert got.tost_p == pytest.approx(max(lo, hi))
+        inside = -margin < got.ci90[0] and got.ci90[1] < margin
+        assert inside == (got.tost_p <= ALPHA)
+        agree += inside
+    assert 0 < agree < 40  # both outcomes were exercised
+
+
+def test_yuen_paired_by_hand():
+    # x = [1, 2, 4, 7, 11], y = [0, 3, 3, 5, 6], n = 5: g = floor(0.2 * 5) = 1, h = 3.
+    # Trimmed means 13/3 and 11/3 -> estimate 2/3. Winsorised x = [2, 2, 4, 7, 7] (var 6.3),
+    # y = [3, 3, 3, 5, 5] (var 1.2), covariance 10.4 / 4 = 2.6.
+    # se^2 = (5 - 1)(6.3 + 1.2 - 5.2) / (3 * 2) = 1.533333 -> se = 1.238278, t = 0.538382, df 2.
+    # t(2) CDF = 1/2 + t / (2 sqrt(2 + t^2)) -> p = 2 (1/2 - 0.177891) = 0.644218.
+    x, y = np.array([1.0, 2, 4, 7, 11]), np.array([0.0, 3, 3, 5, 6])
+    est, se, df = stats.yuen_parts(x, y, paired=True)
+    assert (est, se, df) == pytest.approx((2 / 3, 1.238278, 2), rel=1e-6)
+    got = stats.location("trimmed", x, y, paired=True, margin=1.0)
+    assert got.test == "yuen_paired" and got.p == pytest.approx(0.644218, rel=1e-5)
+    # Without trimming Yuen's paired test is the paired t test.
+    x, y = _sample(11, 0), _sample(11, 1)
+    est, se, df = stats.yuen_parts(x, y, paired=True, trim=0.0)
+    assert 2 * sps.t.sf(abs(est / se), df) == pytest.approx(sps.ttest_rel(x, y).pvalue)
+
+
+def test_yuen_unpaired_and_its_tost_match_scipy():
+    x, y, m = _sample(11, 0, scale=0.002), _sample(14, 1, loc=0.851, scale=0.005), 0.004
+    got = stats.location("trimmed", x, y, paired=False, margin=m)
+    ref = sps.ttest_ind(x, y, equal_var=False, trim=0.2)
+    assert got.test == "yuen" and got.p == pytest.approx(ref.pvalue)
+    assert got.estimate == pytest.approx(sps.trim_mean(x, 0.2) - sps.trim_mean(y, 0.2))
+    # A shift moves the trimmed mean and leaves the winsorised variance: two one-sided scipy tests.
+    lo = sps.ttest_ind(x + m, y, equal_var=False, trim=0.2, alternative="greater").pvalue
+    hi = sps.ttest_ind(x - m, y, equal_var=False, trim=0.2, alternative="less").pvalue
+    assert got.tost_p == pytest.approx(max(lo, hi))
+    ci = ref.confidence_interval(0.90)
+    assert got.ci90 == pytest.approx((ci.low, ci.high))
+
+
+@pytest.mark.parametrize("family", stats.FAMILIES)
+@pytest.mark.parametrize("paired", [True, False])
+def test_constant_gap_is_settled_by_construction(family, paired):
+    y = _acc([8413, 8520, 8594, 8581, 8521, 8500])
+    cases = {1: "negligible", 0: "equivalent", 60: "different", 50: "negligible", -51: "different"}
+    for images, want in cases.items():
+        x = _acc(np.rint(y * 10_000) + images) if paired else np.full(6, 0.85 + images / 10_000)
+        base = y if paired else np.full(6, 0.85)
+        got = stats.location(family, x, base, paired=paired, margin=0.005, grid=1e-4)
+        assert got.forced == want and got.p is None and got.tost_p is None, (images, got)
+        assert "settled by construction" in got.reason and _no_nan(got)
+        assert got.estimate == pytest.approx(images / 10_000, abs=1e-15)
+        assert stats.verdict(None, None, ALPHA, got.forced) == want
+
+
+def test_location_too_few_and_nan():
+    got = stats.location("rank", np.array([0.8, 0.81]), np.array([0.8, 0.82]), paired=True, margin=0.005)
+    assert got.p is None and got.estimate is None and "fewer than 3" in got.reason
+    x, y = _sample(10, 0), _sample(10, 1)
+    x[2] = np.nan
+    got = stats.location("trimmed", x, y, paired=True, margin=0.005)
+    assert "1 pair(s)" in got.reason
+    assert got.estimate == pytest.approx(stats.location("trimmed", np.delete(x, 2), np.delete(y, 2),
+                                                        paired=True, margin=0.005).estimate)
+    with pytest.raises(ValueError):
+        stats.location("median", x, y, paired=True, margin=0.005)
