@@ -945,15 +945,46 @@ def holm(p: Sequence[float | None]) -> list[float | None]:
 
 def verdict(p_adjusted: float | None, tost_p_adjusted: float | None, alpha: float,
             forced: str | None = None) -> str:
-    """'different' if the adjusted t-test p < alpha; else 'equivalent' if the adjusted TOST p <
-    alpha; else 'inconclusive' (never 'no difference'). `forced` holds by construction."""
+    """One of four, from Holm-adjusted p-values (never "no difference"):
+
+    different    the test rejects and the TOST does not pass
+    negligible   the test rejects and the TOST passes: a real gap, shown to lie inside the margin
+    equivalent   the TOST passes and the test does not reject
+    inconclusive neither
+    `forced` (a verdict settled by construction, see `settle_gap`) wins."""
     if forced:
         return forced
-    if p_adjusted is not None and p_adjusted < alpha:
-        return "different"
-    if tost_p_adjusted is not None and tost_p_adjusted < alpha:
-        return "equivalent"
-    return "inconclusive"
+    rejects = p_adjusted is not None and p_adjusted < alpha
+    passes = tost_p_adjusted is not None and tost_p_adjusted < alpha
+    if rejects:
+        return "negligible" if passes else "different"
+    return "equivalent" if passes else "inconclusive"
+
+
+def tost_level(alpha: float, holm_multiplier: int) -> float:
+    """Confidence level of the interval whose lying inside +-margin is the same decision as the
+    TOST at Holm's adjusted level: 1 - 2 alpha / k for multiplier k (0.90 for k = 1, alpha 0.05).
+
+    The TOST passes at level a iff both one-sided tests have p < a iff the 1 - 2a interval
+    excludes both margins; Holm compares the k-th smallest-but-(m - k) p with alpha / k. Holm
+    also steps down: once one hypothesis is kept all later ones are, whatever their interval."""
+    if holm_multiplier < 1:
+        raise ValueError(f"Holm multiplier must be >= 1, got {holm_multiplier}")
+    return 1 - 2 * alpha / holm_multiplier
+
+
+def divergence(n_div_setting: int, n_setting: int, n_div_baseline: int, n_baseline: int) -> TestResult:
+    """Runs that diverged (NaN loss) in setting vs baseline: Fisher's exact test, two-sided.
+    statistic: the sample odds ratio (None when infinite or undefined)."""
+    if min(n_setting, n_baseline) < 1:
+        return TestResult("fisher_exact", None, None, "a group has no runs")
+    if not (0 <= n_div_setting <= n_setting and 0 <= n_div_baseline <= n_baseline):
+        raise ValueError("diverged counts must lie between 0 and the number of runs")
+    table = [[n_div_setting, n_setting - n_div_setting], [n_div_baseline, n_baseline - n_div_baseline]]
+    res = _quiet(sps.fisher_exact, table, alternative="two-sided")
+    odds = _finite(res.statistic)
+    why = None if odds is not None else "odds ratio infinite or undefined (a zero cell)"
+    return TestResult("fisher_exact", odds, float(res.pvalue), why)
 
 
 def variance_verdict(p_adjusted: float | None, alpha: float) -> str:

@@ -404,8 +404,13 @@ def test_too_few_runs_and_nan_are_reported():
 
 
 def test_verdict_rules():
-    assert stats.verdict(0.01, 0.01, ALPHA) == "different"
+    assert stats.verdict(0.01, 0.5, ALPHA) == "different"
+    assert stats.verdict(0.01, None, ALPHA) == "different"
+    assert stats.verdict(0.01, 0.01, ALPHA) == "negligible"
     assert stats.verdict(0.5, 0.01, ALPHA) == "equivalent"
+    assert stats.verdict(None, 0.01, ALPHA) == "equivalent"
+    assert stats.verdict(0.05, 0.05, ALPHA) == "inconclusive"  # strict: p must be below alpha
+    assert stats.verdict(0.01, 0.01, ALPHA, forced="equivalent") == "equivalent"
     assert stats.verdict(0.5, 0.5, ALPHA) == "inconclusive"
     assert stats.verdict(None, None, ALPHA) == "inconclusive"
     assert stats.verdict(None, None, ALPHA, forced="different") == "different"
@@ -663,3 +668,38 @@ def test_location_too_few_and_nan():
                                                         paired=True, margin=0.005).estimate)
     with pytest.raises(ValueError):
         stats.location("median", x, y, paired=True, margin=0.005)
+
+
+def test_tost_level_matches_holm_on_tost_p():
+    """Holm-adjusted TOST p < alpha iff the interval at tost_level(alpha, k) lies inside the
+    margin, k being the Holm multiplier of that p, while the step-down has not stopped."""
+    assert stats.tost_level(0.05, 1) == pytest.approx(0.90)
+    assert stats.tost_level(0.05, 4) == pytest.approx(0.975)
+    base, margin = _sample(10, 0), 0.004
+    settings = [base + _sample(10, s, loc=shift, scale=0.0015) for s, shift in
+                enumerate((0.0, 0.0008, 0.0016, 0.0024, 0.0032), start=1)]
+    tost = [stats.location("t", x, base, paired=True, margin=margin).tost_p for x in settings]
+    adjusted = stats.holm(tost)
+    order = np.argsort(tost)
+    stopped, outcomes = False, set()
+    for rank, j in enumerate(order):
+        k = len(tost) - rank
+        lo, hi = stats.location_ci("t", settings[j], base, paired=True, level=stats.tost_level(ALPHA, k))
+        inside = -margin < lo and hi < margin
+        assert (adjusted[j] < ALPHA) == (inside and not stopped), (j, adjusted[j], lo, hi)
+        stopped = stopped or not inside
+        outcomes.add(adjusted[j] < ALPHA)
+    assert outcomes == {True, False}
+
+
+def test_divergence_fisher_by_hand():
+    # 3 of 5 diverged vs 0 of 5: margins 5/5 rows, 3/7 columns, N = 10. Hypergeometric
+    # P(a) = C(5, a) C(5, 3 - a) / C(10, 3): a = 0..3 -> 10, 50, 50, 10 over 120. Two-sided p
+    # sums the tables no more likely than the observed one: (10 + 10) / 120 = 1/6.
+    got = stats.divergence(3, 5, 0, 5)
+    assert got.test == "fisher_exact" and got.p == pytest.approx(1 / 6)
+    assert got.statistic is None and "infinite" in got.reason
+    # 2 of 6 vs 1 of 6: P(a) = C(6, a) C(6, 3 - a) / C(12, 3) = 20, 90, 90, 20 over 220 -> p = 1.
+    both = stats.divergence(2, 6, 1, 6)
+    assert both.p == pytest.approx(1.0) and both.statistic == pytest.approx((2 * 5) / (4 * 1))
+    assert stats.divergence(0, 0, 1, 5).p is None
