@@ -40,7 +40,7 @@ LEVEL = 0.95
 
 @dataclass(frozen=True)
 class Description:
-    """One group of runs. `ci95` is t-based, `ci95_boot` a percentile bootstrap of the mean;
+    """One group of runs. `ci95` is t-based, `ci95_boot` a bootstrap of the mean (`bootstrap_ci`);
     `iqr` is (q1, q3) by linear interpolation (NumPy's default)."""
 
     n: int
@@ -194,15 +194,80 @@ def mean_ci(x: np.ndarray, level: float = LEVEL) -> tuple[float, float] | None:
     return t_interval(float(x.mean()), float(x.std(ddof=1)) / math.sqrt(x.size), x.size - 1, level)
 
 
+# One bootstrap for every interval: scipy.stats.bootstrap, BCa, with fallbacks (see bootstrap_ci).
+
+
+def sample_sd(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """SD with ddof 1 along `axis` (vectorised, for scipy.stats.bootstrap); exactly 0.0 for
+    identical values, which the float mean alone does not give (0.1 six times has SD 1.5e-17)."""
+    return np.std(x - np.take(x, [0], axis=axis), ddof=1, axis=axis)
+
+
+def sd_ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """SD(x) / SD(y) along `axis`; inf or NaN where SD(y) is 0 (bootstrap_ci handles those)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return sample_sd(x, axis) / sample_sd(y, axis)
+
+
+def mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def bootstrap_ci(statistic, samples: tuple[np.ndarray, ...], *, paired: bool,
+                 rng: np.random.Generator, n_resamples: int = 10_000, level: float = LEVEL
+                 ) -> tuple[tuple[float | None, float | None] | None, str, str | None]:
+    """samples: k arrays [n_i] (equal n when paired), finite -> (interval, method, reason).
+
+    statistic(*samples, axis=-1) must be vectorised. BCa from scipy.stats.bootstrap, seeded from
+    `rng`; paired=True resamples the k arrays together (by seed). method "bca"; "percentile"
+    where BCa is undefined (a degenerate jackknife, or resamples where the statistic has no
+    value, e.g. an SD ratio over a baseline resample with SD 0: those resamples are dropped and
+    counted); "point" when every resample gives the point (constant groups). An infinite bound
+    is None, with a reason."""
+    samples = tuple(np.asarray(v, dtype=float) for v in samples)
+    if min(v.size for v in samples) < 2:
+        return None, "point", "fewer than 2 values: no bootstrap interval"
+    with np.errstate(all="ignore"):
+        point = _finite(statistic(*samples, axis=-1))
+    if point is None:
+        return None, "point", "statistic undefined on the data"
+    if all(is_constant(v) for v in samples):
+        return (point, point), "point", "every value is the same: each resample gives the point"
+    res = _quiet(sps.bootstrap, samples, statistic, n_resamples=n_resamples, paired=paired,
+                 vectorized=True, axis=-1, confidence_level=level, method="BCa", rng=rng)
+    lo, hi = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)
+    if lo is not None and hi is not None:
+        return (lo, hi), "bca", None
+    return _percentile_fallback(np.asarray(res.bootstrap_distribution, dtype=float), point, level)
+
+
+def _percentile_fallback(dist: np.ndarray, point: float, level: float
+                         ) -> tuple[tuple[float | None, float | None] | None, str, str | None]:
+    undefined = int(np.isnan(dist).sum())
+    dist = dist[~np.isnan(dist)]
+    dropped = (f"{undefined} of {undefined + dist.size} resamples had no value and were dropped"
+               if undefined else None)
+    if dist.size == 0:
+        return None, "point", join_reasons(dropped, "no resample has a value")
+    if float(np.ptp(dist)) <= TOLERANCE:
+        return (point, point), "point", join_reasons(dropped, "every resample gives the point")
+    with np.errstate(invalid="ignore"):
+        lo, hi = (_finite(v) for v in np.percentile(dist, [50 * (1 - level), 50 * (1 + level)]))
+    infinite = "a bound is infinite (resamples with a zero denominator)" if None in (lo, hi) else None
+    why = "BCa undefined here (degenerate jackknife or resamples without a value): percentile interval"
+    return (lo, hi), "percentile", join_reasons(why, dropped, infinite)
+
+
 def bootstrap_mean_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int = 10_000,
                       level: float = LEVEL) -> tuple[float, float] | None:
-    """x: [n] finite values -> percentile bootstrap interval of the mean over n_boot resamples."""
-    if x.size < 2:
-        return None
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    means = x[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return (float(lo), float(hi))
+    """x: [n] finite values -> bootstrap interval of the mean (see `bootstrap_ci`)."""
+    return bootstrap_ci(mean, (x,), paired=False, rng=rng, n_resamples=n_boot, level=level)[0]
+
+
+def sd_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int = 10_000,
+          level: float = LEVEL) -> tuple[float, float] | None:
+    """x: [n] finite values -> bootstrap interval of the SD (ddof 1); None when n < 2."""
+    return bootstrap_ci(sample_sd, (x,), paired=False, rng=rng, n_resamples=n_boot, level=level)[0]
 
 
 def describe(x: np.ndarray, rng: np.random.Generator, n_boot: int = 10_000) -> Description:
@@ -686,25 +751,14 @@ def _rank_location(test: str, x: np.ndarray, y: np.ndarray, paired: bool, margin
 def sd_ratio_ci(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,
                 n_boot: int = 10_000, level: float = LEVEL
                 ) -> tuple[tuple[float | None, float | None], str | None]:
-    """x: [n1], y: [n2] -> percentile bootstrap interval of SD(x)/SD(y).
+    """x: [n1], y: [n2] -> bootstrap interval of SD(x)/SD(y) (see `bootstrap_ci`) and a reason.
 
     Paired data are resampled by seed (x and y together) so the interval keeps their correlation.
     Resamples where both SDs are 0 (0/0) are dropped; an infinite bound (baseline resample SD 0)
     is reported as None."""
-    ix = rng.integers(0, x.size, size=(n_boot, x.size))
-    iy = ix if paired else rng.integers(0, y.size, size=(n_boot, y.size))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = x[ix].std(axis=1, ddof=1) / y[iy].std(axis=1, ddof=1)
-    undefined = int(np.isnan(ratios).sum())
-    ratios = ratios[~np.isnan(ratios)]
-    note = (f"{undefined} of {n_boot} resamples had SD 0 in both groups and were dropped"
-            if undefined else None)
-    if ratios.size == 0:
-        return (None, None), join_reasons(note, "no resample had a defined SD ratio")
-    lo, hi = (_finite(v) for v in np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)]))
-    if hi is None:
-        note = join_reasons(note, "upper bound infinite: baseline resamples with SD 0")
-    return (lo, hi), note
+    ci, method, why = bootstrap_ci(sd_ratio, (x, y), paired=paired, rng=rng, n_resamples=n_boot,
+                                   level=level)
+    return (ci if ci is not None else (None, None)), why
 
 
 def spread(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,

@@ -60,10 +60,14 @@ def test_describe_ci_matches_scipy_t_interval_and_bootstrap():
     d = stats.describe(x, _rng(), n_boot=20_000)
     ref = sps.t.interval(0.95, x.size - 1, loc=x.mean(), scale=sps.sem(x))
     assert d.ci95 == pytest.approx(ref, rel=1e-12)
-    boot = sps.bootstrap((x,), np.mean, method="percentile", n_resamples=20_000, rng=_rng(5))
-    # Different random streams: agree to Monte-Carlo error (~2e-5 here), not bit for bit.
-    ref_boot = (boot.confidence_interval.low, boot.confidence_interval.high)
-    assert d.ci95_boot == pytest.approx(ref_boot, abs=1.5e-4)
+    # The bootstrap is scipy's BCa, seeded from the Generator passed in: the same stream gives
+    # the same interval; a percentile interval (the old method) is a different one.
+    boot = sps.bootstrap((x,), np.mean, n_resamples=20_000, rng=_rng())
+    assert d.ci95_boot == pytest.approx((boot.confidence_interval.low, boot.confidence_interval.high),
+                                        rel=1e-12)
+    pct = sps.bootstrap((x,), np.mean, method="percentile", n_resamples=20_000, rng=_rng())
+    assert d.ci95_boot != pytest.approx((pct.confidence_interval.low, pct.confidence_interval.high),
+                                        rel=1e-6)
 
 
 def test_describe_drops_nan_and_states_small_n():
@@ -92,6 +96,34 @@ def test_bootstrap_seed_controls_output():
         b, _ = stats.sd_ratio_ci(x, y, paired, _rng(7), 2000)
         c, _ = stats.sd_ratio_ci(x, y, paired, _rng(8), 2000)
         assert a == b and a != c
+
+
+def test_bootstrap_ci_is_scipy_bca_paired_or_not():
+    x, y = _sample(10, 2, scale=0.004), _sample(10, 3)
+    for paired in (True, False):
+        got, method, why = stats.bootstrap_ci(stats.sd_ratio, (x, y), paired=paired, rng=_rng(9),
+                                              n_resamples=3000)
+        ref = sps.bootstrap((x, y), stats.sd_ratio, n_resamples=3000, paired=paired, rng=_rng(9))
+        assert method == "bca" and why is None
+        assert got == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high), rel=1e-12)
+    assert (stats.bootstrap_ci(stats.sd_ratio, (x, y), paired=True, rng=_rng(9), n_resamples=3000)[0]
+            != stats.bootstrap_ci(stats.sd_ratio, (x, y), paired=False, rng=_rng(9), n_resamples=3000)[0])
+
+
+def test_bootstrap_ci_fallbacks_say_so():
+    flat = np.full(6, 0.1)
+    ci, method, why = stats.bootstrap_ci(stats.mean, (flat,), paired=False, rng=_rng(), n_resamples=500)
+    assert ci == pytest.approx((0.1, 0.1)) and method == "point" and "same" in why
+    # Setting constant, baseline not: every resample's ratio is 0, the BCa jackknife is degenerate.
+    ci, method, why = stats.bootstrap_ci(stats.sd_ratio, (flat, _sample(6, 1)), paired=True,
+                                         rng=_rng(), n_resamples=500)
+    assert ci == (0.0, 0.0) and method == "point"
+    # Baseline constant but for one run: many resamples have SD 0 there -> inf or 0/0 ratios.
+    base = np.array([0.85, 0.85, 0.85, 0.85, 0.86])
+    ci, method, why = stats.bootstrap_ci(stats.sd_ratio, (_sample(5, 1), base), paired=False,
+                                         rng=_rng(), n_resamples=2000)
+    assert method == "percentile" and ci[1] is None and "infinite" in why and "BCa undefined" in why
+    assert stats.bootstrap_ci(stats.mean, (np.array([0.8]),), paired=False, rng=_rng())[0] is None
 
 
 # ----------------------------------------------------------------------------- omnibus
