@@ -26,6 +26,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
 
+from study import stats as study_stats
+
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
 _SVG_SALT = "d2l-dropout-study"
 # DejaVu Sans ships inside matplotlib, so figures never depend on the machine's fonts;
@@ -115,15 +117,13 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 
 def bootstrap_sd_ci(values: Sequence[float], n_boot: int = SD_BOOTSTRAP,
                     seed: int = SD_BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of the SD (ddof=1), resampling runs; (nan, nan) below 2 runs."""
+    """Bootstrap 95% CI of the SD (ddof=1) over runs, `study.stats.sd_ci` seeded with `seed`;
+    (nan, nan) below 2 runs (a figure draws no bar)."""
     x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if len(x) < 2:
+    ci = study_stats.sd_ci(x[np.isfinite(x)], np.random.default_rng(seed), n_boot)
+    if ci is None or None in ci:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    sds = x[rng.integers(0, len(x), size=(n_boot, len(x)))].std(axis=1, ddof=1)
-    lo, hi = np.percentile(sds, [2.5, 97.5])
-    return float(lo), float(hi)
+    return float(ci[0]), float(ci[1])
 
 
 def sd_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
