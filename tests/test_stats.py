@@ -735,3 +735,25 @@ def test_divergence_fisher_by_hand():
     both = stats.divergence(2, 6, 1, 6)
     assert both.p == pytest.approx(1.0) and both.statistic == pytest.approx((2 * 5) / (4 * 1))
     assert stats.divergence(0, 0, 1, 5).p is None
+
+
+# ----------------------------------------------------------------------------- fast tied signed ranks
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+def test_tied_signed_rank_p_matches_scipys_permutation_law(alternative):
+    rng = np.random.default_rng(11)
+    for n in (4, 7, 10):
+        for _ in range(3):
+            d = rng.integers(-4, 5, n).astype(float)  # grid units: many ties and zeros
+            if not np.any(d):
+                continue
+            mine = stats.signed_rank_p(d, alternative)
+            ref = sps.wilcoxon(d, alternative=alternative).pvalue
+            assert mine == pytest.approx(ref, rel=1e-12, abs=1e-15), (d, alternative)
+
+
+def test_untied_signed_rank_p_is_scipys_exact_value():
+    d = np.array([3.0, -1.0, 4.0, 1.5, 9.0, 2.6, 5.3, -5.8])
+    assert stats.signed_rank_p(d) == sps.wilcoxon(d).pvalue
+    assert stats.signed_rank_p(np.zeros(5)) is None
