@@ -448,17 +448,20 @@ def welch_t(x: np.ndarray, y: np.ndarray) -> Shift:
 # ----------------------------------------------------------------------------- ranks, effect sizes
 
 
-def wilcoxon(x: np.ndarray, y: np.ndarray) -> TestResult:
+def wilcoxon(x: np.ndarray, y: np.ndarray, grid: float | None = None) -> TestResult:
     """x, y: [n] finite, aligned by seed -> Wilcoxon signed-rank on x - y (scipy's defaults:
-    zero differences dropped, exact null distribution for small n without ties)."""
-    d = x - y
-    if np.all(np.abs(d) <= TOLERANCE):
+    zero differences dropped, exact null distribution for small n without ties, a permutation
+    test with ties). grid: differences are rounded to it first (see `on_grid`)."""
+    d = on_grid(x - y, grid)
+    if np.all(np.abs(d) <= (0 if grid is not None else TOLERANCE)):
         return TestResult("wilcoxon", None, None, "every difference is 0: no signed ranks")
     return _test_from("wilcoxon", _quiet(sps.wilcoxon, d))
 
 
-def mann_whitney(x: np.ndarray, y: np.ndarray) -> TestResult:
-    """x: [n1], y: [n2] finite -> two-sided Mann-Whitney U (statistic is U of x)."""
+def mann_whitney(x: np.ndarray, y: np.ndarray, grid: float | None = None) -> TestResult:
+    """x: [n1], y: [n2] finite -> two-sided Mann-Whitney U (statistic is U of x); values are
+    rounded to `grid` first (see `on_grid`)."""
+    x, y = on_grid(x, grid), on_grid(y, grid)
     if is_constant(np.concatenate([x, y])):
         return TestResult("mann_whitney", None, None, "every run gives the same value: no ranks")
     return _test_from("mann_whitney", _quiet(sps.mannwhitneyu, x, y, alternative="two-sided"))
@@ -591,11 +594,15 @@ def settle_gap(gap: float, margin: float, grid: float | None = None) -> str:
     return "negligible" if abs(gap) <= margin + tol else "different"
 
 
+def settled_reason(gap: float, margin: float, verdict_: str) -> str:
+    return (f"every seed differs by the same amount ({gap:+.6g}; margin {margin:g}): no spread, so "
+            f"the test statistic is undefined and the verdict is settled by construction: {verdict_}")
+
+
 def _forced_location(family: str, test: str, gap: float, margin: float, grid: float | None,
                      note: str | None) -> Location:
     verdict_ = settle_gap(gap, margin, grid)
-    why = (f"every seed gives the same gap {gap:+.6g} (margin {margin:g}): no spread, so the test "
-           f"statistic is undefined; {verdict_} settled by construction")
+    why = settled_reason(gap, margin, verdict_)
     return Location(family, test, gap, (gap, gap), (gap, gap), None, None, verdict_,
                     join_reasons(note, why))
 
@@ -999,7 +1006,11 @@ def compare(setting: np.ndarray, baseline: np.ndarray, *, paired: bool, rng: np.
     spr = spread(x, y, paired, rng, n_boot)
     sd = float((x - y).std(ddof=1)) if paired else pooled_sd(x, y)
     pw = power_analysis(shift.mean_diff, sd, x.size, y.size, paired, alpha, power, margin)
-    forced = shift.forced or tost.forced
+    forced, shift_why, tost_why = shift.forced or tost.forced, shift.reason, tost.reason
+    gap = constant_gap(x, y, paired)
+    if gap is not None:  # t's own "forced" knows no margin: a one-image gap is not "different"
+        forced = settle_gap(gap, margin)
+        shift_why = tost_why = settled_reason(gap, margin, forced)
     return Comparison(
         paired=paired, n=n, n_setting=int(x.size), n_baseline=int(y.size), n_dropped=dropped,
         mean_diff=shift.mean_diff, mean_diff_ci95=shift.ci95, test=shift.test, p=shift.p,
@@ -1008,7 +1019,7 @@ def compare(setting: np.ndarray, baseline: np.ndarray, *, paired: bool, rng: np.
         variance_ratio=spr.ratio, variance_ratio_ci95=spr.ratio_ci95,
         brown_forsythe_p=spr.brown_forsythe.p, fligner_p=spr.fligner.p,
         mde=pw.mde, seeds_needed=pw.seeds_needed, forced=forced,
-        reason=join_reasons(note, shift.reason, rank.reason, tost.reason, spr.reason,
+        reason=join_reasons(note, shift_why, rank.reason, tost_why, spr.reason,
                      spr.brown_forsythe.reason, spr.fligner.reason, pw.reason))
 
 

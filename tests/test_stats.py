@@ -411,9 +411,18 @@ def test_identical_settings_are_equivalent_by_construction_only_with_positive_ma
     base = _sample(10, 0)
     c = _cmp(base.copy(), base)
     assert c.p is None and c.tost_p is None and c.forced == "equivalent"
-    assert "equivalent by construction" in c.reason and _no_nan(c)
+    assert "settled by construction: equivalent" in c.reason and _no_nan(c)
     t = stats.tost_paired(base, base, margin=0.0)
     assert t.forced is None and t.p is None and t.reason
+
+
+def test_compare_settles_a_one_image_gap_as_negligible():
+    """A constant one-image gap was "different by construction" with an undefined TOST."""
+    base = _acc([8413, 8520, 8594, 8581, 8521, 8500])
+    c = _cmp(base + 1e-4, base)
+    assert c.forced == "negligible" and "settled by construction: negligible" in c.reason
+    assert "different" not in c.reason
+    assert stats.verdict(c.p, c.tost_p, ALPHA, c.forced) == "negligible"
 
 
 def test_both_groups_constant():
@@ -612,6 +621,8 @@ def test_rank_test_rounds_ties_to_the_grid():
     assert rounded.p == pytest.approx(by_hand)
     unrounded = stats.location("rank", x, y, paired=True, margin=0.005)
     assert unrounded.p == pytest.approx(0.625)  # the defect, still there without a grid
+    assert stats.wilcoxon(x, y, grid=1e-4).p == pytest.approx(by_hand)
+    assert stats.wilcoxon(x, y).p == pytest.approx(0.625)
 
 
 def test_fligner_rounds_to_the_grid():
