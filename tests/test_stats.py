@@ -361,7 +361,8 @@ def test_seeds_needed_reach_power_in_monte_carlo(paired):
                  (pw.seeds_needed_equivalence, _mc_tost_power, stats.tost_power_at))
         for n, simulate, predict in cases:
             for m in (n, n - 1) if n > 2 else (n,):
-                rate, predicted = simulate(effect, m, paired, rng, reps), predict(effect * sd, sd, m, ALPHA, paired)
+                rate = simulate(effect, m, paired, rng, reps)
+                predicted = predict(effect * sd, sd, m, ALPHA, paired)
                 tol = 4 * math.sqrt(max(predicted * (1 - predicted), 1e-4) / reps)
                 assert abs(rate - predicted) <= tol, (effect, m, rate, predicted)
                 assert (rate >= 0.8 - 3 * se80) if m == n else (rate < 0.8 + 3 * se80), (effect, m, rate)
