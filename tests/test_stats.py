@@ -763,3 +763,16 @@ def test_bootstrap_coverage_table_is_what_stats_reports():
     # at n = 10 with other code; scipy's percentile method here must agree within MC error.
     pct = stats.measure_coverage("sd", 10, 2000, _rng(1), method="percentile")
     assert abs(pct - 0.77) <= 3 * math.sqrt(0.77 * 0.23 / 2000) + 0.01
+
+
+def test_rank_interval_needs_enough_runs():
+    # n = 5 pairs: P(T+ = 0) = 1/32 = 0.031 > 0.025, so no 95% signed-rank interval exists, but
+    # 0.031 <= 0.05 gives the 90% one: [smallest, largest] Walsh average = [min d, max d].
+    y = _acc([8413, 8520, 8594, 8581, 8521])
+    x = _acc([8415, 8519, 8597, 8585, 8521 + 6])
+    got = stats.location("rank", x, y, paired=True, margin=0.005, grid=1e-4)
+    assert got.ci95 is None and "too few runs for a 95% rank interval" in got.reason
+    assert got.ci90 == pytest.approx((-1e-4, 6e-4))
+    assert stats.location_ci("rank", x, y, paired=True, level=0.90, grid=1e-4) == pytest.approx(got.ci90)
+    assert stats.location_ci("trimmed", x, y, paired=True, level=0.90) == pytest.approx(
+        stats.location("trimmed", x, y, paired=True, margin=0.005).ci90)
