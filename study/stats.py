@@ -280,7 +280,8 @@ COVERAGE: dict[tuple[str, int], float] = {
     ("sd_ratio", 5): 0.958, ("sd_ratio", 10): 0.9315, ("sd_ratio", 20): 0.934,
 }
 # Intervals whose coverage at n = 10 is below 90%: label them "approximate" wherever shown.
-APPROXIMATE: frozenset[str] = frozenset(stat for (stat, n), c in COVERAGE.items() if n == 10 and c < 0.90)
+APPROXIMATE: frozenset[str] = frozenset(
+    stat for (stat, n), c in COVERAGE.items() if n == 10 and c < 0.90)
 COVERAGE_STATISTICS = {"mean": (mean, 1), "sd": (sample_sd, 1), "sd_ratio": (sd_ratio, 2)}
 _TRUTH = {"mean": 0.0, "sd": 1.0, "sd_ratio": 1.0}
 
