@@ -192,7 +192,8 @@ def test_mode_that_changes_results_is_measured():
     x = np.array([r["test_acc"] for r in rows if r["determinism"] == "strict"])
     y = np.array([r["test_acc"] for r in ref])
     assert m["p"] == pytest.approx(sps.ttest_rel(x, y).pvalue)
-    assert m["p_adjusted"] == m["p"] and m["verdict"] == "different"
+    # A real gap of ~0.004, shown to lie inside the 0.005 margin: "negligible" (stats.verdict).
+    assert m["p_adjusted"] == m["p"] and m["verdict"] == "negligible"
     assert "differ bitwise" in m["finding"]
 
 
