@@ -368,12 +368,12 @@ def test_analysis_carries_diagnostics_and_writes_their_csvs(tmp_path):
     rows = _replicated(modes=("default", "strict"), seeds=range(20, 24)) + _impl_rows()[0]
     table = _table(rows)
     results = analysis.analyze(table, (0.2, 0.5), OPTIONS)
-    assert set(results["diagnostics"]) == {"replicates", "modes", "devices", "variance_sources",
+    assert set(results.diagnostics) == {"replicates", "modes", "devices", "variance_sources",
                                            "keep_rates", "implementations"}
     paths = analysis.write(results, table, tmp_path)
     assert [p.name for p in paths] == [
-        "results.json", "groups.csv", "comparisons.csv", "runs.csv",
-        "diagnostics_implementations.csv", "diagnostics_modes.csv", "diagnostics_replicates.csv"]
+        "results.json", "groups.csv", "comparisons.csv", "contrasts.csv", "multiverse.csv",
+        "runs.csv", "diagnostics_implementations.csv", "diagnostics_modes.csv", "diagnostics_replicates.csv"]
     loaded = json.loads(paths[0].read_text())
     assert loaded["diagnostics"]["replicates"]["records"][0]["share_identical"] == 1.0
     reps = pd.read_csv(tmp_path / "diagnostics_replicates.csv")
