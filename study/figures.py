@@ -28,6 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
 
+from study import stats as study_stats
 from study.results import Comparison, Endpoint, Group, Results, Stratum
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
@@ -107,16 +108,16 @@ def select_stratum(frame: pd.DataFrame, stratum: dict[str, Any]) -> pd.DataFrame
     return frame[mask]
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of the mean, for the per-epoch bands of the learning curves (which
-    `Results` does not hold); with 5 seeds a bootstrap interval would be far too narrow."""
+def curve_band(values: Sequence[float]) -> tuple[float, float]:
+    """The 95% t interval of the mean across seeds at one epoch (`stats.mean_ci`): the band of
+    the learning curves, a statistic `Results` does not hold. One seed: a zero-width band."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
-    if len(x) < 2:
+    ci = study_stats.mean_ci(x)
+    if ci is None:
         m = float(x.mean()) if len(x) else math.nan
         return m, m
-    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean() - half), float(x.mean() + half)
+    return ci
 
 
 def _palette(order: list[str]) -> dict[str, Any]:
@@ -195,7 +196,7 @@ def plot_learning_curves(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, 
     palette = palette or _palette(order)
     present = [s for s in order if s in set(frame["setting"])]
     sns.lineplot(data=frame, x="epoch", y="y", hue="setting", hue_order=present, palette=palette,
-                 errorbar=t_interval, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax,
+                 errorbar=curve_band, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax,
                  marker="o", markersize=3, linewidth=1.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))

@@ -12,10 +12,11 @@ from typing import Any
 
 from study.figures import FigureFile
 from study.report.describe import Setup
-from study.report.document import Block, Bullets, Fig, Para, Table, para
+from study.report.document import Block, Bullets, Fig, Heading, Para, Table, para
 from study.report.wording import (NA, VERDICT_ORDER, finite, fmt_ci_pct, fmt_ci_pp, fmt_int,
                                   fmt_num, fmt_p, fmt_pct, fmt_pp, fmt_ratio_ci, fmt_setting,
-                                  p_rel, record_verdict_phrase, verdict_counts, verdict_lists)
+                                  p_rel, record_verdict_phrase, verdict_counts, verdict_lists,
+                                  verdict_word)
 from study.results import Results
 from study.table import RunTable
 

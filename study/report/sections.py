@@ -12,12 +12,12 @@ import yaml
 
 from study import figures, stats
 from study.figures import setting_label
-from study.report.claims import CLAIMS, question_bullets, verdicts_section
+from study.report.claims import question_bullets, verdicts_section
 from study.report.context import Inputs, find_group, in_stratum
 from study.report.diagnostic_text import diagnostics_abstract, sources_section
 from study.report.document import (Abstract, Appendix, Block, Bullets, Code, CodeBlock, Fig,
                                    Heading, Para, Table, para)
-from study.report.wording import (CORRECTION, NA, analysis_name, endpoint_text, finite,
+from study.report.wording import (CORRECTION, NA, endpoint_text, finite,
                                   fmt_ci_num, fmt_ci_pct, fmt_ci_pp, fmt_int, fmt_mean_sd,
                                   fmt_num, fmt_p, fmt_pct, fmt_pp, fmt_setting, margin_text,
                                   p_rel, tost_interval_cell, variance_phrase, verdict_cell,

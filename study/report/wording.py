@@ -88,7 +88,7 @@ def fmt_p(p: Any) -> str:
 def p_rel(p: Any) -> str:
     """The relation and value after 'p': '= 0.004' or '< 0.001'."""
     text = fmt_p(p)
-    return text if text.startswith("<") else f"= {text}"
+    return text if text.startswith("<") or text == NA else f"= {text}"
 
 
 def fmt_int(x: Any) -> str:
@@ -199,6 +199,8 @@ def verdict_phrase(c: Comparison, results: Results) -> str:
     """How a mean comparison under the primary analysis reads."""
     margin = margin_text(results)
     interval = tost_interval_text(c, results)
+    if c.settled_by_construction:
+        return settled_phrase(c, margin)
     if c.verdict == "different":
         text = f"different after {CORRECTION} correction (p {p_rel(c.p_adjusted)})"
     elif c.verdict == "negligible":
@@ -210,10 +212,17 @@ def verdict_phrase(c: Comparison, results: Results) -> str:
     else:
         text = (f"not shown different ({_adjusted(c.p_adjusted)}) and not shown equivalent "
                 f"within {margin} ({interval}); needs more seeds: {seeds_needed_text(c, results)}")
-    if c.settled_by_construction:
-        text += "; settled by construction (the gap is the same in every seed, so no test " \
-                "could add to it)"
     return text
+
+
+def settled_phrase(c: Comparison, margin: str) -> str:
+    """A gap that is the same in every seed: no test can add to it, its size decides."""
+    head = {"different": "different", "negligible": f"negligible: a real gap within {margin}",
+            "equivalent": f"no real difference: equivalent within {margin}"}.get(c.verdict,
+                                                                                 c.verdict)
+    where = "inside" if c.verdict in ("negligible", "equivalent") else "outside"
+    return (f"{head}, settled by construction: the gap is the same in every seed and lies "
+            f"{where} {margin}, so no test could add to it")
 
 
 def robustness_phrase(c: Comparison) -> str:
