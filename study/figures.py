@@ -517,9 +517,17 @@ def _draw_facets(name: str, results: Results, table: Any, out_dir: Path,
                 ax.set_title(title)
         if legend:
             fig.legend(handles=list(legend.values()), labels=list(legend), loc="outside lower center",
-                       ncols=min(len(legend), 5 if fig.get_figwidth() > 4.5 else 3), frameon=False)
+                       ncols=legend_columns(len(legend), fig.get_figwidth()), frameon=False)
     png, svg = save(fig, out_dir, name)
     return FigureFile(name, png, svg, caption(name, results), float(fig.get_figwidth()))
+
+
+def legend_columns(entries: int, width_in: float) -> int:
+    """Columns for a figure legend: at most 5 on a wide figure (3 on a narrow one), and rows
+    of equal length, so a 6-entry legend is 3 + 3 rather than 5 + 1 running off the edge."""
+    most = 5 if width_in > 4.5 else 3
+    rows = math.ceil(entries / most)
+    return math.ceil(entries / rows)
 
 
 def _setting_handles(palette: dict[str, Any]) -> dict[str, Any]:

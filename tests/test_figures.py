@@ -140,6 +140,12 @@ def test_plot_draws_into_given_axes(results: Results) -> None:
     assert figures.plot_sd(_torch(results.groups), ax=ax) is ax
 
 
+def test_legend_rows_are_even_and_fit() -> None:
+    assert figures.legend_columns(6, 5.0) == 3  # the forest's 4 verdicts + TOST bar + margin
+    assert figures.legend_columns(5, 6.6) == 5 and figures.legend_columns(5, 3.3) == 3
+    assert figures.legend_columns(2, 5.0) == 2
+
+
 def test_captions_name_the_endpoint_analysed(results: Results) -> None:
     assert "final-epoch test accuracy" in figures.caption("forest", results)
     last3 = dataclasses.replace(results, endpoint="last:3")

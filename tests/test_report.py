@@ -301,15 +301,20 @@ def test_method_states_measured_coverage_and_labels_approximate(monkeypatch, two
     results, table = two_strata
     assert "not stated by this version of study.stats" in sections.bootstrap_text(results) \
         or sections.coverage()  # the statistics branch may already state it
-    measured = {"mean": {5: 0.91, 10: 0.93, 20: 0.94}, "sd": {5: 0.72, 10: 0.81, 20: 0.88},
-                "sd_ratio": {5: 0.88, 10: 0.91, 20: 0.93}}
+    # The form study.stats gives it: {(interval, n): coverage}.
+    measured = {("mean", 5): 0.91, ("mean", 10): 0.93, ("mean", 20): 0.94, ("sd", 5): 0.72,
+                ("sd", 10): 0.81, ("sd", 20): 0.88, ("sd_ratio", 5): 0.88,
+                ("sd_ratio", 10): 0.91, ("sd_ratio", 20): 0.93}
     monkeypatch.setattr(sections.stats, "COVERAGE", measured, raising=False)
     monkeypatch.delattr(sections.stats, "APPROXIMATE", raising=False)
     text = sections.bootstrap_text(results)
-    assert "group SD 72% at n = 5, 81% at n = 10, 88% at n = 20" in text
+    assert "group SD 72.0% at n = 5, 81.0% at n = 10, 88.0% at n = 20" in text
     assert "Below 90% at n = 10, these are labelled approximate: group SD." in text
     md = _markdown(results, table)
     assert "SD CI: bootstrap (approximate)" in md and "CI: bootstrap (approximate))" not in md
+    nested = {"sd": {10: 0.81}}  # {interval: {n: coverage}} reads the same
+    monkeypatch.setattr(sections.stats, "COVERAGE", nested, raising=False)
+    assert sections.coverage() == {"sd": {10: 0.81}}
     # The module's own list wins over the 90% rule.
     monkeypatch.setattr(sections.stats, "APPROXIMATE", ("sd", "sd_ratio"), raising=False)
     assert "labelled approximate: SD ratio, group SD." in sections.bootstrap_text(results)

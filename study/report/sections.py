@@ -230,12 +230,18 @@ def _endpoint_text(r: Results) -> str:
 
 
 def coverage(module: Any = stats) -> dict[str, dict[int, float]]:
-    """`stats.COVERAGE` as {interval: {n: measured coverage}}; {} when the module has none."""
+    """`stats.COVERAGE` ({(interval, n): coverage}, or {interval: {n: coverage}}) as
+    {interval: {n: measured coverage}}; {} when the module states none."""
     raw = getattr(module, "COVERAGE", None)
-    if not isinstance(raw, Mapping):
-        return {}
-    return {str(name): {int(n): float(v) for n, v in by_n.items() if finite(v)}
-            for name, by_n in raw.items() if isinstance(by_n, Mapping)}
+    out: dict[str, dict[int, float]] = {}
+    for key, value in (raw.items() if isinstance(raw, Mapping) else ()):
+        pairs = value.items() if isinstance(value, Mapping) else [(key[1], value)] \
+            if isinstance(key, tuple) and len(key) == 2 else []
+        name = key[0] if isinstance(key, tuple) else key
+        for n, v in pairs:
+            if finite(v):
+                out.setdefault(str(name), {})[int(n)] = float(v)
+    return out
 
 
 def approximate(module: Any = stats) -> set[str]:
@@ -263,7 +269,7 @@ def bootstrap_text(r: Results) -> str:
         return text + " The coverage of these intervals is not stated by this version of " \
                       "study.stats."
     parts = [f"{INTERVALS.get(name, name)} " + ", ".join(
-        f"{fmt_pct(v, 0)} at n = {n}" for n, v in sorted(by_n.items()))
+        f"{fmt_pct(v, 1)} at n = {n}" for n, v in sorted(by_n.items()))
         for name, by_n in measured.items()]
     approx = sorted(INTERVALS.get(a, a) for a in approximate())
     text += f" Measured coverage of the nominal 95% intervals: {'; '.join(parts)}."
