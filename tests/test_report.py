@@ -23,7 +23,7 @@ from scipy import stats as sps
 
 from study import diagnostics, figures, report
 from study.protocol import Analysis
-from study.report import claims, describe, sections, wording
+from study.report import claims, describe, sections, tables, wording
 from study.report.context import Inputs, find_comparison, find_group
 from study.report.diagnostic_text import claim_repeatability, sources_section
 from study.report.document import Code, Strong, para, text_of
@@ -196,7 +196,7 @@ def test_constant_gap_says_settled_by_construction(two_strata) -> None:
     assert wording.verdict_phrase(inside, results).startswith(
         "no real difference: equivalent within ±0.50 pp, settled by construction")
     assert "different (by construction)" in render_markdown(
-        [sections.comparison_table(results, results.strata[0], [c])], "x")
+        [tables.comparison_table(results, results.strata[0], [c])], "x")
 
 
 def test_variance_not_shown_different_never_reads_as_same(written: report.ReportFiles,
@@ -300,23 +300,23 @@ def test_endpoints_and_robustness_set_are_stated(md: str) -> None:
 def test_method_states_measured_coverage_and_labels_approximate(monkeypatch, two_strata) -> None:
     results, table = two_strata
     assert "not stated by this version of study.stats" in sections.bootstrap_text(results) \
-        or sections.coverage()  # the statistics branch may already state it
+        or wording.coverage()  # the statistics branch may already state it
     # The form study.stats gives it: {(interval, n): coverage}.
     measured = {("mean", 5): 0.91, ("mean", 10): 0.93, ("mean", 20): 0.94, ("sd", 5): 0.72,
                 ("sd", 10): 0.81, ("sd", 20): 0.88, ("sd_ratio", 5): 0.88,
                 ("sd_ratio", 10): 0.91, ("sd_ratio", 20): 0.93}
-    monkeypatch.setattr(sections.stats, "COVERAGE", measured, raising=False)
-    monkeypatch.delattr(sections.stats, "APPROXIMATE", raising=False)
+    monkeypatch.setattr(wording.stats, "COVERAGE", measured, raising=False)
+    monkeypatch.delattr(wording.stats, "APPROXIMATE", raising=False)
     text = sections.bootstrap_text(results)
     assert "group SD 72.0% at n = 5, 81.0% at n = 10, 88.0% at n = 20" in text
     assert "Below 90% at n = 10, these are labelled approximate: group SD." in text
     md = _markdown(results, table)
     assert "SD CI: bootstrap (approximate)" in md and "CI: bootstrap (approximate))" not in md
     nested = {"sd": {10: 0.81}}  # {interval: {n: coverage}} reads the same
-    monkeypatch.setattr(sections.stats, "COVERAGE", nested, raising=False)
-    assert sections.coverage() == {"sd": {10: 0.81}}
+    monkeypatch.setattr(wording.stats, "COVERAGE", nested, raising=False)
+    assert wording.coverage() == {"sd": {10: 0.81}}
     # The module's own list wins over the 90% rule.
-    monkeypatch.setattr(sections.stats, "APPROXIMATE", ("sd", "sd_ratio"), raising=False)
+    monkeypatch.setattr(wording.stats, "APPROXIMATE", ("sd", "sd_ratio"), raising=False)
     assert "labelled approximate: SD ratio, group SD." in sections.bootstrap_text(results)
 
 

@@ -8,7 +8,8 @@ the static `style.typ`) and to Markdown, so the two can never say different thin
 
 - `wording`: how numbers and verdicts read (the one place for the wording rules);
 - `describe`: the model, data and training, from the resolved protocol of the runs;
-- `sections`: abstract, method, results tables, reproducibility, threats, appendix;
+- `sections`: abstract, question, method, results, reproducibility, threats, appendix;
+- `tables`: the per-stratum results tables (groups, comparisons, multiverse, power, spread);
 - `claims`: the lesson's claims, one `Claim` entry each (C1-C5);
 - `diagnostic_text`: C4, C5 and the sources of variance, worded from `Results.diagnostics`;
 - `document`, `render_typst`, `render_markdown`: the block model and its two renderers.

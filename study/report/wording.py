@@ -11,9 +11,10 @@ Rules kept here and only here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from study import stats
 from study.figures import setting_label
 from study.results import TEST_NAMES, Comparison, Endpoint, Results
 
@@ -21,6 +22,9 @@ MINUS = "\u2212"
 NA = "n/a"
 CORRECTION = "Holm"  # the analysis adjusts every family by Holm's step-down method
 VERDICT_ORDER = ("different", "negligible", "equivalent", "inconclusive")
+# Interval names in `stats.COVERAGE` and what the report calls them.
+INTERVALS = {"mean": "group mean", "sd": "group SD", "sd_ratio": "SD ratio"}
+COVERAGE_FLOOR = 0.90  # below this at n = 10 an interval is labelled "approximate"
 
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -330,3 +334,35 @@ def record_verdict_phrase(r: dict[str, Any], margin: float) -> str:
 def capitalised(text: str) -> str:
     """A clause as the start of a sentence."""
     return text[:1].upper() + text[1:]
+
+
+# --- measured coverage: which intervals read "approximate" -------------------------------
+
+
+def coverage(module: Any = stats) -> dict[str, dict[int, float]]:
+    """`stats.COVERAGE` ({(interval, n): coverage}, or {interval: {n: coverage}}) as
+    {interval: {n: measured coverage}}; {} when the module states none."""
+    raw = getattr(module, "COVERAGE", None)
+    out: dict[str, dict[int, float]] = {}
+    for key, value in (raw.items() if isinstance(raw, Mapping) else ()):
+        pairs = value.items() if isinstance(value, Mapping) else [(key[1], value)] \
+            if isinstance(key, tuple) and len(key) == 2 else []
+        name = key[0] if isinstance(key, tuple) else key
+        for n, v in pairs:
+            if finite(v):
+                out.setdefault(str(name), {})[int(n)] = float(v)
+    return out
+
+
+def approximate(module: Any = stats) -> set[str]:
+    """Intervals to label "approximate": the module's own list, else those whose measured
+    coverage at n = 10 is below 90%."""
+    named = getattr(module, "APPROXIMATE", None)
+    if named is not None:
+        return {str(x) for x in named}
+    return {name for name, by_n in coverage(module).items()
+            if by_n.get(10, 1.0) < COVERAGE_FLOOR}
+
+
+def approx_label(name: str) -> str:
+    return " (approximate)" if name in approximate() else ""
