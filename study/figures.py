@@ -219,6 +219,11 @@ def plot_forest(comparisons: Sequence[Comparison], margin: float, *,
     numbers column on the right always shows the truth."""
     ax = _new_axes(ax)
     rows = [ForestRow.of(c) for c in comparisons]
+    if not rows:  # a stratum with the baseline alone: say so rather than draw an empty axis
+        ax.text(0.5, 0.5, "no comparison with the baseline", ha="center", va="center",
+                transform=ax.transAxes, fontsize=7)
+        ax.set_axis_off()
+        return ax
     limit = _forest_limit(rows, margin * 100, focus_pp)
     ax.axvspan(-margin * 100, margin * 100, color="#0072B2", alpha=0.12, linewidth=0,
                label=f"±{margin * 100:g} pp equivalence margin")
@@ -251,7 +256,8 @@ class ForestRow:
     @classmethod
     def of(cls, c: Comparison) -> ForestRow:
         tost = c.tost_ci or c.tost_ci90
-        return cls(setting_label(c.dropout1, c.dropout2), _pp(c.mean_diff), _pp_pair(c.mean_diff_ci95),
+        return cls(setting_label(c.dropout1, c.dropout2), _pp(c.mean_diff),
+                   _pp_pair(c.mean_diff_ci95),
                    _pp_pair(tost) if c.verdict in TOST_VERDICTS else None, c.verdict)
 
     def reach(self) -> float | None:
@@ -576,11 +582,13 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
         _draw_facets("final_accuracy", results, table, out_dir, final),
         _draw_facets("curves_test_acc", results, table, out_dir, curves("test_acc"), lines),
         _draw_facets("curves_train_loss", results, table, out_dir, curves("train_loss"), lines),
-        # One column: the numbers printed right of each panel need the full width.
-        _draw_facets("forest", results, table, out_dir, forest, _verdict_handles(margin), columns=1),
         _draw_facets("sd", results, table, out_dir, sd),
         _draw_facets("gap", results, table, out_dir, gap),
     ]
+    if results.comparisons:  # the baseline alone (e.g. a determinism study): nothing to draw
+        # One column: the numbers printed right of each panel need the full width.
+        per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,
+                                           _verdict_handles(margin), columns=1))
     return per_stratum + diagnostic_figures(results.diagnostics, out_dir)
 
 

@@ -140,6 +140,15 @@ def test_plot_draws_into_given_axes(results: Results) -> None:
     assert figures.plot_sd(_torch(results.groups), ax=ax) is ax
 
 
+def test_baseline_alone_draws_no_forest(tmp_path: Path, table: RunTable,
+                                        results: Results) -> None:
+    ax = figures.plot_forest([], 0.005)
+    assert [t.get_text() for t in ax.texts] == ["no comparison with the baseline"]
+    alone = dataclasses.replace(results, comparisons=[])
+    names = [f.name for f in figures.make_figures(alone, table, tmp_path)]
+    assert "forest" not in names and "sd" in names
+
+
 def test_legend_rows_are_even_and_fit() -> None:
     assert figures.legend_columns(6, 5.0) == 3  # the forest's 4 verdicts + TOST bar + margin
     assert figures.legend_columns(5, 6.6) == 5 and figures.legend_columns(5, 3.3) == 3

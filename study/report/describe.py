@@ -38,7 +38,8 @@ def setup(protocol: dict[str, Any] | None) -> Setup:
                      None)
     model = protocol.get("model") or {}
     arch = model.get("arch", "mlp")
-    return Setup(model_short(model), model_text(model), training_text(protocol.get("training") or {}),
+    return Setup(model_short(model), model_text(model),
+                 training_text(protocol.get("training") or {}),
                  data_text(protocol.get("data") or {}), arch == "lenet")
 
 

@@ -1,5 +1,6 @@
 """The paper around the claims: abstract, question, method, results (tables in `tables`),
-reproducibility, threats and appendix. Every number is read from `Results`; what ran is read from the protocol.
+reproducibility, threats and appendix. Every number is read from `Results`; what ran is read
+from the protocol.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from study.report.document import (Abstract, Appendix, Block, Bullets, Code, Cod
                                    Heading, Para, Table, para)
 from study.report.tables import stratum_results
 from study.report.wording import (COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, approximate,
-                                  coverage, endpoint_text, finite, fmt_ci_pp, fmt_mean_sd,
+                                  count, coverage, endpoint_text, finite, fmt_ci_pp, fmt_mean_sd,
                                   fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text, p_rel,
                                   verdict_word)
 from study.results import TEST_NAMES, Comparison, Results, Stratum
@@ -26,7 +27,8 @@ from study.table import RunTable
 
 
 def title(table: RunTable) -> str:
-    return f"Does dropout help? Re-running the d2l dropout lesson across seeds: {table.experiment_name}"
+    return ("Does dropout help? Re-running the d2l dropout lesson across seeds: "
+            f"{table.experiment_name}")
 
 
 def document(inputs: Inputs) -> list[Block]:
@@ -45,11 +47,13 @@ def abstract(inputs: Inputs, max_strata: int = 3) -> Para:
     seeds = sorted(set(int(s) for s in table.runs["seed"]))
     what = (f"We trained {inputs.setup.model_short} on Fashion-MNIST" if inputs.setup.recorded
             else "We analysed runs of a model whose set-up was not recorded")
-    parts = [f"{what} under {len(settings)} dropout settings with {len(seeds)} seeds each "
-             f"({len(table.runs)} runs in {len(r.strata)} strata, analysed separately) to test "
-             f"claims the lesson drew from single runs. Accuracies are mean ± SD over seeds; "
-             f"differences are to the baseline {fmt_setting(r.baseline)} with 95% CIs, on the "
-             f"primary endpoint ({endpoint_text(r.endpoint)}), each verdict checked under "
+    strata = f"{len(r.strata)} strat{'um' if len(r.strata) == 1 else 'a'}"
+    parts = [f"{what} under {count(len(settings), 'dropout setting')} with "
+             f"{count(len(seeds), 'seed')} each ({count(len(table.runs), 'run')} in {strata}, "
+             f"analysed separately) to test claims the lesson drew from single runs. Accuracies "
+             f"are mean ± SD over seeds; differences are to the baseline "
+             f"{fmt_setting(r.baseline)} with 95% CIs, on the primary endpoint "
+             f"({endpoint_text(r.endpoint)}), each verdict checked under "
              f"{len(r.robustness_endpoints) * len(r.robustness_tests)} analyses."]
     parts += [_stratum_abstract(inputs, s) for s in r.strata[:max_strata]]
     if len(r.strata) > max_strata:
@@ -138,7 +142,8 @@ def _protocol_blocks(inputs: Inputs) -> list[Block]:
         ("model", setup.model),
         ("training", setup.training),
         ("data", setup.data),
-        ("settings (dropout1, dropout2)", ", ".join(setting_label(*s) for s in p.get("dropout", []))),
+        ("settings (dropout1, dropout2)",
+         ", ".join(setting_label(*s) for s in p.get("dropout", []))),
         ("baseline", setting_label(*p["baseline"]) if p.get("baseline") else NA),
         ("seeds", f"{seeds} (fixed seed for held streams: {p.get('seeds', {}).get('fixed')})"),
         ("devices", ", ".join(p.get("devices", []))),

@@ -29,8 +29,9 @@ def stratum_results(r: Results, stratum: Stratum) -> list[Block]:
 def _omnibus_text(stratum: Stratum) -> str:
     o = stratum.omnibus
     name = {"friedman": "Friedman test", "welch_anova": "Welch ANOVA"}.get(o.test, "omnibus test")
-    head = (f"{stratum.n_seeds} seeds per setting, "
-            f"{'the same seeds in every setting' if stratum.paired else 'not all seeds in every setting'}. ")
+    seeds = "the same seeds in every setting" if stratum.paired else \
+        "not all seeds in every setting"
+    head = f"{stratum.n_seeds} seeds per setting, {seeds}. "
     if not finite(o.p):
         return head + f"The {name} was not computed: {o.reason or 'no reason given'}."
     return head + f"{name}: statistic {fmt_num(o.statistic)}, p {p_rel(o.p)}."

@@ -300,7 +300,8 @@ def verdict_lists(names: dict[str, list[str]], margin: float, need: Sequence[flo
     if names.get("different"):
         parts.append(f"different at {', '.join(names['different'])}")
     if names.get("negligible"):
-        parts.append(f"a real gap shown within {m} (negligible) at {', '.join(names['negligible'])}")
+        parts.append(f"a real gap shown within {m} (negligible) at "
+                     f"{', '.join(names['negligible'])}")
     if names.get("equivalent"):
         parts.append(f"no real difference (equivalent within {m}) at "
                      f"{', '.join(names['equivalent'])}")
@@ -329,6 +330,11 @@ def record_verdict_phrase(r: dict[str, Any], margin: float) -> str:
         f"seeds needed not computable: {r.get('reason') or 'not computable'}"
     return (f"not shown different ({_adjusted(r.get('p_adjusted'))}) and not shown equivalent "
             f"within {m}; needs more seeds ({need})")
+
+
+def count(n: int, noun: str) -> str:
+    """'1 dropout setting', '2 dropout settings'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def capitalised(text: str) -> str:
