@@ -124,7 +124,10 @@ def test_abstract_states_the_numbers_from_the_results(two_strata) -> None:
     diff = find_comparison(results, torch, 0.0, 0.0)
     assert f"{wording.fmt_pp(diff.mean_diff)} {wording.fmt_ci_pp(diff.mean_diff_ci95)}" in text
     assert "different after Holm correction (p = 0.004), not robust" in text
-    assert "equivalent within ±0.50 pp, robust" in text
+    # A TOST verdict keeps the interval of its decision, even in the abstract.
+    equivalent = find_comparison(results, torch, 0.6, 0.8)
+    assert (f"equivalent within ±0.50 pp (Holm-adjusted 97.5% CI "
+            f"{wording.fmt_ci_pp(equivalent.tost_ci)} pp), robust") in text
     assert "primary endpoint (final-epoch test accuracy), each verdict checked under 6 analyses" \
         in text
     for stratum in results.strata:
@@ -220,6 +223,15 @@ def test_inconclusive_without_seed_estimate_says_why(two_strata) -> None:
                             reason="zero variance in both groups")
     phrase = wording.verdict_phrase(c, results)
     assert "needs more seeds" in phrase and "zero variance in both groups" in phrase
+
+
+def test_comparison_notes_from_the_analysis_are_shown(two_strata) -> None:
+    results, table = two_strata
+    noted = [dataclasses.replace(c, reason="2 shared seeds: Welch") if c.dropout1 == 0.9 else c
+             for c in results.comparisons]
+    md = _markdown(dataclasses.replace(results, comparisons=noted), table)
+    assert md.count("Notes from the analysis:\n\n- (0.9, 0.9): 2 shared seeds: Welch.") == 2
+    assert "Notes from the analysis" not in _markdown(results, table)
 
 
 def test_what_it_would_take_gives_all_three_seed_counts(md: str, two_strata) -> None:

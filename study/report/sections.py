@@ -19,9 +19,9 @@ from study.report.document import (Abstract, Appendix, Block, Bullets, Code, Cod
 from study.report.tables import stratum_results
 from study.report.wording import (COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, approximate,
                                   count, coverage, endpoint_text, finite, fmt_ci_pp, fmt_mean_sd,
-                                  fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text, p_rel,
-                                  verdict_word)
-from study.results import TEST_NAMES, Comparison, Results, Stratum
+                                  fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text,
+                                  short_verdict)
+from study.results import TEST_NAMES, Results, Stratum
 from study.table import RunTable
 
 
@@ -60,17 +60,6 @@ def abstract(inputs: Inputs, max_strata: int = 3) -> Para:
         parts.append(f"The other {len(r.strata) - max_strata} strata are reported in Section 3.")
     parts.append(diagnostics_abstract(r))
     return Para((" ".join(p for p in parts if p),))
-
-
-def short_verdict(c: Comparison, r: Results) -> str:
-    if c.verdict == "different":
-        text = f"different after {CORRECTION} correction (p {p_rel(c.p_adjusted)})"
-    elif c.verdict == "equivalent":
-        text = f"no real difference: equivalent within {margin_text(r)}"
-    else:
-        text = verdict_word(c.verdict, r.equivalence_margin)
-    robust = {True: "robust", False: "not robust"}.get(c.robust, "robustness not assessed")
-    return f"{text}, {robust}"
 
 
 def _stratum_abstract(inputs: Inputs, stratum: Stratum) -> str:

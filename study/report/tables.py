@@ -23,7 +23,8 @@ def stratum_results(r: Results, stratum: Stratum) -> list[Block]:
     blocks += [comparison_table(r, stratum, comps), multiverse_table(r, stratum, comps),
                power_table(r, stratum, comps), spread_table(r, stratum, comps),
                Bullets(tuple(para(f"{fmt_setting(c)}: ", variance_phrase(c, r)) for c in comps))]
-    return blocks
+    notes = [para(f"{fmt_setting(c)}: {c.reason}.") for c in comps if c.reason]
+    return blocks + ([para("Notes from the analysis:"), Bullets(tuple(notes))] if notes else [])
 
 
 def _omnibus_text(stratum: Stratum) -> str:

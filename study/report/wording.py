@@ -229,6 +229,22 @@ def settled_phrase(c: Comparison, margin: str) -> str:
             f"{where} {margin}, so no test could add to it")
 
 
+def short_verdict(c: Comparison, results: Results) -> str:
+    """The verdict in a clause, for the abstract: a TOST verdict keeps its interval."""
+    ci, name = tost_interval(c, results.alpha)
+    interval = f" ({name} {fmt_ci_pp(ci)} pp)" if _interval(ci) else ""
+    if c.verdict == "different":
+        text = f"different after {CORRECTION} correction (p {p_rel(c.p_adjusted)})"
+    elif c.verdict == "equivalent":
+        text = f"no real difference: equivalent within {margin_text(results)}{interval}"
+    elif c.verdict == "negligible":
+        text = f"negligible: a real gap shown within {margin_text(results)}{interval}"
+    else:
+        text = verdict_word(c.verdict, results.equivalence_margin)
+    robust = {True: "robust", False: "not robust"}.get(c.robust, "robustness not assessed")
+    return f"{text}, {robust}"
+
+
 def robustness_phrase(c: Comparison) -> str:
     """'robust: ...' or 'not robust: it changes under ...'."""
     n = len(c.multiverse)
