@@ -186,6 +186,15 @@ def test_negligible_reads_as_a_real_gap_inside_the_margin(two_strata) -> None:
     assert wording.verdict_word("negligible", 0.005) == "negligible (a real gap within ±0.50 pp)"
     assert "negligible (a real gap within ±0.50 pp) in 1 of 2" in \
         wording.verdict_counts([{"verdict": "negligible"}, {"verdict": "different"}], 0.005)
+    # Diagnostics records (JSON dicts) take the four verdicts too.
+    record = {"verdict": "negligible", "p_adjusted": 0.01, "tost_p_adjusted": 0.02}
+    assert wording.record_verdict_phrase(record, 0.005) == (
+        "negligible: a real gap (Holm-adjusted p = 0.010), shown to lie within ±0.50 pp (TOST, "
+        "Holm-adjusted p = 0.020)")
+    names = {"negligible": ["(0.2, 0.5)"], "equivalent": ["(0.5, 0.5)"]}
+    assert wording.verdict_lists(names, 0.005, []) == (
+        "a real gap shown within ±0.50 pp (negligible) at (0.2, 0.5); no real difference "
+        "(equivalent within ±0.50 pp) at (0.5, 0.5)")
 
 
 def test_constant_gap_says_settled_by_construction(two_strata) -> None:
