@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ class Inputs:
     setup: describe.Setup  # the model, data and training, from the runs' resolved protocol
 
     @classmethod
-    def of(cls, results: Results, table: RunTable, figs=()) -> Inputs:
+    def of(cls, results: Results, table: RunTable, figs: Sequence[FigureFile] = ()) -> Inputs:
         return cls(results, table, tuple(figs), describe.setup(table.protocol))
 
 
