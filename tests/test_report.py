@@ -251,6 +251,11 @@ def test_what_it_would_take_gives_all_three_seed_counts(md: str, two_strata) -> 
         "the size of the margin (±0.50 pp), 12 for TOST to show equivalence if the true gap "
         "were 0")
     assert "| (0.9, 0.9) | inconclusive | 0.62 | 23 | 9 | 12 |" in md
+    tiny = dataclasses.replace(c, seeds_needed=None)  # a gap too small for any count
+    assert wording.seeds_needed_text(tiny, results) == (
+        "about 9 seeds per setting to detect a gap the size of the margin (±0.50 pp), 12 for "
+        "TOST to show equivalence if the true gap were 0, no count for the observed gap (see "
+        "the notes)")
     assert "| seeds: observed gap | seeds: gap of ±0.50 pp | seeds: equivalence if gap 0 |" in md
 
 

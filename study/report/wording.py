@@ -175,20 +175,19 @@ def tost_interval_cell(c: Comparison, alpha: float) -> str:
 
 
 def seeds_needed_text(c: Comparison, results: Results) -> str:
-    """The three power answers, in the order a reader asks them."""
-    power = f"{results.power:.0%}"
-    parts = []
-    if finite(c.seeds_needed):
-        parts.append(f"about {fmt_int(c.seeds_needed)} seeds per setting to detect the observed "
-                     f"gap at {power} power")
-    if finite(c.seeds_needed_margin):
-        parts.append(f"{fmt_int(c.seeds_needed_margin)} to detect a gap the size of the margin "
-                     f"({margin_text(results)})")
-    if finite(c.seeds_needed_equivalence):
-        parts.append(f"{fmt_int(c.seeds_needed_equivalence)} for TOST to show equivalence if "
-                     f"the true gap were 0")
-    if not parts:
+    """The three power answers, in the order a reader asks them; the first count found reads
+    "about N seeds per setting", so the sentence stands when the observed gap has no count."""
+    asks = ((c.seeds_needed, f"to detect the observed gap at {results.power:.0%} power"),
+            (c.seeds_needed_margin, f"to detect a gap the size of the margin "
+                                    f"({margin_text(results)})"),
+            (c.seeds_needed_equivalence, "for TOST to show equivalence if the true gap were 0"))
+    found = [(n, what) for n, what in asks if finite(n)]
+    if not found:
         return f"seeds needed not computable: {c.reason or 'not computable'}"
+    parts = [f"{fmt_int(n)} {what}" for n, what in found]
+    parts[0] = f"about {fmt_int(found[0][0])} seeds per setting {found[0][1]}"
+    if not finite(c.seeds_needed):
+        parts.append("no count for the observed gap (see the notes)")
     return ", ".join(parts)
 
 
