@@ -166,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from study import report
 
     done = _analyze(_target(args))
-    written = report.write_report(done.results.to_json(), done.table, done.out)
+    written = report.write_report(done.results, done.table, done.out)
     done.log(written.all())
     print(f"Report: {written.pdf}\nMarkdown: {written.markdown}")
     _print_where(done.table.experiment_id)
