@@ -147,8 +147,10 @@ class Comparison:
 
 
 def join_reasons(*reasons: str | None) -> str | None:
-    """Join the non-empty reasons with "; ", dropping repeats; None when there are none."""
-    kept = [r for r in reasons if r]
+    """Join the non-empty reasons with "; ", dropping repeats (also inside reasons that are
+    themselves joined, as when a comparison's and its power analysis' reasons meet); None when
+    there are none."""
+    kept = [part for r in reasons if r for part in r.split("; ")]
     return "; ".join(dict.fromkeys(kept)) if kept else None
 
 

@@ -813,3 +813,8 @@ def test_yuen_false_positive_rate(paired):
     rate = hits / n_studies
     print(f"\nYuen false positives ({'paired' if paired else 'unpaired'}, 10 seeds): {rate:.4f}")
     assert 0.02 < rate <= _binomial_ceiling(ALPHA, n_studies)
+
+
+def test_join_reasons_drops_repeats_inside_joined_reasons():
+    assert stats.join_reasons("a; b", None, "b", "c") == "a; b; c"
+    assert stats.join_reasons(None, "") is None
