@@ -404,7 +404,7 @@ def test_a_new_claim_is_one_entry(monkeypatch, two_strata) -> None:
     monkeypatch.setattr(claims, "CLAIMS", (*claims.CLAIMS, extra))
     md = _markdown(results, table)
     assert "- **C6** dropout makes training slower;" in md
-    assert "### 4.6 C6: dropout costs time\n\n10 groups seen." in md
+    assert f"### 4.{len(claims.CLAIMS)} C6: dropout costs time\n\n10 groups seen." in md
 
 
 def test_typst_escaping_keeps_user_strings_literal(tmp_path: Path) -> None:
@@ -458,6 +458,30 @@ def test_report_from_analysis_module_output(tmp_path: Path) -> None:
     # The replicates of make_table repeat seed 0 exactly: the diagnostics say so, once per cell.
     assert "bit-identical weights in 5/5 on cpu." in text
     assert "| cpu / default / sequential | 5 | 5/5 (100%) |" in files.markdown.read_text()
+
+
+def test_first_layer_claim_reads_the_declared_contrast(tmp_path: Path) -> None:
+    """C3': the contrast (0.8, 0.6) against (0.6, 0.8) through analysis.analyze, worded with
+    its verdict and what it says about the lesson's guess; undeclared, the section says so."""
+    from study import analysis
+
+    table = make_table()
+    runs = table.runs.copy()
+    moved = runs[(runs.dropout1 == 0.6) & (runs.dropout2 == 0.8)].copy()
+    moved["dropout1"], moved["dropout2"] = 0.8, 0.6
+    moved["test_acc"] -= 0.03  # more first-layer dropout loses 3 points in every seed, +- noise
+    moved["test_acc"] += np.random.default_rng(0).normal(0, 0.002, len(moved))
+    moved["run_id"] = moved["run_id"] + "-first"
+    table = dataclasses.replace(table, runs=pd.concat([runs, moved], ignore_index=True))
+    options = Analysis(bootstrap=200, contrasts=(((0.8, 0.6), (0.6, 0.8)),))
+    results = analysis.analyze(table, BASELINE, options)
+    (bullets,) = claims.claim_first_layer(Inputs.of(results, table))
+    text = text_of(bullets.items[0])
+    assert re.search(r"\(0\.8, 0\.6\) against \(0\.6, 0\.8\) is [\u2212-](2\.9|3\.0)\d pp", text), text
+    assert "different" in text and "costs accuracy here, as the lesson guessed" in text
+    plain = analysis.analyze(table, BASELINE, Analysis(bootstrap=200))
+    (missing,) = claims.claim_first_layer(Inputs.of(plain, table))
+    assert "was not declared" in text_of(missing)
 
 
 # --- diagnostics: synthetic runs with planted findings, through study.diagnostics.analyze ----

@@ -116,6 +116,42 @@ def _degenerate_text(g: Group, c: Comparison | None, inputs: Inputs) -> str:
     return text + ("" if text.endswith(".") else ".")
 
 
+# C3' -------------------------------------------------------------------------------------------
+
+FIRST_LAYER = ((0.8, 0.6), (0.6, 0.8))  # more dropout in the first layer, against less
+
+
+def claim_first_layer(inputs: Inputs) -> list[Block]:
+    """The lesson's guess that (0.9, 0.9) fails from dropping too much in the first layer, read
+    off the declared contrast (0.8, 0.6) against (0.6, 0.8) (`analysis.contrasts`)."""
+    r = inputs.results
+    (a, b) = FIRST_LAYER
+    found = [c for c in r.contrasts if (c.dropout1, c.dropout2) == a and tuple(c.baseline) == b]
+    if not found:
+        return [para(f"The data do not speak to this claim: the contrast {setting_label(*a)} "
+                     f"against {setting_label(*b)} was not declared (`analysis.contrasts`).")]
+    labels = {str(s.stratum): s.label for s in r.strata}
+    return [Bullets(tuple(para(f"{labels[str(c.stratum)]}: ", _first_layer_text(c, inputs))
+                          for c in found))]
+
+
+def _first_layer_text(c: Comparison, inputs: Inputs) -> str:
+    r = inputs.results
+    text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, t test, a Holm family of "
+            f"the declared contrasts) {fmt_setting(c)} against {fmt_setting(c.baseline)} is "
+            f"{fmt_pp(c.mean_diff)} {fmt_ci_pp(c.mean_diff_ci95)} over {c.n_pairs or c.n} "
+            f"{'paired seeds' if c.paired else 'runs'}: {verdict_phrase(c, r)}. This verdict is "
+            f"{robustness_phrase(c)}.")
+    if c.verdict == "different" and (c.mean_diff or 0) < 0:
+        reading = ("More dropout in the first layer costs accuracy here, as the lesson guessed.")
+    elif c.verdict == "different":
+        reading = "More dropout in the first layer does better here, against the lesson's guess."
+    else:
+        reading = ("The data do not show which layer's rate matters more; the lesson's guess is "
+                   "neither supported nor refuted.")
+    return f"{capitalised(text)} {reading}"
+
+
 # C4 --------------------------------------------------------------------------------------------
 
 
@@ -164,6 +200,9 @@ CLAIMS: tuple[Claim, ...] = (
           claim_degenerate((1.0, 1.0))),
     Claim("C3", "(0.9, 0.9) \u201chas problems\u201d;", "(0.9, 0.9) has problems",
           claim_degenerate((0.9, 0.9))),
+    Claim("C3\u2032", "the (0.9, 0.9) trouble comes from dropping too much in the first layer "
+                     "((0.8, 0.6) against (0.6, 0.8));",
+          "too much dropout in the first layer is what hurts", claim_first_layer),
     Claim("C4", "the hand-written dropout and nn.Dropout perform about the same;",
           "hand-written and nn.Dropout perform the same", claim_implementations),
     Claim("C5", "fixing the random seed makes training repeatable, but cuDNN on CUDA may still "
