@@ -189,6 +189,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     else:
         print(f"Runs of {proto.name}: {tracking.runs_url(found.experiment_id, port=args.port)}",
               flush=True)
+    # MLflow 3's server also starts seven job-runner processes (GenAI judges, trace roll-ups)
+    # that this harness never uses; they slow start-up and outlive a SIGTERM to the server.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # exec, not a child: stopping this process (Ctrl-C, or a test's kill) stops the server.
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                               tracking.tracking_uri(), "--host", "127.0.0.1",
