@@ -113,7 +113,7 @@ def _nonempty(items: tuple) -> tuple:
     if not items:
         raise ValueError("must not be empty")
     if len(set(items)) != len(items):
-        raise ValueError(f"must not repeat entries, got {list(items)}")
+        raise ValueError("must not repeat entries")
     return items
 
 
@@ -148,7 +148,8 @@ class Protocol:
             try:
                 _nonempty(getattr(self, key))
             except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
+                value = json.loads(json.dumps(getattr(self, key)))  # lists, as in the file
+                raise ValueError(f"{key}: {err} (value: {value})") from None
         if self.baseline not in self.dropout:
             raise ValueError(f"baseline: {list(self.baseline)} is not one of the dropout settings")
         if missing := set(self.required_devices) - set(self.devices):
@@ -265,7 +266,9 @@ def _describe(err: ValidationError, source: str, overridden: list[str] = ()) -> 
         loc = [str(p) for p in e["loc"] if "[" not in str(p)]
         key = ".".join(loc)
         message = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "missing":
+        if e["type"] == "missing" and loc and loc[-1].isdigit():  # a pair with one entry
+            line = f"{'.'.join(loc[:-1])}: too few items (value: {_short(e.get('input'))})"
+        elif e["type"] == "missing":
             line = f"{key}: required key is missing"
         elif e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
             line = f"{key}: unknown key{_suggest(loc)} (value: {_short(e.get('input'))})"

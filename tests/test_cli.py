@@ -1,13 +1,17 @@
 """The command line over a temporary store, including a user's own experiment."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from study import cli, tracking
 
-SMOKE = str(Path(__file__).resolve().parents[1] / "protocols" / "smoke.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "protocols" / "smoke.yaml")
 
 
 @pytest.fixture
@@ -75,3 +79,177 @@ def test_plan_lists_every_cell(store, capsys):
     out = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("todo") for line in out) == 3 * 2
     assert out[-1] == "6 cells: 0 done, 6 to run"
+
+
+# --- bad input: one line per wrong key, naming file, key and value; exit 2; no traceback ------
+
+def _smoke_with(tmp_path: Path, changes: dict[str, object]) -> Path:
+    """smoke.yaml with dotted keys set (REMOVE deletes one), written as bad.yaml."""
+    raw = yaml.safe_load(Path(SMOKE).read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is REMOVE:
+            node.pop(last)
+        else:
+            node[last] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+INF, NAN = float("inf"), float("nan")
+REMOVE = object()
+# (id, changes to smoke.yaml, fragments the one error line must hold besides the file's path)
+BAD_VALUES = [
+    ("unknown-key", {"colour": "red"}, ["colour: unknown key", "'red'"]),
+    ("misspelt-section", {"trainng": {"epochs": 3}}, ["trainng", "did you mean 'training'"]),
+    ("misspelt-key", {"training.epoch": 3}, ["training.epoch", "did you mean 'epochs'", "3"]),
+    ("name-pattern", {"name": "my study"}, ["name:", "'my study'"]),
+    ("name-number", {"name": 7}, ["name:", "string", "(value: 7)"]),
+    ("description-number", {"description": 5}, ["description:", "(value: 5)"]),
+    ("dropout-above-1", {"dropout": [[0.2, 0.5], [0.2, 1.5]]}, ["dropout.1.1", "1.5"]),
+    ("dropout-negative", {"dropout": [[0.2, 0.5], [-0.1, 0.5]]}, ["dropout.1.0", "-0.1"]),
+    ("dropout-nan", {"dropout": [[NAN, 0.5]], "baseline": [0.2, 0.5]},
+     ["dropout.0.0", "finite", "nan"]),
+    ("dropout-single", {"dropout": [[0.2]], "baseline": [0.2, 0.5]}, ["dropout.0", "[0.2]"]),
+    ("dropout-triple", {"dropout": [[0.2, 0.5, 0.1]]}, ["dropout.0", "[0.2, 0.5, 0.1]"]),
+    ("dropout-text", {"dropout": "lots"}, ["dropout:", "'lots'"]),
+    ("dropout-empty", {"dropout": []}, ["dropout: must not be empty", "[]"]),
+    ("dropout-repeat", {"dropout": [[0.2, 0.5], [0.2, 0.5]]},
+     ["dropout: must not repeat", "[0.2, 0.5]"]),
+    ("baseline-absent", {"baseline": [0.3, 0.3]}, ["baseline:", "[0.3, 0.3]"]),
+    ("seeds-missing", {"seeds": REMOVE}, ["seeds: required key is missing"]),
+    ("seeds-both", {"seeds": {"count": 2, "list": [1, 2]}}, ["seeds:", "exactly one",
+                                                            "'list': [1, 2]"]),
+    ("seeds-count-zero", {"seeds.count": 0}, ["seeds.count", "(value: 0)"]),
+    ("seeds-count-text", {"seeds.count": "3"}, ["seeds.count", "integer", "'3'"]),
+    ("seeds-list-repeat", {"seeds": {"list": [1, 1]}}, ["seeds:", "repeats", "[1, 1]"]),
+    ("seeds-start-negative", {"seeds.start": -1}, ["seeds.start", "-1"]),
+    ("epochs-zero", {"training.epochs": 0}, ["training.epochs", "(value: 0)"]),
+    ("epochs-fraction", {"training.epochs": 2.5}, ["training.epochs", "integer", "2.5"]),
+    ("epochs-bool", {"training.epochs": True}, ["training.epochs", "integer", "True"]),
+    ("lr-inf", {"training.lr": INF}, ["training.lr", "finite", "inf"]),
+    ("lr-negative", {"training.lr": -0.1}, ["training.lr", "-0.1"]),
+    ("lr-text", {"training.lr": "fast"}, ["training.lr", "'fast'"]),
+    ("batch-zero", {"training.batch_size": 0}, ["training.batch_size", "(value: 0)"]),
+    ("optimizer", {"training.optimizer": "adam"}, ["training.optimizer", "'adam'"]),
+    ("training-null", {"training": None}, ["training:", "(value: None)"]),
+    ("model-text", {"model": "mlp"}, ["model:", "'mlp'"]),
+    ("arch", {"model.arch": "resnet"}, ["model.arch", "'resnet'"]),
+    ("hidden-one-layer", {"model.hidden": [256]}, ["model.hidden", "[256]"]),
+    ("hidden-zero", {"model.hidden": [0, 256]}, ["model.hidden.0", "(value: 0)"]),
+    ("init-std-nan", {"model.init_std": NAN}, ["model.init_std", "finite", "nan"]),
+    ("init", {"model.init": "uniform"}, ["model.init", "'uniform'"]),
+    ("subset-too-large", {"data.train_subset": 1_000_000_000},
+     ["data.train_subset", "60000 training images", "1000000000"]),
+    ("subset-zero", {"data.train_subset": 0}, ["data.train_subset", "(value: 0)"]),
+    ("dataset", {"data.dataset": "mnist"}, ["data.dataset", "'mnist'"]),
+    ("device", {"devices": ["tpu"]}, ["devices.0", "'tpu'"]),
+    ("required-not-listed", {"required_devices": ["cuda"]},
+     ["required_devices", "['cuda']", "not listed in devices"]),
+    ("determinism", {"determinism": ["fast"]}, ["determinism.0", "'fast'"]),
+    ("implementation", {"implementations": ["keras"]}, ["implementations.0", "'keras'"]),
+    ("vary", {"vary": ["everything"]}, ["vary.0", "'everything'"]),
+    ("execution", {"execution": "parallel"}, ["execution", "'parallel'"]),
+    ("randomness", {"randomness": "random"}, ["randomness", "'random'"]),
+    ("batch-members-zero", {"batch_members": 0}, ["batch_members", "(value: 0)"]),
+    ("replicates-zero", {"replicates": 0}, ["replicates", "(value: 0)"]),
+    ("threads-zero", {"threads": 0}, ["threads", "(value: 0)"]),
+    ("alpha-above-1", {"analysis.alpha": 1.5}, ["analysis.alpha", "1.5"]),
+    ("alpha-inf", {"analysis.alpha": INF}, ["analysis.alpha", "finite", "inf"]),
+    ("margin-zero", {"analysis.equivalence_margin": 0}, ["analysis.equivalence_margin",
+                                                         "(value: 0)"]),
+    ("bootstrap-small", {"analysis.bootstrap": 10}, ["analysis.bootstrap", "(value: 10)"]),
+    ("power-one", {"analysis.power": 1}, ["analysis.power", "(value: 1)"]),
+]
+
+
+def _error_lines(capsys, path: Path | str) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert lines and all(line.startswith(f"error: {path}: ") for line in lines), err
+    return lines
+
+
+@pytest.mark.parametrize("changes, fragments", [c[1:] for c in BAD_VALUES],
+                         ids=[c[0] for c in BAD_VALUES])
+def test_bad_value_is_one_line_naming_file_key_and_value(tmp_path, capsys, changes, fragments):
+    path = _smoke_with(tmp_path, changes)
+    assert cli.main(["plan", str(path)]) == 2
+    (line,) = _error_lines(capsys, path)
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_every_wrong_key_gets_its_own_line(tmp_path, capsys):
+    path = _smoke_with(tmp_path, {"training.lr": INF, "data.train_subset": 70_000,
+                                  "colour": "red"})
+    assert cli.main(["plan", str(path)]) == 2
+    lines = _error_lines(capsys, path)
+    assert len(lines) == 3
+    assert [k for k in ("training.lr", "data.train_subset", "colour") if any(k in x for x in lines)]\
+        == ["training.lr", "data.train_subset", "colour"]
+
+
+BAD_FILES = [
+    ("missing", None, ["no such protocol file"]),
+    ("empty", "", ["expected a mapping", "None"]),
+    ("a-list", "- 1\n- 2\n", ["expected a mapping", "[1, 2]"]),
+    ("not-utf8", b"name: \xff\xfe\n", ["not UTF-8"]),
+    ("unclosed", "name: smoke\ndropout: [[0.1, 0.2]\n", ["line 3", "not valid YAML"]),
+    ("tab-indent", "name: smoke\ntraining:\n\tepochs: 2\n", ["line 3", "not valid YAML"]),
+    ("repeated-key", "name: a\nname: b\n", ["key 'name' is given twice", "'a' on line 1",
+                                            "'b' on line 2"]),
+    ("repeated-nested", "training: {epochs: 2, epochs: 3}\n", ["'epochs' is given twice"]),
+]
+
+
+@pytest.mark.parametrize("content, fragments", [c[1:] for c in BAD_FILES],
+                         ids=[c[0] for c in BAD_FILES])
+def test_bad_file_is_one_line(tmp_path, capsys, content, fragments):
+    path = tmp_path / "bad.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    assert cli.main(["plan", str(path)]) == 2
+    (line,) = _error_lines(capsys, path)
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+BAD_OVERRIDES = [
+    ("broken-yaml", "dropout=[[0.1,", ["--set dropout", "'[[0.1,'", "not valid YAML"]),
+    ("no-equals", "training.epochs", ["'training.epochs'", "expected key=value"]),
+    ("no-key", "=3", ["'=3'", "expected key=value"]),
+    ("empty-part", "training..epochs=1", ["'training..epochs=1'", "expected key=value"]),
+    ("into-a-scalar", "name.first=1", ["--set name.first", "'name' holds 'smoke'"]),
+    ("repeated-key", "seeds={count: 2, count: 3}", ["--set seeds", "'count' is given twice"]),
+    ("inf", "training.lr=.inf", ["training.lr", "finite", "inf", "(set by --set)"]),
+    ("unknown", "trainng.epochs=1", ["trainng", "did you mean 'training'", "(set by --set)"]),
+    ("too-large", "data.train_subset=1000000000", ["data.train_subset", "1000000000"]),
+]
+
+
+@pytest.mark.parametrize("item, fragments", [c[1:] for c in BAD_OVERRIDES],
+                         ids=[c[0] for c in BAD_OVERRIDES])
+def test_bad_override_is_one_line(capsys, item, fragments):
+    assert cli.main(["plan", SMOKE, "--set", item]) == 2
+    (line,) = _error_lines(capsys, SMOKE)
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_the_issues_cases_through_the_real_entry_point(tmp_path):
+    """`python -m study` itself: a directory, and broken YAML inside --set."""
+    for argv, fragment in ((["plan", str(tmp_path)], "is a directory"),
+                           (["plan", SMOKE, "--set", "dropout=[[0.1,"], "not valid YAML")):
+        done = subprocess.run([sys.executable, "-m", "study", *argv], cwd=ROOT, text=True,
+                              capture_output=True, timeout=120)
+        assert done.returncode == 2
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("error: ") and fragment in line
