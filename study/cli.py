@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow starts a telemetry client and its threads when imported; an offline research
     # harness has nothing to send. Set before any command imports MLflow; a user's value wins.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow.store.db.utils").addFilter(_RAISED_ANYWAY)
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
@@ -70,28 +73,50 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_message(err: BaseException) -> str | None:
     """The text to show for an error the user can act on; None for anything else."""
+    tracking = sys.modules.get("study.tracking")
+    store = tracking.tracking_uri() if tracking else "the MLflow store"
     if (full := _disk_full(err)) is not None:
-        store = sys.modules["study.tracking"].tracking_uri() if "study.tracking" in sys.modules \
-            else "mlruns/"
         return (f"the disk is full ({full}); free space on the disk of the store ({store}) and "
                 "of reports/, then run the same command again: finished runs are kept")
+    if any("database is locked" in str(e) for e in _chain(err)):
+        return (f"the store {store} is locked by another process writing to it (SQLite takes "
+                "one writer at a time); wait for it to finish, then run the same command again")
     for module, name in USER_ERRORS:
         if module in sys.modules and isinstance(err, getattr(sys.modules[module], name)):
             return str(err)
     return None
 
 
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and the errors behind it (MLflow and SQLAlchemy wrap what went wrong)."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def _disk_full(err: BaseException) -> str | None:
     """What ran out of space, if `err` or an error behind it is a full disk."""
-    seen: BaseException | None = err
-    while seen is not None:
+    for seen in _chain(err):
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             return f"{seen.strerror}: {seen.filename}" if seen.filename else str(seen.strerror)
         # SQLite reports it as text (sqlite3.OperationalError, wrapped by SQLAlchemy and MLflow).
         if "database or disk is full" in str(seen):
             return "SQLite: database or disk is full"
-        seen = seen.__cause__ or seen.__context__
     return None
+
+
+class _RaisedAnyway(logging.Filter):
+    """Drops the traceback MLflow logs for every SQLite OperationalError before raising it.
+
+    The raised error still reaches `main`, which reports it in one line (or, for a bug, with
+    its traceback); the logged copy would only bury that line under sixty others.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+_RAISED_ANYWAY = _RaisedAnyway()  # one instance: addFilter ignores a filter already added
 
 
 def _parser() -> argparse.ArgumentParser:

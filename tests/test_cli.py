@@ -1,6 +1,7 @@
 """The command line over a temporary store, including a user's own experiment."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,181 @@ def test_the_issues_cases_through_the_real_entry_point(tmp_path):
         assert done.returncode == 2
         (line,) = done.stderr.splitlines()
         assert line.startswith("error: ") and fragment in line
+
+
+# --- a command line that answers at once ------------------------------------------------------
+
+HEAVY = ("torch", "torchvision", "mlflow", "pandas", "scipy")
+# Runs the CLI in a fresh interpreter and reports which heavy modules it imported.
+_PROBE = """
+import json, sys
+from study import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as done:
+    code = done.code
+print(json.dumps({"code": code, "loaded": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY,)
+
+
+def _probe(argv: list[str], env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=300)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv, allowed", [
+    (["--help"], set()),
+    (["plan", "--help"], set()),
+    (["plan", "protocols"], set()),  # a bad protocol is refused before any heavy import
+    # The store says which cells are done: MLflow and what it imports itself, but no torch.
+    (["plan", SMOKE], {"mlflow", "pandas", "scipy"}),
+], ids=["help", "plan-help", "bad-protocol", "plan"])
+def test_commands_import_only_what_they_need(argv, allowed, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    found = _probe(argv, env)
+    assert found["code"] in (0, 2)
+    assert set(found["loaded"]) <= allowed, found
+
+
+# Variables that make MLflow turn telemetry off by itself (mlflow/telemetry/utils.py), removed so
+# that only the harness's own setting can be what turns it off.
+NOT_TRACKED_ANYWAY = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI",
+                      "JENKINS_URL", "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER",
+                      "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION",
+                      "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
+                      "RUNBOT_WORKER_ID", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY"}
+_TELEMETRY = """
+import json, sys, threading
+from study import cli
+cli.main(["plan", sys.argv[1]])
+from mlflow.telemetry import client, utils
+print(json.dumps({"ci": utils._IS_IN_CI_ENV_OR_TESTING, "dev": utils._IS_MLFLOW_DEV_VERSION,
+                  "client": client.get_telemetry_client() is not None,
+                  "threads": [t.name for t in threading.enumerate() if "Telemetry" in t.name]}))
+"""
+
+
+def test_the_cli_turns_mlflow_telemetry_off(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in NOT_TRACKED_ANYWAY}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-c", _TELEMETRY, SMOKE], cwd=ROOT, env=env,
+                          text=True, capture_output=True, timeout=300)
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found == {"ci": False, "dev": False, "client": False, "threads": []}
+
+
+# --- states a user meets: one line that says what to do next ----------------------------------
+
+def _one_line(capsys) -> str:
+    """The one error line, last on stderr (a note such as "downloading ..." may precede it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert [x for x in lines if x.startswith("error: ")] == lines[-1:], err
+    return lines[-1]
+
+
+def test_a_busy_store_says_to_wait(store, capsys):
+    with tracking.writer_lock():  # another `study run`, as far as the lock can tell
+        assert cli.main(["run", SMOKE]) == 2
+    assert "another `study run` holds" in _one_line(capsys)
+
+
+def test_report_before_any_run_says_which_command_makes_them(store, capsys):
+    assert cli.main(["report", SMOKE]) == 2
+    line = _one_line(capsys)
+    assert "no finished runs of 'smoke'" in line and f"python -m study run {SMOKE}" in line
+
+
+def test_an_absent_required_device_says_what_to_change(store, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device; the message is for one that lacks it")
+    argv = [SMOKE, "--set", "devices=[cpu, cuda]", "--set", "required_devices=[cuda]"]
+    assert cli.main(["plan", *argv]) == 2  # known before anything runs
+    assert "drop it from required_devices" in _one_line(capsys)
+    assert cli.main(["run", *argv]) == 2
+    assert "requires ['cuda']" in _one_line(capsys)
+
+
+def _closed_port() -> int:
+    """A port nobody listens on: connecting to it is refused at once, as offline."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_missing_data_without_apt_says_where_to_put_the_files(tmp_path, monkeypatch, capsys):
+    from study import data
+
+    monkeypatch.setenv("STUDY_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a machine without apt-get
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert cli.main(["data"]) == 2
+    line = _one_line(capsys)
+    assert "apt-get is not available here" in line and "$STUDY_DATA_DIR" in line
+    assert "the download failed" in line and "train-images-idx3-ubyte.gz" in line
+
+
+# Fills a small private tmpfs that holds the store, then runs the CLI on it. unshare gives the
+# mount its own namespace: it needs no root on most systems and vanishes with the process.
+_FULL_DISK = """
+import os, sys
+from study import cli, tracking
+store = sys.argv[1]
+tracking.experiment_id(tracking.client(), "smoke")  # the store exists before the disk fills
+fd = os.open(os.path.join(store, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(1 << 16))
+except OSError:
+    pass
+sys.exit(cli.main(["run", sys.argv[2], "--set", "data.train_subset=500",
+                   "--set", "training.epochs=1", "--set", "seeds.count=1"]))
+"""
+
+
+def test_a_full_disk_while_logging_says_to_free_space(tmp_path):
+    from tests.conftest import real_data_present
+
+    if not real_data_present():
+        pytest.skip("Fashion-MNIST not installed (make test installs it)")
+    store = tmp_path / "store"
+    store.mkdir()
+    script = (f"mount -t tmpfs -o size=8m tmpfs {store} && exec {sys.executable} -c "
+              f"\"$FULL_DISK\" {store} {SMOKE}")
+    env = {**os.environ, "FULL_DISK": _FULL_DISK,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("unshare cannot make a private mount namespace here")
+    done = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script],
+                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
+    assert "Traceback" not in done.stderr
+    (line,) = lines
+    assert "the disk is full" in line and "free space" in line and "finished runs are kept" in line
+
+
+def test_a_store_another_process_is_writing_says_to_wait(store, tmp_path, capsys):
+    import sqlite3
+
+    other = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # what a writer in another process holds while it commits
+    try:
+        assert cli.main(["plan", SMOKE]) == 2
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "is locked by another process" in _one_line(capsys)
