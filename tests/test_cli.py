@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from study import cli, tracking
+from tests.conftest import free_port, real_data_present
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "protocols" / "smoke.yaml")
@@ -192,8 +194,8 @@ def test_every_wrong_key_gets_its_own_line(tmp_path, capsys):
     assert cli.main(["plan", str(path)]) == 2
     lines = _error_lines(capsys, path)
     assert len(lines) == 3
-    assert [k for k in ("training.lr", "data.train_subset", "colour") if any(k in x for x in lines)]\
-        == ["training.lr", "data.train_subset", "colour"]
+    for key in ("training.lr", "data.train_subset", "colour"):
+        assert sum(f": {key}: " in line for line in lines) == 1, lines
 
 
 BAD_FILES = [
@@ -353,15 +355,6 @@ def test_an_absent_required_device_says_what_to_change(store, capsys):
     assert "requires ['cuda']" in _one_line(capsys)
 
 
-def _closed_port() -> int:
-    """A port nobody listens on: connecting to it is refused at once, as offline."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_missing_data_without_apt_says_where_to_put_the_files(tmp_path, monkeypatch, capsys):
     from study import data
 
@@ -369,12 +362,18 @@ def test_missing_data_without_apt_says_where_to_put_the_files(tmp_path, monkeypa
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian-package")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a machine without apt-get
-    proxy = f"http://127.0.0.1:{_closed_port()}"
+    proxy = f"http://127.0.0.1:{free_port()}"  # refused at once, as offline
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(name, proxy)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    assert cli.main(["data"]) == 2
+    # urllib reads the proxy variables once, into an opener it keeps for the process: drop it
+    # before (so these are read) and after (so no later test inherits the dead proxy).
+    urllib.request.install_opener(None)
+    try:
+        assert cli.main(["data"]) == 2
+    finally:
+        urllib.request.install_opener(None)
     line = _one_line(capsys)
     assert "apt-get is not available here" in line and "$STUDY_DATA_DIR" in line
     assert "the download failed" in line and "train-images-idx3-ubyte.gz" in line
@@ -399,8 +398,6 @@ sys.exit(cli.main(["run", sys.argv[2], "--set", "data.train_subset=500",
 
 
 def test_a_full_disk_while_logging_says_to_free_space(tmp_path):
-    from tests.conftest import real_data_present
-
     if not real_data_present():
         pytest.skip("Fashion-MNIST not installed (make test installs it)")
     store = tmp_path / "store"

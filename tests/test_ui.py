@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,16 @@ from pathlib import Path
 import pytest
 
 from study import cli, data, plan, protocol, runner, tracking
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "protocols" / "smoke.yaml"
 SCREENSHOTS = ROOT / "reports" / "ui"
 # Small enough to train in seconds on the tiny IDX files; three seeds give the analysis a spread.
 OVERRIDES = ["data.train_subset=500", "training.epochs=2", "training.batch_size=100", "analysis.bootstrap=200"]
-SERVER_START_S = 120  # the MLflow server imports for tens of seconds on a busy 2-core machine
+# The MLflow server answers in ~30 s on an idle 2-core machine, longer while other suites share
+# it; the wait ends early if the server exits.
+SERVER_START_S = 180
 PAGE_TIMEOUT_MS = 60_000
 
 pytestmark = pytest.mark.browser
@@ -82,12 +84,6 @@ def study(tmp_path_factory, tiny_files) -> Iterator[Study]:
         yield Study(summary.experiment_id, [c.name for c in plan.expand(proto)], uri)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _session_processes(sid: int) -> list[int]:
     """Every live process of session `sid`: the server and whatever it spawned."""
     found = []
@@ -102,35 +98,41 @@ def _session_processes(sid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def server(study: Study) -> Iterator[Server]:
+def server(study: Study, tmp_path_factory) -> Iterator[Server]:
     """`python -m study ui` (what `make ui` runs) on a free port, stopped with all it spawned."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": study.store_uri}
+    log = tmp_path_factory.mktemp("ui-server") / "server.log"
     # Its own session, so that the server's workers are stopped with it and none outlives us.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "study", "ui", str(SMOKE), "--port", str(port)], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "study", "ui", str(SMOKE), "--port", str(port)], cwd=ROOT,
+            env=env, stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True)
     try:
         first = process.stdout.readline()
         link = first.rsplit(" ", 1)[-1].strip()
-        _wait_healthy(f"http://127.0.0.1:{port}/health", process)
+        _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
         yield Server(link, process)
     finally:
         _stop(process)
 
 
-def _wait_healthy(url: str, process: subprocess.Popen) -> None:
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    # Straight to 127.0.0.1: a machine's http_proxy must not stand between us and the server.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"the MLflow server exited with status {process.returncode}")
+            pytest.fail(f"the MLflow server exited with status {process.returncode}:\n"
+                        f"{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
+            with direct.open(url, timeout=2) as reply:
                 if reply.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    pytest.fail(f"the MLflow server did not answer {url} within {SERVER_START_S} s")
+    pytest.fail(f"the MLflow server did not answer {url} within {SERVER_START_S} s:\n"
+                f"{log.read_text()[-3000:]}")
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -158,7 +160,9 @@ def test_runs_table_lists_the_runs_and_the_report_is_an_artifact(study: Study, s
     assert server.link.endswith(f"#/experiments/{study.experiment_id}/runs"), server.link
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        # --no-sandbox: Chromium refuses to run as root with its sandbox (CI runs as root).
+        browser = pw.chromium.launch(executable_path=path,
+                                     args=["--no-sandbox", "--no-proxy-server"])
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
