@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
@@ -24,7 +24,9 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from study.plan import Cell
 from study.protocol import Protocol
 from study.table import RUN_COLUMNS, RunTable
-from study.train import Result
+
+if TYPE_CHECKING:  # an annotation only: importing train (torch) would make `plan` seconds slower
+    from study.train import Result
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE_DIR = ROOT / "mlruns"
