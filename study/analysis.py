@@ -45,6 +45,10 @@ from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Com
 from study.table import STRATUM_COLUMNS, RunTable, scalar
 
 METRIC = "test_acc"
+
+
+class AnalysisError(ValueError):
+    """The runs cannot be analysed as asked (e.g. an endpoint longer than the runs)."""
 Setting = tuple[float, float]
 
 
@@ -217,8 +221,9 @@ def _endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
     left_out = [f"{e.name} (only {epochs} evaluated epoch(s) in the shortest run)"
                 for e in wanted if e not in kept]
     if primary not in kept:
-        raise ValueError(f"analysis.endpoint {primary.name!r}: the runs have only {epochs} "
-                         "evaluated epoch(s)")
+        raise AnalysisError(f"analysis.endpoint {primary.name!r}: the runs have only {epochs} "
+                            "evaluated epoch(s); choose final or last:K with K <= {epochs}"
+                            .replace("{epochs}", str(epochs)))
     return kept, left_out
 
 

@@ -38,7 +38,8 @@ UI_PORT = 5000
 # Errors a user can act on, by module: only modules a command imported can have raised one, so
 # they are looked up in sys.modules rather than imported here.
 USER_ERRORS = (("study.protocol", "ProtocolError"), ("study.data", "DataError"),
-               ("study.runner", "RunnerError"), ("study.tracking", "TrackingError"))
+               ("study.runner", "RunnerError"), ("study.tracking", "TrackingError"),
+               ("study.analysis", "AnalysisError"))
 
 
 @dataclass(frozen=True)
