@@ -161,6 +161,8 @@ def result_tags(result: Result) -> dict[str, str]:
         tags[f"study.keep_rate{i}"] = "none" if rate is None else f"{rate:.6f}"
     if result.flags is not None:
         tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.flags).items()})
+    if result.arithmetic is not None:  # absent on runs from before workers: MKL_CBWR unknown
+        tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.arithmetic).items()})
     if result.threads is not None:
         tags["study.threads"] = str(result.threads)
     return tags

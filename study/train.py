@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from study import model as models
 from study.data import Dataset
 from study.plan import Cell
-from study.seeding import Flags, StreamSeeds, generator, global_dropout_rng, stream_seeds
+from study.seeding import Arithmetic, Flags, StreamSeeds, generator, global_dropout_rng, stream_seeds
 
 CHANCE = 1.0 / models.CLASSES
 # A run whose final test accuracy is this close to chance learned nothing (e.g. dropout 1.0).
@@ -46,7 +46,8 @@ class Result:
     seconds: float
     keep_rates: tuple[float | None, ...]  # observed share of live units each dropout layer kept
     streams: StreamSeeds
-    flags: Flags | None = None  # determinism flags in effect, filled in by the runner
+    flags: Flags | None = None  # determinism flags in effect, filled in by the worker
+    arithmetic: Arithmetic | None = None  # what the worker process started with
     threads: int | None = None
     started: float | None = None  # Unix time its training began (the MLflow run's start)
 
