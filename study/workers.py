@@ -107,6 +107,11 @@ def backend(name: str = "process") -> Backend:
     return importlib.import_module(BACKENDS[name]).run
 
 
+def results(group: Group, where: str = "process") -> list[Result]:
+    """Train a group in a worker and return its results, logging nothing (golden, verify)."""
+    return [m.result for m in backend(where)(group) if isinstance(m, Finished)]
+
+
 # --- engines: how a group is cut into chunks and each chunk trained ---------------------------
 
 @dataclass(frozen=True)
