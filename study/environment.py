@@ -30,6 +30,20 @@ def describe(device: str) -> dict[str, str]:
     return env
 
 
+# The keys that decide the bits of a CPU run besides the cell itself: what `verify` and the
+# golden test compare between a recorded run and this machine.
+BITS_KEYS = ("torch_version", "machine", "cpu_isa", "cpu_model", "blas", "mkl_cbwr",
+             "mkl_cbwr_effective", "aten_cpu_capability", "onednn_max_cpu_isa", "threads.intra_op",
+             "threads.inter_op", "threads.omp_num_threads", "threads.mkl_num_threads")
+
+
+def differences(recorded: dict[str, str], present: dict[str, str],
+                keys: tuple[str, ...] = BITS_KEYS) -> list[str]:
+    """`key: recorded -> present` for each key whose value differs (missing reads "absent")."""
+    return [f"{k}: {recorded.get(k, 'absent')} -> {present.get(k, 'absent')}" for k in keys
+            if recorded.get(k, "absent") != present.get(k, "absent")]
+
+
 def arithmetic(device: str) -> dict[str, str]:
     """What decides the bits besides the seeds: ISA, kernels, BLAS and its modes, threads."""
     env = {"cpu_isa": cpu_isa(), "cpu_model": cpu_model(), "blas": blas(),

@@ -107,9 +107,24 @@ def backend(name: str = "process") -> Backend:
     return importlib.import_module(BACKENDS[name]).run
 
 
-def results(group: Group, where: str = "process") -> list[Result]:
-    """Train a group in a worker and return its results, logging nothing (golden, verify)."""
-    return [m.result for m in backend(where)(group) if isinstance(m, Finished)]
+@dataclass(frozen=True)
+class Trained:
+    """A group's results with the environment of the worker that trained them."""
+
+    environment: dict[str, str]
+    results: tuple[Result, ...]
+
+
+def trained(group: Group, where: str = "process") -> Trained:
+    """Train a group in a worker and hand back its results, logging nothing (golden, verify)."""
+    env: dict[str, str] = {}
+    results: list[Result] = []
+    for message in backend(where)(group):
+        if isinstance(message, Ready):
+            env = message.environment
+        elif isinstance(message, Finished):
+            results.append(message.result)
+    return Trained(env, tuple(results))
 
 
 # --- engines: how a group is cut into chunks and each chunk trained ---------------------------
