@@ -6,6 +6,7 @@
     python -m study report  protocols/d2l-dropout.yaml
     python -m study data
     python -m study url     protocols/d2l-dropout.yaml     (the MLflow UI link of its runs)
+    python -m study verify  protocols/d2l-dropout.yaml     (re-train 3 finished cells, compare)
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--experiment", help="analyse any MLflow experiment with the run schema")
         p.add_argument("--baseline", default="0.2,0.5", help="D1,D2 (with --experiment)")
         p.set_defaults(func=func)
+    p = sub.add_parser("verify", help="re-train a sample of finished cells and compare bits")
+    _protocol_args(p, optional=True)
+    p.add_argument("--experiment", help="verify any experiment of this harness by name")
+    p.add_argument("--sample", type=int, default=3, help="cells to re-train (default 3)")
+    p.add_argument("--all", action="store_true", help="re-train every finished cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("data", help="find, verify and unpack Fashion-MNIST")
     p.set_defaults(func=cmd_data)
     return parser
@@ -163,6 +171,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"Report: {written.pdf}\nMarkdown: {written.markdown}")
     _print_where(done.table.experiment_id)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from study import verify, workers  # trains: imports torch only for this command
+
+    if not args.experiment and not args.protocol:
+        raise protocol.ProtocolError("give a protocol file or --experiment NAME")
+    name = args.experiment or _load(args).name
+    try:
+        done = verify.verify(name, None if args.all else args.sample, args.seed)
+    except (verify.VerifyError, workers.WorkerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(done.lines()))
+    return 0 if done.ok else 1
 
 
 def cmd_data(args: argparse.Namespace) -> int:

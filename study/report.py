@@ -386,6 +386,13 @@ def _compact_ints(values: list[int]) -> str:
 
 ENV_SUMMARY = (("torch_version", "PyTorch"), ("cuda_version", "CUDA"), ("cudnn_version", "cuDNN"),
                ("device_name", "device"), ("cpu", "CPU"), ("threads", "threads"),
+               ("cpu_model", "CPU model"), ("cpu_isa", "CPU ISA"), ("blas", "BLAS"),
+               ("mkl_cbwr", "MKL_CBWR"), ("mkl_cbwr_effective", "MKL branch in effect"),
+               ("aten_cpu_capability", "ATen CPU capability"),
+               ("onednn_max_cpu_isa", "ONEDNN_MAX_CPU_ISA"), ("threads.intra_op", "torch threads"),
+               ("threads.omp_num_threads", "OMP_NUM_THREADS"),
+               ("gpu_capability", "GPU capability"),
+               ("cublas_workspace_config", "CUBLAS_WORKSPACE_CONFIG"),
                ("python_version", "Python"), ("mlflow_version", "MLflow"),
                ("git_commit", "git commit"))
 
@@ -656,7 +663,7 @@ def _implementations_side_by_side(results: dict[str, Any]) -> list[Block]:
 # the CSVs, results.json and this text cannot disagree.
 
 SUMMERS = "Summers & Dinneen (ICML 2021)"
-REPLICATE_KEYS = ("device", "determinism", "execution")
+REPLICATE_KEYS = ("device", "determinism", "execution", "threads")
 NO_DIAGNOSTICS = "the results carry no diagnostics; rerun python -m study analyze"
 
 
@@ -730,7 +737,8 @@ def verdict_lists(records: Sequence[dict[str, Any]], results: dict[str, Any]) ->
 
 
 def claim_repeatability(results: dict[str, Any], table: RunTable) -> list[Block]:
-    blocks = [*replicate_blocks(results), *mode_blocks(results), *device_blocks(results, table)]
+    blocks = [*replicate_blocks(results), *mode_blocks(results), *thread_blocks(results),
+              *device_blocks(results, table)]
     sources = diag_section(results, "variance_sources")
     if not applicable(sources):
         blocks.append(not_measured("which random stream (initialisation, data order, dropout "
@@ -800,6 +808,24 @@ def _mode_text(r: dict[str, Any], results: dict[str, Any]) -> str:
             f"{fmt_ci_pp(r.get('mean_diff_ci95'))}, largest "
             f"{fmt_pp((r.get('max_abs_diff') or {}).get('test_acc'), sign=False)}; "
             f"{verdict_phrase(r, results)}.")
+
+
+def thread_blocks(results: dict[str, Any]) -> list[Block]:
+    """Thread count a against b, paired by cell: does it change the bits, per mode."""
+    section = diag_section(results, "threads")
+    if not applicable(section):
+        return []  # most protocols fix one count; nothing to say
+    recs = section["records"]
+    rows = tuple((where(r["stratum"], ("device", "determinism", "execution")),
+                  f"{r['threads_a']} vs {r['threads_b']}",
+                  identical_text(r["n_identical"], r["n_hash_compared"]),
+                  fmt_pp_exact((r.get("max_abs_diff") or {}).get("test_acc"))) for r in recs)
+    return [para("The same cells at two CPU thread counts, first runs paired by cell. Unless "
+                 "the mode makes MKL's arithmetic thread-count invariant, the count changes "
+                 "the order of floating-point sums, and so the bits."),
+            Table(("device / mode / execution", "threads", "identical", "max |\u0394| (pp)"),
+                  rows, "Final weights at two thread counts (identical = same weight hash).",
+                  "llrr")]
 
 
 def device_blocks(results: dict[str, Any], table: RunTable) -> list[Block]:
