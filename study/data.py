@@ -135,7 +135,8 @@ def _split(cache: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     raw = cache / "FashionMNIST" / "raw"
     images = _idx(raw / f"{prefix}-images-idx3-ubyte")
     # ToTensor's scaling to [0, 1], done once for the whole split instead of per sample.
-    return images.reshape(len(images), -1).float().div_(255), _idx(raw / f"{prefix}-labels-idx1-ubyte").long()
+    labels = _idx(raw / f"{prefix}-labels-idx1-ubyte").long()
+    return images.reshape(len(images), -1).float().div_(255), labels
 
 
 def _idx(path: Path) -> torch.Tensor:

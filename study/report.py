@@ -421,7 +421,8 @@ def _statistics_blocks(results: dict[str, Any]) -> list[Block]:
     margin = fmt_pp(results["equivalence_margin"], sign=False)
     return [Heading(2, "Statistics"), para(
         f"Strata (device, determinism mode, implementation, execution, randomness, mask generator, "
-        f"varied streams) are analysed separately and never pooled. Within a stratum, an omnibus test "
+        f"varied streams, CPU threads) are analysed separately and never pooled. "
+        f"Within a stratum, an omnibus test "
         f"({'Friedman, seeds as blocks' if paired else 'Welch ANOVA'}) asks whether settings differ "
         f"at all; each setting is then compared with the baseline "
         f"{fmt_setting(results['baseline'])} by a {'paired' if paired else 'Welch'} t-test on "
@@ -738,7 +739,7 @@ def verdict_lists(records: Sequence[dict[str, Any]], results: dict[str, Any]) ->
 
 def claim_repeatability(results: dict[str, Any], table: RunTable) -> list[Block]:
     blocks = [*replicate_blocks(results), *mode_blocks(results), *thread_blocks(results),
-              *device_blocks(results, table)]
+              *verify_blocks(table), *device_blocks(results, table)]
     sources = diag_section(results, "variance_sources")
     if not applicable(sources):
         blocks.append(not_measured("which random stream (initialisation, data order, dropout "
@@ -765,7 +766,7 @@ def replicate_blocks(results: dict[str, Any]) -> list[Block]:
         f"cell) is set against the seed-to-seed SD (pooled over seeds of a setting): their "
         f"variance ratio is the share of seed-to-seed variance that run-to-run noise alone "
         f"could produce.")
-    header = ("device / mode / execution", "cells", "identical", "95% CI (%)", "max |\u0394| (pp)",
+    header = ("device / mode / execution / threads", "cells", "identical", "95% CI (%)", "max |\u0394| (pp)",
               "nondet. SD (pp)", "seed SD (pp)", "var. ratio")
     blocks: list[Block] = [lead, Table(header, rows, "Replicates against the first run of their "
                                        "cell (final test accuracy; identical = same weight hash, "
@@ -826,6 +827,20 @@ def thread_blocks(results: dict[str, Any]) -> list[Block]:
             Table(("device / mode / execution", "threads", "identical", "max |\u0394| (pp)"),
                   rows, "Final weights at two thread counts (identical = same weight hash).",
                   "llrr")]
+
+
+def verify_blocks(table: RunTable) -> list[Block]:
+    """The newest `study verify` run: recorded cells re-trained, perhaps on another machine."""
+    v = getattr(table, "verification", None)
+    if not v:
+        return [para("No verify run (python -m study verify) is recorded for these runs, so "
+                     "reproduction in a later process or on another machine was not checked "
+                     "here; the golden test (pytest -k golden) checks portable mode.")]
+    return [para(f"Re-trained by python -m study verify on {v.get('cpu_model', NA)} "
+                 f"({v.get('cpu_isa', NA)}): {v.get('n_identical', NA)} of "
+                 f"{v.get('n_checked', NA)} sampled cells gave the recorded weights; "
+                 f"{v.get('n_env_differs', NA)} ran where a key that decides the bits differs; "
+                 f"{v.get('n_broken', NA)} broke the promise of a strict or portable mode.")]
 
 
 def device_blocks(results: dict[str, Any], table: RunTable) -> list[Block]:

@@ -62,6 +62,8 @@ class RunTable:
     protocol: dict[str, Any] | None = None
     # Environment tags of the runs (torch/CUDA/cuDNN versions, device names, git commit, ...).
     environment: dict[str, Any] = field(default_factory=dict)
+    # Counts of the newest `study verify` run of the experiment (study.verify.* tags), if any.
+    verification: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         missing = set(RUN_COLUMNS) - set(self.runs.columns)

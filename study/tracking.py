@@ -264,7 +264,8 @@ def load_runs(mlflow: MlflowClient, experiment: str) -> RunTable:
                                            kind="stable", ignore_index=True)
     return RunTable(experiment_id=exp_id, experiment_name=experiment, runs=table,
                     curves=pd.DataFrame(curves, columns=["run_id", "epoch", "metric", "value"]),
-                    protocol=_protocol(mlflow, runs[0]), environment=_environment(runs))
+                    protocol=_protocol(mlflow, runs[0]), environment=_environment(runs),
+                    verification=latest_verify(mlflow, exp_id))
 
 
 def _row(run: Any, experiment: str) -> dict[str, Any]:
