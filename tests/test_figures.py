@@ -29,7 +29,7 @@ TRUTH = {(0.0, 0.0): (0.881, 0.003), (0.2, 0.5): (0.876, 0.004), (0.6, 0.8): (0.
 VERDICTS = {(0.0, 0.0): "different", (0.6, 0.8): "equivalent", (0.9, 0.9): "inconclusive",
             (1.0, 1.0): "different"}
 STRATUM_BASE = {"device": "cpu", "determinism": "default", "execution": "sequential",
-                "randomness": "native", "mask_rng": "torch", "vary": "all"}
+                "randomness": "native", "mask_rng": "torch", "vary": "all", "threads": "2"}
 
 
 def _run_rows(implementation: str, rng: np.random.Generator) -> list[dict[str, Any]]:
