@@ -360,21 +360,22 @@ def measure(epochs: int, members: int, root: Path, data: Dataset, protocol_path:
 COST_MODES = ("default", "strict", "portable")
 
 
-def time_modes(cell: Cell, subset: int | None, rounds: int,
+def time_modes(cell: Cell, subset: int | None, rounds: int, per_worker: int = 3,
                load=datamod.load) -> dict[str, Timing]:
     """Seconds per run-epoch of `cell` under each mode. A mode's arithmetic (MKL_CBWR, ATen and
     oneDNN caps) is fixed when a process starts, so each measurement is a fresh worker that
-    trains the cell twice and times the second (the first warms pools and pages). Modes are
-    interleaved within each round, so load drift hits them alike."""
+    trains the cell 1 + `per_worker` times and keeps the fastest after the first (which warms
+    pools and pages; other load only ever adds time). Modes are interleaved within each round,
+    so slower load drift hits them alike."""
     cell = replace(cell, config=replace(cell.config, execution="sequential", randomness="portable",
                                         threads=cell.config.threads or torch.get_num_threads()))
     samples: dict[str, list[float]] = {m: [] for m in COST_MODES}
     for _ in range(rounds):
         for mode in COST_MODES:
-            twice = [replace(cell, determinism=mode)] * 2
-            (group,) = workers.groups(twice, load, subset)
-            result = workers.trained(group).results[-1]
-            samples[mode].append(result.seconds / len(result.epochs))
+            cells = [replace(cell, determinism=mode)] * (1 + per_worker)
+            (group,) = workers.groups(cells, load, subset)
+            timed = workers.trained(group).results[1:]
+            samples[mode].append(min(r.seconds / len(r.epochs) for r in timed))
     return {m: Timing(tuple(v)) for m, v in samples.items()}
 
 

@@ -99,7 +99,7 @@ METRIC = "test_acc"
 METRICS = ("test_acc", "train_loss")
 CELL = (*STRATUM_COLUMNS, "dropout1", "dropout2", "seed")
 SETTING = ("dropout1", "dropout2")
-SOURCES = ("all", "init", "data", "dropout")
+SOURCES = ("all", "init", "data", "dropout", "bitflip")
 # A single source whose SD ratio CI lies above this gives "about the full spread" in the sense
 # tested here: the CI excludes half of the all-sources SD.
 LOW_RATIO = 0.5

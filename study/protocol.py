@@ -29,8 +29,9 @@ Implementation = Literal["torch", "scratch", "scratch-randn"]
 Execution = Literal["sequential", "batched"]
 Randomness = Literal["native", "portable"]
 Threads = Annotated[int, Field(gt=0, strict=True)]
-# Which random streams follow the cell's seed; the others stay at `seeds.fixed`.
-Vary = Literal["all", "init", "data", "dropout"]
+# Which random streams follow the cell's seed; the others stay at `seeds.fixed`. `bitflip`:
+# every stream stays fixed and the seed flips the lowest mantissa bit of one initial weight.
+Vary = Literal["all", "init", "data", "dropout", "bitflip"]
 
 
 class ProtocolError(ValueError):

@@ -957,6 +957,7 @@ def sources_section(results: dict[str, Any], figs: Sequence[FigureFile]) -> list
             para(f"Which random stream makes the seed-to-seed spread? Each source "
                  f"(initialisation, data order, dropout masks) was varied alone with the others "
                  f"held at a fixed seed, and its SD compared with the SD when all vary. "
+                 f"{_bitflip_text(recs)}"
                  f"{SUMMERS} report that any single source alone gives about the full spread; "
                  f"a source is consistent with that when its SD-ratio CI contains 1 and excludes "
                  f"{low:g}. SD CIs are percentile bootstrap; Brown\u2013Forsythe p-values are "
@@ -969,6 +970,14 @@ def sources_section(results: dict[str, Any], figs: Sequence[FigureFile]) -> list
                                f"{s['finding'].replace('_', ' ')}{_omnibus_sources(s)}")
                           for s in summaries)),
             *_figures_named(figs, "variance_sources")]
+
+
+def _bitflip_text(recs: Sequence[dict[str, Any]]) -> str:
+    if not any(r["source"] == "bitflip" for r in recs):
+        return ""
+    return ("The bitflip arm is their one-bit experiment: every stream stays at the fixed seed "
+            "and each seed flips the lowest mantissa bit of one initial weight, so its spread is "
+            "that of arithmetic alone. ")
 
 
 def _omnibus_sources(s: dict[str, Any]) -> str:

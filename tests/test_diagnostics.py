@@ -241,17 +241,18 @@ def _sources(sds: dict[str, float], n: int = 10, settings=((0.2, 0.5),), seed: i
 
 
 def test_variance_sources_numbers_match_scipy():
-    rows = _sources({"all": 0.004, "init": 0.004, "data": 0.0035, "dropout": 0.0005}, n=10)
+    rows = _sources({"all": 0.004, "init": 0.004, "data": 0.0035, "dropout": 0.0005,
+                     "bitflip": 0.0038}, n=10)
     out = _diag(rows)["variance_sources"]
     assert out["applicable"] and out["low_ratio"] == 0.5
     acc = {v: np.array([r["test_acc"] for r in rows if r["vary"] == v]) for v in diagnostics.SOURCES}
     recs = {r["source"]: r for r in out["records"]}
-    assert list(recs) == ["all", "init", "data", "dropout"]
+    assert list(recs) == ["all", "init", "data", "dropout", "bitflip"]
     for v in diagnostics.SOURCES:
         assert recs[v]["sd"] == pytest.approx(acc[v].std(ddof=1)) and recs[v]["n"] == 10
         lo, hi = recs[v]["sd_ci95"]
         assert lo < recs[v]["sd"] < hi
-    singles = ["init", "data", "dropout"]
+    singles = ["init", "data", "dropout", "bitflip"]
     bf = [sps.levene(acc[v], acc["all"], center="median").pvalue for v in singles]
     for v, p, pa in zip(singles, bf, multipletests(bf, method="holm")[1]):
         assert recs[v]["ratio"] == pytest.approx(acc[v].std(ddof=1) / acc["all"].std(ddof=1))
