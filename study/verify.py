@@ -14,6 +14,7 @@ reported, not failed. The counts and lines go to one run tagged `study.kind=veri
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ def sample(runs: list[tracking.Recorded], n: int | None, seed: int) -> list[trac
 
 def verify(experiment: str, n: int | None = 3, seed: int = 0,
            load: Callable[[], Dataset] = load_data) -> Verification:
+    # One protocol.yaml download per sampled run: MLflow's progress bar would bury the lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow = tracking.client()
     exp_id = tracking.experiment_id(mlflow, experiment, create=False)
     runs = tracking.recorded_runs(mlflow, exp_id)
