@@ -141,7 +141,8 @@ def initial_stack(cells: Sequence[Cell], device: str) -> Stack:
     The last layer is stored as nn.Linear stores it, [K, classes, hidden], and seen transposed:
     its thin products then run about 4x faster (see `logits`).
     """
-    nets = [_template(c, generator(sequential.seeds_of(c).init)) for c in cells]
+    nets = [sequential.initial_net(c, (nn.Identity(), nn.Identity()), sequential.seeds_of(c))
+            for c in cells]
     layers = [_linears(net) for net in nets]
     w = [torch.stack([ls[i].weight.detach().t() for ls in layers]).to(device)
          for i in range(len(layers[0]) - 1)]

@@ -2,6 +2,7 @@
 
     python -m study.bench                      # make bench; writes reports/bench/bench.json
     python -m study.bench --repeats 11 --members 8
+    python -m study.bench --modes-only --mode-rounds 5 --out /tmp/modes.json   # modes' costs only
 
 All four are measured in one invocation on one cell of the d2l protocol, setting (0.2, 0.5),
 seed 0 (the batched runner trains the protocol's first K cells, that cell among them). The floor
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from study import batched, plan, protocol
+from study import batched, environment, plan, protocol, workers
 from study import data as datamod
 from study.data import Dataset
 from study.plan import Cell
@@ -354,10 +355,44 @@ def measure(epochs: int, members: int, root: Path, data: Dataset, protocol_path:
                  batched_masks_s=masks_s, members=len(group), epochs=epochs)
 
 
+# --- what each determinism mode costs ------------------------------------------------------------
+
+COST_MODES = ("default", "strict", "portable")
+
+
+def time_modes(cell: Cell, subset: int | None, rounds: int, per_worker: int = 3,
+               load=datamod.load) -> dict[str, Timing]:
+    """Seconds per run-epoch of `cell` under each mode. A mode's arithmetic (MKL_CBWR, ATen and
+    oneDNN caps) is fixed when a process starts, so each measurement is a fresh worker that
+    trains the cell 1 + `per_worker` times and keeps the fastest after the first (which warms
+    pools and pages; other load only ever adds time). Modes are interleaved within each round,
+    so slower load drift hits them alike."""
+    cell = replace(cell, config=replace(cell.config, execution="sequential", randomness="portable",
+                                        threads=cell.config.threads or torch.get_num_threads()))
+    samples: dict[str, list[float]] = {m: [] for m in COST_MODES}
+    for _ in range(rounds):
+        for mode in COST_MODES:
+            cells = [replace(cell, determinism=mode)] * (1 + per_worker)
+            (group,) = workers.groups(cells, load, subset)
+            timed = workers.trained(group).results[1:]
+            samples[mode].append(min(r.seconds / len(r.epochs) for r in timed))
+    return {m: Timing(tuple(v)) for m, v in samples.items()}
+
+
+def mode_costs(timings: dict[str, Timing]) -> dict[str, object]:
+    """Each mode against default: ratio of the best times and median of the per-round ratios."""
+    base = timings["default"]
+    return {f"{m}_over_default": {
+        "best": t.best / base.best,
+        "paired_median": statistics.median(x / y for x, y in zip(t.samples, base.samples)),
+        "seconds_per_epoch": list(t.samples)} for m, t in timings.items() if m != "default"}
+
+
 def machine() -> dict[str, object]:
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if "model name" in line),
                platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu, "cpu_model": environment.cpu_model(), "cpu_isa": environment.cpu_isa(),
+            "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(),
             # The machine may be shared: the load says how much the numbers can be trusted.
@@ -426,15 +461,8 @@ def show_gaps(gaps: list[Gap]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[2].strip())
-    parser.add_argument("--epochs", type=int, default=1, help="epochs timed per measurement")
-    parser.add_argument("--repeats", type=int, default=7, help="rounds, each timing every runner")
-    parser.add_argument("--members", type=int, default=2 * torch.get_num_threads(),
-                        help="K cells in the batched model (default: two per CPU thread)")
-    parser.add_argument("--workers", type=int, default=4, help="textbook DataLoader workers")
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args(argv)
+def runners(args: argparse.Namespace) -> dict[str, object]:
+    """The runners against the GEMM floor and the textbook loop, and the batched twins' gaps."""
     source = datamod.locate()
     datamod.stage(source)
     data = datamod.load(source)
@@ -444,9 +472,40 @@ def main(argv: list[str] | None = None) -> int:
     gaps = twin_gaps(cells_of(PROTOCOL, 2, 2000)[:len(protocol.load(PROTOCOL).dropout)],
                      data.subset(2000))
     print(show_gaps(gaps))
+    return {**report(bench), "twin_gaps": {"train_subset": 2000, "epochs": 2,
+                                           "members": [asdict(g) for g in gaps]}}
+
+
+def show_costs(costs: dict[str, object], subset: int) -> str:
+    lines = [f"determinism modes against default ({subset} images, 1 epoch, fresh workers):"]
+    lines += [f"  {name.replace('_over_', '/'):18s}{c['best']:6.2f}x best of each, "
+              f"{c['paired_median']:.2f}x median within a round" for name, c in costs.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[2].strip())
+    parser.add_argument("--epochs", type=int, default=1, help="epochs timed per measurement")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds, each timing every runner")
+    parser.add_argument("--members", type=int, default=2 * torch.get_num_threads(),
+                        help="K cells in the batched model (default: two per CPU thread)")
+    parser.add_argument("--workers", type=int, default=4, help="textbook DataLoader workers")
+    parser.add_argument("--mode-rounds", type=int, default=3,
+                        help="rounds timing default / strict / portable, each in fresh workers")
+    parser.add_argument("--mode-subset", type=int, default=10_000,
+                        help="training images of the mode timing (one epoch)")
+    parser.add_argument("--modes-only", action="store_true",
+                        help="time only the determinism modes (writes only those to --out)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    cell = next(c for c in cells_of(PROTOCOL, 1) if (c.dropout1, c.dropout2) == SETTING)
+    costs = mode_costs(time_modes(cell, args.mode_subset, args.mode_rounds))
+    print(show_costs(costs, args.mode_subset))
+    out: dict[str, object] = {"mode_costs": {"train_subset": args.mode_subset, "epochs": 1,
+                                             **costs}, "machine": machine()}
+    if not args.modes_only:
+        out = {**runners(args), **out}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = {**report(bench), "twin_gaps": {"train_subset": 2000, "epochs": 2,
-                                          "members": [asdict(g) for g in gaps]}}
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

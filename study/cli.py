@@ -7,6 +7,7 @@
     python -m study data
     python -m study url     protocols/d2l-dropout.yaml     (the MLflow UI link of its runs)
     python -m study ui      protocols/d2l-dropout.yaml     (print that link, serve the MLflow UI)
+    python -m study verify  protocols/d2l-dropout.yaml     (re-train 3 finished cells, compare)
 
 A mistake a user can fix (a bad protocol, missing data, a busy store, a full disk) ends with
 `error: ...` lines on stderr and exit status 2, never a traceback.
@@ -143,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--endpoint", default="final",
                        help="primary endpoint with --experiment: final or last:K")
         p.set_defaults(func=func)
+    p = sub.add_parser("verify", help="re-train a sample of finished cells and compare bits")
+    _protocol_args(p, optional=True)
+    p.add_argument("--experiment", help="verify any experiment of this harness by name")
+    p.add_argument("--sample", type=int, default=3, help="cells to re-train (default 3)")
+    p.add_argument("--all", action="store_true", help="re-train every finished cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("data", help="find, verify and unpack Fashion-MNIST")
     p.set_defaults(func=cmd_data)
     return parser
@@ -313,6 +321,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"Report: {written.pdf}\nMarkdown: {written.markdown}")
     _print_where(done.table.experiment_id)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from study import protocol, verify, workers  # trains: imports torch only for this command
+
+    if not args.experiment and not args.protocol:
+        raise protocol.ProtocolError("give a protocol file or --experiment NAME")
+    name = args.experiment or _load(args).name
+    try:
+        done = verify.verify(name, None if args.all else args.sample, args.seed)
+    except (verify.VerifyError, workers.WorkerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(done.lines()))
+    return 0 if done.ok else 1
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.datasets import FashionMNIST
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "data"
@@ -86,6 +86,8 @@ def locate(names: list[str] | None = None, download_to: Path | None = CACHE) -> 
     # torchvision prints a line per mirror tried; offline that is a screenful before one error.
     with contextlib.redirect_stdout(io.StringIO()):
         try:
+            # torchvision only here: importing it costs seconds in every worker that trains.
+            from torchvision.datasets import FashionMNIST
             FashionMNIST(str(download_to), train=True, download=True)
             FashionMNIST(str(download_to), train=False, download=True)
         except Exception as err:  # torchvision raises plain RuntimeError/URLError offline
@@ -143,9 +145,24 @@ def _md5(content: bytes) -> str:
 
 
 def _split(cache: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = FashionMNIST(str(cache), train=train, download=False)
+    prefix = "train" if train else "t10k"
+    raw = cache / "FashionMNIST" / "raw"
+    images = _idx(raw / f"{prefix}-images-idx3-ubyte")
     # ToTensor's scaling to [0, 1], done once for the whole split instead of per sample.
-    return ds.data.reshape(len(ds.data), -1).float().div_(255), ds.targets.long()
+    labels = _idx(raw / f"{prefix}-labels-idx1-ubyte").long()
+    return images.reshape(len(images), -1).float().div_(255), labels
+
+
+def _idx(path: Path) -> torch.Tensor:
+    """An unsigned-byte IDX file (what torchvision's reader gives for Fashion-MNIST): magic
+    0 0 0x08 ndim, then ndim big-endian uint32 sizes, then the bytes."""
+    content = path.read_bytes()
+    if content[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {content[:4].hex()})")
+    ndim = content[3]
+    shape = np.frombuffer(content, dtype=">u4", count=ndim, offset=4).astype(int)
+    array = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim)
+    return torch.from_numpy(array.reshape(tuple(shape)).copy())
 
 
 def load(source: Path | None = None, cache: Path | None = None,

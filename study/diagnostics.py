@@ -35,6 +35,11 @@ are `dropout1`, `dropout2`; intervals are [lo, hi] lists or None; `reason` is No
     (Holm over the modes of one device/execution), verdict (`stats.verdict`: different /
     equivalent / inconclusive), no_change_observed (every pair bitwise identical), finding, reason.
 
+`threads` -- one record per (device, determinism, execution) and pair of thread counts
+    (a < b) with first runs of the same cells at both: stratum, threads_a, threads_b, n_pairs,
+    n_hash_compared, n_identical, share_identical, share_identical_ci95, max_abs_diff
+    {test_acc, train_loss}, finding, reason. Whether the thread count changes the bits.
+
 `devices` (item 2) -- one record per (stratum without device, setting) with runs of the same
     cells on both "cpu" and "cuda": stratum, dropout1, dropout2, n_pairs, n_hash_compared,
     n_identical, share_identical (expected 0), share_identical_ci95, max_abs_diff
@@ -75,6 +80,7 @@ Only replicate-0 runs enter every section except `replicates`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import zlib
@@ -93,7 +99,7 @@ METRIC = "test_acc"
 METRICS = ("test_acc", "train_loss")
 CELL = (*STRATUM_COLUMNS, "dropout1", "dropout2", "seed")
 SETTING = ("dropout1", "dropout2")
-SOURCES = ("all", "init", "data", "dropout")
+SOURCES = ("all", "init", "data", "dropout", "bitflip")
 # A single source whose SD ratio CI lies above this gives "about the full spread" in the sense
 # tested here: the CI excludes half of the all-sources SD.
 LOW_RATIO = 0.5
@@ -117,6 +123,7 @@ def analyze(table: RunTable, options: Analysis, seed: int = 0) -> dict[str, Any]
         "variance_sources": variance_sources(first, options, seed),
         "keep_rates": keep_rates(first),
         "implementations": implementations(first, options, seed),
+        "threads": threads(first),
     })
 
 
@@ -269,7 +276,7 @@ def _fmt_ci(ci: Any, fmt=lambda v: f"{v:.3g}") -> str:
 # ----------------------------------------------------------------------------- 1. replicates
 
 
-REPLICATE_BY = ["device", "determinism", "execution"]
+REPLICATE_BY = ["device", "determinism", "execution", "threads"]
 
 
 def replicates(runs: pd.DataFrame) -> dict[str, Any]:
@@ -459,6 +466,46 @@ def devices(first: pd.DataFrame, options: Analysis, seed: int) -> dict[str, Any]
             f"{_fmt_ci(r['mean_diff_ci95'], _pp)}), largest |gap| "
             f"{_pp(r['max_abs_diff']['test_acc']).lstrip('+')}; verdict: {r['verdict']}.")
     return {"applicable": True, "reason": None, "records": records}
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+THREADS_BY = ["device", "determinism", "execution"]
+
+
+def threads(first: pd.DataFrame) -> dict[str, Any]:
+    """first: replicate-0 runs -> the `threads` section (thread count a against b, by cell)."""
+    counts = sorted({str(t) for t in first["threads"].dropna()}, key=_thread_order)
+    if len(counts) < 2:
+        return _skip(f"needs the same cells at two thread counts; found {counts or 'none'}")
+    records = []
+    for a, b in itertools.combinations(counts, 2):
+        for stratum, pairs in _groups(_pairs(first, "threads", a, b), THREADS_BY):
+            records.append(_thread_record(stratum, a, b, pairs))
+    if not records:
+        return _skip(f"no cell was run at two of the thread counts {counts}")
+    return {"applicable": True, "reason": None, "records": records}
+
+
+def _thread_order(t: str) -> tuple[int, str]:
+    return (int(t), t) if t.isdigit() else (1 << 30, t)
+
+
+def _thread_record(stratum: dict[str, Any], a: str, b: str, pairs: pd.DataFrame) -> dict[str, Any]:
+    n_hash, n_same = hash_agreement(pairs["weights_sha256_a"], pairs["weights_sha256_b"])
+    max_abs = {m: max_abs_diff(pairs[f"{m}_a"], pairs[f"{m}_b"]) for m in METRICS}
+    what = " / ".join(str(stratum[k]) for k in THREADS_BY)
+    finding = (f"{what}: {n_same} of {n_hash} cells bitwise identical at {a} and {b} threads"
+               + (f"; largest test-accuracy gap {_pp(max_abs['test_acc']).lstrip('+')}."
+                  if n_same < n_hash else "."))
+    return {"stratum": stratum, "threads_a": a, "threads_b": b, "n_pairs": int(len(pairs)),
+            "n_hash_compared": n_hash, "n_identical": n_same,
+            "share_identical": n_same / n_hash if n_hash else None,
+            "share_identical_ci95": share_ci(n_same, n_hash), "max_abs_diff": max_abs,
+            "finding": finding,
+            "reason": None if n_hash == len(pairs) else
+            f"{len(pairs) - n_hash} pair(s) without a recorded weight hash"}
 
 
 # ----------------------------------------------------------------------------- 3. sources

@@ -176,3 +176,23 @@ def _init_layer(layer: nn.Linear | nn.Conv2d, spec: Model, gen: torch.Generator)
 
 def keep_rates(net: nn.Module) -> tuple[float | None, ...]:
     return tuple(m.rate() for m in net.modules() if isinstance(m, KeepRate))
+
+
+def flip_lowest_bit(net: nn.Module, seed: int) -> tuple[str, int]:
+    """Flip the lowest mantissa bit of one weight (not bias) of `net`, chosen by `seed` among
+    all of them; return its (parameter name, flat index). Summers & Dinneen's one-bit change:
+    the smallest difference float32 arithmetic can make to a starting point."""
+    weights = [(name, p) for name, p in net.named_parameters() if name.endswith("weight")]
+    sizes = [p.numel() for _, p in weights]
+    pick = int(np.random.default_rng([seed, BITFLIP_STREAM]).integers(sum(sizes)))
+    for (name, p), size in zip(weights, sizes):
+        if pick < size:
+            with torch.no_grad():
+                p.view(-1).view(torch.int32)[pick] ^= 1
+            return name, pick
+        pick -= size
+    raise AssertionError("unreachable: pick < total size")
+
+
+# Spawn-key style tag that keeps the bit's choice apart from every seeded stream of a run.
+BITFLIP_STREAM = 0xB17F

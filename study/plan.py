@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from study.protocol import Data, Model, Protocol, Training
 
@@ -22,6 +22,8 @@ class RunConfig:
     data: Data
     execution: str
     randomness: str
+    # This cell's thread count (one entry of the protocol's list); decides the bits unless the
+    # mode makes MKL thread-count invariant.
     threads: int | None
     fixed_seed: int
     # How many cells share one batched model; changes speed, not what a cell is.
@@ -64,6 +66,8 @@ class Cell:
                  self.determinism, self.implementation]
         if self.vary != "all":
             parts.append(f"vary-{self.vary}")
+        if self.config.threads is not None:
+            parts.append(f"t{self.config.threads}")
         if self.replicate:
             parts.append(f"rep{self.replicate}")
         return " ".join(parts)
@@ -77,18 +81,23 @@ class Cell:
                 "randomness": self.config.randomness, "mask_rng": self.mask_rng}
 
 
-def run_config(protocol: Protocol) -> RunConfig:
+def run_config(protocol: Protocol, threads: int | None = None) -> RunConfig:
     return RunConfig(model=protocol.model, training=protocol.training, data=protocol.data,
                      execution=protocol.execution, randomness=protocol.randomness,
-                     threads=protocol.threads, fixed_seed=protocol.seeds.fixed,
+                     threads=threads, fixed_seed=protocol.seeds.fixed,
                      batch_members=protocol.batch_members)
 
 
 def expand(protocol: Protocol) -> list[Cell]:
-    """All cells, ordered so that every setting gets its first seeds early (useful partial data)."""
-    config = run_config(protocol)
+    """All cells, ordered so that every setting gets its first seeds early (useful partial data).
+
+    A thread count sits in the cell's config, as a single count always did, so the keys of
+    protocols with one count are unchanged by threads becoming an axis.
+    """
+    base = run_config(protocol)
     grid = itertools.product(
         range(protocol.replicates), protocol.seeds.values(), protocol.vary, protocol.devices,
-        protocol.determinism, protocol.implementations, protocol.dropout)
-    return [Cell(config, d1, d2, seed, device, mode, impl, vary, rep)
-            for rep, seed, vary, device, mode, impl, (d1, d2) in grid]
+        protocol.determinism, protocol.thread_counts(), protocol.implementations,
+        protocol.dropout)
+    return [Cell(replace(base, threads=n), d1, d2, seed, device, mode, impl, vary, rep)
+            for rep, seed, vary, device, mode, n, impl, (d1, d2) in grid]

@@ -33,12 +33,14 @@ _VALUE_CHARS = 60
 Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 Setting = tuple[Probability, Probability]
 Device = Literal["cpu", "cuda"]
-Determinism = Literal["default", "benchmark", "strict"]
+Determinism = Literal["default", "benchmark", "strict", "portable"]
 Implementation = Literal["torch", "scratch", "scratch-randn"]
 Execution = Literal["sequential", "batched"]
 Randomness = Literal["native", "portable"]
-# Which random streams follow the cell's seed; the others stay at `seeds.fixed`.
-Vary = Literal["all", "init", "data", "dropout"]
+Threads = Annotated[int, Field(gt=0, strict=True)]
+# Which random streams follow the cell's seed; the others stay at `seeds.fixed`. `bitflip`:
+# every stream stays fixed and the seed flips the lowest mantissa bit of one initial weight.
+Vary = Literal["all", "init", "data", "dropout", "bitflip"]
 
 
 class ProtocolError(ValueError):
@@ -144,8 +146,9 @@ class Protocol:
     batch_members: Annotated[int, Field(gt=0, strict=True)] = 60
     randomness: Randomness = "native"
     replicates: Annotated[int, Field(gt=0, strict=True)] = 1
-    # CPU threads for torch; null keeps torch's default (recorded either way).
-    threads: Annotated[int, Field(gt=0, strict=True)] | None = None
+    # CPU threads for torch; null keeps torch's default (recorded either way). A list makes
+    # threads an axis of the plan, like determinism.
+    threads: Threads | tuple[Threads, ...] | None = None
     analysis: Analysis = Analysis()
 
     @model_validator(mode="after")
@@ -167,9 +170,22 @@ class Protocol:
                 raise ValueError(f"analysis.contrasts: {list(a)} against itself")
         if missing := set(self.required_devices) - set(self.devices):
             raise ValueError(f"required_devices: {sorted(missing)} not listed in devices")
+        if isinstance(self.threads, tuple):
+            try:
+                _nonempty(self.threads)
+            except ValueError as err:
+                raise ValueError(f"threads: {err}") from None
+        if "portable" in self.determinism and self.randomness != "portable":
+            raise ValueError("determinism: 'portable' requires randomness: portable (mask streams "
+                             f"the same on every device), got randomness: {self.randomness}")
+        if "portable" in self.determinism and self.threads is None:
+            raise ValueError("determinism: 'portable' requires threads: a fixed count, got null")
         if self.model.arch == "mlp" and len(self.model.hidden) != 2:
             raise ValueError(f"model.hidden: the MLP has two dropout layers, got {list(self.model.hidden)}")
         return self
+
+    def thread_counts(self) -> tuple[int | None, ...]:
+        return self.threads if isinstance(self.threads, tuple) else (self.threads,)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (tuples become lists), the form logged and hashed."""

@@ -77,6 +77,7 @@ MODES: dict[str, Flags] = {
     "default": Flags(False, False, False, False, True, None, False),
     "benchmark": Flags(False, False, True, False, True, None, False),
     "strict": Flags(True, True, False, False, False, ":4096:8", True),
+    "portable": Flags(True, True, False, False, False, ":4096:8", True),
 }
 
 
@@ -115,6 +116,56 @@ def determinism(mode: str) -> Iterator[Flags]:
         yield current_flags()
     finally:
         _set(before)
+
+
+# --- arithmetic: settings read once, when a library starts -------------------------------------
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """Environment variables that choose the CPU kernels, and so the bits, of a run.
+
+    MKL reads MKL_CBWR at its first call and ATen its CPU dispatch at import; set later they are
+    silently ignored. So a mode's arithmetic can only be applied to a fresh process, before torch
+    starts (see `process_env`), and is read back inside that process (`current_arithmetic`).
+    """
+
+    # Any value turns on MKL's conditional numerical reproducibility (thread-count invariance);
+    # COMPATIBLE also picks the same code path on every x86-64 CPU, at about 2x the GEMM time.
+    mkl_cbwr: str | None
+    # ATen's vectorised kernels follow the CPU's widest ISA unless capped here.
+    aten_cpu_capability: str | None
+    # oneDNN (the LeNet convolutions) has its own ISA switch.
+    onednn_max_cpu_isa: str | None
+
+
+ARITHMETIC: dict[str, Arithmetic] = {
+    "default": Arithmetic(None, None, None),
+    "benchmark": Arithmetic(None, None, None),
+    "strict": Arithmetic("AUTO", None, None),
+    "portable": Arithmetic("COMPATIBLE", "avx2", "AVX2"),
+}
+_ARITHMETIC_ENV = {"mkl_cbwr": "MKL_CBWR", "aten_cpu_capability": "ATEN_CPU_CAPABILITY",
+                   "onednn_max_cpu_isa": "ONEDNN_MAX_CPU_ISA"}
+
+
+def current_arithmetic() -> Arithmetic:
+    return Arithmetic(**{field: os.environ.get(var) for field, var in _ARITHMETIC_ENV.items()})
+
+
+def process_env(mode: str, count: int | None) -> dict[str, str | None]:
+    """The variables a worker for (`mode`, `count` threads) starts with; None means unset.
+
+    A mode owns its variables: `default` unsets an MKL_CBWR left in the shell, so that the flag
+    recorded with a run is the one it ran under.
+    """
+    arithmetic = ARITHMETIC[mode]
+    env: dict[str, str | None] = {var: getattr(arithmetic, field)
+                                  for field, var in _ARITHMETIC_ENV.items()}
+    env["CUBLAS_WORKSPACE_CONFIG"] = MODES[mode].cublas_workspace_config
+    if count is not None:
+        # OpenMP and MKL size their pools at start; torch.set_num_threads alone leaves them.
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(count)
+    return env
 
 
 @contextlib.contextmanager

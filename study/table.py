@@ -29,6 +29,9 @@ RUN_COLUMNS = {
     "mask_rng": str,  # torch | sfc64: the generator of the dropout masks
     "vary": str,  # all | init | data | dropout: which random streams follow the seed
     "replicate": int,  # 0 for the first run of a cell; >0 repeats it exactly
+    # CPU threads the run trained with (tag study.threads): unless the mode makes MKL
+    # thread-count invariant, it decides the bits. "unrecorded" for runs without the tag.
+    "threads": str,
     "status": str,  # ok | degenerate | diverged
     "textbook_check": bool,  # d2l's end-of-training assertion would have passed
     "weights_sha256": str,
@@ -43,7 +46,7 @@ RUN_COLUMNS = {
 
 # Columns that split runs into strata analysed separately (never pooled).
 STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "mask_rng",
-                   "vary")
+                   "vary", "threads")
 
 # Columns of RunTable.curves, one row per run, epoch and metric.
 CURVE_COLUMNS = {"run_id": str, "epoch": int, "metric": str, "value": float}
@@ -59,6 +62,8 @@ class RunTable:
     protocol: dict[str, Any] | None = None
     # Environment tags of the runs (torch/CUDA/cuDNN versions, device names, git commit, ...).
     environment: dict[str, Any] = field(default_factory=dict)
+    # Counts of the newest `study verify` run of the experiment (study.verify.* tags), if any.
+    verification: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         missing = set(RUN_COLUMNS) - set(self.runs.columns)

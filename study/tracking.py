@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # an annotation only: importing train (torch) would make `pla
 ROOT = Path(__file__).resolve().parents[1]
 STORE_DIR = ROOT / "mlruns"
 METRICS = ("train_loss", "train_acc", "test_acc")
+# Runs of an experiment that are not training runs: skipped by resume and analysis.
+NOT_TRAINING = ("analysis", "verify")
 # MLflow rejects batches larger than these; stay under them.
 MAX_PARAMS, MAX_METRICS = 100, 1000
 
@@ -90,7 +92,7 @@ def _training_runs(mlflow: MlflowClient, exp_id: str, status: str) -> list:
     runs, token = [], None
     while True:
         page = mlflow.search_runs([exp_id], query, ViewType.ACTIVE_ONLY, 1000, page_token=token)
-        runs.extend(r for r in page if r.data.tags.get("study.kind") != "analysis")
+        runs.extend(r for r in page if r.data.tags.get("study.kind") not in NOT_TRAINING)
         token = page.token
         if not token:
             return runs
@@ -163,6 +165,8 @@ def result_tags(result: Result) -> dict[str, str]:
         tags[f"study.keep_rate{i}"] = "none" if rate is None else f"{rate:.6f}"
     if result.flags is not None:
         tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.flags).items()})
+    if result.arithmetic is not None:  # absent on runs from before workers: MKL_CBWR unknown
+        tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.arithmetic).items()})
     if result.threads is not None:
         tags["study.threads"] = str(result.threads)
     return tags
@@ -185,13 +189,66 @@ def log_analysis(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Pat
     return run.info.run_id
 
 
+# --- verification runs ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recorded:
+    """A FINISHED training run as `study verify` needs it."""
+
+    run_id: str
+    name: str
+    cell_key: str
+    mode: str
+    weights_sha256: str
+    environment: dict[str, str]  # study.env.* tags, prefix removed
+
+
+def recorded_runs(mlflow: MlflowClient, exp_id: str) -> list[Recorded]:
+    return [Recorded(r.info.run_id, r.info.run_name or "", r.data.tags.get("study.cell", ""),
+                     r.data.params.get("determinism", "default"),
+                     r.data.tags.get("study.weights_sha256", ""),
+                     {k.removeprefix("study.env."): v for k, v in r.data.tags.items()
+                      if k.startswith("study.env.")})
+            for r in _training_runs(mlflow, exp_id, "FINISHED")]
+
+
+def recorded_protocol(mlflow: MlflowClient, run_id: str) -> dict[str, Any] | None:
+    return _protocol(mlflow, mlflow.get_run(run_id))
+
+
+def recorded_epochs(mlflow: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
+    """metric -> {epoch: value}, as logged."""
+    return {m: {p.step: p.value for p in mlflow.get_metric_history(run_id, m)} for m in METRICS}
+
+
+def log_verify(mlflow: MlflowClient, exp_id: str, tags: dict[str, str], lines: list[str]) -> str:
+    """One run tagged study.kind=verify holding the counts and the per-cell lines; analysis and
+    resume skip it. Earlier verify runs stay: each is a check made on some machine."""
+    run = mlflow.create_run(exp_id, run_name="verify",
+                            tags={"study.kind": "verify", **{f"study.verify.{k}": v
+                                                             for k, v in tags.items()}})
+    mlflow.log_text(run.info.run_id, "\n".join(lines) + "\n", "verify.txt")
+    mlflow.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def latest_verify(mlflow: MlflowClient, exp_id: str) -> dict[str, str] | None:
+    """The study.verify.* tags of the newest verify run, or None."""
+    found = mlflow.search_runs([exp_id], "tags.`study.kind` = 'verify'", ViewType.ACTIVE_ONLY, 1,
+                               order_by=["attributes.start_time DESC"])
+    if not found:
+        return None
+    return {k.removeprefix("study.verify."): v for k, v in found[0].data.tags.items()
+            if k.startswith("study.verify.")}
+
+
 # --- loading runs for analysis -----------------------------------------------------------------
 
 # Columns a user's own runs may omit, with the value that means "the usual".
 DEFAULTS: dict[str, Any] = {
     "device": "cpu", "determinism": "default", "implementation": "torch",
     "execution": "sequential", "randomness": "native", "mask_rng": "torch", "vary": "all",
-    "replicate": 0,
+    "replicate": 0, "threads": "unrecorded",
     "status": "ok", "textbook_check": None, "weights_sha256": "", "epochs_done": None,
 }
 REQUIRED_PARAMS = ("dropout1", "dropout2", "seed")
@@ -209,7 +266,8 @@ def load_runs(mlflow: MlflowClient, experiment: str) -> RunTable:
                                            kind="stable", ignore_index=True)
     return RunTable(experiment_id=exp_id, experiment_name=experiment, runs=table,
                     curves=pd.DataFrame(curves, columns=["run_id", "epoch", "metric", "value"]),
-                    protocol=_protocol(mlflow, runs[0]), environment=_environment(runs))
+                    protocol=_protocol(mlflow, runs[0]), environment=_environment(runs),
+                    verification=latest_verify(mlflow, exp_id))
 
 
 def _row(run: Any, experiment: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from study import model as models
 from study.data import Dataset
 from study.plan import Cell
-from study.seeding import Flags, StreamSeeds, generator, global_dropout_rng, stream_seeds
+from study.seeding import Arithmetic, Flags, StreamSeeds, generator, global_dropout_rng, stream_seeds
 
 CHANCE = 1.0 / models.CLASSES
 # A run whose final test accuracy is this close to chance learned nothing (e.g. dropout 1.0).
@@ -46,7 +46,8 @@ class Result:
     seconds: float
     keep_rates: tuple[float | None, ...]  # observed share of live units each dropout layer kept
     streams: StreamSeeds
-    flags: Flags | None = None  # determinism flags in effect, filled in by the runner
+    flags: Flags | None = None  # determinism flags in effect, filled in by the worker
+    arithmetic: Arithmetic | None = None  # what the worker process started with
     threads: int | None = None
     started: float | None = None  # Unix time its training began (the MLflow run's start)
 
@@ -79,7 +80,7 @@ def fit(cell: Cell, data: Dataset) -> tuple[nn.Module, Result]:
     gen = mask_generator(cell, seeds)
     drops = tuple(models.make_dropout(p, cell.implementation, gen)
                   for p in (cell.dropout1, cell.dropout2))
-    net = models.build(cell.config.model, drops, generator(seeds.init), cell.device)
+    net = initial_net(cell, drops, seeds)
     rng_scope = global_dropout_rng(seeds.dropout, cell.device) if gen is None \
         else contextlib.nullcontext()
     started, start = time.time(), time.perf_counter()
@@ -90,6 +91,15 @@ def fit(cell: Cell, data: Dataset) -> tuple[nn.Module, Result]:
         textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
         seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net), streams=seeds,
         started=started)
+
+
+def initial_net(cell: Cell, drops: tuple[nn.Module, nn.Module], seeds: StreamSeeds) -> nn.Module:
+    """The cell's model at its initial weights: from the init stream, then, for `vary: bitflip`,
+    one bit flipped by the cell's seed (all streams stay at the fixed seed)."""
+    net = models.build(cell.config.model, drops, generator(seeds.init), cell.device)
+    if cell.vary == "bitflip":
+        models.flip_lowest_bit(net, cell.seed)
+    return net
 
 
 def _fit(net: nn.Module, cell: Cell, data: Dataset, order: torch.Generator) -> tuple[EpochMetrics, ...]:

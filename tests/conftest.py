@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
+import json
 import hashlib
 import socket
 import struct
@@ -67,3 +69,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "portable.json"
+
+
+@pytest.fixture(scope="session")
+def golden_protocol() -> dict:
+    """The small protocol whose portable hashes are golden; the thread tests train it too."""
+    return json.loads(GOLDEN.read_text())["protocol"]
+
+
+@pytest.fixture(scope="session")
+def trained_in_worker(tiny_files, tmp_path_factory, golden_protocol):
+    """(mode, threads) -> `workers.Trained` of the golden protocol's cells on the tiny data,
+    each group in a fresh worker process as the runner trains it; each group trained once."""
+    from study import plan, protocol, workers
+
+    folder, checksums = tiny_files
+    load = functools.partial(data.load, folder, cache=tmp_path_factory.mktemp("wcache"),
+                             checksums=checksums)
+    done: dict[tuple[str, int], workers.Trained] = {}
+
+    def trained(mode: str, threads: int) -> workers.Trained:
+        if (mode, threads) not in done:
+            proto = protocol.parse({**golden_protocol, "determinism": [mode], "threads": threads})
+            (group,) = workers.groups(plan.expand(proto), load, proto.data.train_subset)
+            done[mode, threads] = workers.trained(group)
+        return done[mode, threads]
+
+    return trained

@@ -165,3 +165,13 @@ def test_unsupported_cells_are_refused_before_training():
     native_cuda = [replace(c, device="cuda") for c in cells(randomness="native")]
     with pytest.raises(batched.BatchedError, match="cuda"):
         list(batched.members(native_cuda))
+
+
+def test_bitflip_members_start_from_their_own_flipped_weights():
+    from study.train import initial_net
+    group = [c for c in cells(vary=["bitflip"]) if c.dropout1 == 0.2]  # seeds 0 and 1
+    stack = batched.initial_stack(group, "cpu")
+    for row, c in enumerate(group):
+        net = initial_net(c, (nn.Identity(), nn.Identity()), seeds_of(c))
+        assert weights_sha256(batched.member_net(c, stack, row)) == weights_sha256(net)
+    assert len({weights_sha256(batched.member_net(c, stack, r)) for r, c in enumerate(group)}) > 1

@@ -87,3 +87,13 @@ def test_twin_gaps_are_small_for_identical_randomness(tiny_root):
     assert [g.cell for g in gaps] == [c.name for c in cells]
     assert all(g.max_abs_weight < 1e-4 for g in gaps)
     assert "max |dweight|" in bench.show_gaps(gaps)
+
+
+def test_mode_costs_divide_by_default_best_and_within_rounds():
+    timings = {"default": bench.Timing((1.0, 2.0, 1.5)), "portable": bench.Timing((2.5, 3.0, 3.3)),
+               "strict": bench.Timing((1.0, 2.2, 1.5))}
+    costs = bench.mode_costs(timings)
+    assert set(costs) == {"portable_over_default", "strict_over_default"}
+    assert costs["portable_over_default"]["best"] == 2.5  # 2.5 / 1.0
+    assert costs["portable_over_default"]["paired_median"] == pytest.approx(2.2)  # of 2.5, 1.5, 2.2
+    assert costs["strict_over_default"]["paired_median"] == 1.0

@@ -31,7 +31,7 @@ def _row(setting=(0.2, 0.5), seed=0, acc=0.85, *, device="cpu", determinism="def
         "run_id": name, "run_name": name, "dropout1": setting[0], "dropout2": setting[1],
         "seed": seed, "device": device, "determinism": determinism,
         "implementation": implementation, "execution": "sequential", "randomness": "native",
-        "mask_rng": "torch",
+        "mask_rng": "torch", "threads": "2",
         "vary": vary, "replicate": replicate, "status": "ok", "textbook_check": True,
         "weights_sha256": sha if sha is not None else f"h{setting}{seed}{implementation}{vary}",
         "epochs_done": 10, "test_acc": acc, "train_acc": acc + 0.01, "train_loss": loss,
@@ -243,17 +243,18 @@ def _sources(sds: dict[str, float], n: int = 10, settings=((0.2, 0.5),), seed: i
 
 
 def test_variance_sources_numbers_match_scipy():
-    rows = _sources({"all": 0.004, "init": 0.004, "data": 0.0035, "dropout": 0.0005}, n=10)
+    rows = _sources({"all": 0.004, "init": 0.004, "data": 0.0035, "dropout": 0.0005,
+                     "bitflip": 0.0038}, n=10)
     out = _diag(rows)["variance_sources"]
     assert out["applicable"] and out["low_ratio"] == 0.5
     acc = {v: np.array([r["test_acc"] for r in rows if r["vary"] == v]) for v in diagnostics.SOURCES}
     recs = {r["source"]: r for r in out["records"]}
-    assert list(recs) == ["all", "init", "data", "dropout"]
+    assert list(recs) == ["all", "init", "data", "dropout", "bitflip"]
     for v in diagnostics.SOURCES:
         assert recs[v]["sd"] == pytest.approx(acc[v].std(ddof=1)) and recs[v]["n"] == 10
         lo, hi = recs[v]["sd_ci95"]
         assert lo < recs[v]["sd"] < hi
-    singles = ["init", "data", "dropout"]
+    singles = ["init", "data", "dropout", "bitflip"]
     bf = [sps.levene(acc[v], acc["all"], center="median").pvalue for v in singles]
     for v, p, pa in zip(singles, bf, multipletests(bf, method="holm")[1]):
         assert recs[v]["ratio"] == pytest.approx(acc[v].std(ddof=1) / acc["all"].std(ddof=1))
@@ -361,6 +362,28 @@ def test_implementations_with_few_noisy_seeds_are_inconclusive():
     assert r["verdict"] == "inconclusive" and "inconclusive" in r["finding"]
 
 
+def test_threads_pairs_cells_at_two_counts_per_mode():
+    rows = []
+    for mode in ("default", "strict"):
+        for t in ("1", "2"):
+            for s in range(3):
+                # default: seeds 1 and 2 get other bits (and seed 2 another accuracy) at 2 threads
+                other = mode == "default" and t == "2" and s > 0
+                rows.append({**_row(seed=s, determinism=mode, sha=f"h{s}{'x' if other else ''}",
+                                    acc=0.85 + (0.004 if other and s == 2 else 0.0)),
+                             "threads": t})
+    section = _diag(rows)["threads"]
+    assert section["applicable"]
+    default, strict = (_one(section["records"], determinism=m) for m in ("default", "strict"))
+    assert (default["threads_a"], default["threads_b"]) == ("1", "2")
+    assert (default["n_pairs"], default["n_identical"]) == (3, 1)
+    assert default["max_abs_diff"]["test_acc"] == pytest.approx(0.004)
+    assert "1 of 3 cells bitwise identical at 1 and 2 threads" in default["finding"]
+    assert (strict["n_identical"], strict["n_hash_compared"]) == (3, 3)
+    one_count = _diag([r for r in rows if r["threads"] == "1"])["threads"]
+    assert not one_count["applicable"] and "two thread counts" in one_count["reason"]
+
+
 # ----------------------------------------------------------------------------- through analysis
 
 
@@ -369,7 +392,7 @@ def test_analysis_carries_diagnostics_and_writes_their_csvs(tmp_path):
     table = _table(rows)
     results = analysis.analyze(table, (0.2, 0.5), OPTIONS)
     assert set(results.diagnostics) == {"replicates", "modes", "devices", "variance_sources",
-                                           "keep_rates", "implementations"}
+                                        "keep_rates", "implementations", "threads"}
     paths = analysis.write(results, table, tmp_path)
     assert [p.name for p in paths] == [
         "results.json", "groups.csv", "comparisons.csv", "contrasts.csv", "multiverse.csv",

@@ -42,3 +42,13 @@ def test_keys_are_stable_and_track_what_defines_a_run():
 def test_run_names_are_readable():
     cell = plan.expand(protocol.load(D2L))[1]
     assert cell.name == "p0.2-0.5 seed0 cpu default torch"
+
+
+def test_a_thread_list_is_an_axis_and_keeps_single_count_keys():
+    one = {c.key: c for c in plan.expand(protocol.load(D2L, ["seeds.count=1", "threads=1"]))}
+    both = plan.expand(protocol.load(D2L, ["seeds.count=1", "threads=[1, 2]"]))
+    assert len(both) == 2 * len(one) and len({c.key for c in both}) == len(both)
+    assert {c.config.threads for c in both} == {1, 2}
+    # A cell at 1 thread is the same cell whether 1 was the only count or one of a list.
+    assert {c.key for c in both if c.config.threads == 1} == set(one)
+    assert all(c.name.endswith(" t1") for c in one.values())

@@ -103,3 +103,21 @@ def test_seed_list_form():
 def test_to_dict_round_trips():
     proto = protocol.load(D2L)
     assert protocol.parse(proto.to_dict()) == proto
+
+
+def test_portable_mode_needs_portable_masks_and_a_thread_count(tmp_path):
+    base = protocol.load(D2L).to_dict()
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**base, "determinism": ["portable"], "randomness": "native",
+                                    "threads": 1}))
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.load(path)
+    message = str(err.value).splitlines()[-1]
+    assert "determinism: 'portable'" in message and "randomness: native" in message
+    path.write_text(yaml.safe_dump({**base, "determinism": ["portable"], "randomness": "portable",
+                                    "threads": None}))
+    with pytest.raises(protocol.ProtocolError, match="requires threads"):
+        protocol.load(path)
+    path.write_text(yaml.safe_dump({**base, "determinism": ["portable"], "randomness": "portable",
+                                    "threads": [1, 2]}))
+    assert protocol.load(path).thread_counts() == (1, 2)

@@ -457,7 +457,7 @@ def test_report_from_analysis_module_output(tmp_path: Path) -> None:
     assert wording.fmt_mean_sd(base) in text
     # The replicates of make_table repeat seed 0 exactly: the diagnostics say so, once per cell.
     assert "bit-identical weights in 5/5 on cpu." in text
-    assert "| cpu / default / sequential | 5 | 5/5 (100%) |" in files.markdown.read_text()
+    assert "| cpu / default / sequential / 2 | 5 | 5/5 (100%) |" in files.markdown.read_text()
 
 
 def test_first_layer_claim_reads_the_declared_contrast(tmp_path: Path) -> None:
@@ -495,7 +495,7 @@ def _diag_row(setting, seed, acc, *, device="cpu", determinism="default", implem
     return {"run_id": name, "run_name": name, "dropout1": setting[0], "dropout2": setting[1],
             "seed": seed, "device": device, "determinism": determinism,
             "implementation": implementation, "execution": "sequential", "randomness": "native",
-            "mask_rng": "torch", "vary": vary, "replicate": replicate, "status": "ok",
+            "mask_rng": "torch", "vary": vary, "replicate": replicate, "status": "ok", "threads": "2",
             "textbook_check": True,
             "weights_sha256": sha or f"h{name}", "epochs_done": 10, "test_acc": acc,
             "train_acc": acc + 0.01, "train_loss": 0.4, "keep_rate1": keep[0],
@@ -595,8 +595,8 @@ def test_planted_diagnostics_are_what_the_fixture_says(with_diagnostics) -> None
 def test_repeatability_section_states_the_measured_numbers(diag_written) -> None:
     c5 = _section(diag_written.markdown.read_text(), "C5: a fixed seed", "Sources of variance")
     assert "In 3 of 4 device / mode strata every replicate gave bit-identical final weights" in c5
-    assert "| cpu / strict / sequential | 12 | 12/12 (100%) | \\[74, 100\\] | 0 (exact) | 0 (exact) |" in c5
-    assert "| cuda / default / sequential | 12 | 8/12 (67%) | \\[35, 90\\] | 0.10 |" in c5
+    assert "| cpu / strict / sequential / 2 | 12 | 12/12 (100%) | \\[74, 100\\] | 0 (exact) | 0 (exact) |" in c5
+    assert "| cuda / default / sequential / 2 | 12 | 8/12 (67%) | \\[35, 90\\] | 0.10 |" in c5
     assert "4 of 12 replicates differ from their first run" in c5
     # A mode that changed nothing is a null result, never proof.
     assert "strict vs default on cpu / sequential: no change observed" in c5

@@ -1,9 +1,14 @@
-"""End to end: protocol -> runner -> a temporary MLflow store -> read back through MLflow."""
+"""End to end: protocol -> runner -> worker processes -> a temporary MLflow store -> read back."""
+
+import functools
+import os
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from study import data, plan, protocol, runner, tracking
+from study import data, environment, plan, protocol, runner, tracking
+from tests import worker_hooks
 
 PROTO = dict(name="e2e", dropout=[[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]], seeds={"count": 2},
              baseline=[0.5, 0.5], training={"epochs": 2, "batch_size": 100})
@@ -19,7 +24,13 @@ def store(tmp_path, monkeypatch) -> MlflowClient:
 @pytest.fixture
 def loader(tiny_files, tmp_path):
     folder, checksums = tiny_files
-    return lambda: data.load(folder, cache=tmp_path / "cache", checksums=checksums)
+    # A partial, not a lambda: the loader runs in the worker process and must pickle.
+    return functools.partial(data.load, folder, cache=tmp_path / "cache", checksums=checksums)
+
+
+def _children() -> set[int]:
+    pid = os.getpid()
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
 
 def _runs(store: MlflowClient, status: str | None = None):
@@ -58,6 +69,25 @@ def test_a_run_logs_every_cell_and_a_second_adds_none(store, loader):
     assert len(_runs(store)) == 6
 
 
+def test_each_group_trains_in_a_worker_started_in_its_mode(store, loader, monkeypatch):
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    proto = protocol.parse({**PROTO, "dropout": [[0.5, 0.5]], "seeds": {"count": 1},
+                            "determinism": ["default", "strict"], "threads": 1})
+    runner.run(proto, load=loader, progress=False)
+    tags = {r.data.params["determinism"]: r.data.tags for r in _runs(store, "FINISHED")}
+    # Read inside each worker: the driver's own environment has no MKL_CBWR.
+    assert tags["strict"]["study.env.mkl_cbwr"] == "AUTO" == tags["strict"]["study.flag.mkl_cbwr"]
+    assert tags["default"]["study.env.mkl_cbwr"] == "unset"
+    assert tags["default"]["study.flag.mkl_cbwr"] == "None"
+    if tags["default"]["study.env.mkl_cbwr_effective"] != "unknown":  # MKL says what it runs
+        assert tags["strict"]["study.env.mkl_cbwr_effective"] == "AUTO"
+        assert tags["default"]["study.env.mkl_cbwr_effective"] == "BRANCH_OFF"
+    for t in tags.values():
+        assert t["study.env.threads.intra_op"] == t["study.env.threads.omp_num_threads"] == "1"
+        assert t["study.env.cpu_isa"] and "BLAS=" in t["study.env.blas"]
+        assert t["study.env.cpu_model"] == environment.cpu_model()  # same machine, same reading
+
+
 def test_runs_left_running_are_marked_and_redone(store, loader):
     proto = protocol.parse(PROTO)
     runner.run(proto, load=loader, progress=False)
@@ -71,25 +101,30 @@ def test_runs_left_running_are_marked_and_redone(store, loader):
     assert len({r.data.tags["study.cell"] for r in finished}) == 6  # never two per cell
 
 
-def test_failure_mid_study_keeps_what_finished(store, tiny_files, tmp_path, monkeypatch):
+def test_failure_mid_study_keeps_what_finished(store, tiny_files, tmp_path):
     folder, checksums = tiny_files
     proto = protocol.parse(PROTO)
-    calls = {"n": 0}
-    real_train = runner.train
-
-    def flaky(cell, ds):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom")
-        return real_train(cell, ds)
-
-    monkeypatch.setattr(runner, "train", flaky)
+    flaky = functools.partial(worker_hooks.failing_on, 3, "raise", folder, tmp_path / "c", checksums)
     with pytest.raises(RuntimeError, match="boom"):
-        runner.run(proto, load=lambda: data.load(folder, cache=tmp_path / "c", checksums=checksums),
-                   progress=False)
+        runner.run(proto, load=flaky, progress=False)
     assert len(_runs(store, "FINISHED")) == 2
     failed = _runs(store, "FAILED")
     assert len(failed) == 1 and "boom" in failed[0].data.tags["study.error"]
+    assert not _children()
+
+
+def test_a_killed_worker_loses_only_its_cell_in_flight(store, tiny_files, tmp_path, loader):
+    folder, checksums = tiny_files
+    proto = protocol.parse(PROTO)
+    killer = functools.partial(worker_hooks.failing_on, 3, "kill", folder, tmp_path / "c", checksums)
+    with pytest.raises(runner.RunnerError, match=r"died \(signal SIGKILL\)") as caught:
+        runner.run(proto, load=killer, progress=False)
+    assert "\n" not in str(caught.value)
+    assert len(_runs(store, "FINISHED")) == 2
+    failed = _runs(store, "FAILED")
+    assert len(failed) == 1 and "SIGKILL" in failed[0].data.tags["study.error"]
+    summary = runner.run(proto, load=loader, progress=False)
+    assert (summary.already_done, summary.ran) == (2, 4)
 
 
 def test_load_runs_gives_the_tidy_table(store, loader):
@@ -143,7 +178,6 @@ def test_batched_protocol_runs_through_the_runner(store, loader):
 
 def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
         store, loader, monkeypatch):
-    import threading
     proto = protocol.parse({**PROTO, "execution": "batched", "batch_members": 6})
     real_finish, calls = tracking.finish, {"n": 0}
 
@@ -156,7 +190,7 @@ def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
     monkeypatch.setattr(tracking, "finish", ctrl_c_on_second)
     with pytest.raises(KeyboardInterrupt):
         runner.run(proto, load=loader, progress=False)
-    assert not [t for t in threading.enumerate() if t.name.startswith("member")]
+    assert not _children()  # the worker and its member threads are gone
     assert len(_runs(store, "FINISHED")) == 1
     # The run being logged stays RUNNING until the next start; members in flight left no run.
     assert len(_runs(store, "RUNNING")) == 1 and len(_runs(store)) == 2

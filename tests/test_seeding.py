@@ -76,3 +76,15 @@ def test_threads_are_applied_and_restored():
     with seeding.threads(1) as n:
         assert n == 1 == torch.get_num_threads()
     assert torch.get_num_threads() == before
+
+
+def test_a_mode_owns_its_process_environment():
+    default, strict = seeding.process_env("default", None), seeding.process_env("strict", 2)
+    # None means unset: default clears an MKL_CBWR left in the shell, so its flag is true.
+    assert default["MKL_CBWR"] is None and "OMP_NUM_THREADS" not in default
+    assert strict["MKL_CBWR"] == "AUTO" and strict["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert strict["OMP_NUM_THREADS"] == strict["MKL_NUM_THREADS"] == "2"
+    portable = seeding.process_env("portable", 1)
+    assert (portable["MKL_CBWR"], portable["ATEN_CPU_CAPABILITY"],
+            portable["ONEDNN_MAX_CPU_ISA"]) == ("COMPATIBLE", "avx2", "AVX2")
+    assert seeding.MODES["portable"] == seeding.MODES["strict"]

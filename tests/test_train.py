@@ -152,3 +152,27 @@ def test_sfc64_mask_fills_a_buffer_and_refuses_a_strided_one():
     assert torch.equal(buf[:4], model.sfc64_mask(0.5, torch.Size((4, 6)), np.random.SFC64(2)))
     with pytest.raises(RuntimeError):
         model.sfc64_mask(0.5, torch.Size((6, 4)), np.random.SFC64(2), buf[:4].t())
+
+
+def test_bitflip_cells_differ_by_one_bit_of_one_initial_weight(tiny_data):
+    from torch import nn
+    from study.train import initial_net, seeds_of
+
+    def start(c: plan.Cell) -> dict[str, torch.Tensor]:
+        net = initial_net(c, (nn.Identity(), nn.Identity()), seeds_of(c))
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    a, b = cell(seed=3, vary=["bitflip"]), cell(seed=4, vary=["bitflip"])
+    unflipped = cell(seed=0)  # vary: all at seed 0: the fixed seed's streams
+    assert a.vary == "bitflip" and seeds_of(a) == seeds_of(b) == seeds_of(unflipped)
+    ref = start(unflipped)
+    for c in (a, b):
+        now = start(c)
+        changed = [(k, int((now[k] != ref[k]).sum())) for k in ref if not torch.equal(now[k], ref[k])]
+        assert len(changed) == 1 and changed[0][1] == 1 and changed[0][0].endswith("weight")
+        key = changed[0][0]
+        bits = (now[key].view(torch.int32) ^ ref[key].view(torch.int32)).flatten()
+        assert sorted(bits.unique().tolist()) == [0, 1]  # only the lowest mantissa bit
+    assert any(not torch.equal(start(a)[k], start(b)[k]) for k in ref)  # seeds pick other bits
+    # One bit is enough for training to end elsewhere.
+    assert train(a, tiny_data).weights_sha256 != train(b, tiny_data).weights_sha256

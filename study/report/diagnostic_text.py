@@ -22,7 +22,7 @@ from study.table import RunTable
 
 
 SUMMERS = "Summers & Dinneen (ICML 2021)"
-REPLICATE_KEYS = ("device", "determinism", "execution")
+REPLICATE_KEYS = ("device", "determinism", "execution", "threads")
 NO_DIAGNOSTICS = "the results carry no diagnostics; rerun python -m study analyze"
 
 
@@ -79,8 +79,8 @@ def records_by_verdict(records: Sequence[dict[str, Any]], results: Results) -> s
 
 
 def claim_repeatability(results: Results, table: RunTable, setup: Setup) -> list[Block]:
-    blocks = [*replicate_blocks(results), *mode_blocks(results, setup),
-              *device_blocks(results, table)]
+    blocks = [*replicate_blocks(results), *mode_blocks(results, setup), *thread_blocks(results),
+              *verify_blocks(table), *device_blocks(results, table)]
     sources = diag_section(results, "variance_sources")
     if not applicable(sources):
         blocks.append(not_measured("which random stream (initialisation, data order, dropout "
@@ -107,7 +107,7 @@ def replicate_blocks(results: Results) -> list[Block]:
         f"cell) is set against the seed-to-seed SD (pooled over seeds of a setting): their "
         f"variance ratio is the share of seed-to-seed variance that run-to-run noise alone "
         f"could produce.")
-    header = ("device / mode / execution", "cells", "identical", "95% CI (%)", "max |\u0394| (pp)",
+    header = ("device / mode / execution / threads", "cells", "identical", "95% CI (%)", "max |\u0394| (pp)",
               "nondet. SD (pp)", "seed SD (pp)", "var. ratio")
     blocks: list[Block] = [lead, Table(header, rows, "Replicates against the first run of their "
                                        "cell (final test accuracy; identical = same weight hash, "
@@ -161,6 +161,38 @@ def _mode_text(r: dict[str, Any], results: Results) -> str:
             f"{fmt_ci_pp(r.get('mean_diff_ci95'))}, largest "
             f"{fmt_pp((r.get('max_abs_diff') or {}).get('test_acc'), sign=False)}; "
             f"{record_verdict_phrase(r, results.equivalence_margin)}.")
+
+
+def thread_blocks(results: Results) -> list[Block]:
+    """Thread count a against b, paired by cell: does it change the bits, per mode."""
+    section = diag_section(results, "threads")
+    if not applicable(section):
+        return []  # most protocols fix one count; nothing to say
+    recs = section["records"]
+    rows = tuple((where(r["stratum"], ("device", "determinism", "execution")),
+                  f"{r['threads_a']} vs {r['threads_b']}",
+                  identical_text(r["n_identical"], r["n_hash_compared"]),
+                  fmt_pp_exact((r.get("max_abs_diff") or {}).get("test_acc"))) for r in recs)
+    return [para("The same cells at two CPU thread counts, first runs paired by cell. Unless "
+                 "the mode makes MKL's arithmetic thread-count invariant, the count changes "
+                 "the order of floating-point sums, and so the bits."),
+            Table(("device / mode / execution", "threads", "identical", "max |\u0394| (pp)"),
+                  rows, "Final weights at two thread counts (identical = same weight hash).",
+                  "llrr")]
+
+
+def verify_blocks(table: RunTable) -> list[Block]:
+    """The newest `study verify` run: recorded cells re-trained, perhaps on another machine."""
+    v = getattr(table, "verification", None)
+    if not v:
+        return [para("No verify run (python -m study verify) is recorded for these runs, so "
+                     "reproduction in a later process or on another machine was not checked "
+                     "here; the golden test (pytest -k golden) checks portable mode.")]
+    return [para(f"Re-trained by python -m study verify on {v.get('cpu_model', NA)} "
+                 f"({v.get('cpu_isa', NA)}): {v.get('n_identical', NA)} of "
+                 f"{v.get('n_checked', NA)} sampled cells gave the recorded weights; "
+                 f"{v.get('n_env_differs', NA)} ran where a key that decides the bits differs; "
+                 f"{v.get('n_broken', NA)} broke the promise of a strict or portable mode.")]
 
 
 def device_blocks(results: Results, table: RunTable) -> list[Block]:
@@ -277,6 +309,7 @@ def sources_section(results: Results, figs: Sequence[FigureFile]) -> list[Block]
             para(f"Which random stream makes the seed-to-seed spread? Each source "
                  f"(initialisation, data order, dropout masks) was varied alone with the others "
                  f"held at a fixed seed, and its SD compared with the SD when all vary. "
+                 f"{_bitflip_text(recs)}"
                  f"{SUMMERS} report that any single source alone gives about the full spread; "
                  f"a source is consistent with that when its SD-ratio CI contains 1 and excludes "
                  f"{low:g}. SD CIs are the bootstrap intervals of the analysis; Brown\u2013Forsythe p-values are "
@@ -289,6 +322,14 @@ def sources_section(results: Results, figs: Sequence[FigureFile]) -> list[Block]
                                f"{s['finding'].replace('_', ' ')}{_omnibus_sources(s)}")
                           for s in summaries)),
             *_figures_named(figs, "variance_sources")]
+
+
+def _bitflip_text(recs: Sequence[dict[str, Any]]) -> str:
+    if not any(r["source"] == "bitflip" for r in recs):
+        return ""
+    return ("The bitflip arm is their one-bit experiment: every stream stays at the fixed seed "
+            "and each seed flips the lowest mantissa bit of one initial weight, so its spread is "
+            "that of arithmetic alone. ")
 
 
 def _omnibus_sources(s: dict[str, Any]) -> str:

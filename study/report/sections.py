@@ -153,6 +153,13 @@ def _protocol_blocks(inputs: Inputs) -> list[Block]:
 
 ENV_SUMMARY = (("torch_version", "PyTorch"), ("cuda_version", "CUDA"), ("cudnn_version", "cuDNN"),
                ("device_name", "device"), ("cpu", "CPU"), ("threads", "threads"),
+               ("cpu_model", "CPU model"), ("cpu_isa", "CPU ISA"), ("blas", "BLAS"),
+               ("mkl_cbwr", "MKL_CBWR"), ("mkl_cbwr_effective", "MKL branch in effect"),
+               ("aten_cpu_capability", "ATen CPU capability"),
+               ("onednn_max_cpu_isa", "ONEDNN_MAX_CPU_ISA"), ("threads.intra_op", "torch threads"),
+               ("threads.omp_num_threads", "OMP_NUM_THREADS"),
+               ("gpu_capability", "GPU capability"),
+               ("cublas_workspace_config", "CUBLAS_WORKSPACE_CONFIG"),
                ("python_version", "Python"), ("mlflow_version", "MLflow"),
                ("git_commit", "git commit"))
 
@@ -179,7 +186,7 @@ def _statistics_blocks(r: Results) -> list[Block]:
     margin = margin_text(r)
     return [Heading(2, "Statistics"),
             para(f"Strata (device, determinism mode, implementation, execution, randomness, mask "
-                 f"generator, varied streams) are analysed separately and never pooled. Within a "
+                 f"generator, varied streams, CPU threads) are analysed separately and never pooled. Within a "
                  f"stratum an omnibus test (Friedman with seeds as blocks when every setting has "
                  f"the same seeds, else Welch ANOVA) asks whether settings differ at all; each "
                  f"setting is then compared with the baseline {fmt_setting(r.baseline)}, paired on "
