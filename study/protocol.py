@@ -289,10 +289,11 @@ def apply_override(raw: dict[str, Any], item: str, path: Path | str = "--set") -
 
 def _describe(err: ValidationError, source: str, overridden: list[str] = ()) -> str:
     """One line per problem: file, dotted key, what is wrong, the value, and where it was set."""
-    lines = []
+    entries = []
     for e in err.errors():
-        # pydantic's union/literal branches add tags like 'function-after[...]' to the path.
-        loc = [str(p) for p in e["loc"] if "[" not in str(p)]
+        # pydantic's union/literal branches add tags like 'function-after[...]' or
+        # 'constrained-int' to the path; field names never hold '[' or '-'.
+        loc = [str(p) for p in e["loc"] if "[" not in str(p) and "-" not in str(p)]
         key = ".".join(loc)
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "missing" and loc and loc[-1].isdigit():  # a pair with one entry
@@ -308,8 +309,22 @@ def _describe(err: ValidationError, source: str, overridden: list[str] = ()) -> 
         if any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.")
                for k in overridden if key):
             line += " (set by --set)"
-        lines.append(f"{source}: {line}")
-    return "\n".join(lines)
+        entries.append((key, f"{source}: {line}"))
+    return "\n".join(_one_per_key(entries))
+
+
+def _one_per_key(entries: list[tuple[str, str]]) -> list[str]:
+    """A union (threads: 2 or [1, 2]) reports every branch it tried; keep the first line of a
+    key, and drop a key's line when a deeper key under it says what is wrong inside it."""
+    keys = [k for k, _ in entries]
+    out, seen = [], set()
+    for key, line in entries:
+        deeper = key and any(k.startswith(f"{key}.") for k in keys)
+        if key and (key in seen or deeper):
+            continue
+        seen.add(key)
+        out.append(line)
+    return out
 
 
 def _suggest(loc: list[str]) -> str:

@@ -161,6 +161,7 @@ BAD_VALUES = [
     ("batch-members-zero", {"batch_members": 0}, ["batch_members", "(value: 0)"]),
     ("replicates-zero", {"replicates": 0}, ["replicates", "(value: 0)"]),
     ("threads-zero", {"threads": 0}, ["threads", "(value: 0)"]),
+    ("threads-list-zero", {"threads": [1, 0]}, ["threads.1", "(value: 0)"]),
     ("alpha-above-1", {"analysis.alpha": 1.5}, ["analysis.alpha", "1.5"]),
     ("alpha-inf", {"analysis.alpha": INF}, ["analysis.alpha", "finite", "inf"]),
     ("margin-zero", {"analysis.equivalence_margin": 0}, ["analysis.equivalence_margin",
