@@ -362,20 +362,21 @@ COST_MODES = ("default", "strict", "portable")
 
 def time_modes(cell: Cell, subset: int | None, rounds: int, per_worker: int = 3,
                load=datamod.load) -> dict[str, Timing]:
-    """Seconds per run-epoch of `cell` under each mode. A mode's arithmetic (MKL_CBWR, ATen and
-    oneDNN caps) is fixed when a process starts, so each measurement is a fresh worker that
-    trains the cell 1 + `per_worker` times and keeps the fastest after the first (which warms
-    pools and pages; other load only ever adds time). Modes are interleaved within each round,
-    so slower load drift hits them alike."""
+    """CPU seconds per run-epoch of `cell` under each mode, at one thread. A mode's arithmetic
+    (MKL_CBWR, ATen and oneDNN caps) is fixed when a process starts, so each measurement is a
+    fresh worker that trains the cell 1 + `per_worker` times and keeps the fastest after the
+    first (which warms pools and pages). CPU time of one thread, not wall time: on the shared
+    2-core machine wall times of one mode spread 10x with the neighbours' load, CPU times by
+    a few percent. Modes are interleaved within each round, so drift hits them alike."""
     cell = replace(cell, config=replace(cell.config, execution="sequential", randomness="portable",
-                                        threads=cell.config.threads or torch.get_num_threads()))
+                                        threads=1))
     samples: dict[str, list[float]] = {m: [] for m in COST_MODES}
     for _ in range(rounds):
         for mode in COST_MODES:
             cells = [replace(cell, determinism=mode)] * (1 + per_worker)
             (group,) = workers.groups(cells, load, subset)
             timed = workers.trained(group).results[1:]
-            samples[mode].append(min(r.seconds / len(r.epochs) for r in timed))
+            samples[mode].append(min(r.cpu_seconds / len(r.epochs) for r in timed))
     return {m: Timing(tuple(v)) for m, v in samples.items()}
 
 
@@ -385,7 +386,8 @@ def mode_costs(timings: dict[str, Timing]) -> dict[str, object]:
     return {f"{m}_over_default": {
         "best": t.best / base.best,
         "paired_median": statistics.median(x / y for x, y in zip(t.samples, base.samples)),
-        "seconds_per_epoch": list(t.samples)} for m, t in timings.items() if m != "default"}
+        "seconds_per_epoch": list(t.samples), "default_seconds_per_epoch": list(base.samples)}
+        for m, t in timings.items() if m != "default"}
 
 
 def machine() -> dict[str, object]:
@@ -477,7 +479,8 @@ def runners(args: argparse.Namespace) -> dict[str, object]:
 
 
 def show_costs(costs: dict[str, object], subset: int) -> str:
-    lines = [f"determinism modes against default ({subset} images, 1 epoch, fresh workers):"]
+    lines = [f"determinism modes against default, CPU time at 1 thread ({subset} images, "
+             "1 epoch, fresh workers):"]
     lines += [f"  {name.replace('_over_', '/'):18s}{c['best']:6.2f}x best of each, "
               f"{c['paired_median']:.2f}x median within a round" for name, c in costs.items()]
     return "\n".join(lines)
@@ -491,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="K cells in the batched model (default: two per CPU thread)")
     parser.add_argument("--workers", type=int, default=4, help="textbook DataLoader workers")
     parser.add_argument("--mode-rounds", type=int, default=3,
-                        help="rounds timing default / strict / portable, each in fresh workers")
+                        help="rounds timing default / strict / portable (CPU time, 1 thread)")
     parser.add_argument("--mode-subset", type=int, default=10_000,
                         help="training images of the mode timing (one epoch)")
     parser.add_argument("--modes-only", action="store_true",
@@ -502,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = mode_costs(time_modes(cell, args.mode_subset, args.mode_rounds))
     print(show_costs(costs, args.mode_subset))
     out: dict[str, object] = {"mode_costs": {"train_subset": args.mode_subset, "epochs": 1,
+                                             "threads": 1, "clock": "process CPU time",
                                              **costs}, "machine": machine()}
     if not args.modes_only:
         out = {**runners(args), **out}

@@ -50,6 +50,9 @@ class Result:
     arithmetic: Arithmetic | None = None  # what the worker process started with
     threads: int | None = None
     started: float | None = None  # Unix time its training began (the MLflow run's start)
+    # CPU time of the training process (all its threads), for costs on a shared machine where
+    # wall time also measures the neighbours. None where not measured (batched members).
+    cpu_seconds: float | None = None
 
 
 def seeds_of(cell: Cell) -> StreamSeeds:
@@ -83,14 +86,14 @@ def fit(cell: Cell, data: Dataset) -> tuple[nn.Module, Result]:
     net = initial_net(cell, drops, seeds)
     rng_scope = global_dropout_rng(seeds.dropout, cell.device) if gen is None \
         else contextlib.nullcontext()
-    started, start = time.time(), time.perf_counter()
+    started, start, cpu = time.time(), time.perf_counter(), time.process_time()
     with rng_scope:
         epochs = _fit(net, cell, data, generator(seeds.data))
     return net, Result(
         cell=cell, epochs=epochs, status=status_of(epochs, cell.config.training.epochs),
         textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
         seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net), streams=seeds,
-        started=started)
+        started=started, cpu_seconds=time.process_time() - cpu)
 
 
 def initial_net(cell: Cell, drops: tuple[nn.Module, nn.Module], seeds: StreamSeeds) -> nn.Module:
