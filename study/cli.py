@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             tracking.TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if (line := tracking.unreachable(err)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:

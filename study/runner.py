@@ -83,7 +83,7 @@ def engine(group: list[Cell]) -> Engine:
 
 def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
         progress: bool = True) -> Summary:
-    with tracking.writer_lock():
+    with tracking.writer_lock(protocol.name):
         mlflow = tracking.client()
         exp_id = tracking.experiment_id(mlflow, protocol.name)
         interrupted = tracking.mark_interrupted(mlflow, exp_id)

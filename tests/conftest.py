@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import hashlib
 import struct
 from pathlib import Path
@@ -59,3 +60,24 @@ def real_data_present() -> bool:
     except data.DataError:
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def tracking_server():
+    """A real PostgreSQL-backed MLflow server on free ports, stopped after the session.
+
+    Skipped where PostgreSQL is not installed; under CI=true that is a failure instead, since
+    CI installs it (.ci/run)."""
+    from study import server
+
+    try:
+        context = server.temporary()
+        srv = context.__enter__()
+    except server.ServerError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no tracking server: {err}")
+        pytest.skip(f"no PostgreSQL-backed tracking server here: {err}")
+    try:
+        yield srv
+    finally:
+        context.__exit__(None, None, None)
