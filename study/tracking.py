@@ -7,6 +7,7 @@ Store: `mlruns/mlflow.db` (SQLite) with artifacts in `mlruns/artifacts`, unless
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import socket
@@ -47,8 +48,15 @@ def tracking_uri() -> str:
 
 
 def client(uri: str | None = None) -> MlflowClient:
+    uri = uri or tracking_uri()
     STORE_DIR.mkdir(exist_ok=True)
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # The client opens the database, creating and migrating it on first use; two processes
+    # doing that at once break MLflow's alembic bookkeeping (a traceback, before any lease).
+    with open(f"{uri.removeprefix('sqlite:///')}.init-lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=uri)
 
 
 # --- one writer per study ----------------------------------------------------------------------
@@ -251,7 +259,7 @@ def _training_runs(mlflow: MlflowClient, exp_id: str, status: str) -> list:
 
 
 def finished_keys(mlflow: MlflowClient, exp_id: str) -> set[str]:
-    return {r.data.tags.get("study.cell") for r in _training_runs(mlflow, exp_id, "FINISHED")}
+    return {r.tags.get("study.cell") for r in _finished_records(mlflow, exp_id)}
 
 
 def mark_interrupted(mlflow: MlflowClient, exp_id: str) -> int:

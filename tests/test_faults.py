@@ -19,7 +19,7 @@ from tests.conftest import real_data_present
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = 12
-TTL = "6"  # seconds a killed driver's lease blocks the rerun
+TTL = "20"  # a killed driver's lease blocks the rerun this long; a silent holder stops at TTL/4
 
 pytestmark = pytest.mark.integration
 
