@@ -45,6 +45,10 @@ from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Com
 from study.table import STRATUM_COLUMNS, RunTable, scalar
 
 METRIC = "test_acc"
+
+
+class AnalysisError(ValueError):
+    """The runs cannot be analysed as asked (e.g. an endpoint longer than the runs)."""
 Setting = tuple[float, float]
 
 
@@ -173,8 +177,9 @@ def _settings(frame: pd.DataFrame) -> list[Setting]:
 
 
 def _rows(frame: pd.DataFrame, setting: Setting) -> pd.DataFrame:
-    keys = [_setting(a, b) for a, b in zip(frame["dropout1"], frame["dropout2"])]
-    return frame[[k == setting for k in keys]]
+    # Rounded as `_setting` rounds, vectorised: this runs for every group, endpoint and test.
+    d1, d2 = (frame[c].to_numpy(dtype=float).round(6) for c in ("dropout1", "dropout2"))
+    return frame[(d1 == setting[0]) & (d2 == setting[1])]
 
 
 def _by_seed(frame: pd.DataFrame, setting: Setting, column: str = METRIC) -> pd.Series:
@@ -216,8 +221,9 @@ def _endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
     left_out = [f"{e.name} (only {epochs} evaluated epoch(s) in the shortest run)"
                 for e in wanted if e not in kept]
     if primary not in kept:
-        raise ValueError(f"analysis.endpoint {primary.name!r}: the runs have only {epochs} "
-                         "evaluated epoch(s)")
+        raise AnalysisError(f"analysis.endpoint {primary.name!r}: the runs have only {epochs} "
+                            "evaluated epoch(s); choose final or last:K with K <= {epochs}"
+                            .replace("{epochs}", str(epochs)))
     return kept, left_out
 
 

@@ -6,45 +6,119 @@
     python -m study report  protocols/d2l-dropout.yaml
     python -m study data
     python -m study url     protocols/d2l-dropout.yaml     (the MLflow UI link of its runs)
+    python -m study ui      protocols/d2l-dropout.yaml     (print that link, serve the MLflow UI)
+
+A mistake a user can fix (a bad protocol, missing data, a busy store, a full disk) ends with
+`error: ...` lines on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from study import data, plan, protocol, runner, tracking
-from study.protocol import Analysis, Protocol
-from study.results import Results
-from study.table import RunTable
+# Heavy modules (torch, torchvision, MLflow, pandas: seconds to import) are imported inside the
+# commands that need them, so `--help` and a bad protocol answer at once.
+if TYPE_CHECKING:
+    from study.protocol import Analysis, Protocol
+    from study.results import Results
+    from study.table import RunTable
+    from study.tracking import MlflowClient
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
+UI_PORT = 5000
+
+# Errors a user can act on, by module: only modules a command imported can have raised one, so
+# they are looked up in sys.modules rather than imported here.
+USER_ERRORS = (("study.protocol", "ProtocolError"), ("study.data", "DataError"),
+               ("study.runner", "RunnerError"), ("study.tracking", "TrackingError"),
+               ("study.analysis", "AnalysisError"))
 
 
 @dataclass(frozen=True)
 class Target:
-    """What analysis reads: an experiment, its baseline and options."""
+    """What analysis reads: an experiment, its baseline and options, and the protocol file."""
 
     experiment: str
     baseline: tuple[float, float]
     options: Analysis
+    source: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow starts a telemetry client and its threads when imported; an offline research
+    # harness has nothing to send. Set before any command imports MLflow; a user's value wins.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow.store.db.utils").addFilter(_RAISED_ANYWAY)
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (protocol.ProtocolError, data.DataError, runner.RunnerError,
-            tracking.TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; the same command resumes where it stopped",
+              file=sys.stderr)
+        return 130
     except Exception as err:
-        if (line := tracking.unreachable(err)) is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
+        message = user_message(err)
+        if message is None:
+            raise  # a bug: its traceback is what a fix needs
+        for line in message.splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
+
+
+def user_message(err: BaseException) -> str | None:
+    """The text to show for an error the user can act on; None for anything else."""
+    tracking = sys.modules.get("study.tracking")
+    store = tracking.tracking_uri() if tracking else "the MLflow store"
+    if (full := _disk_full(err)) is not None:
+        return (f"the disk is full ({full}); free space on the disk of the store ({store}) and "
+                "of reports/, then run the same command again: finished runs are kept")
+    if any("database is locked" in str(e) for e in _chain(err)):
+        return (f"the store {store} is locked by another process writing to it (SQLite takes "
+                "one writer at a time); wait for it to finish, then run the same command again")
+    for module, name in USER_ERRORS:
+        if module in sys.modules and isinstance(err, getattr(sys.modules[module], name)):
+            return str(err)
+    return tracking.unreachable(err) if tracking else None
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and the errors behind it (MLflow and SQLAlchemy wrap what went wrong)."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """What ran out of space, if `err` or an error behind it is a full disk."""
+    for seen in _chain(err):
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return f"{seen.strerror}: {seen.filename}" if seen.filename else str(seen.strerror)
+        # SQLite reports it as text (sqlite3.OperationalError, wrapped by SQLAlchemy and MLflow).
+        if "database or disk is full" in str(seen):
+            return "SQLite: database or disk is full"
+    return None
+
+
+class _RaisedAnyway(logging.Filter):
+    """Drops the traceback MLflow logs for every SQLite OperationalError before raising it.
+
+    The raised error still reaches `main`, which reports it in one line (or, for a bug, with
+    its traceback); the logged copy would only bury that line under sixty others.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+_RAISED_ANYWAY = _RaisedAnyway()  # one instance: addFilter ignores a filter already added
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,10 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     for name, func, text in [("plan", cmd_plan, "list the cells and mark those done"),
                              ("run", cmd_run, "run the cells that are not done"),
-                             ("url", cmd_url, "print the MLflow UI link of the protocol's runs")]:
+                             ("url", cmd_url, "print the MLflow UI link of the protocol's runs"),
+                             ("ui", cmd_ui, "print that link and serve the MLflow UI")]:
         p = sub.add_parser(name, help=text)
         _protocol_args(p)
         p.set_defaults(func=func)
+        if name == "ui":
+            p.add_argument("--port", type=int, default=UI_PORT, help="on 127.0.0.1")
     for name, func, text in [("analyze", cmd_analyze, "statistics into reports/NAME/"),
                              ("report", cmd_report, "statistics, figures and the PDF report")]:
         p = sub.add_parser(name, help=text)
@@ -78,26 +155,41 @@ def _protocol_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 
 def _load(args: argparse.Namespace) -> Protocol:
+    from study import protocol
+
     return protocol.load(args.protocol, args.set)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    proto = _load(args)
+    proto = _load(args)  # before MLflow's import: a bad protocol fails at once
+    from study import plan, tracking
+
+    cells = plan.expand(proto)
+    absent = _absent_devices(proto, cells)
     mlflow = tracking.client()
     found = mlflow.get_experiment_by_name(proto.name)
     done = tracking.finished_keys(mlflow, found.experiment_id) if found else set()
-    cells = plan.expand(proto)
     for cell in cells:
-        mark = "done" if cell.key in done else ("skip" if not runner.available(cell.device)
-                                                 else "todo")
+        mark = "done" if cell.key in done else ("skip" if cell.device in absent else "todo")
         print(f"{mark:4}  {cell.key}  {cell.name}")
     finished = sum(c.key in done for c in cells)
     print(f"{len(cells)} cells: {finished} done, {len(cells) - finished} to run")
     return 0
 
 
+def _absent_devices(proto: Protocol, cells: list) -> set[str]:
+    """Devices of the plan this machine lacks; a RunnerError if the protocol requires one."""
+    if all(c.device == "cpu" for c in cells):
+        return set()  # the CPU is always there: no need to import torch to ask
+    from study import runner
+
+    return {c.device for c in runner.runnable(proto, cells)[1]}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     proto = _load(args)
+    from study import runner
+
     summary = runner.run(proto)
     print(f"{proto.name}: {summary.ran} runs logged, {summary.already_done} already done, "
           f"{summary.skipped} skipped, {summary.interrupted} interrupted runs marked KILLED")
@@ -107,24 +199,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_url(args: argparse.Namespace) -> int:
     proto = _load(args)
+    from study import tracking
+
     exp_id = tracking.experiment_id(tracking.client(), proto.name)
     print(tracking.runs_url(exp_id))
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Print the link to the protocol's runs, then become the MLflow server (`make ui`)."""
+    proto = _load(args)
+    from study import tracking
+
+    found = tracking.client().get_experiment_by_name(proto.name)
+    if found is None:
+        print(f"No runs of {proto.name} yet (python -m study run {args.protocol}); "
+              f"all experiments: http://127.0.0.1:{args.port}/", flush=True)
+    else:
+        print(f"Runs of {proto.name}: {tracking.runs_url(found.experiment_id, port=args.port)}",
+              flush=True)
+    # MLflow 3's server also starts seven job-runner processes (GenAI judges, trace roll-ups)
+    # that this harness never uses; they slow start-up and outlive a SIGTERM to the server.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # exec, not a child: stopping this process (Ctrl-C, or a test's kill) stops the server.
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                              tracking.tracking_uri(), "--host", "127.0.0.1",
+                              "--port", str(args.port), "--workers", "1"])
+
+
 def _print_where(exp_id: str) -> None:
+    from study import tracking
+
     print(f"Store: {tracking.tracking_uri()}")
     print(f"Browse: make ui, then open {tracking.runs_url(exp_id)}")
 
 
 def _target(args: argparse.Namespace) -> Target:
+    from study import protocol
+
     if args.experiment:
         try:
             d1, d2 = (float(v) for v in args.baseline.split(","))
         except ValueError:
             raise protocol.ProtocolError(f"--baseline {args.baseline!r}: expected D1,D2") from None
         try:
-            options = Analysis(endpoint=args.endpoint)
+            options = protocol.Analysis(endpoint=args.endpoint)
         except ValueError:
             raise protocol.ProtocolError(f"--endpoint {args.endpoint!r}: expected final or "
                                          "last:K with K >= 1") from None
@@ -132,32 +251,49 @@ def _target(args: argparse.Namespace) -> Target:
     if not args.protocol:
         raise protocol.ProtocolError("give a protocol file or --experiment NAME")
     proto = _load(args)
-    return Target(proto.name, proto.baseline, proto.analysis)
+    return Target(proto.name, proto.baseline, proto.analysis, source=args.protocol)
 
 
 @dataclass(frozen=True)
 class Analysed:
     """What `analyze` and `report` share: the runs, their results and the files written."""
 
-    mlflow: tracking.MlflowClient  # tracking stays the only module that imports MLflow
+    mlflow: MlflowClient  # tracking stays the only module that imports MLflow
     table: RunTable
     results: Results
     out: Path
     files: list[Path]
 
     def log(self, extra: list[Path] = ()) -> None:
+        from study import tracking
+
         tracking.log_analysis(self.mlflow, self.table.experiment_id, [*self.files, *extra],
                               self.out)
 
 
 def _analyze(target: Target) -> Analysed:
-    from study import analysis  # heavy (scipy, statsmodels): only the commands that need it
+    from study import analysis, tracking  # analysis: scipy, statsmodels
 
     mlflow = tracking.client()
+    _require_runs(mlflow, target)
     table = tracking.load_runs(mlflow, target.experiment)
     results = analysis.analyze(table, target.baseline, target.options)
     out = REPORTS / target.experiment
     return Analysed(mlflow, table, results, out, analysis.write(results, table, out))
+
+
+def _require_runs(mlflow: MlflowClient, target: Target) -> None:
+    """Before any run exists, say which command makes some, not just that none are there."""
+    from study import tracking
+
+    found = mlflow.get_experiment_by_name(target.experiment)
+    if found is not None and mlflow.search_runs([found.experiment_id],
+                                                "attributes.status = 'FINISHED'", max_results=1):
+        return
+    then = (f"run `python -m study run {target.source}` first" if target.source else
+            "check the experiment's name in the MLflow UI (make ui)")
+    raise tracking.TrackingError(f"no finished runs of {target.experiment!r} in "
+                                 f"{tracking.tracking_uri()} yet; {then}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -168,10 +304,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    target = _target(args)
     from study import report
 
-    done = _analyze(_target(args))
-    written = report.write_report(done.results.to_json(), done.table, done.out)
+    done = _analyze(target)
+    written = report.write_report(done.results, done.table, done.out)
     done.log(written.all())
     print(f"Report: {written.pdf}\nMarkdown: {written.markdown}")
     _print_where(done.table.experiment_id)
@@ -179,6 +316,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from study import data
+
     ds = data.load()
     print(f"Fashion-MNIST from {ds.source}: {len(ds.train_y)} training and {len(ds.test_y)} "
           f"test images, checksums verified; unpacked in {data.CACHE / 'FashionMNIST' / 'raw'}")

@@ -10,10 +10,13 @@ from Zalando's, but the content is the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,19 +82,30 @@ def locate(names: list[str] | None = None, download_to: Path | None = CACHE) -> 
             return folder
     if download_to is None:
         raise DataError(_missing_message())
-    try:
-        FashionMNIST(str(download_to), train=True, download=True)
-        FashionMNIST(str(download_to), train=False, download=True)
-    except Exception as err:  # torchvision raises plain RuntimeError/URLError offline
-        raise DataError(f"{_missing_message()}\nDownload failed: {err}") from err
+    print(f"Fashion-MNIST not found locally; downloading it into {download_to}", file=sys.stderr)
+    # torchvision prints a line per mirror tried; offline that is a screenful before one error.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            FashionMNIST(str(download_to), train=True, download=True)
+            FashionMNIST(str(download_to), train=False, download=True)
+        except Exception as err:  # torchvision raises plain RuntimeError/URLError offline
+            raise DataError(_missing_message(err)) from err
     return download_to / "FashionMNIST" / "raw"
 
 
-def _missing_message() -> str:
+def _missing_message(download_error: Exception | None = None) -> str:
+    """One line: where we looked, why the download failed, and the next step on this machine."""
     looked = ", ".join(str(p) for p in candidates())
-    return (f"Fashion-MNIST not found (looked in {looked}). Install it with "
-            "`sudo apt-get install dataset-fashion-mnist`, or put the four IDX files in data/ "
-            "or in $STUDY_DATA_DIR.")
+    failed = (f"; the download failed ({' '.join(str(download_error).split())[:200]})"
+              if download_error else "")
+    if shutil.which("apt-get"):
+        fix = ("install Debian's package (`sudo apt-get install dataset-fashion-mnist`, or "
+               "`make data` as root), or put the four IDX files in data/ or in $STUDY_DATA_DIR")
+    else:
+        fix = ("apt-get is not available here: copy the four files "
+               f"({', '.join(f'{n}.gz' for n in FASHION_MNIST_MD5)}) into data/ or into a "
+               "folder named by $STUDY_DATA_DIR")
+    return f"Fashion-MNIST not found (looked in {looked}){failed}; {fix}"
 
 
 def _read(folder: Path, name: str) -> bytes:
@@ -134,10 +148,11 @@ def _split(cache: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return ds.data.reshape(len(ds.data), -1).float().div_(255), ds.targets.long()
 
 
-def load(source: Path | None = None, cache: Path = CACHE,
+def load(source: Path | None = None, cache: Path | None = None,
          checksums: dict[str, str] = FASHION_MNIST_MD5) -> Dataset:
-    """The whole dataset as tensors, after locating and verifying the files."""
-    source = source or locate(list(checksums))
+    """The whole dataset as tensors, after locating and verifying the files (`cache`: data/)."""
+    cache = cache or CACHE  # read at call time, so a test's or tool's CACHE is the one used
+    source = source or locate(list(checksums), download_to=cache)
     stage(source, cache, checksums)
     train_x, train_y = _split(cache, train=True)
     test_x, test_y = _split(cache, train=False)

@@ -159,13 +159,8 @@ def sd(x: np.ndarray) -> float | None:
 
 def bootstrap_sd_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int = 10_000,
                     level: float = stats.LEVEL) -> tuple[float, float] | None:
-    """x: [n] finite -> percentile bootstrap interval of the SD (ddof 1); None when n < 2."""
-    if x.size < 2:
-        return None
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    sds = x[idx].std(axis=1, ddof=1)
-    lo, hi = np.percentile(sds, [50 * (1 - level), 50 * (1 + level)])
-    return (float(lo), float(hi))
+    """x: [n] finite -> bootstrap interval of the SD (ddof 1), `stats.sd_ci`; None when n < 2."""
+    return stats.sd_ci(x, rng, n_boot, level)
 
 
 def share_ci(count: int, nobs: int, level: float = stats.LEVEL) -> tuple[float, float] | None:

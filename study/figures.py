@@ -3,9 +3,11 @@
     python -m study report protocols/d2l-dropout.yaml   # writes reports/<name>/figures/*.png|svg
 
 Every `plot_*` function draws ONE stratum on one Axes (`ax=None` makes a fresh figure) and returns
-the Axes. `make_figures` facets those over the strata of a results dict (never pooling strata) and
+the Axes. `make_figures` facets those over the strata of a `Results` (never pooling strata) and
 saves each figure twice: PNG for MLflow/Markdown, SVG for the PDF. Saving is byte-deterministic:
-same data, same files.
+same data, same files. No figure computes a statistic that `Results` holds: intervals, SDs and
+verdicts are read from it, so the figures show the numbers of results.json. The one statistic
+drawn here is the per-epoch band of the learning curves, which `Results` does not hold.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
+
+from study import stats as study_stats
+from study.results import Comparison, Endpoint, Group, Results, Stratum
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
 _SVG_SALT = "d2l-dropout-study"
@@ -52,14 +57,15 @@ MAX_COLUMNS = 2
 PNG_METADATA = {"Software": None}
 SVG_METADATA = {"Date": None, "Creator": None}
 
-VERDICT_COLOURS = {"different": "#D55E00", "equivalent": "#0072B2", "inconclusive": "#7f7f7f"}
+VERDICT_COLOURS = {"different": "#D55E00", "negligible": "#CC79A7", "equivalent": "#0072B2",
+                   "inconclusive": "#7f7f7f"}
 # Markers as well as colours, so the forest plot survives greyscale printing.
-VERDICT_MARKERS = {"different": "D", "equivalent": "o", "inconclusive": "s"}
+VERDICT_MARKERS = {"different": "D", "negligible": "^", "equivalent": "o", "inconclusive": "s"}
+# Verdicts that rest on the TOST: the forest draws their TOST-dual interval as a wide bar.
+TOST_VERDICTS = ("negligible", "equivalent")
 METRIC_LABELS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)",
                  "train_loss": "train loss"}
 PERCENT_METRICS = {"test_acc", "train_acc"}
-SD_BOOTSTRAP = 2000
-SD_BOOTSTRAP_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -102,41 +108,16 @@ def select_stratum(frame: pd.DataFrame, stratum: dict[str, Any]) -> pd.DataFrame
     return frame[mask]
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of the mean; with 5 seeds a bootstrap interval would be far too narrow."""
+def curve_band(values: Sequence[float]) -> tuple[float, float]:
+    """The 95% t interval of the mean across seeds at one epoch (`stats.mean_ci`): the band of
+    the learning curves, a statistic `Results` does not hold. One seed: a zero-width band."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
-    if len(x) < 2:
+    ci = study_stats.mean_ci(x)
+    if ci is None:
         m = float(x.mean()) if len(x) else math.nan
         return m, m
-    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean() - half), float(x.mean() + half)
-
-
-def bootstrap_sd_ci(values: Sequence[float], n_boot: int = SD_BOOTSTRAP,
-                    seed: int = SD_BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of the SD (ddof=1), resampling runs; (nan, nan) below 2 runs."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if len(x) < 2:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    sds = x[rng.integers(0, len(x), size=(n_boot, len(x)))].std(axis=1, ddof=1)
-    lo, hi = np.percentile(sds, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def sd_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
-    """Per setting: n, SD of test accuracy and its bootstrap CI, all in percentage points."""
-    rows = []
-    frame = with_setting(runs)
-    for setting in order:
-        acc = frame.loc[frame["setting"] == setting, "test_acc"].to_numpy(dtype=float)
-        acc = acc[np.isfinite(acc)] * 100
-        lo, hi = bootstrap_sd_ci(acc)
-        sd = float(acc.std(ddof=1)) if len(acc) > 1 else math.nan
-        rows.append({"setting": setting, "n": len(acc), "sd": sd, "lo": lo, "hi": hi})
-    return pd.DataFrame(rows)
+    return ci
 
 
 def _palette(order: list[str]) -> dict[str, Any]:
@@ -215,7 +196,7 @@ def plot_learning_curves(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, 
     palette = palette or _palette(order)
     present = [s for s in order if s in set(frame["setting"])]
     sns.lineplot(data=frame, x="epoch", y="y", hue="setting", hue_order=present, palette=palette,
-                 errorbar=t_interval, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax,
+                 errorbar=curve_band, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax,
                  marker="o", markersize=3, linewidth=1.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
@@ -229,20 +210,27 @@ def plot_learning_curves(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, 
     return ax
 
 
-def plot_forest(comparisons: Sequence[dict[str, Any]], margin: float, *,
+def plot_forest(comparisons: Sequence[Comparison], margin: float, *,
                 ax: Axes | None = None, focus_pp: float = 5.0) -> Axes:
     """Mean difference to the baseline (pp) with its 95% CI, coloured and shaped by verdict, over
-    the ±margin equivalence band. Rows whose CI reaches beyond `focus_pp` are drawn as arrows at
-    the edge so the band stays readable; the numbers column on the right always shows the truth."""
+    the ±margin equivalence band; a verdict that rests on the TOST also gets its TOST-dual
+    interval as a wide pale bar (inside the band exactly when the TOST passes). Rows whose CI
+    reaches beyond `focus_pp` are drawn as arrows at the edge so the band stays readable; the
+    numbers column on the right always shows the truth."""
     ax = _new_axes(ax)
-    rows = [_forest_row(c) for c in comparisons]
+    rows = [ForestRow.of(c) for c in comparisons]
+    if not rows:  # a stratum with the baseline alone: say so rather than draw an empty axis
+        ax.text(0.5, 0.5, "no comparison with the baseline", ha="center", va="center",
+                transform=ax.transAxes, fontsize=7)
+        ax.set_axis_off()
+        return ax
     limit = _forest_limit(rows, margin * 100, focus_pp)
     ax.axvspan(-margin * 100, margin * 100, color="#0072B2", alpha=0.12, linewidth=0,
                label=f"±{margin * 100:g} pp equivalence margin")
     ax.axvline(0, color="black", linewidth=0.7)
     for y, row in enumerate(rows):
         _draw_forest_row(ax, y, row, limit)
-    ax.set_yticks(range(len(rows)), [r["setting"] for r in rows])
+    ax.set_yticks(range(len(rows)), [r.setting for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(-limit, limit)
     ax.set_xlabel("difference in mean test accuracy vs baseline (pp)")
@@ -251,67 +239,95 @@ def plot_forest(comparisons: Sequence[dict[str, Any]], margin: float, *,
     return ax
 
 
-def _forest_row(comparison: dict[str, Any]) -> dict[str, Any]:
-    ci = comparison.get("mean_diff_ci95") or [None, None]
-    pp = lambda v: None if v is None or not math.isfinite(v) else v * 100  # noqa: E731
-    return {"setting": setting_label(comparison["dropout1"], comparison["dropout2"]),
-            "diff": pp(comparison.get("mean_diff")), "lo": pp(ci[0]), "hi": pp(ci[1]),
-            "verdict": comparison.get("verdict") or "inconclusive"}
+def _pp(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else v * 100
 
 
-def _forest_limit(rows: list[dict[str, Any]], margin_pp: float, focus_pp: float) -> float:
-    reach = [max(abs(v) for v in (r["lo"], r["hi"], r["diff"]) if v is not None)
-             for r in rows if any(v is not None for v in (r["lo"], r["hi"], r["diff"]))]
-    near = [v for v in reach if v <= focus_pp]
+@dataclass(frozen=True)
+class ForestRow:
+    """One comparison in percentage points, as the forest draws it."""
+
+    setting: str
+    diff: float | None
+    ci: tuple[float, float] | None
+    tost_ci: tuple[float, float] | None  # drawn for TOST verdicts only
+    verdict: str
+
+    @classmethod
+    def of(cls, c: Comparison) -> ForestRow:
+        tost = c.tost_ci or c.tost_ci90
+        return cls(setting_label(c.dropout1, c.dropout2), _pp(c.mean_diff),
+                   _pp_pair(c.mean_diff_ci95),
+                   _pp_pair(tost) if c.verdict in TOST_VERDICTS else None, c.verdict)
+
+    def reach(self) -> float | None:
+        values = [abs(v) for v in (self.diff, *(self.ci or ())) if v is not None]
+        return max(values) if values else None
+
+
+def _pp_pair(ci: Sequence[float | None] | None) -> tuple[float, float] | None:
+    if not ci or any(_pp(v) is None for v in ci):
+        return None
+    return _pp(ci[0]), _pp(ci[1])
+
+
+def _forest_limit(rows: list[ForestRow], margin_pp: float, focus_pp: float) -> float:
+    near = [r for r in (row.reach() for row in rows) if r is not None and r <= focus_pp]
     return 1.15 * max([2 * margin_pp, *near])
 
 
-def _draw_forest_row(ax: Axes, y: int, row: dict[str, Any], limit: float) -> None:
-    colour = VERDICT_COLOURS.get(row["verdict"], "#7f7f7f")
-    marker = VERDICT_MARKERS.get(row["verdict"], "s")
+def _draw_forest_row(ax: Axes, y: int, row: ForestRow, limit: float) -> None:
+    colour = VERDICT_COLOURS.get(row.verdict, "#7f7f7f")
+    marker = VERDICT_MARKERS.get(row.verdict, "s")
     text_at = ax.get_yaxis_transform()  # x in axes units, y in data: a column right of the plot
-    if row["diff"] is None:
+    if row.diff is None:
         ax.text(1.02, y, "not computable", transform=text_at, va="center", fontsize=6)
         return
     clip = lambda v: min(max(v, -limit), limit)  # noqa: E731
-    inside = abs(row["diff"]) <= limit
-    if row["lo"] is not None and row["hi"] is not None:
-        ax.plot([clip(row["lo"]), clip(row["hi"])], [y, y], color=colour, linewidth=1.6)
-        for end in (row["lo"], row["hi"]):
+    inside = abs(row.diff) <= limit
+    if row.tost_ci is not None:
+        ax.plot([clip(v) for v in row.tost_ci], [y, y], color=colour, linewidth=6, alpha=0.3,
+                solid_capstyle="butt", label="TOST interval")
+    if row.ci is not None:
+        ax.plot([clip(v) for v in row.ci], [y, y], color=colour, linewidth=1.6)
+        for end in row.ci:
             if inside and abs(end) > limit:
                 ax.plot([clip(end)], [y], marker=">" if end > 0 else "<", color=colour,
                         markersize=5)
     if not inside:  # the estimate itself is off the axis: an arrow at the edge points to it
-        marker = ">" if row["diff"] > 0 else "<"
-    ax.plot([clip(row["diff"])], [y], marker=marker, color=colour, markersize=5,
-            markeredgecolor="black", markeredgewidth=0.4, label=row["verdict"], clip_on=False)
-    ci = "" if row["lo"] is None else f" [{row['lo']:+.2f}, {row['hi']:+.2f}]"
-    ax.text(1.02, y, f"{row['diff']:+.2f}{ci} {row['verdict']}", transform=text_at,
+        marker = ">" if row.diff > 0 else "<"
+    ax.plot([clip(row.diff)], [y], marker=marker, color=colour, markersize=5,
+            markeredgecolor="black", markeredgewidth=0.4, label=row.verdict, clip_on=False)
+    ci = "" if row.ci is None else f" [{row.ci[0]:+.2f}, {row.ci[1]:+.2f}]"
+    ax.text(1.02, y, f"{row.diff:+.2f}{ci} {row.verdict}", transform=text_at,
             va="center", fontsize=6, color=colour)
 
 
-def plot_sd(runs: pd.DataFrame, *, order: list[str] | None = None,
+def plot_sd(groups: Sequence[Group], *, order: list[str] | None = None,
             palette: dict[str, Any] | None = None, ax: Axes | None = None) -> Axes:
-    """Seed-to-seed SD of final test accuracy per setting with a percentile-bootstrap 95% CI."""
+    """Seed-to-seed SD per setting with the 95% bootstrap CI the analysis computed
+    (`Group.sd`, `Group.sd_ci95`): the same numbers as results.json."""
     ax = _new_axes(ax)
-    order = order or setting_order(with_setting(runs))
+    by_setting = {setting_label(g.dropout1, g.dropout2): g for g in groups}
+    order = order or list(by_setting)
     palette = palette or _palette(order)
-    table = sd_table(runs, order)
-    for x, row in enumerate(table.itertuples()):
-        if not math.isfinite(row.sd):
+    for x, setting in enumerate(order):
+        g = by_setting.get(setting)
+        sd = _pp(g.sd) if g is not None else None
+        if sd is None:
             continue
-        ax.errorbar([x], [row.sd], yerr=[[row.sd - row.lo], [row.hi - row.sd]], fmt="o",
-                    color=palette[row.setting], capsize=3, markersize=5,
-                    markeredgecolor="black", markeredgewidth=0.4)
+        lo, hi = _pp_pair(g.sd_ci95) or (sd, sd)
+        ax.errorbar([x], [sd], yerr=[[sd - lo], [hi - sd]], fmt="o", color=palette[setting],
+                    capsize=3, markersize=5, markeredgecolor="black", markeredgewidth=0.4)
     ax.set_xticks(range(len(order)), order)
     ax.set_xlim(-0.5, len(order) - 0.5)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("(dropout1, dropout2)")
-    ax.set_ylabel("SD of final test accuracy (pp)")
+    ax.set_ylabel("SD of test accuracy (pp)")
     return ax
 
 
-def plot_gap(runs: pd.DataFrame, groups: Sequence[dict[str, Any]], *,
+def plot_gap(runs: pd.DataFrame, groups: Sequence[Group], *,
              order: list[str] | None = None, palette: dict[str, Any] | None = None,
              ax: Axes | None = None) -> Axes:
     """Train minus test accuracy per seed (dots) with the results' mean and 95% CI (bar)."""
@@ -324,11 +340,11 @@ def plot_gap(runs: pd.DataFrame, groups: Sequence[dict[str, Any]], *,
     sns.swarmplot(data=frame, x="setting", y="gap", order=order, hue="setting", palette=palette,
                   ax=ax, size=3, alpha=0.8, warn_thresh=1.0)
     for group in groups:
-        x = order.index(setting_label(group["dropout1"], group["dropout2"]))
-        mean, ci = group.get("gap_mean"), group.get("gap_ci95") or [None, None]
-        if mean is None or ci[0] is None:
+        setting = setting_label(group.dropout1, group.dropout2)
+        mean, ci = _pp(group.gap_mean), _pp_pair(group.gap_ci95)
+        if setting not in order or mean is None or ci is None:
             continue
-        ax.errorbar([x + 0.28], [mean * 100], yerr=[[(mean - ci[0]) * 100], [(ci[1] - mean) * 100]],
+        ax.errorbar([order.index(setting) + 0.28], [mean], yerr=[[mean - ci[0]], [ci[1] - mean]],
                     fmt="_", color="black", capsize=3, markersize=8)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xlabel("(dropout1, dropout2)")
@@ -447,13 +463,15 @@ CAPTIONS = {
                        "Student-t band, one line per setting.",
     "curves_train_loss": "Training loss per epoch (train mode, dropout on, averaged over "
                          "minibatches): mean across seeds with a 95% Student-t band; log scale.",
-    "forest": "Difference in mean final test accuracy to the baseline, with its 95% CI, coloured "
-              "and shaped by verdict (different / equivalent / inconclusive); the shaded band is "
-              "the equivalence margin. Intervals beyond the axis end in arrows; the numbers on "
-              "the right are exact.",
-    "sd": f"Seed-to-seed SD of final test accuracy per setting. Error bars: percentile bootstrap "
-          f"95% CI over runs ({SD_BOOTSTRAP:,} resamples, fixed RNG seed {SD_BOOTSTRAP_SEED}); "
-          f"with few seeds such intervals are too narrow, so read them as rough.",
+    "forest": "Difference in mean {endpoint} to the baseline (primary analysis), with its 95% "
+              "CI, coloured and shaped by verdict (different / negligible / equivalent / "
+              "inconclusive); a negligible or equivalent verdict also shows its TOST interval "
+              "as a wide pale bar, inside the shaded equivalence band exactly when the TOST "
+              "passes. Intervals beyond the axis end in arrows; the numbers on the right are "
+              "exact.",
+    "sd": "Seed-to-seed SD of {endpoint} per setting. Error bars: the 95% bootstrap CI of the "
+          "SD from the analysis (sd_ci95 in results.json); the method section states how well "
+          "such intervals cover at this number of seeds.",
     "gap": "Train minus test accuracy at the last epoch; dots are seeds, black bars the mean and "
            "95% CI from the analysis. Train accuracy is measured with dropout on, so a negative "
            "gap is expected for strong dropout and is not 'underfitting' by itself.",
@@ -463,36 +481,40 @@ CAPTIONS = {
                   "dashed: P(N(0,1) > p), what the lesson's randn mask keeps.",
     "variance_sources": "Seed-to-seed SD of final test accuracy when only one random source "
                         "follows the seed (the others held fixed), against all sources; error "
-                        "bars are percentile-bootstrap 95% CIs from the analysis.",
+                        "bars are the bootstrap 95% CIs from the analysis.",
 }
-# Drawn from results["diagnostics"] as one panel each, and placed by the report next to the
+# Drawn from `Results.diagnostics` as one panel each, and placed by the report next to the
 # claim they answer rather than among the per-stratum figures.
 DIAGNOSTIC_FIGURES = ("keep_rates", "variance_sources")
 
 
-def _stratum_frames(results: dict[str, Any], runs: pd.DataFrame
-                    ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
-    return [(s, select_stratum(runs, s["stratum"])) for s in results["strata"]]
+def caption(name: str, results: Results) -> str:
+    """The caption of figure `name`, naming the endpoint the analysis used."""
+    return CAPTIONS[name].format(endpoint=Endpoint.parse(results.endpoint).describe())
 
 
-def _in_stratum(items: Sequence[dict[str, Any]], stratum: dict[str, Any]) -> list[dict[str, Any]]:
-    return [item for item in items if item["stratum"] == stratum]
+def _stratum_frames(results: Results, runs: pd.DataFrame) -> list[tuple[Stratum, pd.DataFrame]]:
+    return [(s, select_stratum(runs, s.stratum)) for s in results.strata]
 
 
-def panel_titles(strata: Sequence[dict[str, Any]]) -> list[str]:
+def _in_stratum(items: Sequence[Any], stratum: Stratum) -> list[Any]:
+    return [item for item in items if item.stratum == stratum.stratum]
+
+
+def panel_titles(strata: Sequence[Stratum]) -> list[str]:
     """What tells the panels apart: only the stratum columns whose values differ between them."""
-    keys = [k for k in strata[0]["stratum"] if len({str(s["stratum"].get(k)) for s in strata}) > 1] \
+    keys = [k for k in strata[0].stratum if len({str(s.stratum.get(k)) for s in strata}) > 1] \
         if strata else []
     if not keys:
-        return [s["label"] for s in strata]
-    return [", ".join(f"{k}: {s['stratum'].get(k)}" for k in keys) for s in strata]
+        return [s.label for s in strata]
+    return [", ".join(f"{k}: {s.stratum.get(k)}" for k in keys) for s in strata]
 
 
-def _draw_facets(name: str, results: dict[str, Any], table: Any, out_dir: Path,
-                 draw: Callable[[dict[str, Any], pd.DataFrame, Axes], None],
+def _draw_facets(name: str, results: Results, table: Any, out_dir: Path,
+                 draw: Callable[[Stratum, pd.DataFrame, Axes], None],
                  legend: dict[str, Any] | None = None, columns: int = MAX_COLUMNS) -> FigureFile:
     frames = _stratum_frames(results, table.runs)
-    titles = panel_titles(results["strata"])
+    titles = panel_titles(results.strata)
     with style():
         fig, axes = facet(len(frames), columns)
         for (stratum, runs), ax, title in zip(frames, axes, titles):
@@ -501,9 +523,17 @@ def _draw_facets(name: str, results: dict[str, Any], table: Any, out_dir: Path,
                 ax.set_title(title)
         if legend:
             fig.legend(handles=list(legend.values()), labels=list(legend), loc="outside lower center",
-                       ncols=min(len(legend), 5 if fig.get_figwidth() > 4.5 else 3), frameon=False)
+                       ncols=legend_columns(len(legend), fig.get_figwidth()), frameon=False)
     png, svg = save(fig, out_dir, name)
-    return FigureFile(name, png, svg, CAPTIONS[name], float(fig.get_figwidth()))
+    return FigureFile(name, png, svg, caption(name, results), float(fig.get_figwidth()))
+
+
+def legend_columns(entries: int, width_in: float) -> int:
+    """Columns for a figure legend: at most 5 on a wide figure (3 on a narrow one), and rows
+    of equal length, so a 6-entry legend is 3 + 3 rather than 5 + 1 running off the edge."""
+    most = 5 if width_in > 4.5 else 3
+    rows = math.ceil(entries / most)
+    return math.ceil(entries / rows)
 
 
 def _setting_handles(palette: dict[str, Any]) -> dict[str, Any]:
@@ -515,15 +545,16 @@ def _verdict_handles(margin: float) -> dict[str, Any]:
                                    markeredgecolor="black", markeredgewidth=0.4, markersize=5)
                for v, c in VERDICT_COLOURS.items()}
     band = mpl.patches.Patch(color="#0072B2", alpha=0.12, linewidth=0)
-    return {**handles, f"±{margin * 100:g} pp equivalence margin": band}
+    tost = mpl.lines.Line2D([], [], color="#7f7f7f", linewidth=6, alpha=0.3)
+    return {**handles, "TOST interval": tost, f"±{margin * 100:g} pp equivalence margin": band}
 
 
-def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[FigureFile]:
+def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile]:
     """All report figures for every stratum of `results`, then the diagnostic ones, saved under
     `out_dir`."""
     order = setting_order(table.runs, table.protocol)
     palette = _palette(order)
-    margin = float(results["equivalence_margin"])
+    margin = results.equivalence_margin
     # Replicates repeat a cell exactly; drawing them would count one seed twice.
     table = _first_replicates(table)
 
@@ -536,13 +567,14 @@ def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[Fig
         return draw
 
     def forest(s, runs, ax):
-        plot_forest(_in_stratum(results["comparisons"], s["stratum"]), margin, ax=ax)
+        plot_forest(_in_stratum(results.comparisons, s), margin, ax=ax)
 
     def sd(s, runs, ax):
-        plot_sd(runs, order=_present(order, runs), palette=palette, ax=ax)
+        plot_sd(_in_stratum(results.groups, s), order=_present(order, runs), palette=palette,
+                ax=ax)
 
     def gap(s, runs, ax):
-        plot_gap(runs, _in_stratum(results["groups"], s["stratum"]),
+        plot_gap(runs, _in_stratum(results.groups, s),
                  order=_present(order, runs), palette=palette, ax=ax)
 
     lines = _setting_handles(palette)
@@ -550,17 +582,19 @@ def make_figures(results: dict[str, Any], table: Any, out_dir: Path) -> list[Fig
         _draw_facets("final_accuracy", results, table, out_dir, final),
         _draw_facets("curves_test_acc", results, table, out_dir, curves("test_acc"), lines),
         _draw_facets("curves_train_loss", results, table, out_dir, curves("train_loss"), lines),
-        # One column: the numbers printed right of each panel need the full width.
-        _draw_facets("forest", results, table, out_dir, forest, _verdict_handles(margin), columns=1),
         _draw_facets("sd", results, table, out_dir, sd),
         _draw_facets("gap", results, table, out_dir, gap),
     ]
-    return per_stratum + diagnostic_figures(results, out_dir)
+    if results.comparisons:  # the baseline alone (e.g. a determinism study): nothing to draw
+        # One column: the numbers printed right of each panel need the full width.
+        per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,
+                                           _verdict_handles(margin), columns=1))
+    return per_stratum + diagnostic_figures(results.diagnostics, out_dir)
 
 
-def diagnostic_figures(results: dict[str, Any], out_dir: Path) -> list[FigureFile]:
-    """One single-panel figure per applicable diagnostics section that has one."""
-    diag = results.get("diagnostics") or {}
+def diagnostic_figures(diag: dict[str, Any] | None, out_dir: Path) -> list[FigureFile]:
+    """One single-panel figure per applicable section of `Results.diagnostics` that has one."""
+    diag = diag or {}
     draw = {"keep_rates": plot_keep_rates, "variance_sources": plot_source_sds}
     out = []
     for name in DIAGNOSTIC_FIGURES:

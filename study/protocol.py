@@ -2,24 +2,33 @@
 
     python -m study plan protocols/d2l-dropout.yaml --set training.epochs=1 --set seeds.count=2
 
-Every unknown key, wrong type or impossible value is a `ProtocolError` that names the file, the
-dotted key and the offending value. Validation is pydantic's (strict, extra keys forbidden); this
-module only declares the schema and turns pydantic's report into one readable message.
+Every unreadable file, malformed YAML, repeated key, unknown key, wrong type or impossible value
+is a `ProtocolError` with one line per problem, each naming the file, the dotted key and the
+offending value. Validation is pydantic's (strict, extra keys forbidden, no inf or NaN); this
+module declares the schema and turns pydantic's report into those lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic.dataclasses import dataclass
 
 # Extra keys are errors; scalars are strict (no "10" for 10), containers accept YAML lists.
-_STRICT = ConfigDict(extra="forbid")
+# YAML reads `.inf` and `.nan` as floats; no rate, margin or std of a study is either.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+# Training images per dataset, so `plan` rejects a subset larger than the data without loading it.
+TRAIN_IMAGES = {"fashion-mnist": 60_000}
+# Longest value repr in an error line: a whole mapping would drown the key it belongs to.
+_VALUE_CHARS = 60
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 Setting = tuple[Probability, Probability]
@@ -58,6 +67,14 @@ class Data:
     dataset: Literal["fashion-mnist"] = "fashion-mnist"
     # First N training images (a fixed subset, the same for every seed); null means all 60k.
     train_subset: Annotated[int, Field(gt=0, strict=True)] | None = None
+
+    @field_validator("train_subset")
+    @classmethod
+    def _within_dataset(cls, n: int | None, info: ValidationInfo) -> int | None:
+        size = TRAIN_IMAGES.get(info.data.get("dataset", ""))
+        if n is not None and size is not None and n > size:
+            raise ValueError(f"exceeds the {size} training images of {info.data['dataset']}")
+        return n
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -102,7 +119,7 @@ def _nonempty(items: tuple) -> tuple:
     if not items:
         raise ValueError("must not be empty")
     if len(set(items)) != len(items):
-        raise ValueError(f"must not repeat entries, got {list(items)}")
+        raise ValueError("must not repeat entries")
     return items
 
 
@@ -137,7 +154,8 @@ class Protocol:
             try:
                 _nonempty(getattr(self, key))
             except ValueError as err:
-                raise ValueError(f"{key}: {err}") from None
+                value = json.loads(json.dumps(getattr(self, key)))  # lists, as in the file
+                raise ValueError(f"{key}: {err} (value: {value})") from None
         if self.baseline not in self.dropout:
             raise ValueError(f"baseline: {list(self.baseline)} is not one of the dropout settings")
         for a, b in self.analysis.contrasts:
@@ -164,53 +182,133 @@ _ADAPTER = TypeAdapter(Protocol)
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Protocol:
     """Read a protocol file, apply `key=value` overrides, and validate the result."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ProtocolError(f"{path}: no such protocol file") from None
-    except yaml.YAMLError as err:
-        raise ProtocolError(f"{path}: not valid YAML: {err}") from None
+    raw = _yaml(_read(path), str(path))
     if not isinstance(raw, dict):
-        raise ProtocolError(f"{path}: expected a mapping of keys at the top, got {raw!r}")
+        raise ProtocolError(f"{path}: expected a mapping of keys at the top, got {_short(raw)}")
     for item in overrides:
         raw = apply_override(raw, item, path)
-    return parse(raw, source=str(path))
+    return parse(raw, source=str(path), overridden=[_override_key(item) for item in overrides])
 
 
-def parse(raw: dict[str, Any], source: str = "<protocol>") -> Protocol:
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProtocolError(f"{path}: no such protocol file") from None
+    except IsADirectoryError:
+        raise ProtocolError(f"{path}: is a directory; give one protocol file, e.g. "
+                            f"{path / 'NAME.yaml'}") from None
+    except UnicodeDecodeError as err:
+        raise ProtocolError(f"{path}: not UTF-8 text (byte {err.start}); is it a protocol "
+                            "file?") from None
+    except OSError as err:
+        raise ProtocolError(f"{path}: cannot be read: {err.strerror}") from None
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's loader lets a repeated key silently overwrite the first; here it is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, value_node)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first is not value_node:
+                values = [_short(self.construct_object(n, deep=True)) for n in (first, value_node)]
+                raise yaml.MarkedYAMLError(
+                    problem=f"key {key!r} is given twice ({values[0]} on line "
+                            f"{first.start_mark.line + 1}, {values[1]} on line "
+                            f"{value_node.start_mark.line + 1}); keep one",
+                    problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        # PyYAML's message spans several lines with a caret drawing; one line says the same.
+        mark = err.problem_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ProtocolError(f"{where}: {at}not valid YAML: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ProtocolError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def parse(raw: dict[str, Any], source: str = "<protocol>",
+          overridden: list[str] = ()) -> Protocol:
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as err:
-        raise ProtocolError(_describe(err, raw, source)) from None
+        raise ProtocolError(_describe(err, source, overridden)) from None
+
+
+def _override_key(item: str) -> str:
+    return item.partition("=")[0]
 
 
 def apply_override(raw: dict[str, Any], item: str, path: Path | str = "--set") -> dict[str, Any]:
     """Return a copy of `raw` with one dotted `key=value` set; the value is parsed as YAML."""
     key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ProtocolError(f"{path}: --set {item!r}: expected key=value")
-    value = yaml.safe_load(text)
+    parts = key.split(".")
+    if not sep or not all(parts):
+        raise ProtocolError(f"{path}: --set {item!r}: expected key=value, the key dotted like "
+                            "training.epochs")
+    value = _yaml(text, f"{path}: --set {key}: value {text!r}")
     out = json.loads(json.dumps(raw))
     node = out
-    parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
-            raise ProtocolError(f"{path}: --set {key}: '{where}' holds {child!r}, not a mapping")
+            raise ProtocolError(f"{path}: --set {key}: '{where}' holds {_short(child)}, "
+                                "not a mapping")
         node = child
     node[parts[-1]] = value
     return out
 
 
-def _describe(err: ValidationError, raw: dict[str, Any], source: str) -> str:
-    lines = [f"{source}: invalid protocol"]
+def _describe(err: ValidationError, source: str, overridden: list[str] = ()) -> str:
+    """One line per problem: file, dotted key, what is wrong, the value, and where it was set."""
+    lines = []
     for e in err.errors():
         # pydantic's union/literal branches add tags like 'function-after[...]' to the path.
-        key = ".".join(str(p) for p in e["loc"] if "[" not in str(p))
+        loc = [str(p) for p in e["loc"] if "[" not in str(p)]
+        key = ".".join(loc)
         message = e["msg"].removeprefix("Value error, ")
-        if key:
-            lines.append(f"  key '{key}': {message} (value: {e.get('input')!r})")
+        if e["type"] == "missing" and loc and loc[-1].isdigit():  # a pair with one entry
+            line = f"{'.'.join(loc[:-1])}: too few items (value: {_short(e.get('input'))})"
+        elif e["type"] == "missing":
+            line = f"{key}: required key is missing"
+        elif e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            line = f"{key}: unknown key{_suggest(loc)} (value: {_short(e.get('input'))})"
+        elif key:
+            line = f"{key}: {message} (value: {_short(e.get('input'))})"
         else:  # a check across keys: its message names the key and the value itself
-            lines.append(f"  {message}")
+            line = message
+        if any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.")
+               for k in overridden if key):
+            line += " (set by --set)"
+        lines.append(f"{source}: {line}")
     return "\n".join(lines)
+
+
+def _suggest(loc: list[str]) -> str:
+    """' (did you mean ...)' for a misspelt key, from the fields of the section it sits in."""
+    section: Any = Protocol
+    for part in loc[:-1]:
+        hints = typing.get_type_hints(section) if dataclasses.is_dataclass(section) else {}
+        section = hints.get(part)
+    if not dataclasses.is_dataclass(section):
+        return ""
+    names = [f.name for f in dataclasses.fields(section)]
+    close = difflib.get_close_matches(loc[-1], names, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(names)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 3] + "..."

@@ -48,8 +48,9 @@ def runnable(protocol: Protocol, cells: list[Cell]) -> tuple[list[Cell], list[Ce
     """Split cells into those this machine can run and those it must skip."""
     missing = sorted({c.device for c in cells if not available(c.device)})
     if required := [d for d in missing if d in protocol.required_devices]:
-        raise RunnerError(f"protocol {protocol.name!r} requires {required}, "
-                          "which this machine does not have")
+        raise RunnerError(f"protocol {protocol.name!r} requires {required}, which this machine "
+                          "does not have: run it on a machine that has it, or drop it from "
+                          "required_devices to skip those cells")
     return ([c for c in cells if available(c.device)],
             [c for c in cells if not available(c.device)])
 

@@ -27,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 
 from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
-if TYPE_CHECKING:  # annotations only: `analyze` must not pay for importing torch
+if TYPE_CHECKING:  # annotations only: importing plan and train (torch) makes `analyze` slower
     from study.plan import Cell
     from study.protocol import Protocol
     from study.train import Result
@@ -621,11 +621,13 @@ def insert_runs(mlflow: MlflowClient, exp_id: str, records: list[RunRecord],
         conn.execute(SqlLatestMetric.__table__.insert(), list(last.values()))
 
 
-def runs_url(exp_id: str) -> str:
-    """The UI link of an experiment's runs: on the tracking server when the URI names one,
-    else on `make ui`'s port (PORT, default 5000)."""
+def runs_url(exp_id: str, host: str = "127.0.0.1", port: int | None = None) -> str:
+    """The UI link of an experiment's runs: on the tracking server when the URI names one and
+    no port is given, else on 127.0.0.1:`port` (default: PORT, else 5000, as `make ui`)."""
     uri = tracking_uri()
-    base = (uri.rstrip("/") if uri.startswith(("http://", "https://"))
-            else f"http://127.0.0.1:{os.environ.get('PORT') or 5000}")
+    if port is None and uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+    else:
+        base = f"http://{host}:{port or os.environ.get('PORT') or 5000}"
     # MLflow 3 opens an experiment on a GenAI overview unless linked straight to its runs.
     return f"{base}/#/experiments/{exp_id}/runs"

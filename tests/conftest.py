@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import hashlib
+import socket
 import struct
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def real_data_present() -> bool:
     except data.DataError:
         return False
     return True
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nobody listens on now: for a server to take, or to be refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

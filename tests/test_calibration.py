@@ -10,6 +10,8 @@ Each rate is checked against alpha + 2 SE with SE = sqrt(alpha (1 - alpha) / stu
 from __future__ import annotations
 
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -61,18 +63,23 @@ def _accuracies(rng: np.random.Generator, gap: float, paired: bool, heavy: bool
     return np.round(base, 4), np.round(other, 4)
 
 
+def _verdict(study: tuple[np.ndarray, np.ndarray, bool]) -> str:
+    base, other, paired = study
+    other_seeds = range(N_SEEDS) if paired else range(100, 100 + N_SEEDS)
+    table = _table({BASE: dict(enumerate(base)), OTHER: dict(zip(other_seeds, other))})
+    (c,) = analysis.analyze(table, BASE, OPTIONS).comparisons
+    assert c.paired == paired
+    return c.verdict
+
+
 def _verdicts(gap: float, paired: bool = True, heavy: bool = False, seed: int = 0,
               studies: int = STUDIES) -> list[str]:
+    """The verdict of each of `studies` generated studies. The data are drawn here, in order,
+    so the result does not depend on how the analyses are spread over the two worker processes."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(studies):
-        base, other = _accuracies(rng, gap, paired, heavy)
-        other_seeds = range(N_SEEDS) if paired else range(100, 100 + N_SEEDS)
-        table = _table({BASE: dict(enumerate(base)), OTHER: dict(zip(other_seeds, other))})
-        (c,) = analysis.analyze(table, BASE, OPTIONS).comparisons
-        assert c.paired == paired
-        out.append(c.verdict)
-    return out
+    drawn = [(*_accuracies(rng, gap, paired, heavy), paired) for _ in range(studies)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_verdict, drawn, chunksize=50))
 
 
 def _rate(verdicts: list[str], kinds: set[str]) -> float:

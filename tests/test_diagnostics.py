@@ -85,8 +85,9 @@ def test_share_ci_is_clopper_pearson():
 def test_bootstrap_sd_ci_agrees_with_scipy_bootstrap():
     x = np.random.default_rng(1).normal(0, 1, 30)
     ours = diagnostics.bootstrap_sd_ci(x, np.random.default_rng(2), 20_000)
+    # BCa (stats.bootstrap_ci); a different random stream agrees to Monte Carlo error.
     ref = sps.bootstrap((x,), lambda a, axis: a.std(axis=axis, ddof=1), n_resamples=20_000,
-                        method="percentile", random_state=np.random.default_rng(3))
+                        method="BCa", rng=np.random.default_rng(3))
     assert ours[0] == pytest.approx(ref.confidence_interval.low, abs=0.03)
     assert ours[1] == pytest.approx(ref.confidence_interval.high, abs=0.03)
     assert diagnostics.bootstrap_sd_ci(x[:1], np.random.default_rng(0)) is None
@@ -191,7 +192,8 @@ def test_mode_that_changes_results_is_measured():
     x = np.array([r["test_acc"] for r in rows if r["determinism"] == "strict"])
     y = np.array([r["test_acc"] for r in ref])
     assert m["p"] == pytest.approx(sps.ttest_rel(x, y).pvalue)
-    assert m["p_adjusted"] == m["p"] and m["verdict"] == "different"
+    # A real gap of ~0.004, shown to lie inside the 0.005 margin: "negligible" (stats.verdict).
+    assert m["p_adjusted"] == m["p"] and m["verdict"] == "negligible"
     assert "differ bitwise" in m["finding"]
 
 
@@ -366,12 +368,12 @@ def test_analysis_carries_diagnostics_and_writes_their_csvs(tmp_path):
     rows = _replicated(modes=("default", "strict"), seeds=range(20, 24)) + _impl_rows()[0]
     table = _table(rows)
     results = analysis.analyze(table, (0.2, 0.5), OPTIONS)
-    assert set(results["diagnostics"]) == {"replicates", "modes", "devices", "variance_sources",
+    assert set(results.diagnostics) == {"replicates", "modes", "devices", "variance_sources",
                                            "keep_rates", "implementations"}
     paths = analysis.write(results, table, tmp_path)
     assert [p.name for p in paths] == [
-        "results.json", "groups.csv", "comparisons.csv", "runs.csv",
-        "diagnostics_implementations.csv", "diagnostics_modes.csv", "diagnostics_replicates.csv"]
+        "results.json", "groups.csv", "comparisons.csv", "contrasts.csv", "multiverse.csv",
+        "runs.csv", "diagnostics_implementations.csv", "diagnostics_modes.csv", "diagnostics_replicates.csv"]
     loaded = json.loads(paths[0].read_text())
     assert loaded["diagnostics"]["replicates"]["records"][0]["share_identical"] == 1.0
     reps = pd.read_csv(tmp_path / "diagnostics_replicates.csv")

@@ -1,10 +1,14 @@
 """Report: files appear, the PDF is reproducible to the byte, and the words follow the results.
 
     .venv/bin/python -m pytest tests/test_report.py -q
+
+The results are built by hand (tests/results_factory.py) with planted verdicts, so every
+sentence checked here is checked against a number chosen in the test.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shutil
@@ -19,38 +23,64 @@ from scipy import stats as sps
 
 from study import diagnostics, figures, report
 from study.protocol import Analysis
+from study.report import claims, describe, sections, tables, wording
+from study.report.context import Inputs, find_comparison, find_group
+from study.report.diagnostic_text import claim_repeatability, sources_section
+from study.report.document import Code, Strong, para, text_of
+from study.report.render_markdown import escape_markdown, render_markdown
+from study.report.render_typst import escape_typst, render_typst
+from study.results import Results
 from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
-from tests.test_figures import BASELINE, make_results, make_table
+from tests.results_factory import (BASELINE, LEFT_OUT, comparison_at, make_results, make_table,
+                                   with_protocol)
 
 STRATUM_FIGURES = [n for n in figures.CAPTIONS if n not in figures.DIAGNOSTIC_FIGURES]
 
 
 @pytest.fixture(scope="module")
-def two_strata() -> tuple[dict[str, Any], RunTable]:
+def two_strata() -> tuple[Results, RunTable]:
     table = make_table(("torch", "scratch"), name="d2l#drop_out*[x]$", replicate=True)
     return make_results(table), table
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory,
-            two_strata: tuple[dict[str, Any], RunTable]) -> report.ReportFiles:
+            two_strata: tuple[Results, RunTable]) -> report.ReportFiles:
     results, table = two_strata
     return report.write_report(results, table, tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="module")
+def md(written: report.ReportFiles) -> str:
+    return written.markdown.read_text()
 
 
 def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.;])\s+", text) if s]
 
 
+def _section(md: str, start: str, end: str) -> str:
+    return md[md.index(start):md.index(end, md.index(start))]
+
+
+def _markdown(results: Results, table: RunTable) -> str:
+    return render_markdown(sections.document(Inputs.of(results, table)), "x")
+
+
 def test_writes_every_file(written: report.ReportFiles) -> None:
-    for path in (written.pdf, written.markdown, written.typst):
+    for path in (written.pdf, written.markdown, written.typst, written.style):
         assert path.stat().st_size > 0
     assert written.pdf.read_bytes().startswith(b"%PDF")
+    assert written.style in written.all()
+    # The generated body carries content only: the look comes from the packaged style file.
+    typ = written.typst.read_text()
+    assert typ.startswith('#import "style.typ": *\n#show: paper.with(')
+    assert "set page(" not in typ and "set page(" in written.style.read_text()
     assert len(written.figures) == 6  # no diagnostics in these results: no diagnostic figures
     for f in written.figures:
         assert f.png.stat().st_size > 0 and f.svg.stat().st_size > 0
         assert f"figures/{f.png.name}" in written.markdown.read_text()
-        assert f"figures/{f.svg.name}" in written.typst.read_text()
+        assert f"figures/{f.svg.name}" in typ
 
 
 def test_pdf_is_byte_identical_across_compilations(written: report.ReportFiles,
@@ -79,55 +109,114 @@ def test_figures_facet_every_stratum(written: report.ReportFiles, two_strata) ->
         columns = 1 if f.name == "forest" else 2
         assert f.width_in == pytest.approx(columns * figures.PANEL_SIZE[0] if columns == 2
                                            else figures.SINGLE_PANEL[0])
-    assert figures.panel_titles(two_strata[0]["strata"]) == ["implementation: torch",
-                                                            "implementation: scratch"]
+    assert figures.panel_titles(two_strata[0].strata) == ["implementation: torch",
+                                                         "implementation: scratch"]
 
 
 def test_abstract_states_the_numbers_from_the_results(two_strata) -> None:
     results, table = two_strata
-    text = "".join(report.abstract(results, table).parts)
-    torch = results["strata"][0]["stratum"]
-    base = report.find_group(results, torch, *BASELINE)
-    best = report.find_group(results, torch, 0.0, 0.0)
-    assert report.fmt_mean_sd(base) in text and report.fmt_mean_sd(best) in text
-    assert report.fmt_pct(base["mean"]) == f"{base['mean'] * 100:.2f}%"
-    diff = report.find_comparison(results, torch, 0.0, 0.0)
-    assert report.fmt_pp(diff["mean_diff"]) in text
-    assert report.fmt_ci_pp(diff["mean_diff_ci95"]) in text
-    assert "different after Holm correction (p = 0.004)" in text
-    for stratum in results["strata"]:
-        assert stratum["label"] in text
+    text = text_of(sections.abstract(Inputs.of(results, table)))
+    torch = results.strata[0].stratum
+    base = find_group(results, torch, *BASELINE)
+    best = find_group(results, torch, 0.0, 0.0)
+    assert wording.fmt_mean_sd(base) in text and wording.fmt_mean_sd(best) in text
+    assert wording.fmt_pct(base.mean) == f"{base.mean * 100:.2f}%"
+    diff = find_comparison(results, torch, 0.0, 0.0)
+    assert f"{wording.fmt_pp(diff.mean_diff)} {wording.fmt_ci_pp(diff.mean_diff_ci95)}" in text
+    assert "different after Holm correction (p = 0.004), not robust" in text
+    # A TOST verdict keeps the interval of its decision, even in the abstract.
+    equivalent = find_comparison(results, torch, 0.6, 0.8)
+    assert (f"equivalent within ±0.50 pp (Holm-adjusted 97.5% CI "
+            f"{wording.fmt_ci_pp(equivalent.tost_ci)} pp), robust") in text
+    assert "primary endpoint (final-epoch test accuracy), each verdict checked under 6 analyses" \
+        in text
+    for stratum in results.strata:
+        assert stratum.label in text
 
 
-def test_wording_rule_follows_planted_verdicts(written: report.ReportFiles,
-                                               two_strata) -> None:
+def test_wording_rule_follows_planted_verdicts(md: str, two_strata) -> None:
     results, _ = two_strata
-    md = written.markdown.read_text()
     # "No real difference" only for equivalent comparisons: each use is followed by the
     # equivalence it rests on, except the one sentence in the Verdicts intro that defines it.
     uses = [s for s in _sentences(md) if "no real difference" in s.lower()]
     assert sum("equivalent within" not in s for s in uses) == 1
-    for c in results["comparisons"]:
-        phrase = report.verdict_phrase(c, results)
-        if c["verdict"] == "equivalent":
+    for c in results.comparisons:
+        phrase = wording.verdict_phrase(c, results)
+        if c.verdict == "equivalent":
             assert phrase.startswith("no real difference")
         else:
             assert "no real difference" not in phrase.lower()
-        if c["verdict"] == "inconclusive":
+        if c.verdict == "inconclusive":
             assert "not shown different" in phrase and "needs more seeds" in phrase
-            assert "about 23 seeds" in phrase
-    equivalents = sum(c["verdict"] == "equivalent" for c in results["comparisons"])
-    # Abstract + C1-C3 never mention (0.6, 0.8), so the phrase appears once per equivalent
-    # comparison in the abstract plus the definition in the Verdicts intro.
+            assert "about 23 seeds per setting to detect the observed gap at 80% power" in phrase
+    equivalents = sum(c.verdict == "equivalent" for c in results.comparisons)
+    # The abstract is the only prose that names (0.6, 0.8): once per equivalent comparison,
+    # plus the definition in the Verdicts intro.
     assert md.lower().count("no real difference") == equivalents + 1
+
+
+def test_tost_verdicts_carry_the_interval_of_the_same_decision(two_strata) -> None:
+    results, _ = two_strata
+    c = comparison_at(results, (0.6, 0.8))
+    # The planted Holm multiplier of 4 makes the dual interval a 97.5% one: named as such.
+    assert "(TOST, Holm-adjusted p = 0.020; Holm-adjusted 97.5% CI [" in \
+        wording.verdict_phrase(c, results)
+    lo, hi = (wording.fmt_pp(v, unit=False) for v in c.tost_ci)
+    assert f"97.5% CI [{lo}, {hi}] pp, inside ±0.50 pp" in wording.verdict_phrase(c, results)
+    # A Holm multiplier of 1 is the plain 90% interval; no adjusted interval: the 90% one, so said.
+    plain = dataclasses.replace(c, tost_ci_level=0.9)
+    assert "; 90% CI [" in wording.verdict_phrase(plain, results)
+    assert "Holm-adjusted 90%" not in wording.verdict_phrase(plain, results)
+    bare = dataclasses.replace(c, tost_ci=None, tost_ci_level=None)
+    lo90 = wording.fmt_pp(c.tost_ci90[0], unit=False)
+    assert f"90% CI, unadjusted [{lo90}," in wording.verdict_phrase(bare, results)
+    # An inconclusive one says its interval reaches beyond the margin.
+    assert "not inside ±0.50 pp" in wording.verdict_phrase(comparison_at(results, (0.9, 0.9)),
+                                                           results)
+    assert wording.tost_interval_cell(c, results.alpha) == f"[{lo}, {hi}] 97.5%*"
+
+
+def test_negligible_reads_as_a_real_gap_inside_the_margin(two_strata) -> None:
+    results, _ = two_strata
+    c = dataclasses.replace(comparison_at(results, (0.0, 0.0)), verdict="negligible")
+    phrase = wording.verdict_phrase(c, results)
+    assert phrase.startswith("negligible: a real gap (Holm-adjusted p = 0.004), shown to lie "
+                             "within ±0.50 pp (TOST")
+    assert "Holm-adjusted 97.5% CI" in phrase and "no real difference" not in phrase
+    assert wording.verdict_word("negligible", 0.005) == "negligible (a real gap within ±0.50 pp)"
+    assert "negligible (a real gap within ±0.50 pp) in 1 of 2" in \
+        wording.verdict_counts([{"verdict": "negligible"}, {"verdict": "different"}], 0.005)
+    # Diagnostics records (JSON dicts) take the four verdicts too.
+    record = {"verdict": "negligible", "p_adjusted": 0.01, "tost_p_adjusted": 0.02}
+    assert wording.record_verdict_phrase(record, 0.005) == (
+        "negligible: a real gap (Holm-adjusted p = 0.010), shown to lie within ±0.50 pp (TOST, "
+        "Holm-adjusted p = 0.020)")
+    names = {"negligible": ["(0.2, 0.5)"], "equivalent": ["(0.5, 0.5)"]}
+    assert wording.verdict_lists(names, 0.005, []) == (
+        "a real gap shown within ±0.50 pp (negligible) at (0.2, 0.5); no real difference "
+        "(equivalent within ±0.50 pp) at (0.5, 0.5)")
+
+
+def test_constant_gap_says_settled_by_construction(two_strata) -> None:
+    results, _ = two_strata
+    c = dataclasses.replace(comparison_at(results, (1.0, 1.0)), settled_by_construction=True,
+                            p_adjusted=None)
+    phrase = wording.verdict_phrase(c, results)
+    assert phrase == ("different, settled by construction: the gap is the same in every seed "
+                      "and lies outside ±0.50 pp, so no test could add to it")
+    inside = dataclasses.replace(c, verdict="equivalent")
+    assert wording.verdict_phrase(inside, results).startswith(
+        "no real difference: equivalent within ±0.50 pp, settled by construction")
+    assert "different (by construction)" in render_markdown(
+        [tables.comparison_table(results, results.strata[0], [c])], "x")
 
 
 def test_variance_not_shown_different_never_reads_as_same(written: report.ReportFiles,
                                                           two_strata) -> None:
     results, _ = two_strata
-    c = results["comparisons"][0]
-    assert c["variance_verdict"] == "not_shown_different"
-    phrase = report.variance_phrase(c, results)
+    c = results.comparisons[0]
+    assert c.variance_verdict == "not_shown_different"
+    phrase = wording.variance_phrase(c, results)
     assert "not shown" in phrase
     for text in (phrase, written.markdown.read_text(), written.typst.read_text()):
         lowered = text.lower()
@@ -136,18 +225,192 @@ def test_variance_not_shown_different_never_reads_as_same(written: report.Report
             assert wrong not in lowered
 
 
-def test_inconclusive_without_seed_estimate_says_why() -> None:
-    c = {"verdict": "inconclusive", "p_adjusted": 0.3, "seeds_needed": None,
-         "reason": "zero variance in both groups"}
-    phrase = report.verdict_phrase(c, {"equivalence_margin": 0.005})
+def test_inconclusive_without_seed_estimate_says_why(two_strata) -> None:
+    results, _ = two_strata
+    c = dataclasses.replace(comparison_at(results, (0.9, 0.9)), seeds_needed=None,
+                            seeds_needed_margin=None, seeds_needed_equivalence=None,
+                            reason="zero variance in both groups")
+    phrase = wording.verdict_phrase(c, results)
     assert "needs more seeds" in phrase and "zero variance in both groups" in phrase
+
+
+def test_comparison_notes_from_the_analysis_are_shown(two_strata) -> None:
+    results, table = two_strata
+    noted = [dataclasses.replace(c, reason="2 shared seeds: Welch") if c.dropout1 == 0.9 else c
+             for c in results.comparisons]
+    md = _markdown(dataclasses.replace(results, comparisons=noted), table)
+    assert md.count("Notes from the analysis:\n\n- (0.9, 0.9): 2 shared seeds: Welch.") == 2
+    assert "Notes from the analysis" not in _markdown(results, table)
+
+
+def test_what_it_would_take_gives_all_three_seed_counts(md: str, two_strata) -> None:
+    results, _ = two_strata
+    c = comparison_at(results, (0.9, 0.9))
+    assert wording.seeds_needed_text(c, results) == (
+        "about 23 seeds per setting to detect the observed gap at 80% power, 9 to detect a gap "
+        "the size of the margin (±0.50 pp), 12 for TOST to show equivalence if the true gap "
+        "were 0")
+    assert "| (0.9, 0.9) | inconclusive | 0.62 | 23 | 9 | 12 |" in md
+    tiny = dataclasses.replace(c, seeds_needed=None)  # a gap too small for any count
+    assert wording.seeds_needed_text(tiny, results) == (
+        "about 9 seeds per setting to detect a gap the size of the margin (±0.50 pp), 12 for "
+        "TOST to show equivalence if the true gap were 0, no count for the observed gap (see "
+        "the notes)")
+    assert "| seeds: observed gap | seeds: gap of ±0.50 pp | seeds: equivalence if gap 0 |" in md
+
+
+def test_c1_states_primary_verdict_robustness_and_the_disagreeing_analyses(md: str) -> None:
+    c1 = _section(md, "C1: no dropout", "C2: (1, 1)")
+    assert "Under the primary analysis (final-epoch test accuracy, t test) the gap of (0, 0) " \
+           "to the baseline is +" in c1
+    assert ": different after Holm correction (p = 0.004). This verdict is not robust: 2 of 5 " \
+           "other analyses disagree (last:3 / t test gives inconclusive; last:3 / 20%-trimmed " \
+           "(Yuen) gives inconclusive)." in c1
+    assert c1.count("not robust") == 2  # one line per stratum
+
+
+def test_c1_says_robust_when_every_analysis_agrees(two_strata) -> None:
+    results, table = two_strata
+    agreed = [dataclasses.replace(c, robust=True, disagreeing=[]) for c in results.comparisons]
+    c1 = _section(_markdown(dataclasses.replace(results, comparisons=agreed), table),
+                  "C1: no dropout", "C2: (1, 1)")
+    assert "This verdict is robust: all 6 analyses (endpoints × tests) give this verdict." in c1
+    assert "not robust" not in c1
+
+
+def test_c1_with_no_dropout_as_baseline_words_every_comparison(two_strata) -> None:
+    results, table = two_strata
+    c = comparison_at(results, (0.6, 0.8))
+    zero = dataclasses.replace(results, baseline=[0.0, 0.0],
+                               comparisons=[dataclasses.replace(c, baseline=[0.0, 0.0])])
+    c1 = _section(_markdown(zero, table), "C1: no dropout", "C2: (1, 1)")
+    assert "(0, 0) is the baseline; it is shown better than 0 of 1 dropout settings." in c1
+    assert "the gap of (0.6, 0.8) to the baseline" in c1 and "robust: all 6 analyses" in c1
+
+
+def test_multiverse_table_has_a_verdict_per_endpoint_and_test(md: str) -> None:
+    assert ("| setting | final t\\* | final rank | final trimmed | last:3 t | last:3 rank | "
+            "last:3 trimmed |") in md
+    assert ("| (0, 0) | different (+) | different (+) | different (+) | inconclusive | "
+            "different (+) | inconclusive |") in md
+    assert "| (0.9, 0.9) | inconclusive | different (−) | inconclusive |" in md
+
+
+def test_divergence_is_counted_and_tested_where_runs_diverged(md: str, two_strata) -> None:
+    results, _ = two_strata
+    c3 = _section(md, "C3: (0.9, 0.9)", "C4: hand-written")
+    assert ("1 of 5 runs of (0.9, 0.9) and 0 of 5 of the baseline diverged and are left out of "
+            "the accuracy test; the divergence rate was not shown to differ from the "
+            "baseline's (Fisher's exact test, Holm-adjusted p = 1.000).") in c3
+    assert "| (0.9, 0.9) | 4 | 1 | 68.50% |" in md  # n finite, n diverged
+    # No run of (0, 0) or the baseline diverged: C1 says nothing about divergence.
+    assert "diverged" not in _section(md, "C1: no dropout", "C2: (1, 1)")
+    c = dataclasses.replace(comparison_at(results, (0.9, 0.9)), divergence_verdict="different",
+                            divergence_p_adjusted=0.01)
+    assert "the divergence rate differs from the baseline's (Fisher's exact test, " \
+           "Holm-adjusted p = 0.010)" in wording.divergence_phrase(c, results)
+
+
+def test_endpoints_and_robustness_set_are_stated(md: str) -> None:
+    method = _section(md, "2.3 Statistics", "3. Results")
+    assert "The primary endpoint, declared before the runs, is final (final-epoch test " \
+           "accuracy), analysed by the t test." in method
+    assert "endpoints final, last:3 crossed with the t test, rank test (Hodges-Lehmann), " \
+           "20%-trimmed (Yuen)" in method
+    assert f"Left out of the robustness set: {LEFT_OUT[0]}." in method
+    assert f"Endpoints left out (the runs are too short for them): {LEFT_OUT[0]}." in md
+    assert "scipy.stats.bootstrap BCa intervals with 10,000 resamples, seeded from the " \
+           "analysis seed 0; paired comparisons resample seeds as pairs" in method
+
+
+def test_method_states_measured_coverage_and_labels_approximate(monkeypatch, two_strata) -> None:
+    results, table = two_strata
+    assert "not stated by this version of study.stats" in sections.bootstrap_text(results) \
+        or wording.coverage()  # the statistics branch may already state it
+    # The form study.stats gives it: {(interval, n): coverage}.
+    measured = {("mean", 5): 0.91, ("mean", 10): 0.93, ("mean", 20): 0.94, ("sd", 5): 0.72,
+                ("sd", 10): 0.81, ("sd", 20): 0.88, ("sd_ratio", 5): 0.88,
+                ("sd_ratio", 10): 0.91, ("sd_ratio", 20): 0.93}
+    monkeypatch.setattr(wording.stats, "COVERAGE", measured, raising=False)
+    monkeypatch.delattr(wording.stats, "APPROXIMATE", raising=False)
+    text = sections.bootstrap_text(results)
+    assert "group SD 72.0% at n = 5, 81.0% at n = 10, 88.0% at n = 20" in text
+    assert "Below 90% at n = 10, these are labelled approximate: group SD." in text
+    md = _markdown(results, table)
+    assert "SD CI: bootstrap (approximate)" in md and "CI: bootstrap (approximate))" not in md
+    nested = {"sd": {10: 0.81}}  # {interval: {n: coverage}} reads the same
+    monkeypatch.setattr(wording.stats, "COVERAGE", nested, raising=False)
+    assert wording.coverage() == {"sd": {10: 0.81}}
+    # The module's own list wins over the 90% rule.
+    monkeypatch.setattr(wording.stats, "APPROXIMATE", ("sd", "sd_ratio"), raising=False)
+    assert "labelled approximate: SD ratio, group SD." in sections.bootstrap_text(results)
+
+
+# --- what ran: the model, data and training come from the runs' protocol (defect 9) -----------
+
+
+def test_lenet_report_describes_lenet(two_strata) -> None:
+    _, table = two_strata
+    lenet = with_protocol(table, "determinism-lenet.yaml")
+    md = _markdown(make_results(lenet), lenet)
+    abstract = md[:md.index("1. The question")]
+    assert "We trained d2l's LeNet-5 on Fashion-MNIST" in abstract
+    model_row = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert "LeNet-5 with sigmoid activations" in model_row and "Xavier-uniform" in model_row
+    assert "| training | SGD, lr 0.9, batch 256, 5 epochs, cross-entropy |" in md
+    assert "the first 20,000 training images" in md
+    for wrong in ("MLP 784", "256-256", "hidden \\[256, 256\\]", "N(0, 0.01²)", "d2l.ai dropout MLP"):
+        assert wrong not in md, wrong
+    assert "One model (d2l's LeNet-5), learning rate (0.9) and epoch budget (5 epochs)" in md
+
+
+def test_overfitting_report_describes_the_wide_mlp(two_strata) -> None:
+    _, table = two_strata
+    wide = with_protocol(table, "overfitting.yaml")
+    md = _markdown(make_results(wide), wide)
+    assert "We trained an MLP 784-1024-1024-10 on Fashion-MNIST" in md
+    assert "These runs trained an MLP 784-1024-1024-10 with ReLU" in md
+    assert "SGD, lr 0.5, batch 256, 80 epochs" in md and "the first 3,000 training images" in md
+    assert "784-256-256-10" not in md and "256-256" not in md
+
+
+def test_runs_without_a_protocol_say_the_setup_was_not_recorded(two_strata) -> None:
+    _, table = two_strata
+    bare = with_protocol(table, None)
+    md = _markdown(make_results(bare), bare)
+    assert "We analysed runs of a model whose set-up was not recorded" in md
+    assert "so the model, data and training are not recorded" in md
+    assert "MLP" not in md.replace("trains an MLP with dropout", "")  # only the lesson's own
+    assert "were not recorded with these runs, so the verdicts cannot be tied to them" in md
+
+
+def test_cudnn_expectation_follows_the_model() -> None:
+    from study.report.diagnostic_text import cudnn_expectation
+
+    lenet = describe.setup({"model": {"arch": "lenet", "init": "xavier"}})
+    mlp = describe.setup({"model": {"arch": "mlp", "hidden": [8, 8], "init_std": 0.1}})
+    assert "which this model has" in cudnn_expectation(lenet)
+    assert "this model has neither and runs on BLAS" in cudnn_expectation(mlp)
+    assert "was not recorded" in cudnn_expectation(describe.setup(None))
+
+
+# --- structure ---------------------------------------------------------------------------------
+
+
+def test_a_new_claim_is_one_entry(monkeypatch, two_strata) -> None:
+    results, table = two_strata
+    extra = claims.Claim("C6", "dropout makes training slower;", "dropout costs time",
+                         lambda inputs: [para(f"{len(inputs.results.groups)} groups seen.")])
+    monkeypatch.setattr(claims, "CLAIMS", (*claims.CLAIMS, extra))
+    md = _markdown(results, table)
+    assert "- **C6** dropout makes training slower;" in md
+    assert f"### 4.{len(claims.CLAIMS)} C6: dropout costs time\n\n10 groups seen." in md
 
 
 def test_typst_escaping_keeps_user_strings_literal(tmp_path: Path) -> None:
     nasty = "a#b*c_d`e$f<g>h@i[j]k\\l~m=n/o+p-q // not a comment /* nor this */"
-    escaped = report.escape_typst(nasty)
-    doc = report.render_typst([report.para(nasty, report.Code(nasty), report.Strong(nasty))],
-                              nasty)
+    escaped = escape_typst(nasty)
+    doc = render_typst([para(nasty, Code(nasty), Strong(nasty))], nasty)
     typ = tmp_path / "x.typ"
     typ.write_text(doc)
     report.compile_pdf(typ, tmp_path / "x.pdf")  # raises on any markup error
@@ -158,8 +421,7 @@ def test_typst_escaping_keeps_user_strings_literal(tmp_path: Path) -> None:
         assert "a#b*c_d`e$f<g>h@i[j]k\\l~m=n/o+p-q" in text.replace("\n", "")
 
 
-def test_report_names_experiment_protocol_and_environment(written: report.ReportFiles) -> None:
-    md = written.markdown.read_text()
+def test_report_names_experiment_protocol_and_environment(md: str) -> None:
     assert "d2l\\#drop\\_out\\*\\[x\\]\\$" in md  # Markdown escaped, so it shows literally
     assert "python -m study report protocols/d2l#drop_out*[x]$.yaml" in md
     assert "make study" in md
@@ -167,16 +429,15 @@ def test_report_names_experiment_protocol_and_environment(written: report.Report
     assert "Appendix A" in md and "equivalence_margin: 0.005" in md
 
 
-def test_strata_are_reported_separately(written: report.ReportFiles, two_strata) -> None:
+def test_strata_are_reported_separately(md: str, two_strata) -> None:
     results, _ = two_strata
-    md = written.markdown.read_text()
-    for stratum in results["strata"]:
-        assert f"Stratum {stratum['label']}" in md
-    assert md.count("**Table") == 2 * 3 + 3  # 3 per stratum + protocol, C4 side-by-side, env
+    for stratum in results.strata:
+        assert f"Stratum {stratum.label}" in md
+    # 5 per stratum (groups, comparisons, multiverse, power, spread) + protocol, C4, environment
+    assert md.count("**Table") == 2 * 5 + 3
 
 
-def test_without_diagnostics_c5_says_what_was_not_measured(written: report.ReportFiles) -> None:
-    md = written.markdown.read_text()
+def test_without_diagnostics_c5_says_what_was_not_measured(md: str) -> None:
     c5 = md[md.index("C5: a fixed seed"):md.index("Reproducibility")]
     assert "did not measure run-to-run repeatability" in c5 and "rerun python -m study analyze" in c5
     assert "No GPU runs were in the data" in c5
@@ -184,19 +445,43 @@ def test_without_diagnostics_c5_says_what_was_not_measured(written: report.Repor
 
 
 def test_report_from_analysis_module_output(tmp_path: Path) -> None:
+    """End to end through analysis.analyze: needs the statistics branch's new stats functions."""
     analysis = pytest.importorskip("study.analysis")
-    from study.protocol import Analysis
 
     table = make_table(replicate=True)
     results = analysis.analyze(table, BASELINE, Analysis(bootstrap=200))
     files = report.write_report(results, table, tmp_path)
     assert files.pdf.read_bytes().startswith(b"%PDF")
-    text = "".join(report.abstract(results, table).parts)
-    base = report.find_group(results, results["strata"][0]["stratum"], *BASELINE)
-    assert report.fmt_mean_sd(base) in text
+    text = text_of(sections.abstract(Inputs.of(results, table)))
+    base = find_group(results, results.strata[0].stratum, *BASELINE)
+    assert wording.fmt_mean_sd(base) in text
     # The replicates of make_table repeat seed 0 exactly: the diagnostics say so, once per cell.
     assert "bit-identical weights in 5/5 on cpu." in text
     assert "| cpu / default / sequential | 5 | 5/5 (100%) |" in files.markdown.read_text()
+
+
+def test_first_layer_claim_reads_the_declared_contrast(tmp_path: Path) -> None:
+    """C3': the contrast (0.8, 0.6) against (0.6, 0.8) through analysis.analyze, worded with
+    its verdict and what it says about the lesson's guess; undeclared, the section says so."""
+    from study import analysis
+
+    table = make_table()
+    runs = table.runs.copy()
+    moved = runs[(runs.dropout1 == 0.6) & (runs.dropout2 == 0.8)].copy()
+    moved["dropout1"], moved["dropout2"] = 0.8, 0.6
+    moved["test_acc"] -= 0.03  # more first-layer dropout loses 3 points in every seed, +- noise
+    moved["test_acc"] += np.random.default_rng(0).normal(0, 0.002, len(moved))
+    moved["run_id"] = moved["run_id"] + "-first"
+    table = dataclasses.replace(table, runs=pd.concat([runs, moved], ignore_index=True))
+    options = Analysis(bootstrap=200, contrasts=(((0.8, 0.6), (0.6, 0.8)),))
+    results = analysis.analyze(table, BASELINE, options)
+    (bullets,) = claims.claim_first_layer(Inputs.of(results, table))
+    text = text_of(bullets.items[0])
+    assert re.search(r"\(0\.8, 0\.6\) against \(0\.6, 0\.8\) is [\u2212-](2\.9|3\.0)\d pp", text), text
+    assert "different" in text and "costs accuracy here, as the lesson guessed" in text
+    plain = analysis.analyze(table, BASELINE, Analysis(bootstrap=200))
+    (missing,) = claims.claim_first_layer(Inputs.of(plain, table))
+    assert "was not declared" in text_of(missing)
 
 
 # --- diagnostics: synthetic runs with planted findings, through study.diagnostics.analyze ----
@@ -284,9 +569,9 @@ def make_diagnostics() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def with_diagnostics(two_strata) -> tuple[dict[str, Any], RunTable]:
+def with_diagnostics(two_strata) -> tuple[Results, RunTable]:
     results, table = two_strata
-    return {**results, "diagnostics": make_diagnostics()}, table
+    return dataclasses.replace(results, diagnostics=make_diagnostics()), table
 
 
 @pytest.fixture(scope="module")
@@ -296,12 +581,8 @@ def diag_written(tmp_path_factory: pytest.TempPathFactory,
     return report.write_report(results, table, tmp_path_factory.mktemp("diag"))
 
 
-def _section(md: str, start: str, end: str) -> str:
-    return md[md.index(start):md.index(end, md.index(start))]
-
-
 def test_planted_diagnostics_are_what_the_fixture_says(with_diagnostics) -> None:
-    diag = with_diagnostics[0]["diagnostics"]
+    diag = with_diagnostics[0].diagnostics
     verdicts = {(r["implementation"], r["dropout1"]): r["verdict"]
                 for r in diag["implementations"]["records"]}
     assert verdicts == {("scratch", 0.2): "equivalent", ("scratch", 0.5): "equivalent",
@@ -327,12 +608,12 @@ def test_repeatability_section_states_the_measured_numbers(diag_written) -> None
 
 def test_repeatability_numbers_come_from_the_records(with_diagnostics) -> None:
     results, table = with_diagnostics
-    md = report.render_markdown(report.claim_repeatability(results, table), "x")
-    rec = next(r for r in results["diagnostics"]["replicates"]["records"]
+    md = render_markdown(claim_repeatability(results, table, describe.setup(table.protocol)), "x")
+    rec = next(r for r in results.diagnostics["replicates"]["records"]
                if r["stratum"]["device"] == "cuda" and r["stratum"]["determinism"] == "default")
     assert rec["variance_ratio"] > 0
-    assert f"{report.fmt_num(rec['variance_ratio'], 3)} times the seed-to-seed variance" in md
-    assert f"| {report.fmt_pp(rec['nondeterminism_sd'], sign=False, unit=False)} |" in md
+    assert f"{wording.fmt_num(rec['variance_ratio'], 3)} times the seed-to-seed variance" in md
+    assert f"| {wording.fmt_pp(rec['nondeterminism_sd'], sign=False, unit=False)} |" in md
 
 
 def test_implementation_section_tables_and_wording(diag_written, with_diagnostics) -> None:
@@ -341,13 +622,13 @@ def test_implementation_section_tables_and_wording(diag_written, with_diagnostic
     assert ("scratch vs torch: no real difference (equivalent within ±0.50 pp) at (0.2, 0.5), "
             "(0.5, 0.5); not shown different nor equivalent at (0.9, 0.9) (needs more seeds") in c4
     assert "scratch-randn vs torch: different at (0.2, 0.5), (0.5, 0.5), (0.9, 0.9)." in c4
-    for r in results["diagnostics"]["implementations"]["records"]:
-        row = (f"| {r['implementation']} | {report.fmt_setting(r)} | cpu | 10 | "
-               f"{report.fmt_pp(r['mean_diff'], unit=False)} | "
-               f"{report.escape_markdown(report.fmt_ci_pp(r['mean_diff_ci95']))} |")
+    for r in results.diagnostics["implementations"]["records"]:
+        row = (f"| {r['implementation']} | {wording.fmt_setting(r)} | cpu | 10 | "
+               f"{wording.fmt_pp(r['mean_diff'], unit=False)} | "
+               f"{escape_markdown(wording.fmt_ci_pp(r['mean_diff_ci95']))} |")
         assert row in c4, row
     # Keep rates: measured against nominal and the randn law, with the activation scale.
-    randn = next(r for r in results["diagnostics"]["keep_rates"]["records"]
+    randn = next(r for r in results.diagnostics["keep_rates"]["records"]
                  if r["implementation"] == "scratch-randn" and r["p"] == 0.5)
     assert "| scratch-randn | (0.2, 0.5) | 2 | 0.5 | 10 | 30.9% | 50.0% | 30.9% | 0.62 |" in c4
     assert randn["expected"] == pytest.approx(sps.norm.sf(0.5))
@@ -359,14 +640,14 @@ def test_sources_section_states_sds_ratios_and_agreement(diag_written, with_diag
     results, _ = with_diagnostics
     md = diag_written.markdown.read_text()
     sources = _section(md, "5. Sources of variance", "6. Reproducibility")
-    for r in results["diagnostics"]["variance_sources"]["records"]:
-        sd = report.fmt_pp(r["sd"], sign=False, unit=False)
-        ci = report.escape_markdown(report.fmt_ci_pp(r["sd_ci95"], sign=False))
+    for r in results.diagnostics["variance_sources"]["records"]:
+        sd = wording.fmt_pp(r["sd"], sign=False, unit=False)
+        ci = escape_markdown(wording.fmt_ci_pp(r["sd_ci95"], sign=False))
         assert f"| (0.2, 0.5) | {r['source']} | 10 | {sd} | {ci} |" in sources
-    drop = results["diagnostics"]["variance_sources"]["records"][-1]
+    drop = results.diagnostics["variance_sources"]["records"][-1]
     assert drop["source"] == "dropout" and drop["summers"] == "much_smaller"
-    assert (f"| {report.fmt_num(drop['ratio'])} | "
-            f"{report.escape_markdown(report.fmt_ratio_ci(drop['ratio_ci95']))} |") in sources
+    assert (f"| {wording.fmt_num(drop['ratio'])} | "
+            f"{escape_markdown(wording.fmt_ratio_ci(drop['ratio_ci95']))} |") in sources
     assert "much smaller |" in sources and "1 (ref.)" in sources
     assert "The data disagree with Summers & Dinneen (ICML 2021)" in sources
     assert "figures/variance_sources.png" in sources
@@ -374,7 +655,7 @@ def test_sources_section_states_sds_ratios_and_agreement(diag_written, with_diag
 
 def test_abstract_carries_the_headline_diagnostics(with_diagnostics) -> None:
     results, table = with_diagnostics
-    text = "".join(report.abstract(results, table).parts)
+    text = text_of(sections.abstract(Inputs.of(results, table)))
     assert ("bit-identical weights in 12/12 on cpu / default, 12/12 on cpu / strict, "
             "8/12 on cuda / default, 12/12 on cuda / strict.") in text
     assert "no change was observed for strict on cpu (a null result, not proof)" in text
@@ -399,19 +680,19 @@ def test_diagnostic_wording_rule_holds(diag_written) -> None:
 
 def test_inapplicable_sections_say_so_in_one_sentence(with_diagnostics) -> None:
     results, table = with_diagnostics
-    diag = dict(results["diagnostics"])
+    diag = dict(results.diagnostics)
     diag["replicates"] = {"applicable": False, "reason": "no replicate runs (the protocol has "
                           "replicates: 1)", "records": []}
     diag["variance_sources"] = {"applicable": False, "reason": "every run varies all sources "
                                 "(vary: [all]): nothing to compare", "records": [], "summaries": []}
     diag["devices"] = {"applicable": False, "reason": "needs runs of the same cells on cpu and "
                        "cuda; found ['cpu']", "records": []}
-    plain = {**results, "diagnostics": diag}
-    md = report.render_markdown(report.claim_repeatability(plain, table), "x")
+    plain = dataclasses.replace(results, diagnostics=diag)
+    md = render_markdown(claim_repeatability(plain, table, describe.setup(table.protocol)), "x")
     assert "did not measure run-to-run repeatability with a fixed seed (no replicate runs" in md
     assert "did not measure which random stream" in md and "(vary: \\[all\\])" in md
     assert "No GPU runs were in the data" in md  # the table holds cpu runs only
-    assert report.sources_section(plain, []) == []
+    assert sources_section(plain, []) == []
 
 
 def test_diagnostic_figures_are_single_panels(diag_written) -> None:

@@ -124,7 +124,7 @@ def test_diverged_runs_load_as_nan_and_are_excluded_with_a_count(store, loader):
     assert set(table.runs.status) == {"diverged"}
     assert table.runs.test_acc.isna().all()
     results = analysis.analyze(table, (0.5, 0.5), Analysis(bootstrap=200))
-    assert all(g["n"] == 0 and g["n_excluded"] == 2 for g in results["groups"])
+    assert all(g.n == 0 and g.n_excluded == g.n_diverged == 2 for g in results.groups)
 
 
 def test_batched_protocol_runs_through_the_runner(store, loader):

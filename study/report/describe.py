@@ -1,0 +1,82 @@
+"""What ran, in words, from the resolved protocol recorded with the runs.
+
+Nothing here names a model, data set or budget the runs did not record: runs from outside the
+harness (no protocol) are described as "not recorded".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from study.model import CLASSES, IMAGE_SIDE
+
+NOT_RECORDED = "not recorded (no resolved protocol was logged with these runs)"
+# d2l's LeNet-5 as study.model.lenet builds it.
+LENET_LAYERS = ("conv 6@5\u00d75, avg-pool, conv 16@5\u00d75, avg-pool, dense 120, dense 84, "
+                f"dense {CLASSES}")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The run set-up in words; every field says "not recorded" when the protocol is absent."""
+
+    model_short: str  # "an MLP 784-256-256-10" / "d2l's LeNet-5"
+    model: str  # architecture, where dropout sits, initialisation
+    training: str
+    data: str
+    convolutions: bool | None  # None: not recorded
+
+    @property
+    def recorded(self) -> bool:
+        return self.convolutions is not None
+
+
+def setup(protocol: dict[str, Any] | None) -> Setup:
+    if not protocol:
+        return Setup("a model that was not recorded", NOT_RECORDED, NOT_RECORDED, NOT_RECORDED,
+                     None)
+    model = protocol.get("model") or {}
+    arch = model.get("arch", "mlp")
+    return Setup(model_short(model), model_text(model),
+                 training_text(protocol.get("training") or {}),
+                 data_text(protocol.get("data") or {}), arch == "lenet")
+
+
+def model_short(model: dict[str, Any]) -> str:
+    if model.get("arch", "mlp") == "lenet":
+        return "d2l's LeNet-5"
+    return f"an MLP {_mlp_shape(model)}"
+
+
+def _mlp_shape(model: dict[str, Any]) -> str:
+    sizes = [IMAGE_SIDE * IMAGE_SIDE, *(model.get("hidden") or []), CLASSES]
+    return "-".join(str(s) for s in sizes)
+
+
+def init_text(model: dict[str, Any]) -> str:
+    if model.get("init", "normal") == "xavier":
+        weights = "Xavier-uniform weights"
+    else:
+        weights = f"weights N(0, {model.get('init_std')}\u00b2)"
+    return f"{weights}, biases U(\u00b11/\u221afan_in) (PyTorch's default law)"
+
+
+def model_text(model: dict[str, Any]) -> str:
+    if model.get("arch", "mlp") == "lenet":
+        return (f"d2l's LeNet-5 with sigmoid activations ({LENET_LAYERS}), dropout after the "
+                f"two hidden dense layers; {init_text(model)}")
+    return (f"an MLP {_mlp_shape(model)} with ReLU, dropout after each hidden layer; "
+            f"{init_text(model)}")
+
+
+def training_text(training: dict[str, Any]) -> str:
+    return (f"{str(training.get('optimizer', 'sgd')).upper()}, lr {training.get('lr')}, batch "
+            f"{training.get('batch_size')}, {training.get('epochs')} epochs, cross-entropy")
+
+
+def data_text(data: dict[str, Any]) -> str:
+    subset = data.get("train_subset")
+    images = "all 60,000" if subset is None else f"the first {subset:,}"
+    name = {"fashion-mnist": "Fashion-MNIST"}.get(data.get("dataset"), str(data.get("dataset")))
+    return f"{name}, {images} training images, 10,000 test images"
