@@ -140,10 +140,12 @@ def measure(sizes: list[int], store: str, uri: str, writer_uri: str) -> list[Tim
     out = []
     for n in sizes:
         name, build_s = build(n, uri, writer_uri)
+        if not out:
+            seconds(["-c", LOAD, name], uri)  # untimed: a fresh server's first requests
         load_s = seconds(["-c", LOAD, name], uri)
         analyze_s = seconds(["-m", "study", "analyze", "--experiment", name], uri)
         out.append(Timed(n, store, build_s, load_s, analyze_s))
-        print(f"{store:6} {n:>6} runs: analyze {analyze_s:6.1f} s, of which loading at most "
+        print(f"{store:6} {n:>6} runs: analyze {analyze_s:6.1f} s; load_runs alone "
               f"{load_s:.1f} s (built in {build_s:.1f} s)", flush=True)
     return out
 
@@ -166,8 +168,8 @@ def verdict(timed: list[Timed]) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.bench --analysis",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, nargs="+", default=[1000, 10000],
-                        choices=sorted(SHAPES))
+    parser.add_argument("--runs", type=int, nargs="*", default=[1000, 10000],
+                        choices=sorted(SHAPES), help="SQLite sizes (none: server only)")
     parser.add_argument("--server", action="store_true",
                         help="also time against a PostgreSQL-backed tracking server")
     parser.add_argument("--server-runs", type=int, nargs="+", default=[1000, 2000],
@@ -175,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     results: dict[str, object] = {"load_average": os.getloadavg(), "cores": os.cpu_count()}
-    with tempfile.TemporaryDirectory(prefix="study-bench-") as tmp:
-        uri = f"sqlite:///{tmp}/bench.db"
-        sqlite = measure(sorted(args.runs), "sqlite", uri, uri)
+    if args.runs:
+        with tempfile.TemporaryDirectory(prefix="study-bench-") as tmp:
+            uri = f"sqlite:///{tmp}/bench.db"
+            sqlite = measure(sorted(args.runs), "sqlite", uri, uri)
         results["sqlite"] = {"timings": [asdict(t) for t in sqlite], **verdict(sqlite)}
     if args.server:
         with server.temporary() as srv:
