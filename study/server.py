@@ -265,11 +265,11 @@ def _pg_port() -> int:
 
 
 def _wait_for_signal(srv: MlflowServer) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        srv.process.wait()
-    except KeyboardInterrupt:
-        pass
+    # Both by hand: a shell starting this in the background leaves SIGINT ignored, and the
+    # `finally` of running() must stop PostgreSQL and the server whichever signal comes.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    srv.process.wait()
 
 
 if __name__ == "__main__":
