@@ -65,8 +65,8 @@ LEASE_PREFIX = ".study-lease/"
 # How long a lease may go without a heartbeat before another driver takes it over: the longest
 # a killed driver blocks a rerun. Its holder beats every TTL/24 and stops writing once TTL/4
 # has passed without a beat landing. Under the HTTP retry caps below one request ends within
-# 69 s (5 tries x 10 s plus 15 s of backoff), so a write the holder began before it stopped
-# lands before TTL = 120 s runs out and a new holder starts.
+# 69 s (5 tries x 10 s, 15 s of backoff, 4 s of jitter), so a write the holder began before
+# it stopped (at 30 s) lands by 99 s, before TTL = 120 s runs out and a new holder starts.
 DEFAULT_LEASE_TTL = 120.0
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
