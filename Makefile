@@ -1,6 +1,7 @@
 # make study   set up, run the d2l protocol, write its report
 # make test    set up, run the test suite
-# make ui      serve the MLflow UI on http://127.0.0.1:5000
+# make ui      serve the MLflow UI of the SQLite store on http://127.0.0.1:$(PORT) (default 5000)
+# make server  PostgreSQL + MLflow tracking server on http://127.0.0.1:$(PORT), one at a time with ui
 SHELL := /bin/bash
 # An offline research harness has nothing to report to MLflow's telemetry service.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -10,8 +11,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOCOL ?= protocols/d2l-dropout.yaml
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PORT ?= 5000
 
-.PHONY: setup data browser study run report test bench ui clean-store
+.PHONY: setup data browser study run report test bench ui server postgres clean-store
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,11 +51,24 @@ run: setup
 report: $(STAMP)
 	$(BIN)/python -m study report $(PROTOCOL)
 
-test: setup browser
+# The integration tests start their own PostgreSQL, so the package must be there.
+test: setup browser postgres
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python -m study.bench
 
 ui: $(STAMP)
-	$(BIN)/python -m study ui $(PROTOCOL)
+	$(BIN)/python -m study ui $(PROTOCOL) --port $(PORT)
+
+# Installs Debian's postgresql when no server binaries are found and we may use apt.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian's postgresql"; \
+	    apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }; \
+	  else echo "PostgreSQL not found: apt-get install postgresql (the integration tests need it)"; fi; \
+	fi
+
+server: $(STAMP) postgres
+	$(BIN)/python -m study.server --port $(PORT)

@@ -3,6 +3,7 @@
     python -m study.bench                      # make bench; writes reports/bench/bench.json
     python -m study.bench --repeats 11 --members 8
     python -m study.bench --modes-only --mode-rounds 5 --out /tmp/modes.json   # modes' costs only
+    python -m study.bench --analysis           # analyze at 1k and 10k runs (bench_analysis.py)
 
 All four are measured in one invocation on one cell of the d2l protocol, setting (0.2, 0.5),
 seed 0 (the batched runner trains the protocol's first K cells, that cell among them). The floor
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
@@ -487,6 +489,10 @@ def show_costs(costs: dict[str, object], subset: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--analysis" in argv:
+        from study import bench_analysis
+        return bench_analysis.main([a for a in argv if a != "--analysis"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[2].strip())
     parser.add_argument("--epochs", type=int, default=1, help="epochs timed per measurement")
     parser.add_argument("--repeats", type=int, default=7, help="rounds, each timing every runner")

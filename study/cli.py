@@ -87,7 +87,7 @@ def user_message(err: BaseException) -> str | None:
     for module, name in USER_ERRORS:
         if module in sys.modules and isinstance(err, getattr(sys.modules[module], name)):
             return str(err)
-    return None
+    return tracking.unreachable(err) if tracking else None
 
 
 def _chain(err: BaseException | None) -> Iterator[BaseException]:

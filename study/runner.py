@@ -58,7 +58,7 @@ def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
         progress: bool = True, where: str = "process") -> Summary:
     """Run the cells not yet FINISHED, each (device, mode, threads) group in a worker of the
     `where` backend. `load` runs in the worker, so it must pickle (module-level or a partial)."""
-    with tracking.writer_lock():
+    with tracking.writer_lock(protocol.name):
         mlflow = tracking.client()
         exp_id = tracking.experiment_id(mlflow, protocol.name)
         interrupted = tracking.mark_interrupted(mlflow, exp_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
 import hashlib
 import socket
 import struct
@@ -99,3 +100,24 @@ def trained_in_worker(tiny_files, tmp_path_factory, golden_protocol):
         return done[mode, threads]
 
     return trained
+
+
+@pytest.fixture(scope="session")
+def tracking_server():
+    """A real PostgreSQL-backed MLflow server on free ports, stopped after the session.
+
+    Skipped where PostgreSQL is not installed; under CI=true that is a failure instead, since
+    CI installs it (.ci/run)."""
+    from study import server
+
+    try:
+        context = server.temporary()
+        srv = context.__enter__()
+    except server.ServerError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no tracking server: {err}")
+        pytest.skip(f"no PostgreSQL-backed tracking server here: {err}")
+    try:
+        yield srv
+    finally:
+        context.__exit__(None, None, None)

@@ -332,10 +332,11 @@ def _one_line(capsys) -> str:
     return lines[-1]
 
 
-def test_a_busy_store_says_to_wait(store, capsys):
-    with tracking.writer_lock():  # another `study run`, as far as the lock can tell
+def test_a_busy_store_says_to_wait(store, capsys, monkeypatch):
+    monkeypatch.setenv("STUDY_LEASE_TTL", "4")  # the refusal comes at the holder's next beat
+    with tracking.writer_lock("smoke"):  # another `study run` of it, as far as the store tells
         assert cli.main(["run", SMOKE]) == 2
-    assert "another `study run` holds" in _one_line(capsys)
+    assert "study 'smoke' is being run by" in _one_line(capsys)
 
 
 def test_report_before_any_run_says_which_command_makes_them(store, capsys):
