@@ -303,6 +303,15 @@ def _draw_forest_row(ax: Axes, y: int, row: ForestRow, limit: float) -> None:
             va="center", fontsize=6, color=colour)
 
 
+def interval_bar(ax: Axes, x: float, y: float, lo: float, hi: float, *, color: Any,
+                 markersize: float, label: str | None = None) -> None:
+    """A point and its interval drawn separately: a BCa interval of an SD need not contain the
+    sample SD at small n (an errorbar would need negative lengths there)."""
+    ax.plot([x, x], [lo, hi], color=color, linewidth=1.2, marker="_", markersize=8)
+    ax.plot([x], [y], "o", color=color, markersize=markersize, markeredgecolor="black",
+            markeredgewidth=0.4, label=label)
+
+
 def plot_sd(groups: Sequence[Group], *, order: list[str] | None = None,
             palette: dict[str, Any] | None = None, ax: Axes | None = None) -> Axes:
     """Seed-to-seed SD per setting with the 95% bootstrap CI the analysis computed
@@ -317,8 +326,7 @@ def plot_sd(groups: Sequence[Group], *, order: list[str] | None = None,
         if sd is None:
             continue
         lo, hi = _pp_pair(g.sd_ci95) or (sd, sd)
-        ax.errorbar([x], [sd], yerr=[[sd - lo], [hi - sd]], fmt="o", color=palette[setting],
-                    capsize=3, markersize=5, markeredgecolor="black", markeredgewidth=0.4)
+        interval_bar(ax, x, sd, lo, hi, color=palette[setting], markersize=5)
     ax.set_xticks(range(len(order)), order)
     ax.set_xlim(-0.5, len(order) - 0.5)
     ax.set_ylim(bottom=0)
@@ -398,17 +406,15 @@ def plot_source_sds(records: Sequence[dict[str, Any]], *, ax: Axes | None = None
         shift = (k - (len(settings) - 1) / 2) * width
         for r in (r for r in records if _source_group(r) == group and r.get("sd") is not None):
             sd, ci = r["sd"] * 100, r.get("sd_ci95") or [r["sd"], r["sd"]]
-            ax.errorbar([sources.index(r["source"]) + shift], [sd],
-                        yerr=[[sd - ci[0] * 100], [ci[1] * 100 - sd]], fmt="o", capsize=3,
-                        markersize=4, color=palette[group], markeredgecolor="black",
-                        markeredgewidth=0.4, label=group)
+            interval_bar(ax, sources.index(r["source"]) + shift, sd, ci[0] * 100, ci[1] * 100,
+                         color=palette[group], markersize=4, label=group)
     ax.set_xticks(range(len(sources)), sources)
     ax.set_xlim(-0.5, len(sources) - 0.5)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("random source varied across seeds")
     ax.set_ylabel("SD of final test accuracy (pp)")
     if len(settings) > 1:  # one setting needs no key; the caption names it
-        handles = {h.get_label(): h for h in ax.containers}
+        handles = {h.get_label(): h for h in ax.get_lines() if h.get_marker() == "o"}
         ax.legend(handles=list(handles.values()), labels=list(handles), loc="best", frameon=False)
     return ax
 
