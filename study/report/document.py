@@ -52,6 +52,9 @@ class Table:
 @dataclass(frozen=True)
 class Fig:
     file: FigureFile
+    # Where the renderers find the file, relative to the document: a paper of several protocols
+    # keeps each protocol's figures in a folder of its own, as their names repeat.
+    folder: str = "figures"
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def _table(t: Table) -> str:
 
 def _figure(b: Fig) -> str:
     width = f"{min(b.file.width_in, TEXT_WIDTH_IN):.2f}in"
-    return (f"#figure(image({typst_string('figures/' + b.file.svg.name)}, width: {width}),\n"
+    path = typst_string(f"{b.folder}/{b.file.svg.name}")
+    return (f"#figure(image({path}, width: {width}),\n"
             f"  caption: [{escape_typst(b.file.caption)}])\n")
 
 
