@@ -317,7 +317,10 @@ def plot_sd(groups: Sequence[Group], *, order: list[str] | None = None,
         if sd is None:
             continue
         lo, hi = _pp_pair(g.sd_ci95) or (sd, sd)
-        ax.errorbar([x], [sd], yerr=[[sd - lo], [hi - sd]], fmt="o", color=palette[setting],
+        # At 2-3 seeds a bootstrap interval can miss its own estimate (e.g. every resample
+        # of a near-constant group has a smaller SD); the bar then starts at the dot.
+        ax.errorbar([x], [sd], yerr=[[max(sd - lo, 0.0)], [max(hi - sd, 0.0)]], fmt="o",
+                    color=palette[setting],
                     capsize=3, markersize=5, markeredgecolor="black", markeredgewidth=0.4)
     ax.set_xticks(range(len(order)), order)
     ax.set_xlim(-0.5, len(order) - 0.5)

@@ -290,7 +290,8 @@ def test_a_second_paper_runs_nothing_logs_nothing_and_writes_the_same_bytes(
     card = md[md.index("Claims scorecard"):md.index("The question")]
     for key in lesson.CLAIM_KEYS:
         assert f"| {key} |" in card
-    assert "identical in 4/4 replicates on cpu; GPU half not measured" in card
+    # 2 seeds, each replicated once on the CPU; the cuda cells were skipped.
+    assert "| identical in 2/2 replicates on cpu; GPU half not measured (no CUDA runs) |" in card
     assert "needs a GPU" in card and "C4 | the hand\\-written" not in card
     (analysis,) = store.search_runs([second.experiment_id], "tags.`study.kind` = 'analysis'")
     logged = {a.path for a in store.list_artifacts(analysis.info.run_id)}

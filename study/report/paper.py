@@ -216,8 +216,9 @@ def environment_appendix(paper: Paper) -> list[Block]:
     blocks: list[Block] = [Heading(1, "Environments"),
                            Table(("key", "value"), same or (("(none recorded)", ""),),
                                  "Environment tags the same in every protocol.", "ll"),
-                           para("Determinism flags follow each protocol's modes and are listed "
-                                "with its method (Appendix C) and in its own report.")]
+                           para("Determinism flags follow each protocol's modes (named with "
+                                "its method, Appendix C); their values are in each protocol's "
+                                "own report.")]
     if diff:
         blocks += [para(f"The protocols' environments differ in {', '.join(differing)}: a "
                         f"verdict holds for the environment its protocol ran in, and bit-level "
