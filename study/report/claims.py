@@ -211,5 +211,7 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def question_bullets(claims: Sequence[Claim] = CLAIMS) -> Bullets:
-    return Bullets(tuple(para(Strong(c.key), f" {c.lesson}") for c in claims))
+def question_bullets(claims: Sequence[Claim] | None = None) -> Bullets:
+    """The claims in the lesson's words (by default CLAIMS, read when called)."""
+    return Bullets(tuple(para(Strong(c.key), f" {c.lesson}") for c in
+                         (CLAIMS if claims is None else claims)))

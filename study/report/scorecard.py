@@ -20,8 +20,8 @@ from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostic_text import applicable, diag_section
 from study.report.document import Block, para
-from study.report.wording import (NA, fmt_int, fmt_mean_sd, fmt_pp, fmt_setting, finite,
-                                  verdict_cell)
+from study.report.wording import (NA, VERDICT_ORDER, fmt_int, fmt_mean_sd, fmt_pp,
+                                  fmt_setting, finite, verdict_cell)
 from study.results import Comparison, Results
 
 DASH = "\u2013"
@@ -187,18 +187,26 @@ def score_first_layer(inputs: Inputs) -> Score | None:
     return _per_stratum(r, found)
 
 
+def _records(r: Results, name: str) -> list[dict]:
+    """The records of a diagnostics section; none when the protocol did not measure it."""
+    section = diag_section(r, name)
+    return section["records"] if applicable(section) else []
+
+
+def _verdict_counts(recs: Sequence[dict], form: str) -> str:
+    """'equivalent in 2/3, inconclusive in 1/3' (form '{v} in {n}/{total}')."""
+    return ", ".join(form.format(v=v, n=n, total=len(recs)) for v in VERDICT_ORDER
+                     if (n := sum(x.get("verdict") == v for x in recs)))
+
+
 def score_implementations(inputs: Inputs) -> Score | None:
-    section = diag_section(inputs.results, "implementations")
-    if not applicable(section):
+    recs = _records(inputs.results, "implementations")
+    if not recs:
         return None
-    recs = section["records"]
-    parts = []
-    for impl in sorted({x["implementation"] for x in recs}):
-        mine = [x for x in recs if x["implementation"] == impl]
-        counts = ", ".join(f"{v} in {n}/{len(mine)}" for v in
-                           ("different", "negligible", "equivalent", "inconclusive")
-                           if (n := sum(x.get("verdict") == v for x in mine)))
-        parts.append(f"{impl} vs torch: {counts} settings")
+    by_impl = {i: [x for x in recs if x["implementation"] == i]
+               for i in sorted({x["implementation"] for x in recs})}
+    parts = [f"{impl} vs torch: {_verdict_counts(mine, '{v} in {n}/{total}')} settings"
+             for impl, mine in by_impl.items()]
     need = [x["seeds_needed"] for x in recs
             if x.get("verdict") == "inconclusive" and finite(x.get("seeds_needed"))]
     settle = f"about {fmt_int(max(need))} seeds per setting" if need else DASH
@@ -215,36 +223,30 @@ def score_repeatable(inputs: Inputs) -> Score | None:
 
 
 def _replicates(r: Results) -> str:
-    section = diag_section(r, "replicates")
-    if not applicable(section):
-        return ""
     by_device: dict[str, list[int]] = {}
-    for x in section["records"]:
+    for x in _records(r, "replicates"):
         tally = by_device.setdefault(str(x["stratum"].get("device", "cpu")), [0, 0])
         tally[0] += x["n_identical"]
         tally[1] += x["n_hash_compared"]
     return "identical in " + ", ".join(f"{same}/{n} replicates on {device}"
-                                       for device, (same, n) in sorted(by_device.items()))
+                                       for device, (same, n) in sorted(by_device.items())) \
+        if by_device else ""
 
 
 def _modes(r: Results) -> str:
-    section = diag_section(r, "modes")
-    if not applicable(section):
+    recs = _records(r, "modes")
+    if not recs:
         return ""
-    recs = section["records"]
     quiet = sum(bool(x.get("no_change_observed")) for x in recs)
     return f"modes changed no weight hash in {quiet}/{len(recs)} mode comparisons"
 
 
 def _devices(r: Results) -> str:
-    section = diag_section(r, "devices")
-    if not applicable(section):
+    recs = _records(r, "devices")
+    if not recs:
         return ""
-    recs = section["records"]
     same = sum(x["n_identical"] for x in recs)
-    verdicts = ", ".join(f"{v} {n}" for v in ("different", "negligible", "equivalent",
-                                              "inconclusive")
-                         if (n := sum(x.get("verdict") == v for x in recs)))
+    verdicts = _verdict_counts(recs, "{v} {n}")
     return (f"CUDA vs CPU: {same}/{sum(x['n_hash_compared'] for x in recs)} pairs identical, "
             f"accuracy gap {verdicts} of {len(recs)} settings")
 
