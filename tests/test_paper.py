@@ -31,6 +31,13 @@ LESSON = ROOT / "protocols" / "lesson.yaml"
 COMMAND = "python -m study paper protocols/lesson.yaml"
 
 
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "STORE_DIR", tmp_path)
+    return tracking.client()
+
+
 # --- the lesson file -------------------------------------------------------------------------
 
 
@@ -83,6 +90,19 @@ def test_a_missing_protocol_file_is_named_before_anything_runs(tmp_path, capsys)
     assert cli.main(["paper", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert f"error: {path}: protocols.0.file: no such protocol file (value: 'nowhere.yaml'" in err
+
+
+def test_dry_run_prints_the_estimate_and_runs_nothing(store, capsys, monkeypatch) -> None:
+    from study import runner
+
+    monkeypatch.setattr(runner, "available", lambda device: device == "cpu")
+    assert cli.main(["paper", str(LESSON), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("implementations      60 cells: 0 done, 60 to run \u00d7 4.7 s (recorded in the "
+            "lesson file) = 4.7 min") in out
+    assert "determinism          72 cells: 0 done, 36 to run, 36 skipped (no device)" in out
+    assert "total: 208 runs, about 35 min of training" in out
+    assert [e.name for e in store.search_experiments()] == ["Default"]
 
 
 # --- the scorecard, from planted verdicts ------------------------------------------------------
@@ -228,13 +248,6 @@ def test_written_paper_is_byte_identical(planted, tmp_path) -> None:
 TINY = {"model": {"arch": "mlp", "hidden": [16, 16]}, "training": {"epochs": 2, "batch_size": 100},
         "data": {"train_subset": 300}, "seeds": {"count": 3}, "baseline": [0.2, 0.5],
         "analysis": {"bootstrap": 200}}
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(tracking, "STORE_DIR", tmp_path)
-    return tracking.client()
 
 
 @pytest.fixture
