@@ -202,6 +202,21 @@ def test_a_protocol_without_runs_reads_not_measured_with_its_run_command(planted
     assert row.settle == "python -m study run protocols/implementations.yaml"
 
 
+def test_without_an_open_entry_the_row_says_to_list_a_protocol(planted) -> None:
+    bare = dataclasses.replace(lesson.load(LESSON), open=())
+    by_key = {r.claim: r for r in rows(bare, planted, "l.yaml", COMMAND)}
+    assert by_key["C7"].verdict == "not measured: no protocol in l.yaml answers it"
+    assert by_key["C7"].settle == "list a protocol answering C7 in l.yaml, then make paper"
+
+
+def test_a_claim_with_a_builder_but_no_scorer_points_to_its_section(planted, monkeypatch):
+    from study.report import scorecard
+
+    monkeypatch.delitem(scorecard.SCORERS, "C4")
+    by_key = {r.claim: r for r in rows(lesson.load(LESSON), planted, "l.yaml", COMMAND)}
+    assert by_key["C4"].verdict.startswith("measured; its section gives the verdict")
+
+
 # --- the paper's document -----------------------------------------------------------------------
 
 
@@ -231,7 +246,8 @@ def test_claim_sections_come_from_the_report_builders(planted, paper_md) -> None
 
 def test_environments_that_differ_between_protocols_are_named(paper_md) -> None:
     assert "The protocols' environments differ in git\\_commit, threads" in paper_md
-    assert "| threads | determinism | 1 |" in paper_md and "| threads | d2l-dropout | 2 |" in paper_md
+    assert "| threads | determinism | 1 |" in paper_md
+    assert "| threads | d2l-dropout | 2 |" in paper_md
 
 
 def test_written_paper_is_byte_identical(planted, tmp_path) -> None:

@@ -20,7 +20,7 @@ from study.lesson import Lesson
 from study.report import ReportFiles
 from study.report.claims import Claim, question_bullets
 from study.report.diagnostic_text import sources_section
-from study.report.document import (Abstract, Appendix, Block, Bullets, Code, CodeBlock, Fig,
+from study.report.document import (Abstract, Appendix, Block, Code, CodeBlock, Fig,
                                    Heading, Para, Table, para)
 from study.report.render_markdown import render_markdown
 from study.report.render_typst import compile_pdf, install_style, render_typst

@@ -144,7 +144,8 @@ def score_no_dropout(inputs: Inputs) -> Score | None:
             scores.append((s.label, _no_dropout_as_baseline(in_stratum(r.comparisons,
                                                                        s.stratum))))
         elif (c := find_comparison(r, s.stratum, 0.0, 0.0)) is not None:
-            scores.append((s.label, comparison_score(c, f"(0, 0) \u2212 {fmt_setting(r.baseline)}")))
+            what = f"(0, 0) \u2212 {fmt_setting(r.baseline)}"
+            scores.append((s.label, comparison_score(c, what)))
     return _per_stratum(r, scores)
 
 
