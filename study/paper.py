@@ -63,19 +63,23 @@ def _cost(part: Part, mlflow: MlflowClient) -> Cost:
     found = mlflow.get_experiment_by_name(part.protocol.name)
     done = tracking.finished_keys(mlflow, found.experiment_id) if found else set()
     todo, skipped = runner.runnable(part.protocol, [c for c in cells if c.key not in done])
-    measured = _measured(mlflow, found.experiment_id, part) if found else None
+    planned = {c.key for c in cells}
+    measured = _measured(mlflow, found.experiment_id, part, planned) if found else None
     per_run, source = measured or (part.entry.seconds_per_run, "recorded in the lesson file")
     return Cost(part.protocol.name, len(cells), len(cells) - len(todo) - len(skipped),
                 len(todo), len(skipped), per_run, source)
 
 
-def _measured(mlflow: MlflowClient, exp_id: str, part: Part) -> tuple[float, str] | None:
-    """The median cost of this protocol's finished runs in the store, if it has any.
+def _measured(mlflow: MlflowClient, exp_id: str, part: Part,
+              planned: set[str]) -> tuple[float, str] | None:
+    """The median cost of the finished runs of this plan's cells (`planned` keys), if any: runs
+    of the same experiment made with other overrides or another engine cost something else.
 
     A sequential run is open from before training until its metrics are logged: its wall time
     is its cost. Batched members train side by side, so their wall times overlap; their
     `study.seconds` tag holds each member's share of the batch (training only, no logging)."""
-    runs = tracking.finished_runs(mlflow, exp_id)
+    runs = [r for r in tracking.finished_runs(mlflow, exp_id)
+            if r.data.tags.get("study.cell") in planned]
     if not runs:
         return None
     if part.protocol.execution == "batched":
