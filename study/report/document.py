@@ -47,6 +47,9 @@ class Table:
     caption: str
     # 'l' or 'r' per column: numbers right-aligned so decimal points line up roughly.
     align: str = ""
+    # Typst column widths ("auto", "2fr"), for a table whose text columns would otherwise get
+    # equal shares; empty: Typst's default. Markdown has no widths.
+    widths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,9 @@ def scorecard_section(card: Sequence[Row]) -> list[Block]:
                  "every analysis of the multiverse (endpoints \u00d7 tests) gives the same "
                  "verdict. Each claim's section below gives the numbers behind its row."),
             Table(HEADER, tuple(r.cells() for r in card),
-                  "The lesson's claims against the data.", "lllrlll")]
+                  "The lesson's claims against the data.", "lllrlll",
+                  # The verdict and the lesson's words carry the text; the keys and counts do not.
+                  ("auto", "2fr", "1fr", "auto", "3fr", "1fr", "2fr"))]
 
 
 def question_section(paper: Paper) -> list[Block]:

@@ -52,8 +52,9 @@ def _table(t: Table) -> str:
     align = ", ".join("right" if a == "r" else "left" for a in (t.align or "l" * len(t.header)))
     cells = [f"[{escape_typst(h)}]" for h in t.header]
     body = [f"[{escape_typst(c)}]" for row in t.rows for c in row]
+    columns = f"({', '.join(t.widths)},)" if t.widths else str(len(t.header))
     return (f"#figure(kind: table, caption: [{escape_typst(t.caption)}],\n"
-            f"  table(columns: {len(t.header)}, align: ({align},),\n"
+            f"  table(columns: {columns}, align: ({align},),\n"
             f"    table.header({', '.join(cells)}),\n    {', '.join(body)}))\n")
 
 
