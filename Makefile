@@ -1,4 +1,5 @@
 # make study   set up, run the d2l protocol, write its report
+# make paper   set up, run every protocol of the lesson, write one paper (reports/lesson/)
 # make test    set up, run the test suite
 # make ui      serve the MLflow UI of the SQLite store on http://127.0.0.1:$(PORT) (default 5000)
 # make server  PostgreSQL + MLflow tracking server on http://127.0.0.1:$(PORT), one at a time with ui
@@ -10,10 +11,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOCOL ?= protocols/d2l-dropout.yaml
+LESSON ?= protocols/lesson.yaml
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PORT ?= 5000
 
-.PHONY: setup data browser study run report test bench ui server postgres clean-store
+.PHONY: setup data browser study paper run report test bench ui server postgres clean-store
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,10 @@ browser:
 study: setup
 	$(BIN)/python -m study run $(PROTOCOL)
 	$(BIN)/python -m study report $(PROTOCOL)
+
+# Prints its time estimate before running; finished cells are never rerun.
+paper: setup
+	$(BIN)/python -m study paper $(LESSON)
 
 run: setup
 	$(BIN)/python -m study run $(PROTOCOL)

@@ -4,6 +4,7 @@
     python -m study run     protocols/d2l-dropout.yaml
     python -m study analyze protocols/d2l-dropout.yaml     (or --experiment NAME --baseline 0.2,0.5)
     python -m study report  protocols/d2l-dropout.yaml
+    python -m study paper   protocols/lesson.yaml          (every protocol of the lesson, one paper)
     python -m study data
     python -m study url     protocols/d2l-dropout.yaml     (the MLflow UI link of its runs)
     python -m study ui      protocols/d2l-dropout.yaml     (print that link, serve the MLflow UI)
@@ -151,6 +152,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="re-train every finished cell")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("paper", help="run every protocol of a lesson file, write one paper")
+    p.add_argument("lesson", help="protocols/lesson.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value in every protocol, e.g. training.epochs=1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what is left to run and the time estimate, run nothing")
+    p.set_defaults(func=cmd_paper)
     p = sub.add_parser("data", help="find, verify and unpack Fashion-MNIST")
     p.set_defaults(func=cmd_data)
     return parser
@@ -336,6 +344,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     print("\n".join(done.lines()))
     return 0 if done.ok else 1
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    """Estimate, run what is left of every protocol, analyse each, write and log one paper."""
+    from study import lesson as lesson_file
+
+    lesson = lesson_file.load(args.lesson)
+    parts = lesson_file.parts(lesson, args.lesson, args.set)  # every file checked before a run
+    from study import paper, tracking
+
+    mlflow = tracking.client()
+    paper.print_estimate(paper.estimate(parts, mlflow))
+    if args.dry_run:
+        return 0
+    for summary, part in zip(paper.run_all(parts), parts):
+        print(f"{part.protocol.name}: {summary.ran} runs logged, {summary.already_done} already "
+              f"done, {summary.skipped} skipped")
+    command = " ".join(["python -m study paper", args.lesson,
+                        *(f"--set {item}" for item in args.set)])
+    done = paper.write(lesson, args.lesson, parts, mlflow, REPORTS / lesson.name, command)
+    print(f"Paper: {done.files.pdf}\nMarkdown: {done.files.markdown}")
+    print("Analysis run: " + ("logged" if done.logged else "unchanged, kept") + f" ({done.run_id})")
+    _print_where(done.experiment_id)
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:

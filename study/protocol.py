@@ -287,8 +287,10 @@ def apply_override(raw: dict[str, Any], item: str, path: Path | str = "--set") -
     return out
 
 
-def _describe(err: ValidationError, source: str, overridden: list[str] = ()) -> str:
-    """One line per problem: file, dotted key, what is wrong, the value, and where it was set."""
+def _describe(err: ValidationError, source: str, overridden: list[str] = (),
+              root: type = Protocol) -> str:
+    """One line per problem: file, dotted key, what is wrong, the value, and where it was set.
+    `root`: the dataclass of the file's top level, for "did you mean" suggestions."""
     entries = []
     for e in err.errors():
         # pydantic's union/literal branches add tags like 'function-after[...]' or
@@ -301,7 +303,7 @@ def _describe(err: ValidationError, source: str, overridden: list[str] = ()) -> 
         elif e["type"] == "missing":
             line = f"{key}: required key is missing"
         elif e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            line = f"{key}: unknown key{_suggest(loc)} (value: {_short(e.get('input'))})"
+            line = f"{key}: unknown key{_suggest(loc, root)} (value: {_short(e.get('input'))})"
         elif key:
             line = f"{key}: {message} (value: {_short(e.get('input'))})"
         else:  # a check across keys: its message names the key and the value itself
@@ -327,12 +329,14 @@ def _one_per_key(entries: list[tuple[str, str]]) -> list[str]:
     return out
 
 
-def _suggest(loc: list[str]) -> str:
+def _suggest(loc: list[str], root: type = Protocol) -> str:
     """' (did you mean ...)' for a misspelt key, from the fields of the section it sits in."""
-    section: Any = Protocol
-    for part in loc[:-1]:
+    section: Any = root
+    for part in (p for p in loc[:-1] if not p.isdigit()):  # list indices name no section
         hints = typing.get_type_hints(section) if dataclasses.is_dataclass(section) else {}
         section = hints.get(part)
+        if not dataclasses.is_dataclass(section) and typing.get_args(section):
+            section = typing.get_args(section)[0]  # a list of sections: tuple[Entry, ...]
     if not dataclasses.is_dataclass(section):
         return ""
     names = [f.name for f in dataclasses.fields(section)]

@@ -260,6 +260,11 @@ def _training_runs(mlflow: MlflowClient, exp_id: str, status: str) -> list:
             return runs
 
 
+def finished_runs(mlflow: MlflowClient, exp_id: str) -> list:
+    """Every FINISHED training run of the experiment (analysis runs left out)."""
+    return _training_runs(mlflow, exp_id, "FINISHED")
+
+
 def finished_keys(mlflow: MlflowClient, exp_id: str) -> set[str]:
     return {r.tags.get("study.cell") for r in _finished_records(mlflow, exp_id)}
 
@@ -338,14 +343,16 @@ def result_tags(result: Result) -> dict[str, str]:
 
 # --- analysis runs -----------------------------------------------------------------------------
 
-def log_analysis(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Path) -> str:
+def log_analysis(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Path,
+                 tags: dict[str, str] | None = None) -> str:
     """One `analysis` run holding results, figures and the report, so they open from the UI.
 
     A new analysis replaces the previous one, so the UI never shows stale verdicts.
     """
     for old in mlflow.search_runs([exp_id], "tags.`study.kind` = 'analysis'"):
         mlflow.delete_run(old.info.run_id)
-    run = mlflow.create_run(exp_id, run_name="analysis", tags={"study.kind": "analysis"})
+    run = mlflow.create_run(exp_id, run_name="analysis",
+                            tags={"study.kind": "analysis", **(tags or {})})
     for path in files:
         sub = path.parent.relative_to(root).as_posix()
         mlflow.log_artifact(run.info.run_id, str(path), None if sub == "." else sub)
@@ -404,6 +411,16 @@ def latest_verify(mlflow: MlflowClient, exp_id: str) -> dict[str, str] | None:
         return None
     return {k.removeprefix("study.verify."): v for k, v in found[0].data.tags.items()
             if k.startswith("study.verify.")}
+
+
+def log_once(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Path, digest: str,
+             tags: dict[str, str]) -> tuple[str, bool]:
+    """`log_analysis`, unless the experiment's analysis run already holds files with this
+    digest: (run id, whether a new run was logged). A rerun that changed nothing logs nothing."""
+    for run in mlflow.search_runs([exp_id], "tags.`study.kind` = 'analysis'"):
+        if run.data.tags.get("study.digest") == digest:
+            return run.info.run_id, False
+    return log_analysis(mlflow, exp_id, files, root, {**tags, "study.digest": digest}), True
 
 
 # --- loading runs for analysis -----------------------------------------------------------------

@@ -286,7 +286,8 @@ def _probe(argv: list[str], env: dict[str, str]) -> dict:
     (["plan", "protocols"], set()),  # a bad protocol is refused before any heavy import
     # The store says which cells are done: MLflow and what it imports itself, but no torch.
     (["plan", SMOKE], {"mlflow", "pandas", "scipy"}),
-], ids=["help", "plan-help", "bad-protocol", "plan"])
+    (["paper", "protocols"], set()),  # a bad lesson file too
+], ids=["help", "plan-help", "bad-protocol", "plan", "bad-lesson"])
 def test_commands_import_only_what_they_need(argv, allowed, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     found = _probe(argv, env)

@@ -6,7 +6,9 @@ import yaml
 from study import protocol
 from study.protocol import ProtocolError
 
-PROTOCOLS = sorted(Path(__file__).resolve().parents[1].glob("protocols/*.yaml"))
+# Lesson files (a list of protocols, tests/test_paper.py) share the folder with the protocols.
+PROTOCOLS = sorted(p for p in Path(__file__).resolve().parents[1].glob("protocols/*.yaml")
+                   if "protocols" not in yaml.safe_load(p.read_text()))
 D2L = Path(__file__).resolve().parents[1] / "protocols" / "d2l-dropout.yaml"
 
 

@@ -6,7 +6,7 @@ the data say), so a new claim is one entry here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from study.figures import setting_label
@@ -211,5 +211,7 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def question_bullets() -> Bullets:
-    return Bullets(tuple(para(Strong(c.key), f" {c.lesson}") for c in CLAIMS))
+def question_bullets(claims: Sequence[Claim] | None = None) -> Bullets:
+    """The claims in the lesson's words (by default CLAIMS, read when called)."""
+    return Bullets(tuple(para(Strong(c.key), f" {c.lesson}") for c in
+                         (CLAIMS if claims is None else claims)))

@@ -47,11 +47,17 @@ class Table:
     caption: str
     # 'l' or 'r' per column: numbers right-aligned so decimal points line up roughly.
     align: str = ""
+    # Typst column widths ("auto", "2fr"), for a table whose text columns would otherwise get
+    # equal shares; empty: Typst's default. Markdown has no widths.
+    widths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Fig:
     file: FigureFile
+    # Where the renderers find the file, relative to the document: a paper of several protocols
+    # keeps each protocol's figures in a folder of its own, as their names repeat.
+    folder: str = "figures"
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class _MarkdownRenderer:
             return _table(b, self.table)
         if isinstance(b, Fig):
             self.figure += 1
-            return (f"![Figure {self.figure}](figures/{b.file.png.name})\n\n"
+            return (f"![Figure {self.figure}]({b.folder}/{b.file.png.name})\n\n"
                     f"**Figure {self.figure}.** {escape_markdown(b.file.caption)}\n")
         if isinstance(b, CodeBlock):
             return f"```{b.lang}\n{b.text}\n```\n"

@@ -52,14 +52,16 @@ def _table(t: Table) -> str:
     align = ", ".join("right" if a == "r" else "left" for a in (t.align or "l" * len(t.header)))
     cells = [f"[{escape_typst(h)}]" for h in t.header]
     body = [f"[{escape_typst(c)}]" for row in t.rows for c in row]
+    columns = f"({', '.join(t.widths)},)" if t.widths else str(len(t.header))
     return (f"#figure(kind: table, caption: [{escape_typst(t.caption)}],\n"
-            f"  table(columns: {len(t.header)}, align: ({align},),\n"
+            f"  table(columns: {columns}, align: ({align},),\n"
             f"    table.header({', '.join(cells)}),\n    {', '.join(body)}))\n")
 
 
 def _figure(b: Fig) -> str:
     width = f"{min(b.file.width_in, TEXT_WIDTH_IN):.2f}in"
-    return (f"#figure(image({typst_string('figures/' + b.file.svg.name)}, width: {width}),\n"
+    path = typst_string(f"{b.folder}/{b.file.svg.name}")
+    return (f"#figure(image({path}, width: {width}),\n"
             f"  caption: [{escape_typst(b.file.caption)}])\n")
 
 

@@ -106,7 +106,7 @@ def question_section(inputs: Inputs) -> list[Block]:
 
 def method_section(inputs: Inputs) -> list[Block]:
     return [Heading(1, "Method"), *_protocol_blocks(inputs), *_environment_blocks(inputs.table),
-            *_statistics_blocks(inputs.results)]
+            *statistics_blocks(inputs.results)]
 
 
 def compact_ints(values: list[int]) -> str:
@@ -118,11 +118,15 @@ def compact_ints(values: list[int]) -> str:
 
 
 def _protocol_blocks(inputs: Inputs) -> list[Block]:
+    return [Heading(2, "Protocol"), *protocol_table(inputs)]
+
+
+def protocol_table(inputs: Inputs) -> list[Block]:
+    """What ran, as a table read from the resolved protocol (a sentence when none was logged)."""
     p, setup = inputs.table.protocol, inputs.setup
     seeds = compact_ints(sorted(set(int(s) for s in inputs.table.runs["seed"])))
     if not p:
-        return [Heading(2, "Protocol"),
-                para(f"No resolved protocol was logged with these runs (they came from outside "
+        return [para(f"No resolved protocol was logged with these runs (they came from outside "
                      f"the harness), so the model, data and training are not recorded. The runs "
                      f"used seeds {seeds}.")]
     rows = (
@@ -143,8 +147,7 @@ def _protocol_blocks(inputs: Inputs) -> list[Block]:
         ("replicates per cell", str(p.get("replicates"))),
         ("CPU threads", str(p.get("threads") if p.get("threads") is not None else "torch default")),
     )
-    return [Heading(2, "Protocol"),
-            para("Each cell (setting \u00d7 seed \u00d7 device \u00d7 determinism mode \u00d7 "
+    return [para("Each cell (setting \u00d7 seed \u00d7 device \u00d7 determinism mode \u00d7 "
                  "implementation) is one training run logged to MLflow. Test accuracy is measured "
                  "on the 10,000 test images in eval mode after every epoch; train loss and "
                  "accuracy are minibatch averages in train mode (dropout on)."),
@@ -182,7 +185,7 @@ def _is_flag(key: str) -> bool:
     return bool(re.search(r"determin|cudnn_(benchmark|deterministic|enabled)|tf32|cublas", key))
 
 
-def _statistics_blocks(r: Results) -> list[Block]:
+def statistics_blocks(r: Results) -> list[Block]:
     margin = margin_text(r)
     return [Heading(2, "Statistics"),
             para(f"Strata (device, determinism mode, implementation, execution, randomness, mask "
@@ -321,12 +324,17 @@ def threats_section(inputs: Inputs) -> list[Block]:
     ))]
 
 
-def appendix(table: RunTable) -> list[Block]:
+def resolved_yaml(table: RunTable) -> str:
+    """The resolved protocol logged with the runs, as YAML (a comment when none was logged)."""
     proto = yaml.safe_dump(table.protocol, sort_keys=False, allow_unicode=True,
                            default_flow_style=None) \
         if table.protocol else "# no protocol was logged with these runs\n"
+    return proto.rstrip("\n")
+
+
+def appendix(table: RunTable) -> list[Block]:
     env_rows = tuple((str(k), str(v)) for k, v in sorted((table.environment or {}).items()))
-    return [Appendix(), Heading(1, "Resolved protocol"), CodeBlock(proto.rstrip("\n"), "yaml"),
+    return [Appendix(), Heading(1, "Resolved protocol"), CodeBlock(resolved_yaml(table), "yaml"),
             Heading(1, "Environment"),
             Table(("key", "value"), env_rows or (("(none recorded)", ""),),
                   "Environment tags recorded with the runs.", "ll")]

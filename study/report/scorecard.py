@@ -1,0 +1,334 @@
+"""The claims scorecard: one row per claim of the lesson, from every protocol that answers it.
+
+A row says what the lesson said, which protocol(s) and how many runs stand behind the verdict,
+the verdict, whether it survives the multiverse of analyses, and what would settle it. A claim
+no protocol measured reads "not measured" with the command that would measure it; so does the
+GPU half of C5 when no CUDA run exists.
+
+Each claim's verdict is read by one scorer (`SCORERS`) from the same `Results` the claim's
+section builder (`study.report.claims`) words at length; a claim with a builder but no scorer
+yet points to its section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from study.lesson import CLAIM_KEYS, Lesson
+from study.report.claims import CLAIMS, FIRST_LAYER, Claim
+from study.report.context import Inputs, find_comparison, find_group, in_stratum
+from study.report.diagnostic_text import applicable, diag_section
+from study.report.document import Block, para
+from study.report.wording import (NA, VERDICT_ORDER, fmt_int, fmt_mean_sd, fmt_pp,
+                                  fmt_setting, finite, verdict_cell)
+from study.results import Comparison, Results
+
+DASH = "\u2013"
+GPU_CLAIMS = ("C5",)  # claims with a GPU half: "not measured" there without CUDA runs
+
+
+def _not_run(inputs: Inputs) -> list[Block]:
+    return [para("No protocol of this paper measures this claim yet; the scorecard says what "
+                 "would.")]
+
+
+# The lesson's claims that have no section builder in this version (issue 13 adds them): their
+# words, for the scorecard and the question; their section says they were not measured.
+PENDING: tuple[Claim, ...] = (
+    Claim("C6", "however the rates are tuned, no dropout wins; maybe the model is not big "
+                "enough, and dropout only pays off once it overfits;",
+          "dropout pays off only once the model overfits", _not_run),
+    Claim("C7", "at inference dropout is not needed; it can be used, but it adds randomness and "
+                "must be computed several times: the first pass says cat, the second may say "
+                "dog.", "dropout left on at inference gives different answers", _not_run),
+)
+
+
+def lesson_claims() -> list[Claim]:
+    """Every claim of the lesson, in CLAIM_KEYS order: the built ones, then those pending."""
+    built = {c.key: c for c in CLAIMS}
+    by_key = {**{c.key: c for c in PENDING}, **built}  # a builder, once it lands, wins
+    return [by_key[k] for k in CLAIM_KEYS if k in by_key]
+
+
+@dataclass(frozen=True)
+class Score:
+    """What one protocol's results say about one claim."""
+
+    verdict: str
+    robust: str
+    settle: str  # what it would take; a dash when nothing is open
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One protocol's analysed runs, as the scorecard and the paper's body read them."""
+
+    name: str
+    file: str  # the protocol file, as a command names it
+    claims: tuple[str, ...]  # the claims the lesson file says it answers
+    inputs: Inputs | None  # None: no finished run to analyse
+    cuda_cells: bool  # the protocol lists cuda cells (skipped on a machine without a GPU)
+
+    @property
+    def runs(self) -> int:
+        return 0 if self.inputs is None else len(self.inputs.table.runs)
+
+
+@dataclass(frozen=True)
+class Row:
+    claim: str
+    lesson: str
+    protocols: str
+    runs: int
+    verdict: str
+    robust: str
+    settle: str
+
+    def cells(self) -> tuple[str, ...]:
+        return (self.claim, self.lesson.rstrip(";."), self.protocols, str(self.runs),
+                self.verdict, self.robust, self.settle)
+
+
+HEADER = ("claim", "the lesson's words", "protocol", "runs", "verdict", "robust",
+          "what would settle it")
+
+
+# --- reading one comparison ------------------------------------------------------------------
+
+
+def robust_text(c: Comparison) -> str:
+    if c.robust is None:
+        return "not assessed"
+    if c.robust:
+        return f"robust ({len(c.multiverse)} analyses)"
+    return f"not robust ({len(c.disagreeing)} of {len(c.multiverse) - 1} others disagree)"
+
+
+def settle_text(c: Comparison) -> str:
+    if c.verdict != "inconclusive":
+        return DASH
+    n = next((x for x in (c.seeds_needed, c.seeds_needed_margin) if finite(x)), None)
+    return f"about {fmt_int(n)} seeds per setting" if n else "more seeds (count not computable)"
+
+
+def comparison_score(c: Comparison, what: str) -> Score:
+    return Score(f"{what} {fmt_pp(c.mean_diff)}: {verdict_cell(c.verdict, c.mean_diff)}",
+                 robust_text(c), settle_text(c))
+
+
+def _per_stratum(r: Results, scores: list[tuple[str, Score]]) -> Score | None:
+    """One score from a score per stratum (labelled when there are several)."""
+    if not scores:
+        return None
+    if len(scores) == 1:
+        return scores[0][1]
+    return Score("; ".join(f"{label}: {s.verdict}" for label, s in scores),
+                 _joined(s.robust for _, s in scores), _joined(s.settle for _, s in scores))
+
+
+def _joined(texts) -> str:
+    seen = [t for t in dict.fromkeys(texts) if t != DASH]
+    return "; ".join(seen) or DASH
+
+
+# --- one scorer per claim --------------------------------------------------------------------
+
+
+def score_no_dropout(inputs: Inputs) -> Score | None:
+    r = inputs.results
+    scores = []
+    for s in r.strata:
+        if tuple(r.baseline) == (0.0, 0.0):
+            scores.append((s.label, _no_dropout_as_baseline(in_stratum(r.comparisons,
+                                                                       s.stratum))))
+        elif (c := find_comparison(r, s.stratum, 0.0, 0.0)) is not None:
+            what = f"(0, 0) \u2212 {fmt_setting(r.baseline)}"
+            scores.append((s.label, comparison_score(c, what)))
+    return _per_stratum(r, scores)
+
+
+def _no_dropout_as_baseline(comps: list[Comparison]) -> Score:
+    beaten = sum(c.verdict == "different" and (c.mean_diff or 0) < 0 for c in comps)
+    robust = all(c.robust for c in comps)
+    return Score(f"(0, 0) shown better than {beaten} of {len(comps)} dropout settings",
+                 "robust" if robust else "not robust for every setting",
+                 _joined(settle_text(c) for c in comps))
+
+
+def score_degenerate(setting: tuple[float, float]) -> Callable[[Inputs], Score | None]:
+    def score(inputs: Inputs) -> Score | None:
+        r = inputs.results
+        scores = []
+        for s in r.strata:
+            g = find_group(r, s.stratum, *setting)
+            if g is None:
+                continue
+            n_runs = g.n + g.n_excluded
+            text = (f"textbook assertion fails in {n_runs - g.textbook_check_passed}/{n_runs} "
+                    f"runs; {fmt_mean_sd(g)}")
+            c = find_comparison(r, s.stratum, *setting)
+            if c is None:
+                scores.append((s.label, Score(text, NA, DASH)))
+            else:
+                vs = comparison_score(c, f"vs {fmt_setting(r.baseline)}")
+                scores.append((s.label, Score(f"{text}; {vs.verdict}", vs.robust, vs.settle)))
+        return _per_stratum(r, scores)
+    return score
+
+
+def score_first_layer(inputs: Inputs) -> Score | None:
+    r = inputs.results
+    (a, b) = FIRST_LAYER
+    labels = {str(s.stratum): s.label for s in r.strata}
+    found = [(labels[str(c.stratum)], comparison_score(c, f"{fmt_setting(a)} \u2212 "
+                                                          f"{fmt_setting(b)}"))
+             for c in r.contrasts if (c.dropout1, c.dropout2) == a and tuple(c.baseline) == b]
+    return _per_stratum(r, found)
+
+
+def _records(r: Results, name: str) -> list[dict]:
+    """The records of a diagnostics section; none when the protocol did not measure it."""
+    section = diag_section(r, name)
+    return section["records"] if applicable(section) else []
+
+
+def _verdict_counts(recs: Sequence[dict], form: str) -> str:
+    """'equivalent in 2/3, inconclusive in 1/3' (form '{v} in {n}/{total}')."""
+    return ", ".join(form.format(v=v, n=n, total=len(recs)) for v in VERDICT_ORDER
+                     if (n := sum(x.get("verdict") == v for x in recs)))
+
+
+def score_implementations(inputs: Inputs) -> Score | None:
+    recs = _records(inputs.results, "implementations")
+    if not recs:
+        return None
+    by_impl = {i: [x for x in recs if x["implementation"] == i]
+               for i in sorted({x["implementation"] for x in recs})}
+    parts = [f"{impl} vs torch: {_verdict_counts(mine, '{v} in {n}/{total}')} settings"
+             for impl, mine in by_impl.items()]
+    need = [x["seeds_needed"] for x in recs
+            if x.get("verdict") == "inconclusive" and finite(x.get("seeds_needed"))]
+    settle = f"about {fmt_int(max(need))} seeds per setting" if need else DASH
+    return Score("; ".join(parts), "not assessed (one paired analysis per setting)", settle)
+
+
+def score_repeatable(inputs: Inputs) -> Score | None:
+    r = inputs.results
+    parts = [_replicates(r), _modes(r), _devices(r), _sources(r)]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    return Score("; ".join(parts), "n/a (bitwise counts)", DASH)
+
+
+def _replicates(r: Results) -> str:
+    by_device: dict[str, list[int]] = {}
+    for x in _records(r, "replicates"):
+        tally = by_device.setdefault(str(x["stratum"].get("device", "cpu")), [0, 0])
+        tally[0] += x["n_identical"]
+        tally[1] += x["n_hash_compared"]
+    return "identical in " + ", ".join(f"{same}/{n} replicates on {device}"
+                                       for device, (same, n) in sorted(by_device.items())) \
+        if by_device else ""
+
+
+def _modes(r: Results) -> str:
+    recs = _records(r, "modes")
+    if not recs:
+        return ""
+    quiet = sum(bool(x.get("no_change_observed")) for x in recs)
+    return f"modes changed no weight hash in {quiet}/{len(recs)} mode comparisons"
+
+
+def _devices(r: Results) -> str:
+    recs = _records(r, "devices")
+    if not recs:
+        return ""
+    same = sum(x["n_identical"] for x in recs)
+    verdicts = _verdict_counts(recs, "{v} {n}")
+    return (f"CUDA vs CPU: {same}/{sum(x['n_hash_compared'] for x in recs)} pairs identical, "
+            f"accuracy gap {verdicts} of {len(recs)} settings")
+
+
+def _sources(r: Results) -> str:
+    section = diag_section(r, "variance_sources")
+    summaries = (section or {}).get("summaries") or []
+    if not applicable(section) or not summaries:
+        return ""
+    agree = sum(s.get("agreement") == "agree" for s in summaries)
+    return (f"one random source alone gives the full spread (Summers & Dinneen) in "
+            f"{agree}/{len(summaries)} settings")
+
+
+SCORERS: dict[str, Callable[[Inputs], Score | None]] = {
+    "C1": score_no_dropout,
+    "C2": score_degenerate((1.0, 1.0)),
+    "C3": score_degenerate((0.9, 0.9)),
+    "C3\u2032": score_first_layer,
+    "C4": score_implementations,
+    "C5": score_repeatable,
+}
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+
+def rows(lesson: Lesson, evidence: Sequence[Evidence], lesson_file: str,
+         run_command: str) -> list[Row]:
+    """One row per claim of the lesson, in order. `run_command` makes the missing runs."""
+    return [_row(claim, [e for e in evidence if claim.key in e.claims], lesson, lesson_file,
+                 run_command) for claim in lesson_claims()]
+
+
+def _row(claim: Claim, mine: list[Evidence], lesson: Lesson, lesson_file: str,
+         run_command: str) -> Row:
+    names = ", ".join(e.name for e in mine) or DASH
+    runs = sum(e.runs for e in mine)
+    if not mine:
+        verdict, settle = _unanswered(claim.key, lesson, lesson_file)
+        return Row(claim.key, claim.lesson, names, 0, verdict, DASH, settle)
+    scored = [(e, _score(claim.key, e)) for e in mine]
+    labelled = len(scored) > 1
+    verdict = "; ".join(f"{e.name}: {s.verdict}" if labelled else s.verdict for e, s in scored)
+    robust = _joined(s.robust for _, s in scored if s.robust != DASH)
+    settle = _joined(s.settle for _, s in scored)
+    if claim.key in GPU_CLAIMS and not _has_cuda(mine):
+        verdict += "; GPU half not measured (no CUDA runs)"
+        settle = _joined([settle, "needs a GPU: " + _gpu_command(mine, run_command)])
+    return Row(claim.key, claim.lesson, names, runs, verdict, robust, settle)
+
+
+def _score(key: str, e: Evidence) -> Score:
+    if e.inputs is None:
+        return Score("not measured (no finished runs)", DASH,
+                     f"python -m study run {e.file}" + (" on a machine with a GPU"
+                                                        if e.cuda_cells else ""))
+    scorer = SCORERS.get(key)
+    if scorer is None:
+        return Score("measured; its section gives the verdict (no scorecard summary yet)",
+                     DASH, DASH)
+    return scorer(e.inputs) or Score("not measured: these runs do not speak to it (see its "
+                                     "section)", DASH, f"add the settings it needs to {e.file}")
+
+
+def _unanswered(key: str, lesson: Lesson, lesson_file: str) -> tuple[str, str]:
+    found = lesson.open_entry(key)
+    if found is not None:
+        return f"not measured: {found.why}", found.command
+    return (f"not measured: no protocol in {lesson_file} answers it",
+            f"list a protocol answering {key} in {lesson_file}, then make paper")
+
+
+def _has_cuda(mine: list[Evidence]) -> bool:
+    return any(e.inputs is not None and "cuda" in set(e.inputs.table.runs["device"])
+               for e in mine)
+
+
+def _gpu_command(mine: list[Evidence], run_command: str) -> str:
+    files = [e.file for e in mine if e.cuda_cells]
+    if not files:
+        return "list a protocol with cuda cells, then " + run_command
+    return f"on a CUDA machine against this store, {run_command} (runs the cuda cells of " \
+           f"{', '.join(files)})"
