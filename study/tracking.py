@@ -56,7 +56,9 @@ def client(uri: str | None = None) -> MlflowClient:
         return MlflowClient(tracking_uri=uri)
     # The client opens the database, creating and migrating it on first use; two processes
     # doing that at once break MLflow's alembic bookkeeping (a traceback, before any lease).
-    with open(f"{uri.removeprefix('sqlite:///')}.init-lock", "w") as handle:
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+    with open(f"{database}.init-lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         return MlflowClient(tracking_uri=uri)
 
