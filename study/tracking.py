@@ -386,7 +386,7 @@ def recorded_runs(mlflow: MlflowClient, exp_id: str) -> list[Recorded]:
 
 
 def recorded_protocol(mlflow: MlflowClient, run_id: str) -> dict[str, Any] | None:
-    return _protocol(mlflow, mlflow.get_run(run_id))
+    return _protocol(mlflow, run_id)
 
 
 def recorded_epochs(mlflow: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:

@@ -9,6 +9,8 @@ the test skips, except under CI=true, where a missing browser is a failure.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import shutil
 import signal
@@ -78,8 +80,9 @@ def study(tmp_path_factory, tiny_files) -> Iterator[Study]:
         mp.setattr(tracking, "STORE_DIR", tmp)
         mp.setattr(cli, "REPORTS", tmp / "reports")
         proto = protocol.load(SMOKE, OVERRIDES)
-        summary = runner.run(proto, progress=False, load=lambda: data.load(
-            folder, cache=tmp / "cache", checksums=checksums))
+        # Workers load the data themselves, so the loader must pickle: a partial, not a lambda.
+        summary = runner.run(proto, progress=False, load=functools.partial(
+            data.load, folder, cache=tmp / "cache", checksums=checksums))
         assert cli.main(["report", str(SMOKE), *(f"--set={o}" for o in OVERRIDES)]) == 0
         yield Study(summary.experiment_id, [c.name for c in plan.expand(proto)], uri)
 
