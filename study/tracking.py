@@ -532,7 +532,7 @@ def _sql_store(mlflow: MlflowClient) -> Any | None:
 
 
 def _finished_records(mlflow: MlflowClient, exp_id: str) -> list[RunRecord]:
-    """FINISHED, active, non-analysis runs, newest first (search_runs' own order)."""
+    """FINISHED, active training runs (no analysis or verify run), newest first."""
     store = _sql_store(mlflow)
     if store is None:
         return [RunRecord(r.info.run_id, r.info.run_name or "", dict(r.data.params),
@@ -570,7 +570,7 @@ def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
             for run_id, key, val in _plain_rows(conn, query):
                 found[run_id][slot][key] = val
     records = [RunRecord(run_id, name or "", *found[run_id]) for run_id, name in runs]
-    return [r for r in records if r.tags.get("study.kind") != "analysis"]
+    return [r for r in records if r.tags.get("study.kind") not in NOT_TRAINING]
 
 
 def _curves(mlflow: MlflowClient, exp_id: str, run_ids: list[str]) -> pd.DataFrame:
