@@ -392,9 +392,11 @@ def _record(fam: Family, i: int, stratum: dict[str, Any], primary: Endpoint,
                                       (primary.name, "t"))
     k = fam.tost_multipliers[i]
     level = stats.tost_level(options.alpha, k) if k is not None else None
-    pw = stats.power_analysis(first.location.estimate or 0.0, _sd(sample), sample.x.size,
-                              sample.y.size, sample.paired, options.alpha, options.power,
-                              options.equivalence_margin)
+    # `compare` already ran the power analysis (with the margin); only groups too small for it
+    # to test still get their seed counts here.
+    pw = c.power or stats.power_analysis(first.location.estimate or 0.0, _sd(sample),
+                                         sample.x.size, sample.y.size, sample.paired,
+                                         options.alpha, options.power, options.equivalence_margin)
     return Comparison(
         stratum=stratum, dropout1=s[0], dropout2=s[1], baseline=list(ref),
         endpoint=primary.name, n=c.n, n_setting=c.n_setting, n_baseline=c.n_baseline,

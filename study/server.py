@@ -106,7 +106,7 @@ class Postgres:
         (self.data / "pg_ident.conf").write_text(
             "".join(f"study {user} {ROLE}\n" for user in users))
         (self.data / "pg_hba.conf").write_text(
-            f"local all all peer map=study\n"
+            "local all all peer map=study\n"
             f"host all all 127.0.0.1/32 scram-sha-256\n")
 
     def start(self) -> None:

@@ -141,6 +141,7 @@ class Comparison:
     seeds_needed: int | None
     forced: str | None = None
     reason: str | None = None
+    power: Power | None = None  # the whole power analysis, margin counts included
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1059,7 +1060,7 @@ def compare(setting: np.ndarray, baseline: np.ndarray, *, paired: bool, rng: np.
         brown_forsythe_p=spr.brown_forsythe.p, fligner_p=spr.fligner.p,
         mde=pw.mde, seeds_needed=pw.seeds_needed, forced=forced,
         reason=join_reasons(note, shift_why, rank.reason, tost_why, spr.reason,
-                     spr.brown_forsythe.reason, spr.fligner.reason, pw.reason))
+                     spr.brown_forsythe.reason, spr.fligner.reason, pw.reason), power=pw)
 
 
 def _too_few(paired: bool, n: int, n1: int, n2: int, dropped: int, reason: str | None) -> Comparison:
