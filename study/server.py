@@ -107,7 +107,7 @@ class Postgres:
             "".join(f"study {user} {ROLE}\n" for user in users))
         (self.data / "pg_hba.conf").write_text(
             "local all all peer map=study\n"
-            f"host all all 127.0.0.1/32 scram-sha-256\n")
+            "host all all 127.0.0.1/32 scram-sha-256\n")
 
     def start(self) -> None:
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
