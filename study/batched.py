@@ -22,10 +22,11 @@ Two schedules run that same `step` (the members' weights live in one stack [K, i
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,7 +38,7 @@ from study.data import Dataset
 from study.plan import Cell
 from study.protocol import Training
 from study.seeding import StreamSeeds, generator
-from study.train import EpochMetrics, Result
+from study.train import EpochDone, EpochMetrics, Result
 
 # Members per slice of one step: 8 members' activations (8 x 256 x 256 floats = 2 MiB each) stay
 # in the L2/L3 caches between the GEMMs and the elementwise passes; all 60 at once (16 MiB each)
@@ -315,8 +316,11 @@ def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor, epoch
     return finite
 
 
-def _result(m: Member, stack: Stack, row: int, seconds: float,
-            started: float) -> tuple[Result, nn.Sequential]:
+# A member's result and its final weights as the sequential model.
+Fitted = tuple[Result, nn.Sequential]
+
+
+def _result(m: Member, stack: Stack, row: int, seconds: float, started: float) -> Fitted:
     epochs = tuple(m.epochs)
     net = member_net(m.cell, stack, row)
     result = Result(cell=m.cell, epochs=epochs,
@@ -352,8 +356,8 @@ def member_epoch(p: Stack, m: Member, data: Dataset, batch: int, lr: float,
     return stats
 
 
-def fit_member(m: Member, p: Stack, data: Dataset, spec: Training,
-               stop: threading.Event) -> tuple[Result, nn.Sequential] | None:
+def fit_member(m: Member, p: Stack, data: Dataset, spec: Training, stop: threading.Event,
+               on_epoch: Callable[[EpochDone], None]) -> Fitted | None:
     """Train one member to the end (or to divergence); None if `stop` was set meanwhile."""
     torch.set_num_threads(1)  # this thread's GEMMs and elementwise passes stay on its core
     started, start = time.time(), time.perf_counter()
@@ -362,27 +366,40 @@ def fit_member(m: Member, p: Stack, data: Dataset, spec: Training,
             return None
         stats = member_epoch(p, m, data, spec.batch_size, spec.lr, epoch)
         test = test_accuracy(p, data.test_x, data.test_y)
-        if not _record([m], stats, test, epoch, len(data.train_y), len(data.test_y))[0]:
+        finite = _record([m], stats, test, epoch, len(data.train_y), len(data.test_y))[0]
+        on_epoch(EpochDone(m.cell.key, epoch))
+        if not finite:
             break
     return _result(m, p, 0, time.perf_counter() - start, started)
 
 
-def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.Sequential]]:
+def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDone]:
     """Each member on its own worker thread, as many workers as torch has CPU threads.
 
-    Results come as members finish. A member's `seconds` is its own wall time divided by the
-    number of workers: its share of the machine, comparable with a sequential run's seconds.
+    Results come as members finish, each member's epochs as they end (the member threads put
+    both on one queue; this generator, in the caller's thread, hands them on). A member's
+    `seconds` is its own wall time divided by the number of workers: its share of the machine,
+    comparable with a sequential run's seconds.
     """
     workers = torch.get_num_threads()
     stack = initial_stack(cells, "cpu")
     spec = cells[0].config.training
     stop = threading.Event()
+    events: queue.SimpleQueue[Future | EpochDone] = queue.SimpleQueue()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="member")
     try:
-        jobs = [pool.submit(fit_member, Member.of(c), stack.rows(slice(k, k + 1)), data, spec,
-                            stop) for k, c in enumerate(cells)]
-        for job in as_completed(jobs):
-            if (done := job.result()) is not None:  # None: stopped, only after we stop asking
+        for k, c in enumerate(cells):
+            job = pool.submit(fit_member, Member.of(c), stack.rows(slice(k, k + 1)), data, spec,
+                              stop, events.put)
+            job.add_done_callback(events.put)
+        running = len(cells)
+        while running:
+            event = events.get()
+            if isinstance(event, EpochDone):
+                yield event
+                continue
+            running -= 1
+            if (done := event.result()) is not None:  # None: stopped, only after we stop asking
                 result, net = done
                 yield replace(result, seconds=result.seconds / workers), net
     finally:
@@ -450,7 +467,7 @@ def train_epoch(stack: Stack, group: Sequence[Member], data: Dataset, batch: int
     return stats
 
 
-def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.Sequential]]:
+def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDone]:
     """All members step together, BLOCK at a time. A member whose epoch loss is not finite is
     recorded as diverged at the end of that epoch and dropped from the stack; the others go on.
     A member's `seconds` is its share of the batch's wall time."""
@@ -463,6 +480,7 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.
             stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool, epoch)
             test = test_accuracy(stack, data.test_x, data.test_y)
             finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
+            yield from (EpochDone(m.cell.key, epoch) for m in group)
             seconds = (time.perf_counter() - start) / len(cells)
             yield from (_result(m, stack, k, seconds, started)
                         for k, m in enumerate(group) if not finite[k])
@@ -478,27 +496,37 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[tuple[Result, nn.
 
 # --- the run ------------------------------------------------------------------------------------
 
-def train_many(cells: list[Cell], data: Dataset) -> Iterator[Result]:
-    """Train `cells` as one batched model on `data` (already on their device); a result per cell.
+def train_many(cells: list[Cell], data: Dataset,
+               progress: bool = False) -> Iterator[Result | EpochDone]:
+    """Train `cells` as one batched model on `data` (already on their device); a result per cell
+    and, with `progress`, an `EpochDone` per member and epoch as it ends.
 
     A member whose epoch loss is not finite is recorded as diverged (as the sequential path
     does); the others go on.
     """
-    for result, _ in fit_many(cells, data):
-        yield result
+    for event in _events(cells, data, None):
+        if isinstance(event, EpochDone):
+            if progress:
+                yield event
+        else:
+            yield event[0]
 
 
 def fit_many(cells: list[Cell], data: Dataset,
-             lockstep: bool | None = None) -> Iterator[tuple[Result, nn.Sequential]]:
+             lockstep: bool | None = None) -> Iterator[Fitted]:
     """`train_many`, each result with its member's final weights as the sequential model.
 
     `lockstep` picks the schedule; by default side by side on the CPU, lockstep elsewhere.
     Either way each member computes exactly the same `step`s.
     """
+    for event in _events(cells, data, lockstep):
+        if not isinstance(event, EpochDone):
+            yield event
+
+
+def _events(cells: list[Cell], data: Dataset, lockstep: bool | None) -> Iterator[Fitted | EpochDone]:
     for cell in cells:
         _check_supported(cell)
     if lockstep is None:
         lockstep = cells[0].device != "cpu"
     yield from (fit_lockstep if lockstep else fit_side_by_side)(cells, data)
-
-

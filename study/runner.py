@@ -21,7 +21,7 @@ from study.data import Dataset
 from study.data import load as load_data
 from study.plan import Cell, expand
 from study.protocol import Protocol
-from study.train import Result
+from study.train import EpochDone, Result
 
 
 class RunnerError(RuntimeError):
@@ -74,20 +74,28 @@ def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
 
 def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
                load: Callable[[], Dataset], progress: bool, where: str) -> list[Result]:
+    """Train and log `todo`. The bar counts run-epochs, so a batched chunk moves it per member
+    and epoch and its ETA follows; runs that report no epochs (sequential) count theirs when they
+    finish."""
     results: list[Result] = []
-    with tqdm(total=len(todo), unit="run", desc=protocol.name, disable=not progress,
-              dynamic_ncols=True) as bar:
+    counted: dict[str, int] = {}
+    with tqdm(total=sum(c.config.training.epochs for c in todo), unit="epoch",
+              desc=protocol.name, disable=not progress, dynamic_ncols=True) as bar:
         for group in workers.groups(todo, load, protocol.data.train_subset):
-            for result in _run_group(mlflow, exp_id, protocol, group, workers.backend(where)):
-                results.append(result)
-                bar.update()
-                bar.set_postfix_str(f"{result.cell.name}: test_acc "
-                                    f"{result.epochs[-1].test_acc:.4f}", refresh=False)
+            for event in _run_group(mlflow, exp_id, protocol, group, workers.backend(where)):
+                if isinstance(event, EpochDone):
+                    counted[event.key] = counted.get(event.key, 0) + 1
+                    bar.update()
+                    continue
+                results.append(event)
+                bar.update(event.cell.config.training.epochs - counted.pop(event.cell.key, 0))
+                bar.set_postfix_str(f"{len(results)}/{len(todo)} runs, last {event.cell.name}: "
+                                    f"test_acc {event.epochs[-1].test_acc:.4f}", refresh=False)
     return results
 
 
 def _run_group(mlflow, exp_id: str, protocol: Protocol, group: workers.Group,
-               backend: workers.Backend) -> Iterator[Result]:
+               backend: workers.Backend) -> Iterator[Result | EpochDone]:
     """Log each cell's run as the worker's messages arrive.
 
     Runs opened when a cell starts are RUNNING while it trains, and failed or KILLED (here or on
@@ -102,6 +110,8 @@ def _run_group(mlflow, exp_id: str, protocol: Protocol, group: workers.Group,
         for message in messages:
             if isinstance(message, workers.Ready):
                 env = message.environment
+            elif isinstance(message, EpochDone):
+                yield message
             elif isinstance(message, workers.Started):
                 run_ids[message.key] = tracking.start(
                     mlflow, exp_id, _cell(group, message.key), protocol, env, message.time)

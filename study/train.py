@@ -55,6 +55,15 @@ class Result:
     cpu_seconds: float | None = None
 
 
+@dataclass(frozen=True)
+class EpochDone:
+    """A run finished an epoch: progress only (engines that train many runs at once report it,
+    so the driver's bar moves per member-epoch instead of jumping when a chunk ends)."""
+
+    key: str
+    epoch: int
+
+
 def seeds_of(cell: Cell) -> StreamSeeds:
     return stream_seeds(cell.seed, cell.vary, cell.config.fixed_seed)
 

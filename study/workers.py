@@ -18,6 +18,7 @@ import this module.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import time
@@ -28,7 +29,7 @@ from study import environment
 from study.data import Dataset
 from study.plan import Cell
 from study.seeding import ARITHMETIC, Arithmetic, current_arithmetic, determinism, process_env, threads
-from study.train import Result, train
+from study.train import EpochDone, Result, train
 
 
 class WorkerError(RuntimeError):
@@ -95,7 +96,8 @@ class Finished:
     result: Result
 
 
-Message = Ready | Started | Finished
+# EpochDone (from study.train): a run ended an epoch; the driver's progress bar counts them.
+Message = Ready | Started | EpochDone | Finished
 # A generator, so that the driver can close it (and so stop its worker) early.
 Backend = Callable[[Group], Generator[Message, None, None]]
 
@@ -136,14 +138,15 @@ class Engine:
     backdated to when that member began, so the run's duration is its own, not the chunk's)."""
 
     chunks: Callable[[list[Cell]], Iterator[list[Cell]]]
-    train: Callable[[list[Cell], Dataset], Iterator[Result]]
+    train: Callable[[list[Cell], Dataset], Iterator[Result | EpochDone]]
     open_first: bool
 
 
 def engine(group: list[Cell]) -> Engine:
     if group[0].config.execution == "batched":
         from study import batched  # imported lazily: only batched protocols need it
-        return Engine(batched.members, batched.train_many, open_first=False)
+        return Engine(batched.members, functools.partial(batched.train_many, progress=True),
+                      open_first=False)
     # `train` looked up at call time, so a test can replace it inside a worker.
     return Engine(lambda cells: ([c] for c in cells),
                   lambda cells, data: (train(c, data) for c in cells), open_first=True)
@@ -161,9 +164,12 @@ def serve(group: Group) -> Iterator[Message]:
         for chunk in how.chunks(list(group.cells)):
             if how.open_first:
                 yield from (Started(c.key, time.time()) for c in chunk)
-            for result in how.train(chunk, data):
-                yield Finished(replace(result, flags=flags, arithmetic=arithmetic,
-                                       threads=n_threads))
+            for event in how.train(chunk, data):
+                if isinstance(event, EpochDone):
+                    yield event
+                else:
+                    yield Finished(replace(event, flags=flags, arithmetic=arithmetic,
+                                           threads=n_threads))
 
 
 def started_in_mode(group: Group) -> Arithmetic:

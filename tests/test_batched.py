@@ -175,3 +175,18 @@ def test_bitflip_members_start_from_their_own_flipped_weights():
         net = initial_net(c, (nn.Identity(), nn.Identity()), seeds_of(c))
         assert weights_sha256(batched.member_net(c, stack, row)) == weights_sha256(net)
     assert len({weights_sha256(batched.member_net(c, stack, r)) for r, c in enumerate(group)}) > 1
+
+
+@pytest.mark.parametrize("lockstep", [False, True], ids=["side-by-side", "lockstep"])
+def test_each_member_reports_its_epochs_before_its_result(tiny_data, lockstep):
+    group = cells(training=CALM | {"epochs": 3}, seeds={"count": 1})
+    events = list(batched._events(group, tiny_data, lockstep))
+    for cell in group:
+        at = [i for i, e in enumerate(events) if isinstance(e, batched.EpochDone) and e.key == cell.key]
+        finished = next(i for i, e in enumerate(events)
+                        if isinstance(e, tuple) and e[0].cell.key == cell.key)
+        assert [events[i].epoch for i in at] == [1, 2, 3]
+        assert max(at) < finished
+    # Only `progress` lets them through; fit_many never shows them.
+    assert all(isinstance(r, batched.Result) for r in batched.train_many(group, tiny_data))
+    assert len(list(batched.train_many(group, tiny_data, progress=True))) == 4 * len(group)

@@ -177,6 +177,13 @@ def test_batched_protocol_runs_through_the_runner(store, loader):
     assert runner.run(proto, load=loader, progress=False).ran == 0
 
 
+def test_the_bar_counts_member_epochs_to_its_total(store, loader, capsys):
+    proto = protocol.parse({**PROTO, "execution": "batched", "batch_members": 4})
+    runner.run(proto, load=loader, progress=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "12/12" in last and "6/6 runs" in last  # 6 runs x 2 epochs, none counted twice
+
+
 def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
         store, loader, monkeypatch):
     proto = protocol.parse({**PROTO, "execution": "batched", "batch_members": 6})
