@@ -23,8 +23,8 @@ CUDA run of the same seed are different experiments. Within a stratum:
 
 `results.diagnostics` holds `diagnostics.analyze(table, options, seed)`: replicates,
 determinism modes, CPU against GPU, sources of variance, keep rates and implementation
-equivalence (schema in `study/diagnostics.py`). `write` also saves each applicable section's
-records as `diagnostics_<section>.csv` and returns those paths too, so they are logged.
+equivalence (typed in `study/results_diagnostics.py`). `write` also saves each applicable
+section's records as `diagnostics_<section>.csv` and returns those paths too, so they are logged.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from scipy import stats
 
 from study import stats as study_stats
 from study.results import Comparison, Endpoint, Group, Results, Stratum
+from study.results_diagnostics import Diagnostics, KeepRecord, SourceRecord
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
 _SVG_SALT = "d2l-dropout-study"
@@ -366,12 +367,12 @@ IMPLEMENTATION_MARKERS = {"torch": "o", "scratch": "s", "scratch-randn": "D"}
 KEEP_DODGE = 0.015
 
 
-def plot_keep_rates(records: Sequence[dict[str, Any]], *, ax: Axes | None = None) -> Axes:
+def plot_keep_rates(records: Sequence[KeepRecord], *, ax: Axes | None = None) -> Axes:
     """Measured keep rate (diagnostics `keep_rates` records) against the drop probability p,
     one marker per implementation, over the nominal 1 - p and, where scratch-randn ran, the
     P(N(0,1) > p) its `randn > p` mask draws."""
     ax = _new_axes(ax)
-    impls = sorted({r["implementation"] for r in records}, key=lambda i: (i != "torch", i))
+    impls = sorted({r.implementation for r in records}, key=lambda i: (i != "torch", i))
     grid = np.linspace(0.0, 1.0, 101)
     ax.plot(grid, 1 - grid, color="black", linewidth=0.8, label="nominal 1 − p")
     if "scratch-randn" in impls:
@@ -380,8 +381,8 @@ def plot_keep_rates(records: Sequence[dict[str, Any]], *, ax: Axes | None = None
                 label="P(N(0,1) > p)")
     colours = dict(zip(impls, sns.color_palette("colorblind", len(impls))))
     for k, impl in enumerate(impls):
-        pts = [(r["p"], r["observed"]) for r in records
-               if r["implementation"] == impl and r.get("observed") is not None]
+        pts = [(r.p, r.observed) for r in records
+               if r.implementation == impl and r.observed is not None]
         shift = (k - (len(impls) - 1) / 2) * KEEP_DODGE
         ax.plot([x + shift for x, _ in pts], [y for _, y in pts], linestyle="none",
                 marker=IMPLEMENTATION_MARKERS.get(impl, "^"), color=colours[impl], markersize=5,
@@ -394,19 +395,19 @@ def plot_keep_rates(records: Sequence[dict[str, Any]], *, ax: Axes | None = None
     return ax
 
 
-def plot_source_sds(records: Sequence[dict[str, Any]], *, ax: Axes | None = None) -> Axes:
+def plot_source_sds(records: Sequence[SourceRecord], *, ax: Axes | None = None) -> Axes:
     """Seed-to-seed SD (pp) per varied random source (diagnostics `variance_sources` records)
     with its bootstrap 95% CI, one colour per setting, dodged along the source axis."""
     ax = _new_axes(ax)
-    sources = list(dict.fromkeys(r["source"] for r in records))
+    sources = list(dict.fromkeys(r.source for r in records))
     settings = list(dict.fromkeys(_source_group(r) for r in records))
     palette = dict(zip(settings, sns.color_palette("colorblind", len(settings))))
     width = 0.6 / max(len(settings), 1)
     for k, group in enumerate(settings):
         shift = (k - (len(settings) - 1) / 2) * width
-        for r in (r for r in records if _source_group(r) == group and r.get("sd") is not None):
-            sd, ci = r["sd"] * 100, r.get("sd_ci95") or [r["sd"], r["sd"]]
-            interval_bar(ax, sources.index(r["source"]) + shift, sd, ci[0] * 100, ci[1] * 100,
+        for r in (r for r in records if _source_group(r) == group and r.sd is not None):
+            sd, ci = r.sd * 100, r.sd_ci95 or (r.sd, r.sd)
+            interval_bar(ax, sources.index(r.source) + shift, sd, ci[0] * 100, ci[1] * 100,
                          color=palette[group], markersize=4, label=group)
     ax.set_xticks(range(len(sources)), sources)
     ax.set_xlim(-0.5, len(sources) - 0.5)
@@ -419,8 +420,8 @@ def plot_source_sds(records: Sequence[dict[str, Any]], *, ax: Axes | None = None
     return ax
 
 
-def _source_group(record: dict[str, Any]) -> str:
-    return setting_label(record["dropout1"], record["dropout2"])
+def _source_group(record: SourceRecord) -> str:
+    return setting_label(record.dropout1, record.dropout2)
 
 
 def _drop_legend(ax: Axes) -> None:
@@ -598,16 +599,17 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
     return per_stratum + diagnostic_figures(results.diagnostics, out_dir)
 
 
-def diagnostic_figures(diag: dict[str, Any] | None, out_dir: Path) -> list[FigureFile]:
+def diagnostic_figures(diag: Diagnostics | None, out_dir: Path) -> list[FigureFile]:
     """One single-panel figure per applicable section of `Results.diagnostics` that has one."""
-    diag = diag or {}
+    if diag is None:
+        return []
     draw = {"keep_rates": plot_keep_rates, "variance_sources": plot_source_sds}
     out = []
     for name in DIAGNOSTIC_FIGURES:
-        section = diag.get(name) or {}
-        if section.get("applicable") and section.get("records"):
+        section = getattr(diag, name)
+        if section.applicable and section.records:
             out.append(_single_figure(name, out_dir, lambda ax, f=draw[name], s=section:
-                                      f(s["records"], ax=ax)))
+                                      f(s.records, ax=ax)))
     return out
 
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from study.results_diagnostics import Diagnostics
 from study.table import jsonable
 
 Interval = tuple[float, float]
@@ -193,12 +194,13 @@ class Results:
     # Declared contrasts between two settings (`analysis.contrasts`); `baseline` holds the
     # reference setting. A Holm family of their own in each stratum.
     contrasts: list[Comparison] = field(default_factory=list)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+    diagnostics: Diagnostics | None = None  # None: not analysed (written as {})
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form: plain JSON types, no NaN. `variance_ratio` (and its interval)
         repeat `sd_ratio` under its old name for one release: it always was an SD ratio."""
         out = jsonable(dataclasses.asdict(self))
+        out["diagnostics"] = out["diagnostics"] or {}
         for c in out["comparisons"] + out["contrasts"]:
             c["variance_ratio"], c["variance_ratio_ci95"] = c["sd_ratio"], c["sd_ratio_ci95"]
         return out

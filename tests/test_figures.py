@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from study import figures
+from study import diagnostics, figures
+from study.protocol import Analysis
 from study.results import Results
-from study.table import RunTable
+from study.results_diagnostics import KeepRatesSection, KeepRecord, SourceRecord
+from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 from tests.results_factory import (EPOCHS, SETTINGS, comparison_at, make_results, make_table)
 
 # --- tests -----------------------------------------------------------------------------------
@@ -177,9 +180,18 @@ def test_saved_svg_and_png_are_byte_identical(tmp_path: Path, table: RunTable) -
     assert b"<dc:date>" not in first[1]
 
 
-def _keep_record(impl: str, p: float, observed: float) -> dict[str, Any]:
-    return {"implementation": impl, "dropout1": p, "dropout2": p, "layer": 1, "p": p,
-            "observed": observed}
+def _keep_record(impl: str, p: float, observed: float) -> KeepRecord:
+    return KeepRecord(implementation=impl, dropout1=p, dropout2=p, layer=1, p=p, n=4,
+                      observed=observed, observed_sd=0.0, nominal=1 - p, expected=None,
+                      deviation=observed - (1 - p), matches_nominal=None, matches_expected=None,
+                      rescale=1 / (1 - p), activation_scale=observed / (1 - p), reason=None)
+
+
+def _source_record(d1: float, source: str, sd: float) -> SourceRecord:
+    return SourceRecord(stratum={}, dropout1=d1, dropout2=0.5, source=source, n=10, mean=0.85,
+                        sd=sd, sd_ci95=(sd / 2, sd * 2), ratio=None, ratio_ci95=None,
+                        paired=None, brown_forsythe_p=None, brown_forsythe_p_adjusted=None,
+                        summers="reference", reason=None)
 
 
 def test_keep_rates_plot_marks_each_implementation_against_its_law() -> None:
@@ -200,7 +212,7 @@ def test_keep_rates_plot_marks_each_implementation_against_its_law() -> None:
 
 
 def test_source_sd_plot_one_errorbar_per_source_and_setting() -> None:
-    records = [{"dropout1": d, "dropout2": 0.5, "source": s, "sd": sd, "sd_ci95": [sd / 2, sd * 2]}
+    records = [_source_record(d, s, sd)
                for d in (0.2, 0.5) for s, sd in (("all", 0.004), ("init", 0.003), ("dropout", 0.0))]
     ax = Figure().add_subplot()
     assert figures.plot_source_sds(records, ax=ax) is ax
@@ -213,12 +225,16 @@ def test_source_sd_plot_one_errorbar_per_source_and_setting() -> None:
 
 
 def test_diagnostic_figures_only_for_applicable_sections(tmp_path: Path) -> None:
-    diag = {"keep_rates": {"applicable": True, "records": [_keep_record("torch", 0.5, 0.5)]},
-            "variance_sources": {"applicable": False, "records": []}}
+    curves = pd.DataFrame({c: pd.Series(dtype=t) for c, t in CURVE_COLUMNS.items()})
+    empty = diagnostics.analyze(RunTable("1", "x", pd.DataFrame(columns=list(RUN_COLUMNS)),
+                                         curves), Analysis())
+    assert not empty.variance_sources.applicable
+    diag = dataclasses.replace(empty, keep_rates=KeepRatesSection(
+        applicable=True, reason=None, records=[_keep_record("torch", 0.5, 0.5)]))
     first = figures.diagnostic_figures(diag, tmp_path / "a")
     second = figures.diagnostic_figures(diag, tmp_path / "b")
     assert [f.name for f in first] == ["keep_rates"]
     assert first[0].svg.read_bytes() == second[0].svg.read_bytes()
     assert first[0].png.read_bytes() == second[0].png.read_bytes()
-    assert figures.diagnostic_figures({}, tmp_path / "c") == []
+    assert figures.diagnostic_figures(empty, tmp_path / "c") == []
     assert figures.diagnostic_figures(None, tmp_path / "d") == []
