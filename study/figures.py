@@ -5,9 +5,8 @@
 Every `plot_*` function draws ONE stratum on one Axes (`ax=None` makes a fresh figure) and returns
 the Axes. `make_figures` facets those over the strata of a `Results` (never pooling strata) and
 saves each figure twice: PNG for MLflow/Markdown, SVG for the PDF. Saving is byte-deterministic:
-same data, same files. No figure computes a statistic that `Results` holds: intervals, SDs and
-verdicts are read from it, so the figures show the numbers of results.json. The one statistic
-drawn here is the per-epoch band of the learning curves, which `Results` does not hold.
+same data, same files. No figure computes a statistic: intervals, SDs, verdicts and the
+learning-curve bands are read from `Results`, so the figures show the numbers of results.json.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
 
-from study import stats as study_stats
-from study.results import Comparison, Endpoint, Group, Results, Stratum
+from study.results import Comparison, Curve, Endpoint, Group, Results, Stratum
 from study.results_diagnostics import Diagnostics, KeepRecord, SourceRecord
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
@@ -109,18 +107,6 @@ def select_stratum(frame: pd.DataFrame, stratum: dict[str, Any]) -> pd.DataFrame
     return frame[mask]
 
 
-def curve_band(values: Sequence[float]) -> tuple[float, float]:
-    """The 95% t interval of the mean across seeds at one epoch (`stats.mean_ci`): the band of
-    the learning curves, a statistic `Results` does not hold. One seed: a zero-width band."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    ci = study_stats.mean_ci(x)
-    if ci is None:
-        m = float(x.mean()) if len(x) else math.nan
-        return m, m
-    return ci
-
-
 def _palette(order: list[str]) -> dict[str, Any]:
     return dict(zip(order, sns.color_palette("colorblind", len(order))))
 
@@ -183,22 +169,25 @@ def _mark_off_scale(ax: Axes, frame: pd.DataFrame, order: list[str], floor: floa
                     fontsize=6)
 
 
-def plot_learning_curves(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, *,
+def plot_learning_curves(curves: Sequence[Curve], metric: str, *,
                          order: list[str] | None = None, palette: dict[str, Any] | None = None,
                          ax: Axes | None = None) -> Axes:
-    """Mean per epoch across seeds with a 95% t-interval band, one line per setting."""
+    """One stratum's `Results.curves` of `metric`: the mean per epoch across seeds with its 95%
+    t-interval band (as the analysis computed them), one line per setting."""
     ax = _new_axes(ax)
-    keyed = with_setting(runs)[["run_id", "setting"]]
-    frame = curves[curves["metric"] == metric].merge(keyed, on="run_id", how="inner")
-    frame = frame[np.isfinite(frame["value"].astype(float))].copy()
-    scale = 100.0 if metric in PERCENT_METRICS else 1.0
-    frame["y"] = frame["value"].astype(float) * scale
-    order = order or setting_order(with_setting(runs))
+    by_setting = {setting_label(c.dropout1, c.dropout2): c for c in curves if c.metric == metric}
+    order = order or list(by_setting)
     palette = palette or _palette(order)
-    present = [s for s in order if s in set(frame["setting"])]
-    sns.lineplot(data=frame, x="epoch", y="y", hue="setting", hue_order=present, palette=palette,
-                 errorbar=curve_band, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax,
-                 marker="o", markersize=3, linewidth=1.2)
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    for setting in (s for s in order if s in by_setting):
+        points = by_setting[setting].points
+        epochs = [p.epoch for p in points]
+        # One seed has no interval: a zero-width band at its value.
+        band = [p.ci95 or (p.mean, p.mean) for p in points]
+        ax.fill_between(epochs, [lo * scale for lo, _ in band], [hi * scale for _, hi in band],
+                        color=palette[setting], alpha=0.18, linewidth=0)
+        ax.plot(epochs, [p.mean * scale for p in points], color=palette[setting], marker="o",
+                markersize=3, linewidth=1.2, label=setting)
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if metric == "train_loss":
@@ -570,7 +559,8 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
 
     def curves(metric):
         def draw(s, runs, ax):
-            plot_learning_curves(table.curves, runs, metric, order=order, palette=palette, ax=ax)
+            plot_learning_curves(_in_stratum(results.curves, s), metric, order=order,
+                                 palette=palette, ax=ax)
         return draw
 
     def forest(s, runs, ax):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +60,29 @@ def test_final_accuracy_uses_full_range_without_outliers(table: RunTable) -> Non
 
 
 @pytest.mark.parametrize("metric", ["test_acc", "train_loss"])
-def test_learning_curves_one_line_and_band_per_setting(table: RunTable, metric: str) -> None:
-    ax = figures.plot_learning_curves(table.curves, table.runs, metric)
+def test_learning_curves_one_line_and_band_per_setting(results: Results, metric: str) -> None:
+    stratum = results.strata[0].stratum
+    ax = figures.plot_learning_curves([c for c in results.curves if c.stratum == stratum], metric)
     lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == EPOCHS]
     assert len(lines) == len(SETTINGS)
     assert list(lines[0].get_xdata()) == list(range(1, EPOCHS + 1))
     bands = [c for c in ax.collections if c.get_paths()]
-    assert len(bands) >= len(SETTINGS) - 1  # (1, 1) has zero spread: its band is degenerate
+    assert len(bands) == len(SETTINGS)
 
 
-def test_curve_band_is_the_t_interval_of_the_mean() -> None:
-    lo, hi = figures.curve_band([1.0, 2.0, 3.0, math.nan])
-    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
-    assert lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
-    assert figures.curve_band([0.5]) == (0.5, 0.5)
+def test_learning_curve_bands_are_the_analysis_numbers(results: Results) -> None:
+    """The figure draws `Results.curves` as they are: the line at the means, the band edges
+    at the interval bounds (in % for accuracy)."""
+    stratum = results.strata[0].stratum
+    curve = next(c for c in results.curves if c.stratum == stratum and c.metric == "test_acc"
+                 and (c.dropout1, c.dropout2) == SETTINGS[0])
+    ax = figures.plot_learning_curves([curve], "test_acc")
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([100 * p.mean for p in curve.points])
+    (band,) = ax.collections
+    edge = band.get_paths()[0].vertices[:, 1]
+    for p in curve.points:
+        assert min(abs(edge - 100 * p.ci95[0])) < 1e-9 and min(abs(edge - 100 * p.ci95[1])) < 1e-9
 
 
 def _torch(items: list[Any]) -> list[Any]:

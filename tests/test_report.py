@@ -298,6 +298,18 @@ def test_multiverse_table_has_a_verdict_per_endpoint_and_test(md: str) -> None:
     assert "| (0.9, 0.9) | inconclusive | different (−) | inconclusive |" in md
 
 
+def test_multiverse_estimates_table_shows_each_tests_own_interval(md: str, two_strata) -> None:
+    results, _ = two_strata
+    c = comparison_at(results, (0.0, 0.0))
+    assert ("| setting | endpoint | t: mean gap (pp) \\[95% CI\\] | rank: HL shift (pp) "
+            "\\[95% CI\\] | trimmed: trimmed-mean gap (pp) \\[95% CI\\] |") in md
+    cells = {a.test: f"{wording.fmt_pp(a.mean_diff, unit=False)} "
+                     f"{escape_markdown(wording.fmt_ci_pp(a.ci95))}"
+             for a in c.multiverse if a.endpoint == "last:3"}
+    assert f"| (0, 0) | last:3 | {cells['t']} | {cells['rank']} | {cells['trimmed']} |" in md
+    assert len(set(cells.values())) == 3  # each test's own interval, not one copied
+
+
 def test_divergence_is_counted_and_tested_where_runs_diverged(md: str, two_strata) -> None:
     results, _ = two_strata
     c3 = _section(md, "C3: (0.9, 0.9)", "C4: hand-written")
@@ -435,8 +447,9 @@ def test_strata_are_reported_separately(md: str, two_strata) -> None:
     results, _ = two_strata
     for stratum in results.strata:
         assert f"Stratum {stratum.label}" in md
-    # 5 per stratum (groups, comparisons, multiverse, power, spread) + protocol, C4, environment
-    assert md.count("**Table") == 2 * 5 + 3
+    # 6 per stratum (groups, comparisons, multiverse verdicts and estimates, power, spread)
+    # + protocol, C4, environment
+    assert md.count("**Table") == 2 * 6 + 3
 
 
 def test_without_diagnostics_c5_says_what_was_not_measured(md: str) -> None:
