@@ -164,7 +164,10 @@ def _mark_off_scale(ax: Axes, frame: pd.DataFrame, order: list[str], floor: floa
         if low.empty:
             continue
         ax.plot([x], [floor], marker="v", color="black", markersize=6, clip_on=False, zorder=5)
-        ax.annotate(f"{len(low)} run(s)\nmean {low['acc'].mean():.1f}%", (x, floor),
+        # The range of the runs themselves, not a mean: no figure computes a statistic.
+        lo, hi = low["acc"].min(), low["acc"].max()
+        at = f"at {lo:.1f}%" if round(lo, 1) == round(hi, 1) else f"{lo:.1f}\u2013{hi:.1f}%"
+        ax.annotate(f"{len(low)} run(s)\n{at}", (x, floor),
                     xytext=(0, 6), textcoords="offset points", ha="center", va="bottom",
                     fontsize=6)
 
@@ -454,7 +457,7 @@ CAPTIONS = {
     "final_accuracy": "Final test accuracy per dropout setting; each dot is one seed (first "
                       "replicate of each cell, as in every figure), boxes show "
                       "median and IQR. Runs far below the healthy ones are drawn as triangles on "
-                      "the bottom edge with their mean.",
+                      "the bottom edge with their count and accuracy.",
     "curves_test_acc": "Test accuracy after each epoch (eval mode): mean across seeds with a 95% "
                        "Student-t band, one line per setting.",
     "curves_train_loss": "Training loss per epoch (train mode, dropout on, averaged over "
@@ -554,9 +557,6 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
     # Replicates repeat a cell exactly; drawing them would count one seed twice.
     table = _first_replicates(table)
 
-    def final(s, runs, ax):
-        plot_final_accuracy(runs, order=_present(order, runs), palette=palette, ax=ax)
-
     def curves(metric):
         def draw(s, runs, ax):
             plot_learning_curves(_in_stratum(results.curves, s), metric, order=order,
@@ -576,7 +576,7 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
 
     lines = _setting_handles(palette)
     per_stratum = [
-        _draw_facets("final_accuracy", results, table, out_dir, final),
+        final_accuracy_figure(results, table, out_dir, order, palette),
         _draw_facets("curves_test_acc", results, table, out_dir, curves("test_acc"), lines),
         _draw_facets("curves_train_loss", results, table, out_dir, curves("train_loss"), lines),
         _draw_facets("sd", results, table, out_dir, sd),
@@ -587,6 +587,70 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
         per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,
                                            _verdict_handles(margin), columns=1))
     return per_stratum + diagnostic_figures(results.diagnostics, out_dir)
+
+
+def at_chance(groups: Sequence[Group]) -> list[Group]:
+    """The settings without a single run above chance: every run `degenerate` (its final test
+    accuracy within the training code's margin of 10%) or diverged."""
+    return [g for g in groups if not g.status_counts.get("ok")]
+
+
+def final_accuracy_figure(results: Results, table: Any, out_dir: Path, order: list[str],
+                          palette: dict[str, Any]) -> FigureFile:
+    """Final test accuracy per stratum. When some setting sits at chance (e.g. (1, 1) at 10%),
+    its scale squeezes the healthy settings into one band, so each stratum gets a second
+    panel zoomed on the settings above chance; the caption names the settings left out."""
+    frames = _stratum_frames(results, table.runs)
+    out = {str(s.stratum): at_chance(_in_stratum(results.groups, s)) for s in results.strata}
+    zoom = any(out.values())
+    titles = panel_titles(results.strata)
+    with style():
+        fig, axes = facet(len(frames) * (2 if zoom else 1), MAX_COLUMNS)
+        for i, ((stratum, runs), title) in enumerate(zip(frames, titles)):
+            panels = axes[2 * i:2 * i + 2] if zoom else axes[i:i + 1]
+            plot_final_accuracy(runs, order=_present(order, runs), palette=palette, ax=panels[0])
+            if zoom:
+                _zoom_panel(runs, out[str(stratum.stratum)], order, palette, panels[1])
+            where = f"{title}: " if len(frames) > 1 else ""
+            for ax, what in zip(panels, ("all settings", "settings above chance")):
+                if zoom:
+                    ax.set_title(where + what)
+                    # Half-width panels: six setting labels would run into each other.
+                    ax.tick_params(axis="x", labelrotation=30)
+                    for label in ax.get_xticklabels():
+                        label.set_horizontalalignment("right")
+                elif len(frames) > 1:
+                    ax.set_title(title)
+    png, svg = save(fig, out_dir, "final_accuracy")
+    text = caption("final_accuracy", results) + _zoom_caption(results, out)
+    return FigureFile("final_accuracy", png, svg, text, float(fig.get_figwidth()))
+
+
+def _zoom_panel(runs: pd.DataFrame, left_out: Sequence[Group], order: list[str],
+                palette: dict[str, Any], ax: Axes) -> None:
+    left = {setting_label(g.dropout1, g.dropout2) for g in left_out}
+    kept = runs[~with_setting(runs)["setting"].isin(left).to_numpy()]
+    if not np.isfinite(kept["test_acc"].to_numpy(dtype=float)).any():
+        ax.text(0.5, 0.5, "no setting above chance", ha="center", va="center",
+                transform=ax.transAxes, fontsize=7)
+        ax.set_axis_off()
+        return
+    plot_final_accuracy(kept, order=_present(order, kept), palette=palette, ax=ax)
+
+
+def _zoom_caption(results: Results, out: dict[str, list[Group]]) -> str:
+    if not any(out.values()):
+        return ""
+    labels = {str(s.stratum): s.label for s in results.strata}
+    several = len(results.strata) > 1
+    left = "; ".join(
+        f"{setting_label(g.dropout1, g.dropout2)}"
+        f"{' in ' + labels[key] if several else ''} (runs by status: "
+        f"{', '.join(f'{k} {v}' for k, v in sorted(g.status_counts.items()))})"
+        for key, groups in out.items() for g in groups)
+    return (f" Right: the same runs zoomed on the settings with a run above chance, leaving out "
+            f"{left}: no run of theirs learned beyond chance (10%), and their scale would "
+            f"squeeze the healthy settings into one band.")
 
 
 def diagnostic_figures(diag: Diagnostics | None, out_dir: Path) -> list[FigureFile]:

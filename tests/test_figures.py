@@ -50,7 +50,30 @@ def test_final_accuracy_draws_a_box_and_every_seed_per_setting(table: RunTable) 
     assert _n_boxes(ax) == 4
     dots = sum(len(c.get_offsets()) for c in ax.collections)
     assert dots == 19
-    assert any("mean 10.0%" in t.get_text() for t in ax.texts)
+    # The off-scale runs are shown as they are (count and value), not summarised.
+    assert [t.get_text() for t in ax.texts] == ["5 run(s)\nat 10.0%"]
+
+
+def test_final_accuracy_zooms_on_the_settings_above_chance(tmp_path: Path, table: RunTable,
+                                                          results: Results) -> None:
+    """(1, 1) has no run above chance: a second panel leaves it out, and the caption says so."""
+    assert [(g.dropout1, g.dropout2) for g in figures.at_chance(results.groups)] == [(1.0, 1.0)]
+    order = figures.setting_order(table.runs)
+    fig = figures.final_accuracy_figure(results, table, tmp_path, order,
+                                        figures._palette(order))
+    assert "leaving out (1, 1) (runs by status: degenerate 5)" in fig.caption
+    assert "above chance (10%)" in fig.caption or "beyond chance (10%)" in fig.caption
+    svg = fig.svg.read_text()
+    assert svg.count('<g id="axes_') == 2 and fig.width_in == pytest.approx(2 * 3.3)
+    # Drawn the same way on its own: the zoomed panel is the final-accuracy plot without (1, 1).
+    zoom = figures.plot_final_accuracy(table.runs[table.runs.dropout1 < 1.0])
+    assert [t.get_text() for t in zoom.get_xticklabels()] == \
+        [figures.setting_label(*s) for s in SETTINGS if s != (1.0, 1.0)]
+    assert zoom.get_ylim()[0] > 50  # the healthy settings' scale, not chance's
+    healthy = dataclasses.replace(results, groups=[g for g in results.groups if g.dropout1 < 1])
+    plain = figures.final_accuracy_figure(healthy, table, tmp_path / "plain", order,
+                                          figures._palette(order))
+    assert plain.svg.read_text().count('<g id="axes_') == 1 and "leaving out" not in plain.caption
 
 
 def test_final_accuracy_uses_full_range_without_outliers(table: RunTable) -> None:
