@@ -257,18 +257,21 @@ def learning_curves(stratum: dict[str, Any], frame: pd.DataFrame,
                     curves: pd.DataFrame) -> list[Curve]:
     """frame: one stratum's first runs; curves: `RunTable.curves` -> per setting and metric,
     the mean across runs at each epoch with its 95% t interval (`stats.mean_ci`)."""
+    values = curves[curves["metric"].isin(CURVE_METRICS)]
+    if values.empty:  # the common case in simulations: skip the join
+        return []
     keyed = frame[["run_id", "dropout1", "dropout2"]]
-    values = curves[curves["metric"].isin(CURVE_METRICS)].merge(keyed, on="run_id")
+    values = values.merge(keyed, on="run_id")
     values = values[np.isfinite(values["value"].to_numpy(dtype=float))]
+    # Rounded as `_setting` rounds, so 0.2 read back as 0.20000000001 is the same setting.
+    values = values.assign(dropout1=values["dropout1"].astype(float).round(6),
+                           dropout2=values["dropout2"].astype(float).round(6))
     out = []
-    for setting in _settings(frame):
-        rows = _rows(values, setting)
-        for metric in CURVE_METRICS:
-            by_epoch = rows[rows["metric"] == metric].groupby("epoch", sort=True)["value"]
-            points = [_curve_point(int(epoch), v.to_numpy(dtype=float)) for epoch, v in by_epoch]
-            if points:
-                out.append(Curve(stratum=stratum, dropout1=setting[0], dropout2=setting[1],
-                                 metric=metric, points=points))
+    for (d1, d2, metric), rows in values.groupby(["dropout1", "dropout2", "metric"], sort=True):
+        points = [_curve_point(int(epoch), v.to_numpy(dtype=float))
+                  for epoch, v in rows.groupby("epoch", sort=True)["value"]]
+        out.append(Curve(stratum=stratum, dropout1=float(d1), dropout2=float(d2), metric=metric,
+                         points=points))
     return out
 
 

@@ -374,7 +374,10 @@ def test_multiverse_csv_has_each_analysis_interval_and_the_stratum(tmp_path):
     results = analysis.analyze(table, BASE, OPTIONS)
     verse = pd.read_csv(analysis.write(results, table, tmp_path)[4])
     assert {"device", "ci95_lo", "ci95_hi", "tost_ci90_lo", "tost_ci90_hi"} <= set(verse.columns)
-    for a, row in zip(results.comparisons[0].multiverse, verse.itertuples()):
+    c = results.comparisons[0]
+    (primary,) = [a for a in c.multiverse if (a.endpoint, a.test) == ("final", "t")]
+    assert (primary.ci95, primary.tost_ci90) == (c.mean_diff_ci95, c.tost_ci90)
+    for a, row in zip(c.multiverse, verse.itertuples()):
         assert (row.endpoint, row.test) == (a.endpoint, a.test)
         assert (row.ci95_lo, row.ci95_hi) == pytest.approx(a.ci95)
         assert (row.tost_ci90_lo, row.tost_ci90_hi) == pytest.approx(a.tost_ci90)
