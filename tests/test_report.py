@@ -310,6 +310,11 @@ def test_multiverse_estimates_table_shows_each_tests_own_interval(md: str, two_s
              for a in c.multiverse if a.endpoint == "last:3"}
     assert f"| (0, 0) | last:3 | {cells['t']} | {cells['rank']} | {cells['trimmed']} |" in md
     assert len(set(cells.values())) == 3  # each test's own interval, not one copied
+    assert "takes 6 seeds" not in md  # every rank interval was computable here
+    short = dataclasses.replace(c, multiverse=[dataclasses.replace(a, ci95=None)
+                                               if a.test == "rank" else a for a in c.multiverse])
+    table = tables.multiverse_estimates_table(results, results.strata[0], [short])
+    assert "takes 6 seeds" in table.caption and "n/a" in table.rows[0][3]
 
 
 def test_divergence_is_counted_and_tested_where_runs_diverged(md: str, two_strata) -> None:
