@@ -23,8 +23,8 @@ CUDA run of the same seed are different experiments. Within a stratum:
 
 `results.diagnostics` holds `diagnostics.analyze(table, options, seed)`: replicates,
 determinism modes, CPU against GPU, sources of variance, keep rates and implementation
-equivalence (schema in `study/diagnostics.py`). `write` also saves each applicable section's
-records as `diagnostics_<section>.csv` and returns those paths too, so they are logged.
+equivalence (typed in `study/results_diagnostics.py`). `write` also saves each applicable
+section's records as `diagnostics_<section>.csv` and returns those paths too, so they are logged.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import pandas as pd
 
 from study import diagnostics, stats
 from study.protocol import Analysis
-from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Endpoint,
-                           Group, Omnibus, Results, Stratum)
+from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Curve,
+                           CurvePoint, Endpoint, Group, Omnibus, Results, Stratum)
 from study.table import STRATUM_COLUMNS, RunTable, scalar
 
 METRIC = "test_acc"
@@ -64,13 +64,14 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
     primary = Endpoint.parse(options.endpoint)
     endpoints, left_out = _endpoints(runs, table.curves, primary)
     runs = _with_endpoints(runs, table.curves, endpoints)
-    strata, groups, comparisons, contrasts = [], [], [], []
+    strata, groups, comparisons, contrasts, curves = [], [], [], [], []
     for stratum, frame in _strata(runs):
         s, g, c, k = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed)
         strata.append(s)
         groups.extend(g)
         comparisons.extend(c)
         contrasts.extend(k)
+        curves.extend(learning_curves(stratum, frame, table.curves))
     return Results(
         experiment=table.experiment_name, baseline=list(base), alpha=options.alpha,
         equivalence_margin=options.equivalence_margin, power=options.power,
@@ -79,7 +80,7 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         endpoints_left_out=left_out, stratified_by=_varying_columns(runs),
         n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
         strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
-        diagnostics=diagnostics.analyze(table, options, seed))
+        diagnostics=diagnostics.analyze(table, options, seed), curves=curves)
 
 
 def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:
@@ -100,21 +101,24 @@ def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:
         _write_csv(pd.DataFrame([flatten({k: v for k, v in r.items() if k != "multiverse"})
                                  for r in records]), path)
     rows = _multiverse_rows(data["comparisons"] + data["contrasts"])
-    _write_csv(pd.DataFrame(rows, columns=_MULTIVERSE_COLUMNS), paths[4])
+    # Named columns, so an empty multiverse still writes its header; the stratum first.
+    _write_csv(pd.DataFrame(rows, columns=[*STRATUM_COLUMNS, *_MULTIVERSE_COLUMNS]), paths[4])
     _write_csv(_sorted_runs(table.runs), paths[5])
     # Returned, not only written: the caller logs exactly this list to the MLflow analysis run.
     return paths + write_diagnostics(data.get("diagnostics") or {}, out_dir)
 
 
-_MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "baseline_dropout1", "baseline_dropout2", "endpoint", "test", "verdict", "mean_diff",
-                       "p_adjusted", "tost_p_adjusted", "paired", "n_pairs"]
+_MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "baseline_dropout1", "baseline_dropout2",
+                       "endpoint", "test", "verdict", "mean_diff", "ci95_lo", "ci95_hi",
+                       "tost_ci90_lo", "tost_ci90_hi", "p_adjusted", "tost_p_adjusted", "paired",
+                       "n_pairs"]
 
 
 def _multiverse_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per comparison and robustness analysis, the stratum in its own columns."""
     return [{**c["stratum"], **{k: c[k] for k in ("dropout1", "dropout2")},
              "baseline_dropout1": c["baseline"][0], "baseline_dropout2": c["baseline"][1],
-             **{k: v for k, v in m.items() if k in _MULTIVERSE_COLUMNS}}
+             **{k: v for k, v in flatten(m).items() if k in _MULTIVERSE_COLUMNS}}
             for c in comparisons for m in c["multiverse"]]
 
 
@@ -241,6 +245,38 @@ def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
         means = acc.groupby("run_id").tail(e.k).groupby("run_id")["value"].mean()
         out[_column(e)] = np.where(finite, out["run_id"].map(means).to_numpy(dtype=float), np.nan)
     return out
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+
+CURVE_METRICS = ("test_acc", "train_loss")  # the per-epoch metrics the figures draw
+
+
+def learning_curves(stratum: dict[str, Any], frame: pd.DataFrame,
+                    curves: pd.DataFrame) -> list[Curve]:
+    """frame: one stratum's first runs; curves: `RunTable.curves` -> per setting and metric,
+    the mean across runs at each epoch with its 95% t interval (`stats.mean_ci`)."""
+    values = curves[curves["metric"].isin(CURVE_METRICS)]
+    if values.empty:  # the common case in simulations: skip the join
+        return []
+    keyed = frame[["run_id", "dropout1", "dropout2"]]
+    values = values.merge(keyed, on="run_id")
+    values = values[np.isfinite(values["value"].to_numpy(dtype=float))]
+    # Rounded as `_setting` rounds, so 0.2 read back as 0.20000000001 is the same setting.
+    values = values.assign(dropout1=values["dropout1"].astype(float).round(6),
+                           dropout2=values["dropout2"].astype(float).round(6))
+    out = []
+    for (d1, d2, metric), rows in values.groupby(["dropout1", "dropout2", "metric"], sort=True):
+        points = [_curve_point(int(epoch), v.to_numpy(dtype=float))
+                  for epoch, v in rows.groupby("epoch", sort=True)["value"]]
+        out.append(Curve(stratum=stratum, dropout1=float(d1), dropout2=float(d2), metric=metric,
+                         points=points))
+    return out
+
+
+def _curve_point(epoch: int, x: np.ndarray) -> CurvePoint:
+    return CurvePoint(epoch=epoch, n=int(x.size), mean=float(x.mean()), ci95=stats.mean_ci(x))
 
 
 # ----------------------------------------------------------------------------- one stratum
@@ -494,8 +530,10 @@ def _cell(endpoint: Endpoint, test: str, sample: Sample, loc: stats.Location | N
         loc = stats.Location(test, "", None, None, None, None, None,
                              reason=f"fewer than {stats.MIN_N} finite runs per group")
     verdict = stats.verdict(p_adj, tost_adj, alpha, loc.forced)
-    return Cell(loc, Analysed(endpoint.name, test, verdict, loc.estimate, p_adj, tost_adj,
-                              sample.paired, sample.n_pairs))
+    return Cell(loc, Analysed(endpoint=endpoint.name, test=test, verdict=verdict,
+                              mean_diff=loc.estimate, p_adjusted=p_adj, tost_p_adjusted=tost_adj,
+                              paired=sample.paired, n_pairs=sample.n_pairs, ci95=loc.ci95,
+                              tost_ci90=loc.ci90))
 
 
 def _robustness(verdicts: dict[tuple[str, str], Analysed],

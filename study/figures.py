@@ -5,9 +5,8 @@
 Every `plot_*` function draws ONE stratum on one Axes (`ax=None` makes a fresh figure) and returns
 the Axes. `make_figures` facets those over the strata of a `Results` (never pooling strata) and
 saves each figure twice: PNG for MLflow/Markdown, SVG for the PDF. Saving is byte-deterministic:
-same data, same files. No figure computes a statistic that `Results` holds: intervals, SDs and
-verdicts are read from it, so the figures show the numbers of results.json. The one statistic
-drawn here is the per-epoch band of the learning curves, which `Results` does not hold.
+same data, same files. No figure computes a statistic: intervals, SDs, verdicts and the
+learning-curve bands are read from `Results`, so the figures show the numbers of results.json.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
 
-from study import stats as study_stats
-from study.results import Comparison, Endpoint, Group, Results, Stratum
+from study.results import Comparison, Curve, Endpoint, Group, Results, Stratum
+from study.results_diagnostics import Diagnostics, KeepRecord, SourceRecord
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
 _SVG_SALT = "d2l-dropout-study"
@@ -108,18 +107,6 @@ def select_stratum(frame: pd.DataFrame, stratum: dict[str, Any]) -> pd.DataFrame
     return frame[mask]
 
 
-def curve_band(values: Sequence[float]) -> tuple[float, float]:
-    """The 95% t interval of the mean across seeds at one epoch (`stats.mean_ci`): the band of
-    the learning curves, a statistic `Results` does not hold. One seed: a zero-width band."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    ci = study_stats.mean_ci(x)
-    if ci is None:
-        m = float(x.mean()) if len(x) else math.nan
-        return m, m
-    return ci
-
-
 def _palette(order: list[str]) -> dict[str, Any]:
     return dict(zip(order, sns.color_palette("colorblind", len(order))))
 
@@ -177,27 +164,33 @@ def _mark_off_scale(ax: Axes, frame: pd.DataFrame, order: list[str], floor: floa
         if low.empty:
             continue
         ax.plot([x], [floor], marker="v", color="black", markersize=6, clip_on=False, zorder=5)
-        ax.annotate(f"{len(low)} run(s)\nmean {low['acc'].mean():.1f}%", (x, floor),
+        # The range of the runs themselves, not a mean: no figure computes a statistic.
+        lo, hi = low["acc"].min(), low["acc"].max()
+        at = f"at {lo:.1f}%" if round(lo, 1) == round(hi, 1) else f"{lo:.1f}\u2013{hi:.1f}%"
+        ax.annotate(f"{len(low)} run(s)\n{at}", (x, floor),
                     xytext=(0, 6), textcoords="offset points", ha="center", va="bottom",
                     fontsize=6)
 
 
-def plot_learning_curves(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, *,
+def plot_learning_curves(curves: Sequence[Curve], metric: str, *,
                          order: list[str] | None = None, palette: dict[str, Any] | None = None,
                          ax: Axes | None = None) -> Axes:
-    """Mean per epoch across seeds with a 95% t-interval band, one line per setting."""
+    """One stratum's `Results.curves` of `metric`: the mean per epoch across seeds with its 95%
+    t-interval band (as the analysis computed them), one line per setting."""
     ax = _new_axes(ax)
-    keyed = with_setting(runs)[["run_id", "setting"]]
-    frame = curves[curves["metric"] == metric].merge(keyed, on="run_id", how="inner")
-    frame = frame[np.isfinite(frame["value"].astype(float))].copy()
-    scale = 100.0 if metric in PERCENT_METRICS else 1.0
-    frame["y"] = frame["value"].astype(float) * scale
-    order = order or setting_order(with_setting(runs))
+    by_setting = {setting_label(c.dropout1, c.dropout2): c for c in curves if c.metric == metric}
+    order = order or list(by_setting)
     palette = palette or _palette(order)
-    present = [s for s in order if s in set(frame["setting"])]
-    sns.lineplot(data=frame, x="epoch", y="y", hue="setting", hue_order=present, palette=palette,
-                 errorbar=curve_band, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax,
-                 marker="o", markersize=3, linewidth=1.2)
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    for setting in (s for s in order if s in by_setting):
+        points = by_setting[setting].points
+        epochs = [p.epoch for p in points]
+        # One seed has no interval: a zero-width band at its value.
+        band = [p.ci95 or (p.mean, p.mean) for p in points]
+        ax.fill_between(epochs, [lo * scale for lo, _ in band], [hi * scale for _, hi in band],
+                        color=palette[setting], alpha=0.18, linewidth=0)
+        ax.plot(epochs, [p.mean * scale for p in points], color=palette[setting], marker="o",
+                markersize=3, linewidth=1.2, label=setting)
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if metric == "train_loss":
@@ -366,12 +359,12 @@ IMPLEMENTATION_MARKERS = {"torch": "o", "scratch": "s", "scratch-randn": "D"}
 KEEP_DODGE = 0.015
 
 
-def plot_keep_rates(records: Sequence[dict[str, Any]], *, ax: Axes | None = None) -> Axes:
+def plot_keep_rates(records: Sequence[KeepRecord], *, ax: Axes | None = None) -> Axes:
     """Measured keep rate (diagnostics `keep_rates` records) against the drop probability p,
     one marker per implementation, over the nominal 1 - p and, where scratch-randn ran, the
     P(N(0,1) > p) its `randn > p` mask draws."""
     ax = _new_axes(ax)
-    impls = sorted({r["implementation"] for r in records}, key=lambda i: (i != "torch", i))
+    impls = sorted({r.implementation for r in records}, key=lambda i: (i != "torch", i))
     grid = np.linspace(0.0, 1.0, 101)
     ax.plot(grid, 1 - grid, color="black", linewidth=0.8, label="nominal 1 − p")
     if "scratch-randn" in impls:
@@ -380,8 +373,8 @@ def plot_keep_rates(records: Sequence[dict[str, Any]], *, ax: Axes | None = None
                 label="P(N(0,1) > p)")
     colours = dict(zip(impls, sns.color_palette("colorblind", len(impls))))
     for k, impl in enumerate(impls):
-        pts = [(r["p"], r["observed"]) for r in records
-               if r["implementation"] == impl and r.get("observed") is not None]
+        pts = [(r.p, r.observed) for r in records
+               if r.implementation == impl and r.observed is not None]
         shift = (k - (len(impls) - 1) / 2) * KEEP_DODGE
         ax.plot([x + shift for x, _ in pts], [y for _, y in pts], linestyle="none",
                 marker=IMPLEMENTATION_MARKERS.get(impl, "^"), color=colours[impl], markersize=5,
@@ -394,19 +387,19 @@ def plot_keep_rates(records: Sequence[dict[str, Any]], *, ax: Axes | None = None
     return ax
 
 
-def plot_source_sds(records: Sequence[dict[str, Any]], *, ax: Axes | None = None) -> Axes:
+def plot_source_sds(records: Sequence[SourceRecord], *, ax: Axes | None = None) -> Axes:
     """Seed-to-seed SD (pp) per varied random source (diagnostics `variance_sources` records)
     with its bootstrap 95% CI, one colour per setting, dodged along the source axis."""
     ax = _new_axes(ax)
-    sources = list(dict.fromkeys(r["source"] for r in records))
+    sources = list(dict.fromkeys(r.source for r in records))
     settings = list(dict.fromkeys(_source_group(r) for r in records))
     palette = dict(zip(settings, sns.color_palette("colorblind", len(settings))))
     width = 0.6 / max(len(settings), 1)
     for k, group in enumerate(settings):
         shift = (k - (len(settings) - 1) / 2) * width
-        for r in (r for r in records if _source_group(r) == group and r.get("sd") is not None):
-            sd, ci = r["sd"] * 100, r.get("sd_ci95") or [r["sd"], r["sd"]]
-            interval_bar(ax, sources.index(r["source"]) + shift, sd, ci[0] * 100, ci[1] * 100,
+        for r in (r for r in records if _source_group(r) == group and r.sd is not None):
+            sd, ci = r.sd * 100, r.sd_ci95 or (r.sd, r.sd)
+            interval_bar(ax, sources.index(r.source) + shift, sd, ci[0] * 100, ci[1] * 100,
                          color=palette[group], markersize=4, label=group)
     ax.set_xticks(range(len(sources)), sources)
     ax.set_xlim(-0.5, len(sources) - 0.5)
@@ -419,8 +412,8 @@ def plot_source_sds(records: Sequence[dict[str, Any]], *, ax: Axes | None = None
     return ax
 
 
-def _source_group(record: dict[str, Any]) -> str:
-    return setting_label(record["dropout1"], record["dropout2"])
+def _source_group(record: SourceRecord) -> str:
+    return setting_label(record.dropout1, record.dropout2)
 
 
 def _drop_legend(ax: Axes) -> None:
@@ -464,7 +457,7 @@ CAPTIONS = {
     "final_accuracy": "Final test accuracy per dropout setting; each dot is one seed (first "
                       "replicate of each cell, as in every figure), boxes show "
                       "median and IQR. Runs far below the healthy ones are drawn as triangles on "
-                      "the bottom edge with their mean.",
+                      "the bottom edge with their count and accuracy.",
     "curves_test_acc": "Test accuracy after each epoch (eval mode): mean across seeds with a 95% "
                        "Student-t band, one line per setting.",
     "curves_train_loss": "Training loss per epoch (train mode, dropout on, averaged over "
@@ -564,12 +557,10 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
     # Replicates repeat a cell exactly; drawing them would count one seed twice.
     table = _first_replicates(table)
 
-    def final(s, runs, ax):
-        plot_final_accuracy(runs, order=_present(order, runs), palette=palette, ax=ax)
-
     def curves(metric):
         def draw(s, runs, ax):
-            plot_learning_curves(table.curves, runs, metric, order=order, palette=palette, ax=ax)
+            plot_learning_curves(_in_stratum(results.curves, s), metric, order=order,
+                                 palette=palette, ax=ax)
         return draw
 
     def forest(s, runs, ax):
@@ -585,7 +576,7 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
 
     lines = _setting_handles(palette)
     per_stratum = [
-        _draw_facets("final_accuracy", results, table, out_dir, final),
+        final_accuracy_figure(results, table, out_dir, order, palette),
         _draw_facets("curves_test_acc", results, table, out_dir, curves("test_acc"), lines),
         _draw_facets("curves_train_loss", results, table, out_dir, curves("train_loss"), lines),
         _draw_facets("sd", results, table, out_dir, sd),
@@ -598,16 +589,81 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
     return per_stratum + diagnostic_figures(results.diagnostics, out_dir)
 
 
-def diagnostic_figures(diag: dict[str, Any] | None, out_dir: Path) -> list[FigureFile]:
+def at_chance(groups: Sequence[Group]) -> list[Group]:
+    """The settings without a single run above chance: every run `degenerate` (its final test
+    accuracy within the training code's margin of 10%) or diverged."""
+    return [g for g in groups if not g.status_counts.get("ok")]
+
+
+def final_accuracy_figure(results: Results, table: Any, out_dir: Path, order: list[str],
+                          palette: dict[str, Any]) -> FigureFile:
+    """Final test accuracy per stratum. When some setting sits at chance (e.g. (1, 1) at 10%),
+    its scale squeezes the healthy settings into one band, so each stratum gets a second
+    panel zoomed on the settings above chance; the caption names the settings left out."""
+    frames = _stratum_frames(results, table.runs)
+    out = {str(s.stratum): at_chance(_in_stratum(results.groups, s)) for s in results.strata}
+    zoom = any(out.values())
+    titles = panel_titles(results.strata)
+    with style():
+        fig, axes = facet(len(frames) * (2 if zoom else 1), MAX_COLUMNS)
+        for i, ((stratum, runs), title) in enumerate(zip(frames, titles)):
+            panels = axes[2 * i:2 * i + 2] if zoom else axes[i:i + 1]
+            plot_final_accuracy(runs, order=_present(order, runs), palette=palette, ax=panels[0])
+            if zoom:
+                _zoom_panel(runs, out[str(stratum.stratum)], order, palette, panels[1])
+            where = f"{title}: " if len(frames) > 1 else ""
+            for ax, what in zip(panels, ("all settings", "settings above chance")):
+                if zoom:
+                    ax.set_title(where + what)
+                    # Half-width panels: six setting labels would run into each other.
+                    ax.tick_params(axis="x", labelrotation=30)
+                    for label in ax.get_xticklabels():
+                        label.set_horizontalalignment("right")
+                elif len(frames) > 1:
+                    ax.set_title(title)
+    png, svg = save(fig, out_dir, "final_accuracy")
+    text = caption("final_accuracy", results) + _zoom_caption(results, out)
+    return FigureFile("final_accuracy", png, svg, text, float(fig.get_figwidth()))
+
+
+def _zoom_panel(runs: pd.DataFrame, left_out: Sequence[Group], order: list[str],
+                palette: dict[str, Any], ax: Axes) -> None:
+    left = {setting_label(g.dropout1, g.dropout2) for g in left_out}
+    kept = runs[~with_setting(runs)["setting"].isin(left).to_numpy()]
+    if not np.isfinite(kept["test_acc"].to_numpy(dtype=float)).any():
+        ax.text(0.5, 0.5, "no setting above chance", ha="center", va="center",
+                transform=ax.transAxes, fontsize=7)
+        ax.set_axis_off()
+        return
+    plot_final_accuracy(kept, order=_present(order, kept), palette=palette, ax=ax)
+
+
+def _zoom_caption(results: Results, out: dict[str, list[Group]]) -> str:
+    if not any(out.values()):
+        return ""
+    labels = {str(s.stratum): s.label for s in results.strata}
+    several = len(results.strata) > 1
+    left = "; ".join(
+        f"{setting_label(g.dropout1, g.dropout2)}"
+        f"{' in ' + labels[key] if several else ''} (runs by status: "
+        f"{', '.join(f'{k} {v}' for k, v in sorted(g.status_counts.items()))})"
+        for key, groups in out.items() for g in groups)
+    return (f" Right: the same runs zoomed on the settings with a run above chance, leaving out "
+            f"{left}: no run of theirs learned beyond chance (10%), and their scale would "
+            f"squeeze the healthy settings into one band.")
+
+
+def diagnostic_figures(diag: Diagnostics | None, out_dir: Path) -> list[FigureFile]:
     """One single-panel figure per applicable section of `Results.diagnostics` that has one."""
-    diag = diag or {}
+    if diag is None:
+        return []
     draw = {"keep_rates": plot_keep_rates, "variance_sources": plot_source_sds}
     out = []
     for name in DIAGNOSTIC_FIGURES:
-        section = diag.get(name) or {}
-        if section.get("applicable") and section.get("records"):
+        section = getattr(diag, name)
+        if section.applicable and section.records:
             out.append(_single_figure(name, out_dir, lambda ax, f=draw[name], s=section:
-                                      f(s["records"], ax=ax)))
+                                      f(s.records, ax=ax)))
     return out
 
 

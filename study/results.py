@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from study.results_diagnostics import Diagnostics
 from study.table import jsonable
 
 Interval = tuple[float, float]
@@ -112,6 +113,12 @@ class Analysed:
     tost_p_adjusted: float | None
     paired: bool
     n_pairs: int
+    # The test's own interval for `mean_diff`: t interval (t), the distribution-free
+    # Hodges-Lehmann interval from the exact signed-rank / Mann-Whitney law (rank), Yuen's
+    # interval (trimmed). `tost_ci90` is the 90% one, inside +-margin iff the unadjusted TOST
+    # passes (for ranks up to discreteness and ties). None where not computable.
+    ci95: Interval | None = None
+    tost_ci90: Interval | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,29 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """One epoch of a learning curve: the mean across seeds and its 95% t interval."""
+
+    epoch: int
+    n: int  # runs with a finite value at this epoch
+    mean: float
+    ci95: Interval | None  # None with one run (the figure draws a zero-width band)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A setting's per-epoch curve of one metric in one stratum: the learning-curve band the
+    figures draw. Every first run with a finite value at an epoch enters that epoch, so a run
+    that diverged late still shows where it was before."""
+
+    stratum: dict[str, Any]
+    dropout1: float
+    dropout2: float
+    metric: str  # test_acc (eval mode, after each evaluated epoch) | train_loss
+    points: list[CurvePoint]
+
+
+@dataclass(frozen=True)
 class Results:
     experiment: str
     baseline: list[float]
@@ -193,12 +223,14 @@ class Results:
     # Declared contrasts between two settings (`analysis.contrasts`); `baseline` holds the
     # reference setting. A Holm family of their own in each stratum.
     contrasts: list[Comparison] = field(default_factory=list)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+    diagnostics: Diagnostics | None = None  # None: not analysed (written as {})
+    curves: list[Curve] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form: plain JSON types, no NaN. `variance_ratio` (and its interval)
         repeat `sd_ratio` under its old name for one release: it always was an SD ratio."""
         out = jsonable(dataclasses.asdict(self))
+        out["diagnostics"] = out["diagnostics"] or {}
         for c in out["comparisons"] + out["contrasts"]:
             c["variance_ratio"], c["variance_ratio_ci95"] = c["sd_ratio"], c["sd_ratio_ci95"]
         return out

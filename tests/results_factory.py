@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from study import protocol as protocol_module
+from study.analysis import learning_curves
 from study.results import Analysed, Comparison, Group, Omnibus, Results, Stratum
 from study.table import RunTable
 
@@ -134,9 +135,12 @@ def make_group(stratum: dict[str, Any], runs: pd.DataFrame, d1: float, d2: float
 
 def _multiverse(setting: tuple[float, float], verdict: str, diff: float) -> list[Analysed]:
     off = OFF_PRIMARY.get(setting, {})
+    # Each test its own interval, 1 pp wider per test, so a table cell shows where it came from.
     return [Analysed(endpoint=e, test=t, verdict=off.get((e, t), verdict), mean_diff=diff,
-                     p_adjusted=0.01, tost_p_adjusted=0.3, paired=True, n_pairs=5)
-            for e in ENDPOINTS for t in TESTS]
+                     p_adjusted=0.01, tost_p_adjusted=0.3, paired=True, n_pairs=5,
+                     ci95=(diff - 0.01 * (k + 1), diff + 0.01 * (k + 1)),
+                     tost_ci90=(diff - 0.008 * (k + 1), diff + 0.008 * (k + 1)))
+            for e in ENDPOINTS for k, t in enumerate(TESTS)]
 
 
 def make_comparison(stratum: dict[str, Any], groups: dict[tuple, Group], d1: float,
@@ -169,7 +173,7 @@ def make_comparison(stratum: dict[str, Any], groups: dict[tuple, Group], d1: flo
 
 
 def make_results(table: RunTable) -> Results:
-    strata, groups, comparisons = [], [], []
+    strata, groups, comparisons, curves = [], [], [], []
     first = table.runs[table.runs.replicate == 0]
     for impl, runs in first.groupby("implementation", sort=False):
         stratum = {**STRATUM_BASE, "implementation": impl}
@@ -179,13 +183,14 @@ def make_results(table: RunTable) -> Results:
         by_setting = {s: make_group(stratum, runs, *s) for s in SETTINGS}
         groups += by_setting.values()
         comparisons += [make_comparison(stratum, by_setting, *s) for s in SETTINGS if s != BASELINE]
+        curves += learning_curves(stratum, runs, table.curves)  # the analysis's own bands
     return Results(
         experiment=table.experiment_name, baseline=list(BASELINE), alpha=0.05,
         equivalence_margin=0.005, power=0.8, bootstrap=10000, seed=0, metric="test_acc",
         endpoint="final", robustness_endpoints=list(ENDPOINTS), robustness_tests=list(TESTS),
         endpoints_left_out=list(LEFT_OUT), stratified_by=["implementation"],
         n_runs=int(len(first)), n_replicate_runs_ignored=int(len(table.runs) - len(first)),
-        strata=strata, groups=groups, comparisons=comparisons)
+        strata=strata, groups=groups, comparisons=comparisons, curves=curves)
 
 
 def comparison_at(results: Results, setting: tuple[float, float], stratum: int = 0) -> Comparison:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -12,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
+from scipy.stats import mstats
 from statsmodels.stats.multitest import multipletests
 
-from study import analysis
+from study import analysis, stats
 from study.protocol import Analysis
 from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
@@ -262,3 +264,147 @@ def test_write_is_byte_identical_and_flattens(tmp_path):
     assert len(pd.read_csv(first[5])) == len(table.runs)
     loaded = json.loads(first[0].read_text())
     assert loaded["metric"] == "test_acc" and loaded["baseline"] == [0.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- each analysis's interval
+
+
+def _cells(results, setting, endpoint: str = "final") -> dict:
+    (c,) = [c for c in results.comparisons if (c.dropout1, c.dropout2) == setting]
+    return {a.test: a for a in c.multiverse if a.endpoint == endpoint}
+
+
+def _rank_k(null_sums: list[float], level: float) -> int:
+    """Brute force: k = the smallest c with P(S <= c) > (1 - level) / 2 under the enumerated null,
+    so [W_(k), W_(N-k+1)] holds the shifts the two-sided rank test does not reject."""
+    s = np.array(null_sums)
+    return next(c for c in range(int(s.max()) + 1) if np.mean(s <= c) > (1 - level) / 2)
+
+
+def test_rank_cells_carry_the_paired_hodges_lehmann_interval():
+    rng, base = _seeded(10, seed=7)
+    base = np.round(base, 4)
+    x = np.round(base + 0.004 + rng.normal(0, 0.003, 10), 4)
+    results = analysis.analyze(_table(_runs({BASE: base, (0.2, 0.5): x})), BASE, OPTIONS)
+    cell = _cells(results, (0.2, 0.5))["rank"]
+    assert cell.paired and cell.n_pairs == 10
+    d = np.rint((x - base) / 1e-4)  # whole test images
+    walsh = sorted((d[i] + d[j]) / 2 for i in range(10) for j in range(i, 10))  # 55 of them
+    # The exact signed-rank law at n = 10 from all 2^10 sign patterns. Printed tables give the
+    # two-sided critical values 8 (alpha 0.05) and 10 (alpha 0.10): k is one more.
+    t_plus = [sum(r for r, s in zip(range(1, 11), signs) if s)
+              for signs in itertools.product((0, 1), repeat=10)]
+    k95, k90 = _rank_k(t_plus, 0.95), _rank_k(t_plus, 0.90)
+    assert (k95 - 1, k90 - 1) == (8, 10)
+    assert cell.mean_diff == pytest.approx(np.median(walsh) * 1e-4)
+    assert cell.ci95 == pytest.approx((walsh[k95 - 1] * 1e-4, walsh[55 - k95] * 1e-4))
+    assert cell.tost_ci90 == pytest.approx((walsh[k90 - 1] * 1e-4, walsh[55 - k90] * 1e-4))
+
+
+def _unpaired_accs() -> tuple[np.ndarray, np.ndarray, dict]:
+    """5 seeds of the setting and 6 of the baseline, none shared: the unpaired tests."""
+    rng = np.random.default_rng(12)
+    x = np.round(0.855 + rng.normal(0, 0.004, 5), 4)
+    y = np.round(0.850 + rng.normal(0, 0.004, 6), 4)
+    return x, y, {(0.2, 0.5): range(100, 105), BASE: range(6)}
+
+
+def test_rank_cells_carry_the_unpaired_hodges_lehmann_interval():
+    x, y, seeds = _unpaired_accs()
+    table = _table(_runs({BASE: y, (0.2, 0.5): x}, seeds=seeds))
+    cell = _cells(analysis.analyze(table, BASE, OPTIONS), (0.2, 0.5))["rank"]
+    assert not cell.paired
+    diffs = sorted(np.rint(a / 1e-4) - np.rint(b / 1e-4) for a in x for b in y)  # 30
+    # The exact Mann-Whitney law of n1 = 5, n2 = 6 from all C(11, 5) = 462 rank subsets.
+    # Printed tables give the two-sided critical U 3 (alpha 0.05) and 5 (alpha 0.10).
+    u = [sum(ranks) - 15 for ranks in itertools.combinations(range(1, 12), 5)]
+    k95, k90 = _rank_k(u, 0.95), _rank_k(u, 0.90)
+    assert (k95 - 1, k90 - 1) == (3, 5)
+    assert cell.mean_diff == pytest.approx(np.median(diffs) * 1e-4)
+    assert cell.ci95 == pytest.approx((diffs[k95 - 1] * 1e-4, diffs[30 - k95] * 1e-4))
+    assert cell.tost_ci90 == pytest.approx((diffs[k90 - 1] * 1e-4, diffs[30 - k90] * 1e-4))
+
+
+def test_trimmed_cells_carry_yuens_interval_as_scipy_computes_it():
+    x, y, seeds = _unpaired_accs()
+    table = _table(_runs({BASE: y, (0.2, 0.5): x}, seeds=seeds))
+    cell = _cells(analysis.analyze(table, BASE, OPTIONS), (0.2, 0.5))["trimmed"]
+    ref = sps.ttest_ind(x, y, equal_var=False, trim=0.2)
+    assert cell.mean_diff == pytest.approx(sps.trim_mean(x, 0.2) - sps.trim_mean(y, 0.2))
+    assert cell.ci95 == pytest.approx(tuple(ref.confidence_interval(0.95)))
+    assert cell.tost_ci90 == pytest.approx(tuple(ref.confidence_interval(0.90)))
+
+
+def test_paired_trimmed_cells_carry_wilcoxs_yuend_interval():
+    """scipy has no paired Yuen test: the reference is Wilcox's (2012) `yuend` formula from
+    scipy's winsorize and trim_mean; its coverage is checked by simulation in the next test."""
+    rng, base = _seeded(10, seed=9)
+    x = base + 0.003 + rng.normal(0, 0.003, 10)
+    cell = _cells(analysis.analyze(_table(_runs({BASE: base, (0.2, 0.5): x})), BASE, OPTIONS),
+                  (0.2, 0.5))["trimmed"]
+    wx = np.asarray(mstats.winsorize(x, limits=(0.2, 0.2)))
+    wy = np.asarray(mstats.winsorize(base, limits=(0.2, 0.2)))
+    h = 10 - 2 * 2
+    se = math.sqrt(9 * (wx.var(ddof=1) + wy.var(ddof=1) - 2 * np.cov(wx, wy)[0, 1]) / (h * (h - 1)))
+    est = sps.trim_mean(x, 0.2) - sps.trim_mean(base, 0.2)
+    assert cell.paired and cell.mean_diff == pytest.approx(est)
+    for got, level in ((cell.ci95, 0.95), (cell.tost_ci90, 0.90)):
+        half = sps.t.ppf(0.5 + level / 2, h - 1) * se
+        assert got == pytest.approx((est - half, est + half))
+
+
+def test_paired_rank_and_trimmed_intervals_cover_at_their_level():
+    """Monte Carlo, 1000 correlated normal pairs at n = 10 with a true shift 0.3 (symmetric, so
+    the HL and trimmed-mean shifts are 0.3 too): HL's exact level is 1 - 2 * 25/1024 = 0.951;
+    Yuen's is approximately 0.95. 3 SE of a share near 0.95 over 1000 is 0.02."""
+    rng = np.random.default_rng(0)
+    hits = {"rank": 0, "trimmed": 0}
+    for _ in range(1000):
+        z = rng.multivariate_normal([0.3, 0.0], [[1, 0.6], [0.6, 1]], size=10)
+        for family in hits:
+            lo, hi = stats.location_ci(family, z[:, 0], z[:, 1], paired=True, level=0.95)
+            hits[family] += lo <= 0.3 <= hi
+    assert hits["rank"] / 1000 == pytest.approx(1 - 2 * 25 / 1024, abs=0.02)
+    assert hits["trimmed"] / 1000 == pytest.approx(0.95, abs=0.02)
+
+
+def test_multiverse_csv_has_each_analysis_interval_and_the_stratum(tmp_path):
+    rng, base = _seeded(10)
+    table = _table(_runs({BASE: base, (0.2, 0.5): base + rng.normal(0.002, 0.002, 10)}))
+    results = analysis.analyze(table, BASE, OPTIONS)
+    verse = pd.read_csv(analysis.write(results, table, tmp_path)[4])
+    assert {"device", "ci95_lo", "ci95_hi", "tost_ci90_lo", "tost_ci90_hi"} <= set(verse.columns)
+    c = results.comparisons[0]
+    (primary,) = [a for a in c.multiverse if (a.endpoint, a.test) == ("final", "t")]
+    assert (primary.ci95, primary.tost_ci90) == (c.mean_diff_ci95, c.tost_ci90)
+    for a, row in zip(c.multiverse, verse.itertuples()):
+        assert (row.endpoint, row.test) == (a.endpoint, a.test)
+        assert (row.ci95_lo, row.ci95_hi) == pytest.approx(a.ci95)
+        assert (row.tost_ci90_lo, row.tost_ci90_hi) == pytest.approx(a.tost_ci90)
+
+
+def test_learning_curves_are_per_epoch_means_with_scipys_t_interval():
+    rng, base = _seeded(4)
+    rows = _runs({BASE: base, (0.2, 0.5): base + 0.01}) + [_row((1.0, 1.0), 0, 0.1)]
+    rows[1]["test_acc"] = math.nan  # seed 1 of the baseline diverged in its last epoch
+    epochs = {r["run_id"]: 0.80 + 0.01 * np.arange(3) + rng.normal(0, 0.004, 3) for r in rows}
+    epochs[rows[1]["run_id"]][2] = math.nan
+    curves = pd.DataFrame([{"run_id": run, "epoch": e + 1, "metric": m, "value": v[e] * f}
+                           for run, v in epochs.items() for e in range(3)
+                           for m, f in (("test_acc", 1.0), ("train_loss", 0.5), ("train_acc", 1.0))])
+    table = RunTable("1", "synthetic", pd.DataFrame(rows, columns=list(RUN_COLUMNS)), curves)
+    results = analysis.analyze(table, BASE, OPTIONS)
+    assert {c.metric for c in results.curves} == set(analysis.CURVE_METRICS)  # not train_acc
+    base_acc = next(c for c in results.curves
+                    if (c.dropout1, c.dropout2) == BASE and c.metric == "test_acc")
+    runs = [epochs[r["run_id"]] for r in rows[:4]]
+    for p in base_acc.points:
+        x = np.array([v[p.epoch - 1] for v in runs])
+        x = x[np.isfinite(x)]  # the diverged run counts where it was finite
+        ref = sps.t.interval(0.95, x.size - 1, loc=x.mean(), scale=sps.sem(x))
+        assert (p.n, p.mean) == (x.size, pytest.approx(x.mean()))
+        assert p.ci95 == pytest.approx(ref)
+    assert [p.n for p in base_acc.points] == [4, 4, 3]
+    lone = next(c for c in results.curves if (c.dropout1, c.dropout2) == (1.0, 1.0))
+    assert all(p.n == 1 and p.ci95 is None for p in lone.points)
+    json.dumps(results.to_json(), allow_nan=False)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,8 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_paired
 
 from study import analysis, diagnostics
+from study.report.diagnostic_text import keep_finding, summers_finding
+from study.results_diagnostics import Diagnostics, MaxAbsDiff
 from study.protocol import Analysis
 from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
@@ -44,15 +47,21 @@ def _table(rows: list[dict]) -> RunTable:
     return RunTable("1", "synthetic", pd.DataFrame(rows, columns=list(RUN_COLUMNS)), curves)
 
 
-def _diag(rows: list[dict], seed: int = 0) -> dict:
+def _diag(rows: list[dict], seed: int = 0) -> Diagnostics:
     out = diagnostics.analyze(_table(rows), OPTIONS, seed)
-    json.dumps(out, allow_nan=False)  # no NaN or infinity anywhere
+    # No NaN or infinity anywhere, plain JSON types only, and the JSON form reads back into
+    # the same objects (a NaN would not compare equal; a NumPy integer would not serialise).
+    text = json.dumps(dataclasses.asdict(out), allow_nan=False)
+    assert Diagnostics.from_json(json.loads(text)) == out
     return out
 
 
-def _one(records: list[dict], **match) -> dict:
-    (r,) = [r for r in records if all(r.get(k, r.get("stratum", {}).get(k)) == v
-                                       for k, v in match.items())]
+def _field(record, key):
+    return getattr(record, key) if hasattr(record, key) else record.stratum.get(key)
+
+
+def _one(records: list, **match):
+    (r,) = [r for r in records if all(_field(r, k) == v for k, v in match.items())]
     return r
 
 
@@ -132,23 +141,22 @@ def _replicated(modes=("default",), seeds=range(4), accs=None, sha_of=None) -> l
 
 def test_identical_replicates_share_one_and_zero_nondeterminism_variance():
     out = _diag(_replicated(modes=("default", "benchmark", "strict")))
-    rec = out["replicates"]
-    assert rec["applicable"] and len(rec["records"]) == 3
-    r = _one(rec["records"], determinism="default")
-    assert r["share_identical"] == 1.0 and r["n_replicates"] == 8 and r["n_cells"] == 8
-    assert r["nondeterminism_var"] == 0.0 and r["nondeterminism_sd"] == 0.0
-    assert r["variance_ratio"] == 0.0 and r["max_abs_diff"] == {"test_acc": 0.0, "train_loss": 0.0}
-    assert "exactly 0" in r["reason"] and "bitwise identical" in r["finding"]
-    assert r["seed_var"] > 0 and r["share_identical_ci95"][1] == 1.0
+    rec = out.replicates
+    assert rec.applicable and len(rec.records) == 3
+    r = _one(rec.records, determinism="default")
+    assert r.share_identical == 1.0 and r.n_replicates == 8 and r.n_cells == 8
+    assert r.nondeterminism_var == 0.0 and r.nondeterminism_sd == 0.0
+    assert r.variance_ratio == 0.0 and r.max_abs_diff == MaxAbsDiff(test_acc=0.0, train_loss=0.0)
+    assert "exactly 0" in r.reason and r.n_identical == r.n_hash_compared == 8
+    assert r.seed_var > 0 and r.share_identical_ci95[1] == 1.0
     # Modes: the same weights under every mode is a null result, stated as "no change observed".
-    modes = out["modes"]
-    assert modes["reference"] == "default" and len(modes["records"]) == 2
-    for m in modes["records"]:
-        assert m["no_change_observed"] and m["share_identical"] == 1.0 and m["n_pairs"] == 8
-        assert m["verdict"] == "equivalent" and "by construction" in m["reason"]
-        assert m["finding"].startswith("No change observed") and "not proof" in m["finding"]
-    assert not out["devices"]["applicable"] and not out["implementations"]["applicable"]
-    assert not out["variance_sources"]["applicable"] and not out["keep_rates"]["applicable"]
+    modes = out.modes
+    assert modes.reference == "default" and len(modes.records) == 2
+    for m in modes.records:
+        assert m.no_change_observed and m.share_identical == 1.0 and m.n_pairs == 8
+        assert m.verdict == "equivalent" and "by construction" in m.reason
+    assert not out.devices.applicable and not out.implementations.applicable
+    assert not out.variance_sources.applicable and not out.keep_rates.applicable
 
 
 def test_planted_replicate_differences_are_detected_and_match_anova():
@@ -162,17 +170,16 @@ def test_planted_replicate_differences_are_detected_and_match_anova():
 
     rows = _replicated(modes=("default", "benchmark"), sha_of=perturb)
     out = _diag(rows)
-    r = _one(out["replicates"]["records"], determinism="benchmark")
-    assert r["n_hash_compared"] == 8 and r["n_identical"] == 4 and r["share_identical"] == 0.5
-    assert r["max_abs_diff"]["test_acc"] == pytest.approx(0.002 + max(noise[0], noise[1]))
+    r = _one(out.replicates.records, determinism="benchmark")
+    assert r.n_hash_compared == 8 and r.n_identical == 4 and r.share_identical == 0.5
+    assert r.max_abs_diff.test_acc == pytest.approx(0.002 + max(noise[0], noise[1]))
     frame = pd.DataFrame([x for x in rows if x["determinism"] == "benchmark"])
     frame["cell"] = frame["dropout1"].astype(str) + frame["seed"].astype(str)
-    assert r["nondeterminism_var"] == pytest.approx(smf.ols("test_acc ~ C(cell)", frame).fit().mse_resid)
+    assert r.nondeterminism_var == pytest.approx(smf.ols("test_acc ~ C(cell)", frame).fit().mse_resid)
     first = frame[frame["replicate"] == 0]
-    assert r["seed_var"] == pytest.approx(smf.ols("test_acc ~ C(dropout1)", first).fit().mse_resid)
-    assert r["variance_ratio"] == pytest.approx(r["nondeterminism_var"] / r["seed_var"])
-    assert "2 of 8" not in r["finding"] and "4 of 8 replicate(s) differ" in r["finding"]
-    assert _one(out["replicates"]["records"], determinism="default")["share_identical"] == 1.0
+    assert r.seed_var == pytest.approx(smf.ols("test_acc ~ C(dropout1)", first).fit().mse_resid)
+    assert r.variance_ratio == pytest.approx(r.nondeterminism_var / r.seed_var)
+    assert _one(out.replicates.records, determinism="default").share_identical == 1.0
 
 
 def test_mode_that_changes_results_is_measured():
@@ -184,17 +191,16 @@ def test_mode_that_changes_results_is_measured():
 
     rows = [r for r in _replicated(modes=("default", "strict"), seeds=range(6), sha_of=strict)
             if r["replicate"] == 0]
-    (m,) = _diag(rows)["modes"]["records"]
-    assert not m["no_change_observed"] and m["share_identical"] == 0.0 and m["n_pairs"] == 12
+    (m,) = _diag(rows).modes.records
+    assert not m.no_change_observed and m.share_identical == 0.0 and m.n_pairs == 12
     d = np.array([shift[s] for s in range(6)] * 2)
-    assert m["mean_diff"] == pytest.approx(d.mean())
+    assert m.mean_diff == pytest.approx(d.mean())
     ref = [r for r in rows if r["determinism"] == "default"]
     x = np.array([r["test_acc"] for r in rows if r["determinism"] == "strict"])
     y = np.array([r["test_acc"] for r in ref])
-    assert m["p"] == pytest.approx(sps.ttest_rel(x, y).pvalue)
+    assert m.p == pytest.approx(sps.ttest_rel(x, y).pvalue)
     # A real gap of ~0.004, shown to lie inside the 0.005 margin: "negligible" (stats.verdict).
-    assert m["p_adjusted"] == m["p"] and m["verdict"] == "negligible"
-    assert "differ bitwise" in m["finding"]
+    assert m.p_adjusted == m.p and m.verdict == "negligible"
 
 
 # ----------------------------------------------------------------------------- devices
@@ -212,19 +218,19 @@ def test_paired_cpu_gpu_comparison():
             rows.append(_row(setting, seed, base[seed] + gap[seed], device="cuda",
                              sha=f"g{setting}{seed}"))
     rows.append(_row((0.2, 0.5), 99, 0.86, device="cpu"))  # no cuda twin: not paired
-    out = _diag(rows)["devices"]
-    assert out["applicable"] and len(out["records"]) == 2
+    out = _diag(rows).devices
+    assert out.applicable and len(out.records) == 2
     raw = [sps.ttest_rel(*gaps[s]).pvalue for s in sorted(gaps)]
     adj = multipletests(raw, method="holm")[1]
     for (setting, (x, y)), p, pa in zip(sorted(gaps.items()), raw, adj):
-        r = _one(out["records"], dropout1=setting[0], dropout2=setting[1])
-        assert r["n_pairs"] == 8 and r["share_identical"] == 0.0 and r["n_identical"] == 0
-        assert r["mean_diff"] == pytest.approx((x - y).mean())
-        assert r["max_abs_diff"]["test_acc"] == pytest.approx(np.abs(x - y).max())
-        assert r["p"] == pytest.approx(p) and r["p_adjusted"] == pytest.approx(pa)
-        assert "device" not in r["stratum"] and r["stratum"]["determinism"] == "default"
-    only_cpu = _diag([_row(seed=s) for s in range(3)])["devices"]
-    assert not only_cpu["applicable"] and "cuda" in only_cpu["reason"]
+        r = _one(out.records, dropout1=setting[0], dropout2=setting[1])
+        assert r.n_pairs == 8 and r.share_identical == 0.0 and r.n_identical == 0
+        assert r.mean_diff == pytest.approx((x - y).mean())
+        assert r.max_abs_diff.test_acc == pytest.approx(np.abs(x - y).max())
+        assert r.p == pytest.approx(p) and r.p_adjusted == pytest.approx(pa)
+        assert "device" not in r.stratum and r.stratum["determinism"] == "default"
+    only_cpu = _diag([_row(seed=s) for s in range(3)]).devices
+    assert not only_cpu.applicable and "cuda" in only_cpu.reason
 
 
 # ----------------------------------------------------------------------------- sources of variance
@@ -245,28 +251,30 @@ def _sources(sds: dict[str, float], n: int = 10, settings=((0.2, 0.5),), seed: i
 def test_variance_sources_numbers_match_scipy():
     rows = _sources({"all": 0.004, "init": 0.004, "data": 0.0035, "dropout": 0.0005,
                      "bitflip": 0.0038}, n=10)
-    out = _diag(rows)["variance_sources"]
-    assert out["applicable"] and out["low_ratio"] == 0.5
+    out = _diag(rows).variance_sources
+    assert out.applicable and out.low_ratio == 0.5
     acc = {v: np.array([r["test_acc"] for r in rows if r["vary"] == v]) for v in diagnostics.SOURCES}
-    recs = {r["source"]: r for r in out["records"]}
+    recs = {r.source: r for r in out.records}
     assert list(recs) == ["all", "init", "data", "dropout", "bitflip"]
     for v in diagnostics.SOURCES:
-        assert recs[v]["sd"] == pytest.approx(acc[v].std(ddof=1)) and recs[v]["n"] == 10
-        lo, hi = recs[v]["sd_ci95"]
-        assert lo < recs[v]["sd"] < hi
+        assert recs[v].sd == pytest.approx(acc[v].std(ddof=1)) and recs[v].n == 10
+        lo, hi = recs[v].sd_ci95
+        assert lo < recs[v].sd < hi
     singles = ["init", "data", "dropout", "bitflip"]
     bf = [sps.levene(acc[v], acc["all"], center="median").pvalue for v in singles]
     for v, p, pa in zip(singles, bf, multipletests(bf, method="holm")[1]):
-        assert recs[v]["ratio"] == pytest.approx(acc[v].std(ddof=1) / acc["all"].std(ddof=1))
-        assert recs[v]["brown_forsythe_p"] == pytest.approx(p)
-        assert recs[v]["brown_forsythe_p_adjusted"] == pytest.approx(pa)
-        assert recs[v]["paired"] is True
-    assert recs["all"]["summers"] == "reference" and recs["all"]["ratio"] is None
-    assert recs["dropout"]["summers"] == "much_smaller"  # planted: 1/8 of the full spread
-    assert "against Summers" in recs["dropout"]["finding"]
-    (summary,) = out["summaries"]
-    assert summary["agreement"] == "disagree" and summary["sources"] == list(diagnostics.SOURCES)
-    assert summary["omnibus"]["p"] == pytest.approx(
+        assert recs[v].ratio == pytest.approx(acc[v].std(ddof=1) / acc["all"].std(ddof=1))
+        assert recs[v].brown_forsythe_p == pytest.approx(p)
+        assert recs[v].brown_forsythe_p_adjusted == pytest.approx(pa)
+        assert recs[v].paired is True
+    assert recs["all"].summers == "reference" and recs["all"].ratio is None
+    assert recs["dropout"].summers == "much_smaller"  # planted: 1/8 of the full spread
+    (summary,) = out.summaries
+    assert summary.agreement == "disagree" and summary.sources == list(diagnostics.SOURCES)
+    # The report names the source that breaks the claim.
+    text = summers_finding(summary, out.records, out.low_ratio)
+    assert "disagree with Summers" in text and "dropout: much smaller" in text
+    assert summary.omnibus.p == pytest.approx(
         sps.levene(*[acc[v] for v in diagnostics.SOURCES], center="median").pvalue)
 
 
@@ -278,20 +286,20 @@ def test_single_sources_with_the_full_spread_are_consistent_with_summers():
     for i, vary in enumerate(diagnostics.SOURCES):
         shuffled = np.random.default_rng(i).permutation(values)
         rows += [_row((0.2, 0.5), s, shuffled[s], vary=vary) for s in range(40)]
-    out = _diag(rows)["variance_sources"]
-    for r in out["records"][1:]:
-        assert r["ratio"] == pytest.approx(1.0)
-        assert r["summers"] == "consistent", r["ratio_ci95"]
-        assert r["ratio_ci95"][0] > 0.5 and r["ratio_ci95"][0] <= 1 <= r["ratio_ci95"][1]
-    assert out["summaries"][0]["agreement"] == "agree"
-    assert "agree with Summers" in out["summaries"][0]["finding"]
+    out = _diag(rows).variance_sources
+    for r in out.records[1:]:
+        assert r.ratio == pytest.approx(1.0)
+        assert r.summers == "consistent", r.ratio_ci95
+        assert r.ratio_ci95[0] > 0.5 and r.ratio_ci95[0] <= 1 <= r.ratio_ci95[1]
+    assert out.summaries[0].agreement == "agree"
+    assert "agree with Summers" in summers_finding(out.summaries[0], out.records, out.low_ratio)
 
 
 def test_dropout_source_at_p0_has_zero_spread_with_a_reason():
     rows = _sources({"all": 0.004, "dropout": 0.004}, n=6, settings=((0.0, 0.0),))
-    (all_, drop) = _diag(rows)["variance_sources"]["records"]
-    assert drop["sd"] == 0.0 and drop["ratio"] == 0.0 and "exactly 0" in drop["reason"]
-    assert drop["sd_ci95"] == [0.0, 0.0] and drop["summers"] == "much_smaller"
+    (all_, drop) = _diag(rows).variance_sources.records
+    assert drop.sd == 0.0 and drop.ratio == 0.0 and "exactly 0" in drop.reason
+    assert drop.sd_ci95 == (0.0, 0.0) and drop.summers == "much_smaller"
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -304,20 +312,21 @@ def test_keep_rates_report_the_randn_implementation_as_it_is():
                          keep=(0.3100 + s * 1e-4, 0.3090)))
         rows.append(_row((0.5, 0.5), s, 0.85, implementation="torch", keep=(0.5001, 0.4999)))
         rows.append(_row((0.0, 0.0), s, 0.85, implementation="torch", keep=(1.0, 1.0)))
-    out = _diag(rows)["keep_rates"]
-    assert out["applicable"]
-    randn = _one(out["records"], implementation="scratch-randn", layer=1)
-    assert randn["observed"] == pytest.approx(0.31015) and randn["nominal"] == 0.5
-    assert randn["n"] == 4 and randn["observed_sd"] == pytest.approx(np.std([0.31, 0.3101, 0.3102, 0.3103], ddof=1))
-    assert randn["expected"] == pytest.approx(sps.norm.sf(0.5))
-    assert randn["matches_expected"] and not randn["matches_nominal"]
-    assert randn["deviation"] == pytest.approx(0.31015 - 0.5)
-    assert randn["rescale"] == 2.0 and randn["activation_scale"] == pytest.approx(0.6203)
-    assert "31.0%" in randn["finding"] and "50.0%" in randn["finding"] and "0.62" in randn["finding"]
-    torch_ = _one(out["records"], implementation="torch", dropout1=0.5, layer=2)
-    assert torch_["matches_nominal"] and torch_["activation_scale"] == pytest.approx(0.9998)
-    p0 = _one(out["records"], implementation="torch", dropout1=0.0, layer=1)
-    assert p0["observed"] == 1.0 and p0["matches_nominal"]
+    out = _diag(rows).keep_rates
+    assert out.applicable
+    randn = _one(out.records, implementation="scratch-randn", layer=1)
+    assert randn.observed == pytest.approx(0.31015) and randn.nominal == 0.5
+    assert randn.n == 4 and randn.observed_sd == pytest.approx(np.std([0.31, 0.3101, 0.3102, 0.3103], ddof=1))
+    assert randn.expected == pytest.approx(sps.norm.sf(0.5))
+    assert randn.matches_expected and not randn.matches_nominal
+    assert randn.deviation == pytest.approx(0.31015 - 0.5)
+    assert randn.rescale == 2.0 and randn.activation_scale == pytest.approx(0.6203)
+    text = keep_finding(randn)  # the report's sentence for it
+    assert "31.0%" in text and "50.0%" in text and "0.62" in text
+    torch_ = _one(out.records, implementation="torch", dropout1=0.5, layer=2)
+    assert torch_.matches_nominal and torch_.activation_scale == pytest.approx(0.9998)
+    p0 = _one(out.records, implementation="torch", dropout1=0.0, layer=1)
+    assert p0.observed == 1.0 and p0.matches_nominal
 
 
 def _impl_rows(n: int = 10) -> tuple[list[dict], dict]:
@@ -336,20 +345,19 @@ def _impl_rows(n: int = 10) -> tuple[list[dict], dict]:
 
 def test_implementations_equivalent_different_and_matching_references():
     rows, accs = _impl_rows()
-    out = _diag(rows)["implementations"]
-    assert out["applicable"] and out["reference"] == "torch" and out["margin"] == 0.005
-    assert len(out["records"]) == 4 and "perform about the same" in out["claim"]
-    order = [(r["implementation"], (r["dropout1"], r["dropout2"])) for r in out["records"]]
+    out = _diag(rows).implementations
+    assert out.applicable and out.reference == "torch" and out.margin == 0.005
+    assert len(out.records) == 4 and "perform about the same" in out.claim
+    order = [(r.implementation, (r.dropout1, r.dropout2)) for r in out.records]
     raw = [sps.ttest_rel(accs[(s, i)], accs[(s, "torch")]).pvalue for i, s in order]
     tost = [ttost_paired(accs[(s, i)], accs[(s, "torch")], -0.005, 0.005)[0] for i, s in order]
-    for r, p, pa, t, ta in zip(out["records"], raw, multipletests(raw, method="holm")[1],
+    for r, p, pa, t, ta in zip(out.records, raw, multipletests(raw, method="holm")[1],
                                tost, multipletests(tost, method="holm")[1]):
-        assert r["p"] == pytest.approx(p) and r["p_adjusted"] == pytest.approx(pa)
-        assert r["tost_p"] == pytest.approx(t) and r["tost_p_adjusted"] == pytest.approx(ta)
-        assert r["n_pairs"] == 10 and "implementation" not in r["stratum"]
-        want = "equivalent" if r["implementation"] == "scratch" else "different"
-        assert r["verdict"] == want, r
-        assert want in r["finding"]
+        assert r.p == pytest.approx(p) and r.p_adjusted == pytest.approx(pa)
+        assert r.tost_p == pytest.approx(t) and r.tost_p_adjusted == pytest.approx(ta)
+        assert r.n_pairs == 10 and "implementation" not in r.stratum
+        want = "equivalent" if r.implementation == "scratch" else "different"
+        assert r.verdict == want, r
 
 
 def test_implementations_with_few_noisy_seeds_are_inconclusive():
@@ -358,8 +366,8 @@ def test_implementations_with_few_noisy_seeds_are_inconclusive():
     rows = [_row((0.2, 0.5), s, base[s], implementation="torch") for s in range(4)]
     rows += [_row((0.2, 0.5), s, base[s] + 0.002 + rng.normal(0, 0.01), implementation="scratch")
              for s in range(4)]
-    (r,) = _diag(rows)["implementations"]["records"]
-    assert r["verdict"] == "inconclusive" and "inconclusive" in r["finding"]
+    (r,) = _diag(rows).implementations.records
+    assert r.verdict == "inconclusive" and r.seeds_needed > 4
 
 
 def test_threads_pairs_cells_at_two_counts_per_mode():
@@ -372,16 +380,15 @@ def test_threads_pairs_cells_at_two_counts_per_mode():
                 rows.append({**_row(seed=s, determinism=mode, sha=f"h{s}{'x' if other else ''}",
                                     acc=0.85 + (0.004 if other and s == 2 else 0.0)),
                              "threads": t})
-    section = _diag(rows)["threads"]
-    assert section["applicable"]
-    default, strict = (_one(section["records"], determinism=m) for m in ("default", "strict"))
-    assert (default["threads_a"], default["threads_b"]) == ("1", "2")
-    assert (default["n_pairs"], default["n_identical"]) == (3, 1)
-    assert default["max_abs_diff"]["test_acc"] == pytest.approx(0.004)
-    assert "1 of 3 cells bitwise identical at 1 and 2 threads" in default["finding"]
-    assert (strict["n_identical"], strict["n_hash_compared"]) == (3, 3)
-    one_count = _diag([r for r in rows if r["threads"] == "1"])["threads"]
-    assert not one_count["applicable"] and "two thread counts" in one_count["reason"]
+    section = _diag(rows).threads
+    assert section.applicable
+    default, strict = (_one(section.records, determinism=m) for m in ("default", "strict"))
+    assert (default.threads_a, default.threads_b) == ("1", "2")
+    assert (default.n_pairs, default.n_identical) == (3, 1)
+    assert default.max_abs_diff.test_acc == pytest.approx(0.004)
+    assert (strict.n_identical, strict.n_hash_compared) == (3, 3)
+    one_count = _diag([r for r in rows if r["threads"] == "1"]).threads
+    assert not one_count.applicable and "two thread counts" in one_count.reason
 
 
 # ----------------------------------------------------------------------------- through analysis
@@ -391,7 +398,7 @@ def test_analysis_carries_diagnostics_and_writes_their_csvs(tmp_path):
     rows = _replicated(modes=("default", "strict"), seeds=range(20, 24)) + _impl_rows()[0]
     table = _table(rows)
     results = analysis.analyze(table, (0.2, 0.5), OPTIONS)
-    assert set(results.diagnostics) == {"replicates", "modes", "devices", "variance_sources",
+    assert set(results.diagnostics.sections()) == {"replicates", "modes", "devices", "variance_sources",
                                         "keep_rates", "implementations", "threads"}
     paths = analysis.write(results, table, tmp_path)
     assert [p.name for p in paths] == [
@@ -399,6 +406,7 @@ def test_analysis_carries_diagnostics_and_writes_their_csvs(tmp_path):
         "runs.csv", "diagnostics_implementations.csv", "diagnostics_modes.csv", "diagnostics_replicates.csv"]
     loaded = json.loads(paths[0].read_text())
     assert loaded["diagnostics"]["replicates"]["records"][0]["share_identical"] == 1.0
+    assert Diagnostics.from_json(loaded["diagnostics"]) == results.diagnostics
     reps = pd.read_csv(tmp_path / "diagnostics_replicates.csv")
     assert {"device", "determinism", "share_identical", "share_identical_ci95_lo",
             "max_abs_diff_test_acc", "nondeterminism_var"} <= set(reps.columns)
@@ -418,8 +426,8 @@ def test_analysis_carries_diagnostics_and_writes_their_csvs(tmp_path):
 def test_empty_and_plain_tables_give_reasons_not_nan():
     for rows in ([], [_row(seed=s, acc=math.nan if s == 0 else 0.85) for s in range(3)]):
         out = _diag(rows)
-        for section, body in out.items():
-            assert body["applicable"] is False and body["reason"] and body["records"] == [], section
+        for section, body in out.sections().items():
+            assert body.applicable is False and body.reason and body.records == [], section
 
 
 def test_diverged_runs_do_not_make_nan():
@@ -427,8 +435,8 @@ def test_diverged_runs_do_not_make_nan():
     rows[0]["test_acc"] = math.nan  # a diverged run in "all"
     rows += [_row((0.2, 0.5), 0, math.nan, vary="all", replicate=1, sha="")]
     out = _diag(rows)
-    rep = out["replicates"]["records"][0]
-    assert rep["max_abs_diff"]["test_acc"] is None and rep["n_hash_compared"] == 1 - 1
-    assert rep["share_identical"] is None and "weight hash" in rep["reason"]
-    (all_, init) = out["variance_sources"]["records"]
-    assert all_["n"] == 4 and init["paired"] is False
+    rep = out.replicates.records[0]
+    assert rep.max_abs_diff.test_acc is None and rep.n_hash_compared == 1 - 1
+    assert rep.share_identical is None and "weight hash" in rep.reason
+    (all_, init) = out.variance_sources.records
+    assert all_.n == 4 and init.paired is False

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from study import figures
+from study import diagnostics, figures
+from study.protocol import Analysis
 from study.results import Results
-from study.table import RunTable
+from study.results_diagnostics import KeepRatesSection, KeepRecord, SourceRecord
+from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 from tests.results_factory import (EPOCHS, SETTINGS, comparison_at, make_results, make_table)
 
 # --- tests -----------------------------------------------------------------------------------
@@ -48,7 +50,30 @@ def test_final_accuracy_draws_a_box_and_every_seed_per_setting(table: RunTable) 
     assert _n_boxes(ax) == 4
     dots = sum(len(c.get_offsets()) for c in ax.collections)
     assert dots == 19
-    assert any("mean 10.0%" in t.get_text() for t in ax.texts)
+    # The off-scale runs are shown as they are (count and value), not summarised.
+    assert [t.get_text() for t in ax.texts] == ["5 run(s)\nat 10.0%"]
+
+
+def test_final_accuracy_zooms_on_the_settings_above_chance(tmp_path: Path, table: RunTable,
+                                                          results: Results) -> None:
+    """(1, 1) has no run above chance: a second panel leaves it out, and the caption says so."""
+    assert [(g.dropout1, g.dropout2) for g in figures.at_chance(results.groups)] == [(1.0, 1.0)]
+    order = figures.setting_order(table.runs)
+    fig = figures.final_accuracy_figure(results, table, tmp_path, order,
+                                        figures._palette(order))
+    assert "leaving out (1, 1) (runs by status: degenerate 5)" in fig.caption
+    assert "above chance (10%)" in fig.caption or "beyond chance (10%)" in fig.caption
+    svg = fig.svg.read_text()
+    assert svg.count('<g id="axes_') == 2 and fig.width_in == pytest.approx(2 * 3.3)
+    # Drawn the same way on its own: the zoomed panel is the final-accuracy plot without (1, 1).
+    zoom = figures.plot_final_accuracy(table.runs[table.runs.dropout1 < 1.0])
+    assert [t.get_text() for t in zoom.get_xticklabels()] == \
+        [figures.setting_label(*s) for s in SETTINGS if s != (1.0, 1.0)]
+    assert zoom.get_ylim()[0] > 50  # the healthy settings' scale, not chance's
+    healthy = dataclasses.replace(results, groups=[g for g in results.groups if g.dropout1 < 1])
+    plain = figures.final_accuracy_figure(healthy, table, tmp_path / "plain", order,
+                                          figures._palette(order))
+    assert plain.svg.read_text().count('<g id="axes_') == 1 and "leaving out" not in plain.caption
 
 
 def test_final_accuracy_uses_full_range_without_outliers(table: RunTable) -> None:
@@ -58,20 +83,29 @@ def test_final_accuracy_uses_full_range_without_outliers(table: RunTable) -> Non
 
 
 @pytest.mark.parametrize("metric", ["test_acc", "train_loss"])
-def test_learning_curves_one_line_and_band_per_setting(table: RunTable, metric: str) -> None:
-    ax = figures.plot_learning_curves(table.curves, table.runs, metric)
+def test_learning_curves_one_line_and_band_per_setting(results: Results, metric: str) -> None:
+    stratum = results.strata[0].stratum
+    ax = figures.plot_learning_curves([c for c in results.curves if c.stratum == stratum], metric)
     lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == EPOCHS]
     assert len(lines) == len(SETTINGS)
     assert list(lines[0].get_xdata()) == list(range(1, EPOCHS + 1))
     bands = [c for c in ax.collections if c.get_paths()]
-    assert len(bands) >= len(SETTINGS) - 1  # (1, 1) has zero spread: its band is degenerate
+    assert len(bands) == len(SETTINGS)
 
 
-def test_curve_band_is_the_t_interval_of_the_mean() -> None:
-    lo, hi = figures.curve_band([1.0, 2.0, 3.0, math.nan])
-    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
-    assert lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
-    assert figures.curve_band([0.5]) == (0.5, 0.5)
+def test_learning_curve_bands_are_the_analysis_numbers(results: Results) -> None:
+    """The figure draws `Results.curves` as they are: the line at the means, the band edges
+    at the interval bounds (in % for accuracy)."""
+    stratum = results.strata[0].stratum
+    curve = next(c for c in results.curves if c.stratum == stratum and c.metric == "test_acc"
+                 and (c.dropout1, c.dropout2) == SETTINGS[0])
+    ax = figures.plot_learning_curves([curve], "test_acc")
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([100 * p.mean for p in curve.points])
+    (band,) = ax.collections
+    edge = band.get_paths()[0].vertices[:, 1]
+    for p in curve.points:
+        assert min(abs(edge - 100 * p.ci95[0])) < 1e-9 and min(abs(edge - 100 * p.ci95[1])) < 1e-9
 
 
 def _torch(items: list[Any]) -> list[Any]:
@@ -177,9 +211,18 @@ def test_saved_svg_and_png_are_byte_identical(tmp_path: Path, table: RunTable) -
     assert b"<dc:date>" not in first[1]
 
 
-def _keep_record(impl: str, p: float, observed: float) -> dict[str, Any]:
-    return {"implementation": impl, "dropout1": p, "dropout2": p, "layer": 1, "p": p,
-            "observed": observed}
+def _keep_record(impl: str, p: float, observed: float) -> KeepRecord:
+    return KeepRecord(implementation=impl, dropout1=p, dropout2=p, layer=1, p=p, n=4,
+                      observed=observed, observed_sd=0.0, nominal=1 - p, expected=None,
+                      deviation=observed - (1 - p), matches_nominal=None, matches_expected=None,
+                      rescale=1 / (1 - p), activation_scale=observed / (1 - p), reason=None)
+
+
+def _source_record(d1: float, source: str, sd: float) -> SourceRecord:
+    return SourceRecord(stratum={}, dropout1=d1, dropout2=0.5, source=source, n=10, mean=0.85,
+                        sd=sd, sd_ci95=(sd / 2, sd * 2), ratio=None, ratio_ci95=None,
+                        paired=None, brown_forsythe_p=None, brown_forsythe_p_adjusted=None,
+                        summers="reference", reason=None)
 
 
 def test_keep_rates_plot_marks_each_implementation_against_its_law() -> None:
@@ -200,7 +243,7 @@ def test_keep_rates_plot_marks_each_implementation_against_its_law() -> None:
 
 
 def test_source_sd_plot_one_errorbar_per_source_and_setting() -> None:
-    records = [{"dropout1": d, "dropout2": 0.5, "source": s, "sd": sd, "sd_ci95": [sd / 2, sd * 2]}
+    records = [_source_record(d, s, sd)
                for d in (0.2, 0.5) for s, sd in (("all", 0.004), ("init", 0.003), ("dropout", 0.0))]
     ax = Figure().add_subplot()
     assert figures.plot_source_sds(records, ax=ax) is ax
@@ -213,12 +256,16 @@ def test_source_sd_plot_one_errorbar_per_source_and_setting() -> None:
 
 
 def test_diagnostic_figures_only_for_applicable_sections(tmp_path: Path) -> None:
-    diag = {"keep_rates": {"applicable": True, "records": [_keep_record("torch", 0.5, 0.5)]},
-            "variance_sources": {"applicable": False, "records": []}}
+    curves = pd.DataFrame({c: pd.Series(dtype=t) for c, t in CURVE_COLUMNS.items()})
+    empty = diagnostics.analyze(RunTable("1", "x", pd.DataFrame(columns=list(RUN_COLUMNS)),
+                                         curves), Analysis())
+    assert not empty.variance_sources.applicable
+    diag = dataclasses.replace(empty, keep_rates=KeepRatesSection(
+        applicable=True, reason=None, records=[_keep_record("torch", 0.5, 0.5)]))
     first = figures.diagnostic_figures(diag, tmp_path / "a")
     second = figures.diagnostic_figures(diag, tmp_path / "b")
     assert [f.name for f in first] == ["keep_rates"]
     assert first[0].svg.read_bytes() == second[0].svg.read_bytes()
     assert first[0].png.read_bytes() == second[0].png.read_bytes()
-    assert figures.diagnostic_figures({}, tmp_path / "c") == []
+    assert figures.diagnostic_figures(empty, tmp_path / "c") == []
     assert figures.diagnostic_figures(None, tmp_path / "d") == []

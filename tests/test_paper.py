@@ -25,6 +25,7 @@ from study.report.document import Heading, Table, text_of
 from study.report.paper import Paper, document, write_paper
 from study.report.render_markdown import render_markdown
 from study.report.scorecard import PENDING, Evidence, lesson_claims, rows
+from study.results_diagnostics import DevicesSection
 from tests.results_factory import comparison_at, make_results, make_table
 from tests.test_report import make_diagnostics
 
@@ -125,7 +126,9 @@ def planted() -> tuple[Evidence, ...]:
         table, experiment_name="determinism",
         environment={**table.environment, "threads": "1", "git_commit": "abc1234"})
     cpu_only = dataclasses.replace(
-        diag, diagnostics={k: v for k, v in diag.diagnostics.items() if k != "devices"})
+        diag, diagnostics=dataclasses.replace(diag.diagnostics, devices=DevicesSection(
+            applicable=False, reason="needs runs of the same cells on cpu and cuda; found "
+            "['cpu']", records=[])))
     return (_evidence("d2l-dropout", ("C1", "C2", "C3", "C3\u2032"), results, table),
             _evidence("implementations", ("C4",), diag, table),
             _evidence("determinism", ("C5",), cpu_only, determinism_table, cuda_cells=True))

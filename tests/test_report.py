@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from study.report.document import Code, Strong, para, text_of
 from study.report.render_markdown import escape_markdown, render_markdown
 from study.report.render_typst import escape_typst, render_typst
 from study.results import Results
+from study.results_diagnostics import Diagnostics
 from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 from tests.results_factory import (BASELINE, LEFT_OUT, comparison_at, make_results, make_table,
                                    with_protocol)
@@ -104,8 +105,10 @@ def test_whole_report_is_reproducible(written: report.ReportFiles, two_strata,
 def test_figures_facet_every_stratum(written: report.ReportFiles, two_strata) -> None:
     assert [f.name for f in written.figures] == STRATUM_FIGURES
     for f in written.figures:
-        # One panel per stratum, side by side: strata are never pooled into one panel.
-        assert f.svg.read_text().count('<g id="axes_') == 2
+        # One panel per stratum, side by side: strata are never pooled into one panel. The
+        # final accuracies get a second panel per stratum, zoomed past (1, 1) at chance.
+        panels = 4 if f.name == "final_accuracy" else 2
+        assert f.svg.read_text().count('<g id="axes_') == panels
         columns = 1 if f.name == "forest" else 2
         assert f.width_in == pytest.approx(columns * figures.PANEL_SIZE[0] if columns == 2
                                            else figures.SINGLE_PANEL[0])
@@ -185,9 +188,10 @@ def test_negligible_reads_as_a_real_gap_inside_the_margin(two_strata) -> None:
     assert "Holm-adjusted 97.5% CI" in phrase and "no real difference" not in phrase
     assert wording.verdict_word("negligible", 0.005) == "negligible (a real gap within ±0.50 pp)"
     assert "negligible (a real gap within ±0.50 pp) in 1 of 2" in \
-        wording.verdict_counts([{"verdict": "negligible"}, {"verdict": "different"}], 0.005)
-    # Diagnostics records (JSON dicts) take the four verdicts too.
-    record = {"verdict": "negligible", "p_adjusted": 0.01, "tost_p_adjusted": 0.02}
+        wording.verdict_counts([SimpleNamespace(verdict="negligible"),
+                                SimpleNamespace(verdict="different")], 0.005)
+    # Diagnostics records (results_diagnostics.PairedRecord) take the four verdicts too.
+    record = SimpleNamespace(verdict="negligible", p_adjusted=0.01, tost_p_adjusted=0.02)
     assert wording.record_verdict_phrase(record, 0.005) == (
         "negligible: a real gap (Holm-adjusted p = 0.010), shown to lie within ±0.50 pp (TOST, "
         "Holm-adjusted p = 0.020)")
@@ -294,6 +298,23 @@ def test_multiverse_table_has_a_verdict_per_endpoint_and_test(md: str) -> None:
     assert ("| (0, 0) | different (+) | different (+) | different (+) | inconclusive | "
             "different (+) | inconclusive |") in md
     assert "| (0.9, 0.9) | inconclusive | different (−) | inconclusive |" in md
+
+
+def test_multiverse_estimates_table_shows_each_tests_own_interval(md: str, two_strata) -> None:
+    results, _ = two_strata
+    c = comparison_at(results, (0.0, 0.0))
+    assert ("| setting | endpoint | t: mean gap (pp) \\[95% CI\\] | rank: HL shift (pp) "
+            "\\[95% CI\\] | trimmed: trimmed-mean gap (pp) \\[95% CI\\] |") in md
+    cells = {a.test: f"{wording.fmt_pp(a.mean_diff, unit=False)} "
+                     f"{escape_markdown(wording.fmt_ci_pp(a.ci95))}"
+             for a in c.multiverse if a.endpoint == "last:3"}
+    assert f"| (0, 0) | last:3 | {cells['t']} | {cells['rank']} | {cells['trimmed']} |" in md
+    assert len(set(cells.values())) == 3  # each test's own interval, not one copied
+    assert "takes 6 seeds" not in md  # every rank interval was computable here
+    short = dataclasses.replace(c, multiverse=[dataclasses.replace(a, ci95=None)
+                                               if a.test == "rank" else a for a in c.multiverse])
+    table = tables.multiverse_estimates_table(results, results.strata[0], [short])
+    assert "takes 6 seeds" in table.caption and "n/a" in table.rows[0][3]
 
 
 def test_divergence_is_counted_and_tested_where_runs_diverged(md: str, two_strata) -> None:
@@ -433,8 +454,9 @@ def test_strata_are_reported_separately(md: str, two_strata) -> None:
     results, _ = two_strata
     for stratum in results.strata:
         assert f"Stratum {stratum.label}" in md
-    # 5 per stratum (groups, comparisons, multiverse, power, spread) + protocol, C4, environment
-    assert md.count("**Table") == 2 * 5 + 3
+    # 6 per stratum (groups, comparisons, multiverse verdicts and estimates, power, spread)
+    # + protocol, C4, environment
+    assert md.count("**Table") == 2 * 6 + 3
 
 
 def test_without_diagnostics_c5_says_what_was_not_measured(md: str) -> None:
@@ -502,7 +524,7 @@ def _diag_row(setting, seed, acc, *, device="cpu", determinism="default", implem
             "keep_rate2": keep[1]}
 
 
-def _diagnose(rows: list[dict]) -> dict[str, Any]:
+def _diagnose(rows: list[dict]) -> Diagnostics:
     curves = pd.DataFrame({c: pd.Series(dtype=t) for c, t in CURVE_COLUMNS.items()})
     table = RunTable("1", "synthetic", pd.DataFrame(rows, columns=list(RUN_COLUMNS)), curves)
     return diagnostics.analyze(table, DIAG_OPTIONS, seed=0)
@@ -560,12 +582,12 @@ def _source_rows(n: int = 10) -> list[dict]:
     return rows
 
 
-def make_diagnostics() -> dict[str, Any]:
+def make_diagnostics() -> Diagnostics:
     """Each group of sections from its own table, so the planted effects do not mix."""
     rep, impl = _diagnose(_repeat_rows()), _diagnose(_implementation_rows())
-    return {"replicates": rep["replicates"], "modes": rep["modes"], "devices": rep["devices"],
-            "keep_rates": impl["keep_rates"], "implementations": impl["implementations"],
-            "variance_sources": _diagnose(_source_rows())["variance_sources"]}
+    return dataclasses.replace(rep, keep_rates=impl.keep_rates,
+                               implementations=impl.implementations,
+                               variance_sources=_diagnose(_source_rows()).variance_sources)
 
 
 @pytest.fixture(scope="module")
@@ -583,13 +605,12 @@ def diag_written(tmp_path_factory: pytest.TempPathFactory,
 
 def test_planted_diagnostics_are_what_the_fixture_says(with_diagnostics) -> None:
     diag = with_diagnostics[0].diagnostics
-    verdicts = {(r["implementation"], r["dropout1"]): r["verdict"]
-                for r in diag["implementations"]["records"]}
+    verdicts = {(r.implementation, r.dropout1): r.verdict for r in diag.implementations.records}
     assert verdicts == {("scratch", 0.2): "equivalent", ("scratch", 0.5): "equivalent",
                         ("scratch", 0.9): "inconclusive", ("scratch-randn", 0.2): "different",
                         ("scratch-randn", 0.5): "different", ("scratch-randn", 0.9): "different"}
-    assert [r["no_change_observed"] for r in diag["modes"]["records"]] == [True, False]
-    assert diag["variance_sources"]["summaries"][0]["agreement"] == "disagree"
+    assert [r.no_change_observed for r in diag.modes.records] == [True, False]
+    assert diag.variance_sources.summaries[0].agreement == "disagree"
 
 
 def test_repeatability_section_states_the_measured_numbers(diag_written) -> None:
@@ -609,11 +630,11 @@ def test_repeatability_section_states_the_measured_numbers(diag_written) -> None
 def test_repeatability_numbers_come_from_the_records(with_diagnostics) -> None:
     results, table = with_diagnostics
     md = render_markdown(claim_repeatability(results, table, describe.setup(table.protocol)), "x")
-    rec = next(r for r in results.diagnostics["replicates"]["records"]
-               if r["stratum"]["device"] == "cuda" and r["stratum"]["determinism"] == "default")
-    assert rec["variance_ratio"] > 0
-    assert f"{wording.fmt_num(rec['variance_ratio'], 3)} times the seed-to-seed variance" in md
-    assert f"| {wording.fmt_pp(rec['nondeterminism_sd'], sign=False, unit=False)} |" in md
+    rec = next(r for r in results.diagnostics.replicates.records
+               if r.stratum["device"] == "cuda" and r.stratum["determinism"] == "default")
+    assert rec.variance_ratio > 0
+    assert f"{wording.fmt_num(rec.variance_ratio, 3)} times the seed-to-seed variance" in md
+    assert f"| {wording.fmt_pp(rec.nondeterminism_sd, sign=False, unit=False)} |" in md
 
 
 def test_implementation_section_tables_and_wording(diag_written, with_diagnostics) -> None:
@@ -622,16 +643,16 @@ def test_implementation_section_tables_and_wording(diag_written, with_diagnostic
     assert ("scratch vs torch: no real difference (equivalent within ±0.50 pp) at (0.2, 0.5), "
             "(0.5, 0.5); not shown different nor equivalent at (0.9, 0.9) (needs more seeds") in c4
     assert "scratch-randn vs torch: different at (0.2, 0.5), (0.5, 0.5), (0.9, 0.9)." in c4
-    for r in results.diagnostics["implementations"]["records"]:
-        row = (f"| {r['implementation']} | {wording.fmt_setting(r)} | cpu | 10 | "
-               f"{wording.fmt_pp(r['mean_diff'], unit=False)} | "
-               f"{escape_markdown(wording.fmt_ci_pp(r['mean_diff_ci95']))} |")
+    for r in results.diagnostics.implementations.records:
+        row = (f"| {r.implementation} | {wording.fmt_setting(r)} | cpu | 10 | "
+               f"{wording.fmt_pp(r.mean_diff, unit=False)} | "
+               f"{escape_markdown(wording.fmt_ci_pp(r.mean_diff_ci95))} |")
         assert row in c4, row
     # Keep rates: measured against nominal and the randn law, with the activation scale.
-    randn = next(r for r in results.diagnostics["keep_rates"]["records"]
-                 if r["implementation"] == "scratch-randn" and r["p"] == 0.5)
+    randn = next(r for r in results.diagnostics.keep_rates.records
+                 if r.implementation == "scratch-randn" and r.p == 0.5)
     assert "| scratch-randn | (0.2, 0.5) | 2 | 0.5 | 10 | 30.9% | 50.0% | 30.9% | 0.62 |" in c4
-    assert randn["expected"] == pytest.approx(sps.norm.sf(0.5))
+    assert randn.expected == pytest.approx(sps.norm.sf(0.5))
     assert "(no between-implementation test)" not in c4  # the paired test replaces that table
     assert "![Figure 7](figures/keep_rates.png)" in c4
 
@@ -640,14 +661,14 @@ def test_sources_section_states_sds_ratios_and_agreement(diag_written, with_diag
     results, _ = with_diagnostics
     md = diag_written.markdown.read_text()
     sources = _section(md, "5. Sources of variance", "6. Reproducibility")
-    for r in results.diagnostics["variance_sources"]["records"]:
-        sd = wording.fmt_pp(r["sd"], sign=False, unit=False)
-        ci = escape_markdown(wording.fmt_ci_pp(r["sd_ci95"], sign=False))
-        assert f"| (0.2, 0.5) | {r['source']} | 10 | {sd} | {ci} |" in sources
-    drop = results.diagnostics["variance_sources"]["records"][-1]
-    assert drop["source"] == "dropout" and drop["summers"] == "much_smaller"
-    assert (f"| {wording.fmt_num(drop['ratio'])} | "
-            f"{escape_markdown(wording.fmt_ratio_ci(drop['ratio_ci95']))} |") in sources
+    for r in results.diagnostics.variance_sources.records:
+        sd = wording.fmt_pp(r.sd, sign=False, unit=False)
+        ci = escape_markdown(wording.fmt_ci_pp(r.sd_ci95, sign=False))
+        assert f"| (0.2, 0.5) | {r.source} | 10 | {sd} | {ci} |" in sources
+    drop = results.diagnostics.variance_sources.records[-1]
+    assert drop.source == "dropout" and drop.summers == "much_smaller"
+    assert (f"| {wording.fmt_num(drop.ratio)} | "
+            f"{escape_markdown(wording.fmt_ratio_ci(drop.ratio_ci95))} |") in sources
     assert "much smaller |" in sources and "1 (ref.)" in sources
     assert "The data disagree with Summers & Dinneen (ICML 2021)" in sources
     assert "figures/variance_sources.png" in sources
@@ -680,13 +701,11 @@ def test_diagnostic_wording_rule_holds(diag_written) -> None:
 
 def test_inapplicable_sections_say_so_in_one_sentence(with_diagnostics) -> None:
     results, table = with_diagnostics
-    diag = dict(results.diagnostics)
-    diag["replicates"] = {"applicable": False, "reason": "no replicate runs (the protocol has "
-                          "replicates: 1)", "records": []}
-    diag["variance_sources"] = {"applicable": False, "reason": "every run varies all sources "
-                                "(vary: [all]): nothing to compare", "records": [], "summaries": []}
-    diag["devices"] = {"applicable": False, "reason": "needs runs of the same cells on cpu and "
-                       "cuda; found ['cpu']", "records": []}
+    # The sections a cpu-only, single-replicate, vary: [all] table gives, through the analysis.
+    cpu_only = _diagnose([r for r in _repeat_rows() if r["device"] == "cpu" and not r["replicate"]])
+    diag = dataclasses.replace(results.diagnostics, replicates=cpu_only.replicates,
+                               variance_sources=cpu_only.variance_sources,
+                               devices=cpu_only.devices)
     plain = dataclasses.replace(results, diagnostics=diag)
     md = render_markdown(claim_repeatability(plain, table, describe.setup(table.protocol)), "x")
     assert "did not measure run-to-run repeatability with a fixed seed (no replicate runs" in md

@@ -162,7 +162,7 @@ def claim_implementations(inputs: Inputs) -> list[Block]:
     blocks = equivalence_blocks(r) if applicable(diag_section(r, "implementations")) \
         else _implementations_side_by_side(inputs)
     keep = diag_section(r, "keep_rates")
-    if applicable(keep) and len({x["implementation"] for x in keep["records"]}) > 1:
+    if applicable(keep) and len({x.implementation for x in keep.records}) > 1:
         blocks += keep_rate_blocks(r, inputs.figs)
     return blocks
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from study.lesson import CLAIM_KEYS, Lesson
 from study.report.claims import CLAIMS, FIRST_LAYER, Claim
@@ -23,6 +24,7 @@ from study.report.document import Block, para
 from study.report.wording import (NA, VERDICT_ORDER, fmt_int, fmt_mean_sd, fmt_pp,
                                   fmt_setting, finite, verdict_cell)
 from study.results import Comparison, Results
+from study.results_diagnostics import PairedRecord
 
 DASH = "\u2013"
 GPU_CLAIMS = ("C5",)  # claims with a GPU half: "not measured" there without CUDA runs
@@ -188,28 +190,28 @@ def score_first_layer(inputs: Inputs) -> Score | None:
     return _per_stratum(r, found)
 
 
-def _records(r: Results, name: str) -> list[dict]:
+def _records(r: Results, name: str) -> list[Any]:
     """The records of a diagnostics section; none when the protocol did not measure it."""
     section = diag_section(r, name)
-    return section["records"] if applicable(section) else []
+    return section.records if applicable(section) else []
 
 
-def _verdict_counts(recs: Sequence[dict], form: str) -> str:
+def _verdict_counts(recs: Sequence[PairedRecord], form: str) -> str:
     """'equivalent in 2/3, inconclusive in 1/3' (form '{v} in {n}/{total}')."""
     return ", ".join(form.format(v=v, n=n, total=len(recs)) for v in VERDICT_ORDER
-                     if (n := sum(x.get("verdict") == v for x in recs)))
+                     if (n := sum(x.verdict == v for x in recs)))
 
 
 def score_implementations(inputs: Inputs) -> Score | None:
     recs = _records(inputs.results, "implementations")
     if not recs:
         return None
-    by_impl = {i: [x for x in recs if x["implementation"] == i]
-               for i in sorted({x["implementation"] for x in recs})}
+    by_impl = {i: [x for x in recs if x.implementation == i]
+               for i in sorted({x.implementation for x in recs})}
     parts = [f"{impl} vs torch: {_verdict_counts(mine, '{v} in {n}/{total}')} settings"
              for impl, mine in by_impl.items()]
-    need = [x["seeds_needed"] for x in recs
-            if x.get("verdict") == "inconclusive" and finite(x.get("seeds_needed"))]
+    need = [x.seeds_needed for x in recs
+            if x.verdict == "inconclusive" and finite(x.seeds_needed)]
     settle = f"about {fmt_int(max(need))} seeds per setting" if need else DASH
     return Score("; ".join(parts), "not assessed (one paired analysis per setting)", settle)
 
@@ -226,9 +228,9 @@ def score_repeatable(inputs: Inputs) -> Score | None:
 def _replicates(r: Results) -> str:
     by_device: dict[str, list[int]] = {}
     for x in _records(r, "replicates"):
-        tally = by_device.setdefault(str(x["stratum"].get("device", "cpu")), [0, 0])
-        tally[0] += x["n_identical"]
-        tally[1] += x["n_hash_compared"]
+        tally = by_device.setdefault(str(x.stratum.get("device", "cpu")), [0, 0])
+        tally[0] += x.n_identical
+        tally[1] += x.n_hash_compared
     return "identical in " + ", ".join(f"{same}/{n} replicates on {device}"
                                        for device, (same, n) in sorted(by_device.items())) \
         if by_device else ""
@@ -238,7 +240,7 @@ def _modes(r: Results) -> str:
     recs = _records(r, "modes")
     if not recs:
         return ""
-    quiet = sum(bool(x.get("no_change_observed")) for x in recs)
+    quiet = sum(x.no_change_observed for x in recs)
     return f"modes changed no weight hash in {quiet}/{len(recs)} mode comparisons"
 
 
@@ -246,18 +248,18 @@ def _devices(r: Results) -> str:
     recs = _records(r, "devices")
     if not recs:
         return ""
-    same = sum(x["n_identical"] for x in recs)
+    same = sum(x.n_identical for x in recs)
     verdicts = _verdict_counts(recs, "{v} {n}")
-    return (f"CUDA vs CPU: {same}/{sum(x['n_hash_compared'] for x in recs)} pairs identical, "
+    return (f"CUDA vs CPU: {same}/{sum(x.n_hash_compared for x in recs)} pairs identical, "
             f"accuracy gap {verdicts} of {len(recs)} settings")
 
 
 def _sources(r: Results) -> str:
     section = diag_section(r, "variance_sources")
-    summaries = (section or {}).get("summaries") or []
-    if not applicable(section) or not summaries:
+    if not applicable(section) or not section.summaries:
         return ""
-    agree = sum(s.get("agreement") == "agree" for s in summaries)
+    summaries = section.summaries
+    agree = sum(s.agreement == "agree" for s in summaries)
     return (f"one random source alone gives the full spread (Summers & Dinneen) in "
             f"{agree}/{len(summaries)} settings")
 

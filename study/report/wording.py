@@ -17,6 +17,7 @@ from typing import Any
 from study import stats
 from study.figures import setting_label
 from study.results import TEST_NAMES, Comparison, Endpoint, Results
+from study.results_diagnostics import PairedRecord
 
 MINUS = "\u2212"
 NA = "n/a"
@@ -105,8 +106,6 @@ def fmt_level(level: Any) -> str:
 
 
 def fmt_setting(item: Any) -> str:
-    if isinstance(item, dict):
-        return setting_label(item["dropout1"], item["dropout2"])
     if hasattr(item, "dropout1"):
         return setting_label(item.dropout1, item.dropout2)
     return setting_label(*item)
@@ -114,9 +113,7 @@ def fmt_setting(item: Any) -> str:
 
 def fmt_mean_sd(group: Any) -> str:
     """'88.12% ± 0.31' (mean ± SD in pp), from a Group or a diagnostics record."""
-    mean, sd = (group.get("mean"), group.get("sd")) if isinstance(group, dict) else \
-        (group.mean, group.sd)
-    return f"{fmt_pct(mean)} ± {fmt_pp(sd, sign=False, unit=False)}"
+    return f"{fmt_pct(group.mean)} ± {fmt_pp(group.sd, sign=False, unit=False)}"
 
 
 def margin_text(results: Results) -> str:
@@ -291,7 +288,7 @@ def verdict_cell(verdict: str, diff: Any) -> str:
     return verdict
 
 
-# --- verdicts of diagnostics records (JSON dicts), in short form -------------------------------
+# --- verdicts of diagnostics records, in short form -------------------------------
 
 
 def verdict_word(verdict: Any, margin: float) -> str:
@@ -302,8 +299,8 @@ def verdict_word(verdict: Any, margin: float) -> str:
         verdict, "not shown different (needs more seeds)")
 
 
-def verdict_counts(records: Sequence[dict[str, Any]], margin: float) -> str:
-    counts = [(verdict_word(v, margin), sum(r.get("verdict") == v for r in records))
+def verdict_counts(records: Sequence[PairedRecord], margin: float) -> str:
+    counts = [(verdict_word(v, margin), sum(r.verdict == v for r in records))
               for v in VERDICT_ORDER]
     return ", ".join(f"{w} in {n} of {len(records)}" for w, n in counts if n) + " settings"
 
@@ -327,23 +324,22 @@ def verdict_lists(names: dict[str, list[str]], margin: float, need: Sequence[flo
     return "; ".join(parts) or "no verdict"
 
 
-def record_verdict_phrase(r: dict[str, Any], margin: float) -> str:
-    """The verdict of a diagnostics record (a JSON dict). Its records carry no TOST-dual
-    interval yet, so the TOST is named by its adjusted p alone."""
+def record_verdict_phrase(r: PairedRecord, margin: float) -> str:
+    """The verdict of a paired diagnostics record. Its records carry no TOST-dual interval
+    yet, so the TOST is named by its adjusted p alone."""
     m = f"±{fmt_pp(margin, sign=False)}"
-    verdict = r.get("verdict")
-    if verdict == "different":
-        return f"different after {CORRECTION} correction (p {p_rel(r.get('p_adjusted'))})"
-    if verdict == "negligible":
-        return (f"negligible: a real gap ({_adjusted(r.get('p_adjusted'))}), shown to lie within "
-                f"{m} (TOST, {_adjusted(r.get('tost_p_adjusted'))})")
-    if verdict == "equivalent":
+    if r.verdict == "different":
+        return f"different after {CORRECTION} correction (p {p_rel(r.p_adjusted)})"
+    if r.verdict == "negligible":
+        return (f"negligible: a real gap ({_adjusted(r.p_adjusted)}), shown to lie within "
+                f"{m} (TOST, {_adjusted(r.tost_p_adjusted)})")
+    if r.verdict == "equivalent":
         return (f"no real difference: equivalent within {m} "
-                f"(TOST, {_adjusted(r.get('tost_p_adjusted'))})")
-    n = r.get("seeds_needed")
+                f"(TOST, {_adjusted(r.tost_p_adjusted)})")
+    n = r.seeds_needed
     need = f"about {fmt_int(n)} seeds per setting needed" if finite(n) else \
-        f"seeds needed not computable: {r.get('reason') or 'not computable'}"
-    return (f"not shown different ({_adjusted(r.get('p_adjusted'))}) and not shown equivalent "
+        f"seeds needed not computable: {r.reason or 'not computable'}"
+    return (f"not shown different ({_adjusted(r.p_adjusted)}) and not shown equivalent "
             f"within {m}; needs more seeds ({need})")
 
 
