@@ -235,7 +235,7 @@ REPLICATE_BY = ["device", "determinism", "execution", "threads"]
 def replicates(runs: pd.DataFrame) -> ReplicatesSection:
     """runs: every run (replicates included) -> the `replicates` section."""
     if runs.empty or not (runs["replicate"] > 0).any():
-        return _skip(ReplicatesSection, "no replicate runs (the protocol has replicates: 1)")
+        return _skip(ReplicatesSection, "no replicate runs: the protocol sets replicates to 1")
     records = [_replicate_record(stratum, frame)
                for stratum, frame in _groups(runs, REPLICATE_BY)
                if (frame["replicate"] > 0).any()]

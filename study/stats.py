@@ -262,7 +262,9 @@ def _percentile_fallback(dist: np.ndarray, point: float, level: float
     if dist.size == 0:
         return None, "point", join_reasons(dropped, "no resample has a value")
     if float(np.ptp(dist)) <= TOLERANCE:
-        return (point, point), "point", join_reasons(dropped, "every resample gives the point")
+        # "remaining": with some dropped, the ones left (not all) agree with the point.
+        agree = "every remaining resample gives the point" if dropped else "every resample gives the point"
+        return (point, point), "point", join_reasons(dropped, agree)
     with np.errstate(invalid="ignore"):
         lo, hi = (_finite(v) for v in np.percentile(dist, [50 * (1 - level), 50 * (1 + level)]))
     infinite = "a bound is infinite (resamples with a zero denominator)" if None in (lo, hi) else None
