@@ -39,6 +39,17 @@ def test_keys_are_stable_and_track_what_defines_a_run():
     assert keys == renamed
 
 
+def test_passes_enter_the_key_only_when_asked_for():
+    # Pinned before `inference` existed: without passes, keys (and stores) stay as they were.
+    off = plan.expand(protocol.load(D2L, ["inference.mc_passes=0"]))
+    assert (off[0].key, off[1].key) == ("653cea852cdd5e4b", "5dc4690eda47c54c")
+    assert "mc_passes" not in off[0].labels()
+    on = plan.expand(protocol.load(D2L, ["inference.mc_passes=8"]))
+    more = plan.expand(protocol.load(D2L, ["inference.mc_passes=16"]))
+    assert len({c.key for c in off + on + more}) == 3 * len(off)
+    assert on[0].labels()["mc_passes"] == 8
+
+
 def test_run_names_are_readable():
     cell = plan.expand(protocol.load(D2L))[1]
     assert cell.name == "p0.2-0.5 seed0 cpu default torch"
