@@ -34,10 +34,8 @@ from torch import nn
 from study import model as models
 from study.data import Dataset
 from study.plan import Cell
+from study.results import ECE_BINS
 from study.seeding import StreamSeeds, generator
-
-# Equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15).
-ECE_BINS = 15
 # Test images per forward slice: bounds the LeNet's convolution activations (~50 MB).
 CHUNK = 2500
 
