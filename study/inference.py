@@ -181,6 +181,13 @@ def _probs(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), 1).cpu().numpy()
 
 
+def split(net: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
+    """(the layers before the first dropout layer, the rest). Dropout draws nothing before it,
+    so every pass shares the head's output: for the MLP 3/4 of a pass's FLOPs are computed once."""
+    first = next(i for i, m in enumerate(net) if isinstance(m, models.KeepRate))
+    return net[:first], net[first:]
+
+
 @torch.no_grad()
 def mc_passes(cell: Cell, net: nn.Sequential, data: Dataset, seeds: StreamSeeds) -> McResult:
     """The cell's `config.mc_passes` stochastic passes of the trained `net` over the test set."""
@@ -188,16 +195,17 @@ def mc_passes(cell: Cell, net: nn.Sequential, data: Dataset, seeds: StreamSeeds)
     device = data.test_x.device
     if next(net.parameters()).device != device:  # a batched member comes back on the CPU
         net = copy.deepcopy(net).to(device)
+    head, tail = split(net)
+    shared = forward(head, data.test_x, None)
     labels = data.test_y.cpu().numpy()
     n, classes = len(labels), models.CLASSES
     counts = np.zeros((n, classes), dtype=np.int64)
     total = np.zeros((n, classes))
     probs = (cell.dropout1, cell.dropout2)
     for step in range(cell.config.mc_passes):
-        p = _probs(forward(net, data.test_x, PassMasks(probs, mask_kind(cell), seeds.inference,
-                                                      step)))
+        p = _probs(forward(tail, shared, PassMasks(probs, mask_kind(cell), seeds.inference, step)))
         total += p
         counts[np.arange(n), p.argmax(1)] += 1
-    eval_probs = _probs(forward(net, data.test_x, None))
+    eval_probs = _probs(forward(tail, shared, None))
     return summarise(counts, total / cell.config.mc_passes, eval_probs, labels,
                      time.perf_counter() - start)
