@@ -317,7 +317,8 @@ def twin_gaps(cells: list[Cell], data: Dataset, lockstep: bool | None = None) ->
 # --- the whole bench -----------------------------------------------------------------------------
 
 def cells_of(path: Path, epochs: int, subset: int | None = None) -> list[Cell]:
-    overrides = [f"training.epochs={epochs}", "execution=batched"]
+    # Training only: the C7 passes after it are timed on their own (`time_passes`).
+    overrides = [f"training.epochs={epochs}", "execution=batched", "inference.mc_passes=0"]
     if subset is not None:
         overrides.append(f"data.train_subset={subset}")
     return plan.expand(protocol.load(path, overrides))
