@@ -25,6 +25,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 
+from study.results import ECE_BINS
 from study.table import CURVE_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS, RunTable
 
 if TYPE_CHECKING:  # annotations only: importing plan and train (torch) makes `analyze` slower
@@ -343,7 +344,6 @@ def inference_tags(result: Result) -> dict[str, str]:
     r = result.inference
     if r is None:
         return {}
-    from study.results import ECE_BINS
     return {"study.mc_flip_example": "none" if r.flip_example is None else str(r.flip_example),
             "study.mc_seconds": f"{r.seconds:.3f}", "study.mc_ece_bins": str(ECE_BINS)}
 
