@@ -409,7 +409,8 @@ def time_passes(cell: Cell, data: Dataset, passes: int, rounds: int) -> dict[str
     with_passes = replace(cell, config=replace(cell.config, mc_passes=passes))
     out: dict[str, list[float]] = {"member_epoch": [], "passes": []}
     with seeding_threads(1):
-        next(batched.fit_many([cell], data.subset(4 * 256)))  # warm-up: pools, pages
+        # Warm-up: pools, allocator growth and first-touch page faults land here.
+        next(batched.fit_many([cell], data.subset(min(len(data.train_y), 4 * 256))))
         for _ in range(rounds):
             start = time.process_time()
             (_, net), = list(batched.fit_many([cell], data))
