@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study import diagnostics, stats
+from study import diagnostics, mc_analysis, stats
 from study.protocol import Analysis
 from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Curve,
                            CurvePoint, Endpoint, Group, Omnibus, Results, Stratum)
@@ -80,7 +80,8 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         endpoints_left_out=left_out, stratified_by=_varying_columns(runs),
         n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
         strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
-        diagnostics=diagnostics.analyze(table, options, seed), curves=curves)
+        diagnostics=diagnostics.analyze(table, options, seed), curves=curves,
+        inference=mc_analysis.analyze(_strata(runs), options))
 
 
 def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:

@@ -320,14 +320,18 @@ def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor, epoch
 Fitted = tuple[Result, nn.Sequential]
 
 
-def _result(m: Member, stack: Stack, row: int, seconds: float, started: float) -> Fitted:
+def _result(m: Member, stack: Stack, row: int, seconds: float, started: float,
+            data: Dataset) -> Fitted:
+    """A member's result, its stochastic test-set passes made by the sequential code on its
+    weights as the sequential model (so a member's passes are its twin's, given the weights)."""
     epochs = tuple(m.epochs)
     net = member_net(m.cell, stack, row)
     result = Result(cell=m.cell, epochs=epochs,
                      status=sequential.status_of(epochs, m.cell.config.training.epochs),
                      textbook_check=sequential.textbook_check(epochs),
                      weights_sha256=sequential.weights_sha256(net), seconds=seconds,
-                     keep_rates=m.keep_rates(), streams=m.seeds, started=started)
+                     keep_rates=m.keep_rates(), streams=m.seeds, started=started,
+                     inference=sequential.inference(m.cell, net, data, epochs))
     return result, net
 
 
@@ -370,7 +374,8 @@ def fit_member(m: Member, p: Stack, data: Dataset, spec: Training, stop: threadi
         on_epoch(EpochDone(m.cell.key, epoch))
         if not finite:
             break
-    return _result(m, p, 0, time.perf_counter() - start, started)
+    # Its passes run here, on this member's core, beside the members still training.
+    return _result(m, p, 0, time.perf_counter() - start, started, data)
 
 
 def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDone]:
@@ -482,7 +487,7 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDon
             finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
             yield from (EpochDone(m.cell.key, epoch) for m in group)
             seconds = (time.perf_counter() - start) / len(cells)
-            yield from (_result(m, stack, k, seconds, started)
+            yield from (_result(m, stack, k, seconds, started, data)
                         for k, m in enumerate(group) if not finite[k])
             if not all(finite):
                 alive = [k for k in range(len(group)) if finite[k]]
@@ -491,7 +496,7 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDon
                 group = [group[k] for k in alive]
                 stack = stack.rows(torch.tensor(alive, device=stack.w[0].device))
     seconds = (time.perf_counter() - start) / len(cells)
-    yield from (_result(m, stack, k, seconds, started) for k, m in enumerate(group))
+    yield from (_result(m, stack, k, seconds, started, data) for k, m in enumerate(group))
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     python -m study.bench --repeats 11 --members 8
     python -m study.bench --modes-only --mode-rounds 5 --out /tmp/modes.json   # modes' costs only
     python -m study.bench --analysis           # analyze at 1k and 10k runs (bench_analysis.py)
+    python -m study.bench --mc-only --mc-passes 16 --out /tmp/mc.json   # C7 passes' added cost
 
 All four are measured in one invocation on one cell of the d2l protocol, setting (0.2, 0.5),
 seed 0 (the batched runner trains the protocol's first K cells, that cell among them). The floor
@@ -34,10 +35,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from study import batched, environment, plan, protocol, workers
+from study import batched, environment, inference, plan, protocol, workers
 from study import data as datamod
 from study.data import Dataset
 from study.plan import Cell
+from study.seeding import threads as seeding_threads
 from study import train as sequential
 from study.train import EpochMetrics, train
 
@@ -315,7 +317,8 @@ def twin_gaps(cells: list[Cell], data: Dataset, lockstep: bool | None = None) ->
 # --- the whole bench -----------------------------------------------------------------------------
 
 def cells_of(path: Path, epochs: int, subset: int | None = None) -> list[Cell]:
-    overrides = [f"training.epochs={epochs}", "execution=batched"]
+    # Training only: the C7 passes after it are timed on their own (`time_passes`).
+    overrides = [f"training.epochs={epochs}", "execution=batched", "inference.mc_passes=0"]
     if subset is not None:
         overrides.append(f"data.train_subset={subset}")
     return plan.expand(protocol.load(path, overrides))
@@ -390,6 +393,42 @@ def mode_costs(timings: dict[str, Timing]) -> dict[str, object]:
         "paired_median": statistics.median(x / y for x, y in zip(t.samples, base.samples)),
         "seconds_per_epoch": list(t.samples), "default_seconds_per_epoch": list(base.samples)}
         for m, t in timings.items() if m != "default"}
+
+
+# --- what the stochastic test-set passes (C7) add ------------------------------------------------
+
+
+def time_passes(cell: Cell, data: Dataset, passes: int, rounds: int) -> dict[str, Timing]:
+    """CPU seconds at one thread of one batched member-epoch of `cell` (side by side: each member
+    alone on one core, as `make study` trains) and of its `passes` stochastic test-set passes
+    after that epoch, in the same round. One thread, CPU time: on the shared machine wall times
+    spread with the neighbours' load. The member-epoch includes its test-set evaluation, as
+    every epoch of `make study` does."""
+    cell = replace(cell, config=replace(cell.config, training=replace(cell.config.training,
+                                                                      epochs=1), mc_passes=0))
+    with_passes = replace(cell, config=replace(cell.config, mc_passes=passes))
+    out: dict[str, list[float]] = {"member_epoch": [], "passes": []}
+    with seeding_threads(1):
+        # Warm-up: pools, allocator growth and first-touch page faults land here.
+        next(batched.fit_many([cell], data.subset(min(len(data.train_y), 4 * 256))))
+        for _ in range(rounds):
+            start = time.process_time()
+            (_, net), = list(batched.fit_many([cell], data))
+            out["member_epoch"].append(time.process_time() - start)
+            start = time.process_time()
+            inference.mc_passes(with_passes, net, data, sequential.seeds_of(cell))
+            out["passes"].append(time.process_time() - start)
+    return {k: Timing(tuple(v)) for k, v in out.items()}
+
+
+def pass_cost(timings: dict[str, Timing], passes: int, epochs: int) -> dict[str, object]:
+    """The passes against a run's `epochs` member-epochs: the share they add to its training."""
+    epoch, extra = timings["member_epoch"], timings["passes"]
+    return {"passes": passes, "epochs": epochs, "clock": "process CPU time, 1 thread",
+            "added_share_best": extra.best / (epochs * epoch.best),
+            "added_share_paired_median": statistics.median(
+                p / (epochs * e) for p, e in zip(extra.samples, epoch.samples)),
+            "member_epoch_seconds": list(epoch.samples), "passes_seconds": list(extra.samples)}
 
 
 def machine() -> dict[str, object]:
@@ -505,8 +544,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="training images of the mode timing (one epoch)")
     parser.add_argument("--modes-only", action="store_true",
                         help="time only the determinism modes (writes only those to --out)")
+    parser.add_argument("--mc-passes", type=int, default=16,
+                        help="stochastic test-set passes timed against a member-epoch (C7)")
+    parser.add_argument("--mc-rounds", type=int, default=5)
+    parser.add_argument("--mc-only", action="store_true",
+                        help="time only the C7 passes (writes only those to --out)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if args.mc_only:
+        return _mc_main(args)
     cell = next(c for c in cells_of(PROTOCOL, 1) if (c.dropout1, c.dropout2) == SETTING)
     costs = mode_costs(time_modes(cell, args.mode_subset, args.mode_rounds))
     print(show_costs(costs, args.mode_subset))
@@ -517,6 +563,22 @@ def main(argv: list[str] | None = None) -> int:
         out = {**runners(args), **out}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _mc_main(args: argparse.Namespace) -> int:
+    """The C7 passes' cost against the d2l protocol's training (its epochs), on its data."""
+    spec = protocol.load(PROTOCOL)
+    cell = next(c for c in plan.expand(spec) if (c.dropout1, c.dropout2) == SETTING)
+    data = datamod.load().subset(spec.data.train_subset)
+    cost = pass_cost(time_passes(cell, data, args.mc_passes, args.mc_rounds), args.mc_passes,
+                     spec.training.epochs)
+    print(f"{args.mc_passes} passes add {cost['added_share_paired_median']:.1%} (median of "
+          f"rounds; {cost['added_share_best']:.1%} best of each) to {spec.training.epochs} "
+          "member-epochs of training, CPU time at 1 thread")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"mc_cost": cost, "machine": machine()}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

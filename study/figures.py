@@ -27,7 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
 
-from study.results import Comparison, Curve, Endpoint, Group, Results, Stratum
+from study.results import Comparison, Curve, Endpoint, Group, McSetting, Results, Stratum
 from study.results_diagnostics import Diagnostics, KeepRecord, SourceRecord
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
@@ -340,16 +340,44 @@ def plot_gap(runs: pd.DataFrame, groups: Sequence[Group], *,
     palette = palette or _palette(order)
     sns.swarmplot(data=frame, x="setting", y="gap", order=order, hue="setting", palette=palette,
                   ax=ax, size=3, alpha=0.8, warn_thresh=1.0)
-    for group in groups:
-        setting = setting_label(group.dropout1, group.dropout2)
-        mean, ci = _pp(group.gap_mean), _pp_pair(group.gap_ci95)
+    _mean_bars(ax, order, [(setting_label(g.dropout1, g.dropout2), g.gap_mean, g.gap_ci95)
+                           for g in groups])
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("(dropout1, dropout2)")
+    ax.set_ylabel("train − test accuracy (pp)")
+    _drop_legend(ax)
+    return ax
+
+
+def _mean_bars(ax: Axes, order: list[str],
+               bars: Sequence[tuple[str, float | None, Sequence[float] | None]]) -> None:
+    """(setting, mean, 95% CI) from the results as black bars beside that setting's seed dots."""
+    for setting, mean, ci in bars:
+        mean, ci = _pp(mean), _pp_pair(ci)
         if setting not in order or mean is None or ci is None:
             continue
         ax.errorbar([order.index(setting) + 0.28], [mean], yerr=[[mean - ci[0]], [ci[1] - mean]],
                     fmt="_", color="black", capsize=3, markersize=8)
-    ax.axhline(0, color="black", linewidth=0.6)
+
+
+def plot_flip_rate(runs: pd.DataFrame, settings: Sequence[McSetting], *,
+                   order: list[str] | None = None, palette: dict[str, Any] | None = None,
+                   ax: Axes | None = None) -> Axes:
+    """Share of test images whose class differs between two stochastic passes (dropout left on
+    at inference), per seed (dots), with the results' mean and 95% CI over seeds (bar)."""
+    ax = _new_axes(ax)
+    frame = with_setting(runs)
+    frame["flip"] = frame.get("mc_flip_rate", pd.Series(np.nan, frame.index)).astype(float) * 100
+    frame = frame[np.isfinite(frame["flip"])]
+    order = [s for s in (order or setting_order(frame)) if s in set(frame["setting"])]
+    palette = palette or _palette(order)
+    sns.swarmplot(data=frame, x="setting", y="flip", order=order, hue="setting", palette=palette,
+                  ax=ax, size=3.5, edgecolor="black", linewidth=0.4, warn_thresh=1.0)
+    _mean_bars(ax, order, [(setting_label(s.dropout1, s.dropout2), s.flip_rate.mean,
+                            s.flip_rate.ci95) for s in settings])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("(dropout1, dropout2)")
-    ax.set_ylabel("train − test accuracy (pp)")
+    ax.set_ylabel("flip rate between two passes (%)")
     _drop_legend(ax)
     return ax
 
@@ -474,6 +502,10 @@ CAPTIONS = {
     "gap": "Train minus test accuracy at the last epoch; dots are seeds, black bars the mean and "
            "95% CI from the analysis. Train accuracy is measured with dropout on, so a negative "
            "gap is expected for strong dropout and is not 'underfitting' by itself.",
+    "mc_flip_rate": "Dropout left on at inference: share of test images whose predicted class "
+                    "differs between two stochastic passes (averaged over all pairs of the "
+                    "{passes} passes), per seed (dots), with the mean and its 95% t interval "
+                    "over seeds (bar), as in results.json.",
     "keep_rates": "Share of units each dropout layer kept in training, per implementation "
                   "(mean over first runs; one marker per setting and layer, dodged sideways so "
                   "implementations do not hide each other). Solid: the nominal 1 \u2212 p; "
@@ -485,11 +517,15 @@ CAPTIONS = {
 # Drawn from `Results.diagnostics` as one panel each, and placed by the report next to the
 # claim they answer rather than among the per-stratum figures.
 DIAGNOSTIC_FIGURES = ("keep_rates", "variance_sources")
+# Per-stratum figures the report also places with their claim (C7), not among the others.
+CLAIM_FIGURES = ("mc_flip_rate",)
 
 
 def caption(name: str, results: Results) -> str:
     """The caption of figure `name`, naming the endpoint the analysis used."""
-    return CAPTIONS[name].format(endpoint=Endpoint.parse(results.endpoint).describe())
+    passes = sorted({s.passes for s in results.inference.settings}) if results.inference else []
+    return CAPTIONS[name].format(endpoint=Endpoint.parse(results.endpoint).describe(),
+                                 passes=" or ".join(map(str, passes)) or "T")
 
 
 def _stratum_frames(results: Results, runs: pd.DataFrame) -> list[tuple[Stratum, pd.DataFrame]]:
@@ -582,6 +618,11 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
         _draw_facets("sd", results, table, out_dir, sd),
         _draw_facets("gap", results, table, out_dir, gap),
     ]
+    if results.inference is not None:
+        def flips(s, runs, ax):
+            plot_flip_rate(runs, _in_stratum(results.inference.settings, s),
+                           order=_present(order, runs), palette=palette, ax=ax)
+        per_stratum.append(_draw_facets("mc_flip_rate", results, table, out_dir, flips))
     if results.comparisons:  # the baseline alone (e.g. a determinism study): nothing to draw
         # One column: the numbers printed right of each panel need the full width.
         per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,

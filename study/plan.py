@@ -28,6 +28,8 @@ class RunConfig:
     fixed_seed: int
     # How many cells share one batched model; changes speed, not what a cell is.
     batch_members: int = 60
+    # Stochastic test-set passes after training (protocol `inference.mc_passes`); 0: none.
+    mc_passes: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Cell:
         """Stable identity of the run: a hash of everything that defines it, nothing else."""
         fields = asdict(self)
         del fields["config"]["batch_members"]
+        if mc_passes := fields["config"].pop("mc_passes"):
+            # Added with the passes (issue 13); absent means none, so keys of runs without
+            # passes are those of before, and turning passes on makes new cells (the passes
+            # need the trained weights, which the store does not keep).
+            fields["mc_passes"] = mc_passes
         if self.mask_rng != "torch":
             # Added with the SFC64 masks; absent means torch's, so older keys stay valid and
             # runs drawn with torch.rand's portable masks are never taken for SFC64 ones.
@@ -78,14 +85,16 @@ class Cell:
                 "device": self.device, "determinism": self.determinism,
                 "implementation": self.implementation, "vary": self.vary,
                 "replicate": self.replicate, "execution": self.config.execution,
-                "randomness": self.config.randomness, "mask_rng": self.mask_rng}
+                "randomness": self.config.randomness, "mask_rng": self.mask_rng,
+                **({"mc_passes": self.config.mc_passes} if self.config.mc_passes else {})}
 
 
 def run_config(protocol: Protocol, threads: int | None = None) -> RunConfig:
     return RunConfig(model=protocol.model, training=protocol.training, data=protocol.data,
                      execution=protocol.execution, randomness=protocol.randomness,
                      threads=threads, fixed_seed=protocol.seeds.fixed,
-                     batch_members=protocol.batch_members)
+                     batch_members=protocol.batch_members,
+                     mc_passes=protocol.inference.mc_passes)
 
 
 def expand(protocol: Protocol) -> list[Cell]:

@@ -117,6 +117,21 @@ class Analysis:
     contrasts: tuple[tuple[Setting, Setting], ...] = ()
 
 
+@dataclass(frozen=True, config=_STRICT)
+class Inference:
+    # Stochastic forward passes over the test set with dropout left on, made after training
+    # with masks from the run's `inference` stream (0: none). MC-averaged and eval-mode
+    # predictions are then scored side by side (claim C7).
+    mc_passes: Annotated[int, Field(ge=0, strict=True)] = 0
+
+    @field_validator("mc_passes")
+    @classmethod
+    def _pairs(cls, n: int) -> int:
+        if n == 1:
+            raise ValueError("one pass has no second pass to flip against; give 0 or >= 2")
+        return n
+
+
 def _nonempty(items: tuple) -> tuple:
     if not items:
         raise ValueError("must not be empty")
@@ -150,6 +165,7 @@ class Protocol:
     # threads an axis of the plan, like determinism.
     threads: Threads | tuple[Threads, ...] | None = None
     analysis: Analysis = Analysis()
+    inference: Inference = Inference()
 
     @model_validator(mode="after")
     def _consistent(self) -> Protocol:

@@ -225,6 +225,8 @@ class Results:
     contrasts: list[Comparison] = field(default_factory=list)
     diagnostics: Diagnostics | None = None  # None: not analysed (written as {})
     curves: list[Curve] = field(default_factory=list)
+    # Claim C7: None when no run made stochastic passes after training.
+    inference: Inference | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form: plain JSON types, no NaN. `variance_ratio` (and its interval)
@@ -234,3 +236,84 @@ class Results:
         for c in out["comparisons"] + out["contrasts"]:
             c["variance_ratio"], c["variance_ratio_ci95"] = c["sd_ratio"], c["sd_ratio_ci95"]
         return out
+
+
+# --- C7: dropout left on at inference (`study.inference`, `study.mc_analysis`) ------------------
+
+# Equal-width confidence bins of the expected calibration error each run records.
+ECE_BINS = 15
+# Verdicts of the NLL and ECE differences: they have no margin in their own units, so the
+# analysis never claims them equal; `identical` only where every run gives the same number.
+DIFFERENCE_VERDICTS = ("different", "not_shown_different", "identical")
+
+
+@dataclass(frozen=True)
+class Share:
+    """A per-run share (of test images) over the seeds of one setting: mean and Student-t 95%
+    CI with seeds as units."""
+
+    mean: float | None
+    ci95: Interval | None
+
+
+@dataclass(frozen=True)
+class Paired:
+    """MC-averaged minus eval-mode predictions on one metric, paired within each run (seeds as
+    units), paired t test Holm-adjusted over the settings of the stratum, per metric."""
+
+    metric: str  # accuracy | nll | ece
+    n_pairs: int
+    mean_diff: float | None
+    ci95: Interval | None
+    p: float | None
+    p_adjusted: float | None
+    tost_p_adjusted: float | None  # accuracy only: TOST at the protocol's equivalence margin
+    verdict: str  # accuracy: one of VERDICTS; nll, ece: one of DIFFERENCE_VERDICTS
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class McSetting:
+    """One setting's stochastic passes in one stratum."""
+
+    stratum: dict[str, Any]
+    dropout1: float
+    dropout2: float
+    passes: int
+    n: int  # runs with passes
+    flip_rate: Share
+    unstable_share: Share
+    eval_acc_mean: float | None
+    mc_acc_mean: float | None
+    accuracy: Paired
+    nll: Paired
+    ece: Paired
+    # A test image that flipped most often in one run of the setting (the lowest seed with one).
+    example_image: int | None
+    example_seed: int | None
+
+
+@dataclass(frozen=True)
+class McTrend:
+    """How the flip rate follows the dropout rate across the runs of one stratum: Spearman's
+    rank correlation (scipy.stats.spearmanr) of each run's flip rate with its setting's mean rate
+    (dropout1 + dropout2) / 2. Settings with a rate of 1 are left out: that layer outputs zeros,
+    so no randomness is left to flip."""
+
+    stratum: dict[str, Any]
+    n_runs: int
+    settings: list[list[float]]
+    left_out: list[list[float]]
+    rho: float | None
+    p: float | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Inference:
+    """Claim C7, from runs that made `passes` stochastic test-set passes after training."""
+
+    ece_bins: int
+    equivalence_margin: float
+    settings: list[McSetting]
+    trends: list[McTrend]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-STREAMS = ("init", "data", "dropout")
+# Appended, never reordered: a stream's spawn key is its index here.
+STREAMS = ("init", "data", "dropout", "inference")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class StreamSeeds:
     init: int
     data: int
     dropout: int
+    # Masks of the stochastic test-set passes (`study.inference`), drawn only after training,
+    # so it never moves the other streams or the trained weights. No `vary` names it: it
+    # follows the seed under "all" and stays at the fixed seed otherwise.
+    inference: int
 
 
 def derive(seed: int, stream: str) -> int:
@@ -38,7 +43,8 @@ def stream_seeds(seed: int, vary: str = "all", fixed: int = 0) -> StreamSeeds:
     def pick(stream: str) -> int:
         return derive(seed if vary in ("all", stream) else fixed, stream)
 
-    return StreamSeeds(init=pick("init"), data=pick("data"), dropout=pick("dropout"))
+    return StreamSeeds(init=pick("init"), data=pick("data"), dropout=pick("dropout"),
+                       inference=pick("inference"))
 
 
 def generator(seed: int, device: str = "cpu") -> torch.Generator:

@@ -44,6 +44,20 @@ RUN_COLUMNS = {
     "keep_rate2": float,
 }
 
+# Columns of runs that made stochastic test-set passes after training (`study.inference`, claim
+# C7): present in RunTable.runs only when some run has them, NaN in runs without.
+INFERENCE_COLUMNS = {
+    "mc_passes": int,  # T, the passes with dropout on
+    "mc_flip_rate": float,  # share of test images whose class differs between two passes
+    "mc_unstable_share": float,  # share whose class changes at least once in T passes
+    "mc_test_acc": float,  # accuracy of the softmax averaged over the passes
+    "mc_test_nll": float,  # its mean negative log-likelihood (natural log)
+    "mc_test_ece": float,  # its expected calibration error (inference.ECE_BINS bins)
+    "test_nll": float,  # the same two of the eval-mode predictions (test_acc's)
+    "test_ece": float,
+    "mc_flip_example": float,  # a test image index that flipped most often (NaN: none flipped)
+}
+
 # Columns that split runs into strata analysed separately (never pooled).
 STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "mask_rng",
                    "vary", "threads")

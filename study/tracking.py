@@ -25,7 +25,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.results import ECE_BINS
+from study.table import CURVE_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS, RunTable
 
 if TYPE_CHECKING:  # annotations only: importing plan and train (torch) makes `analyze` slower
     from study.plan import Cell
@@ -315,6 +316,8 @@ def finish(mlflow: MlflowClient, run_id: str, result: Result) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(name, getattr(e, name), now, e.epoch)
                for e in result.epochs for name in METRICS if math.isfinite(getattr(e, name))]
+    metrics += [Metric(name, value, now, len(result.epochs))
+                for name, value in inference_metrics(result).items()]
     for i in range(0, len(metrics), MAX_METRICS):
         mlflow.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS])
     mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in result_tags(result).items()])
@@ -325,6 +328,24 @@ def finish(mlflow: MlflowClient, run_id: str, result: Result) -> None:
 def fail(mlflow: MlflowClient, run_id: str, error: BaseException) -> None:
     mlflow.set_tag(run_id, "study.error", f"{type(error).__name__}: {error}"[:5000])
     mlflow.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
+
+def inference_metrics(result: Result) -> dict[str, float]:
+    """The run's C7 numbers (table.INFERENCE_COLUMNS), logged at its last epoch; {} without passes."""
+    r = result.inference
+    if r is None:
+        return {}
+    return {"mc_flip_rate": r.flip_rate, "mc_unstable_share": r.unstable_share,
+            "mc_test_acc": r.mc.accuracy, "mc_test_nll": r.mc.nll, "mc_test_ece": r.mc.ece,
+            "test_nll": r.eval.nll, "test_ece": r.eval.ece}
+
+
+def inference_tags(result: Result) -> dict[str, str]:
+    r = result.inference
+    if r is None:
+        return {}
+    return {"study.mc_flip_example": "none" if r.flip_example is None else str(r.flip_example),
+            "study.mc_seconds": f"{r.seconds:.3f}", "study.mc_ece_bins": str(ECE_BINS)}
 
 
 def result_tags(result: Result) -> dict[str, str]:
@@ -340,7 +361,7 @@ def result_tags(result: Result) -> dict[str, str]:
         tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.arithmetic).items()})
     if result.threads is not None:
         tags["study.threads"] = str(result.threads)
-    return tags
+    return {**tags, **inference_tags(result)}
 
 
 # --- analysis runs -----------------------------------------------------------------------------
@@ -475,6 +496,11 @@ def _row(run: RunRecord, experiment: str) -> dict[str, Any]:
     if row["textbook_check"] is None:
         row["textbook_check"] = bool(row["train_loss"] < 0.5 and row["train_acc"] > 0.7
                                      and row["test_acc"] > 0.7)
+    if "mc_passes" in params:  # only runs with passes: other stores' tables keep their columns
+        row.update({column: _convert(params.get(column, tags.get(f"study.{column}",
+                                                                 metrics.get(column))),
+                                     kind, None, column, run, experiment)
+                    for column, kind in INFERENCE_COLUMNS.items()})
     return row
 
 
@@ -562,8 +588,9 @@ def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
                             .order_by(SqlRun.start_time.desc(), SqlRun.run_uuid)).all()
         found = {run_id: ({}, {}, {}) for run_id, _ in runs}
         # Only what _row and _environment read: the protocol.* params are 3/4 of all rows.
-        wanted = (SqlParam.key.in_(list(RUN_COLUMNS)), SqlTag.key.like("study.%"),
-                  SqlLatestMetric.key.in_(list(RUN_COLUMNS)))
+        columns = [*RUN_COLUMNS, *INFERENCE_COLUMNS]
+        wanted = (SqlParam.key.in_(columns), SqlTag.key.like("study.%"),
+                  SqlLatestMetric.key.in_(columns))
         for slot, model in enumerate((SqlParam, SqlTag, SqlLatestMetric)):
             query = select(model.run_uuid, model.key, model.value).where(
                 model.run_uuid.in_(select(ids)), wanted[slot])

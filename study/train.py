@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from study import model as models
 from study.data import Dataset
+from study.inference import McResult, mc_passes
 from study.plan import Cell
 from study.seeding import Arithmetic, Flags, StreamSeeds, generator, global_dropout_rng, stream_seeds
 
@@ -53,6 +54,8 @@ class Result:
     # CPU time of the training process (all its threads), for costs on a shared machine where
     # wall time also measures the neighbours. None where not measured (batched members).
     cpu_seconds: float | None = None
+    # The stochastic test-set passes after training (`config.mc_passes` > 0), else None.
+    inference: McResult | None = None
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,21 @@ def fit(cell: Cell, data: Dataset) -> tuple[nn.Module, Result]:
     started, start, cpu = time.time(), time.perf_counter(), time.process_time()
     with rng_scope:
         epochs = _fit(net, cell, data, generator(seeds.data))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return net, Result(
         cell=cell, epochs=epochs, status=status_of(epochs, cell.config.training.epochs),
         textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
-        seconds=time.perf_counter() - start, keep_rates=models.keep_rates(net), streams=seeds,
-        started=started, cpu_seconds=time.process_time() - cpu)
+        seconds=seconds, keep_rates=models.keep_rates(net), streams=seeds,
+        started=started, cpu_seconds=cpu_seconds, inference=inference(cell, net, data, epochs))
+
+
+def inference(cell: Cell, net: nn.Module, data: Dataset,
+              epochs: tuple[EpochMetrics, ...]) -> McResult | None:
+    """The cell's stochastic test-set passes, or None: none asked, or the run diverged (its
+    weights are not finite, so there is nothing to predict with)."""
+    if not cell.config.mc_passes or status_of(epochs, cell.config.training.epochs) == "diverged":
+        return None
+    return mc_passes(cell, net, data, seeds_of(cell))
 
 
 def initial_net(cell: Cell, drops: tuple[nn.Module, nn.Module], seeds: StreamSeeds) -> nn.Module:

@@ -97,3 +97,20 @@ def test_mode_costs_divide_by_default_best_and_within_rounds():
     assert costs["portable_over_default"]["best"] == 2.5  # 2.5 / 1.0
     assert costs["portable_over_default"]["paired_median"] == pytest.approx(2.2)  # of 2.5, 1.5, 2.2
     assert costs["strict_over_default"]["paired_median"] == 1.0
+
+
+def test_pass_cost_is_the_share_added_to_a_runs_epochs():
+    timings = {"member_epoch": bench.Timing((2.0, 1.8, 2.2)),
+               "passes": bench.Timing((1.5, 1.8, 1.1))}
+    cost = bench.pass_cost(timings, passes=25, epochs=10)
+    assert cost["added_share_best"] == pytest.approx(1.1 / 18)  # best passes / (10 x best epoch)
+    # Per round: 1.5/20, 1.8/18, 1.1/22 -> median 0.075.
+    assert cost["added_share_paired_median"] == pytest.approx(0.075)
+
+
+def test_time_passes_times_an_epoch_and_its_passes(tiny_root):
+    _, tiny = tiny_root
+    cell = bench.cells_of(bench.PROTOCOL, epochs=3)[1]
+    assert cell.config.mc_passes == 0  # the runners' timings are training only
+    timings = bench.time_passes(cell, tiny, passes=3, rounds=2)
+    assert all(len(t.samples) == 2 and min(t.samples) > 0 for t in timings.values())

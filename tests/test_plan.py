@@ -27,16 +27,28 @@ def test_keys_are_stable_and_track_what_defines_a_run():
     keys = [c.key for c in plan.expand(protocol.load(D2L))]
     assert keys == [c.key for c in plan.expand(protocol.load(D2L))]
     # Pinned: a key that silently changed would make every store re-run its whole study.
-    assert keys[0] == "653cea852cdd5e4b"
+    # (With the protocol's 25 inference passes; without them, see the test below.)
+    assert keys[0] == "a6be97688f40bfb4"
     # Native masks: the key these cells had before SFC64 masks entered the key (old stores).
-    assert plan.expand(protocol.load(D2L, ["randomness=native", "execution=sequential"])
-                       )[0].key == "8917af3013e2a368"
+    assert plan.expand(protocol.load(D2L, ["randomness=native", "execution=sequential",
+                                           "inference.mc_passes=0"]))[0].key == "8917af3013e2a368"
     other_epochs = [c.key for c in plan.expand(protocol.load(D2L, ["training.epochs=3"]))]
     assert not set(keys) & set(other_epochs)
     wider_batches = [c.key for c in plan.expand(protocol.load(D2L, ["batch_members=7"]))]
     assert keys == wider_batches  # how cells are grouped for speed is not what they are
     renamed = [c.key for c in plan.expand(protocol.load(D2L, ["description=other"]))]
     assert keys == renamed
+
+
+def test_passes_enter_the_key_only_when_asked_for():
+    # Pinned before `inference` existed: without passes, keys (and stores) stay as they were.
+    off = plan.expand(protocol.load(D2L, ["inference.mc_passes=0"]))
+    assert (off[0].key, off[1].key) == ("653cea852cdd5e4b", "5dc4690eda47c54c")
+    assert "mc_passes" not in off[0].labels()
+    on = plan.expand(protocol.load(D2L, ["inference.mc_passes=8"]))
+    more = plan.expand(protocol.load(D2L, ["inference.mc_passes=16"]))
+    assert len({c.key for c in off + on + more}) == 3 * len(off)
+    assert on[0].labels()["mc_passes"] == 8
 
 
 def test_run_names_are_readable():

@@ -58,6 +58,10 @@ def _write(tmp_path, **changes) -> Path:
     ({"devices": ["tpu"]}, "devices.0", "'tpu'"),
     ({"baseline": [0.3, 0.3]}, "baseline", "[0.3, 0.3]"),
     ({"model": {"hidden": [256, 256], "init_std": 0.01, "depth": 3}}, "model.depth", "3"),
+    ({"inference": {"mc_passes": -2}}, "inference.mc_passes", "-2"),
+    ({"inference": {"mc_passes": 1}}, "inference.mc_passes", "1"),
+    ({"inference": {"mc_passes": "8"}}, "inference.mc_passes", "'8'"),
+    ({"inference": {"passes": 8}}, "inference.passes", "8"),
 ])
 def test_bad_values_name_file_key_and_value(tmp_path, changes, key, value):
     path = _write(tmp_path, **changes)

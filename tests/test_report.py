@@ -23,7 +23,7 @@ from scipy import stats as sps
 
 from study import diagnostics, figures, report
 from study.protocol import Analysis
-from study.report import claims, describe, sections, tables, wording
+from study.report import claims, describe, inference_text, sections, tables, wording
 from study.report.context import Inputs, find_comparison, find_group
 from study.report.diagnostic_text import claim_repeatability, sources_section
 from study.report.document import Code, Strong, para, text_of
@@ -33,9 +33,11 @@ from study.results import Results
 from study.results_diagnostics import Diagnostics
 from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 from tests.results_factory import (BASELINE, LEFT_OUT, comparison_at, make_results, make_table,
-                                   with_protocol)
+                                   with_passes, with_protocol)
 
-STRATUM_FIGURES = [n for n in figures.CAPTIONS if n not in figures.DIAGNOSTIC_FIGURES]
+# C7's figure is drawn only where runs made stochastic passes (test_c7_... below).
+STRATUM_FIGURES = [n for n in figures.CAPTIONS
+                   if n not in figures.DIAGNOSTIC_FIGURES + figures.CLAIM_FIGURES]
 
 
 @pytest.fixture(scope="module")
@@ -504,6 +506,42 @@ def test_first_layer_claim_reads_the_declared_contrast(tmp_path: Path) -> None:
     plain = analysis.analyze(table, BASELINE, Analysis(bootstrap=200))
     (missing,) = claims.claim_first_layer(Inputs.of(plain, table))
     assert "was not declared" in text_of(missing)
+
+
+def test_c7_section_states_flips_verdicts_trend_and_shows_its_figure(tmp_path: Path) -> None:
+    """C7 through analysis.analyze on runs with planted passes (results_factory.with_passes)."""
+    from study import analysis
+
+    table = with_passes(make_table())
+    results = analysis.analyze(table, BASELINE, Analysis(bootstrap=200))
+    files = report.write_report(results, table, tmp_path)
+    md = files.markdown.read_text()
+    section = _section(md, "C7: dropout left on at inference flips predictions", "## 5.")
+    blocks = inference_text.claim_inference(Inputs.of(results, table, files.figures))
+    text = " ".join(text_of(b) for b in blocks if hasattr(b, "parts"))
+    top = max(results.inference.settings, key=lambda s: s.flip_rate.mean)
+    assert (top.dropout1, top.dropout2) == (0.9, 0.9)
+    assert (f"two passes disagree on {wording.fmt_pct(top.flip_rate.mean)} "
+            f"{wording.fmt_ci_pct(top.flip_rate.ci95)} of test images at (0.9, 0.9) (e.g. test "
+            f"image 1000 in seed 0)") in text
+    assert "Spearman \u03c1 = " in text and "(1, 1) left out" in text
+    assert "15 equal-width confidence bins" in text and "no equivalence is claimed" in text
+    (table_block,) = [b for b in blocks if hasattr(b, "rows")]
+    assert [r[0] for r in table_block.rows] == ["(0, 0)", "(0.2, 0.5)", "(0.6, 0.8)", "(0.9, 0.9)",
+                                               "(1, 1)"]
+    nll = results.inference.settings[1].nll  # (0.2, 0.5): planted 0.02 nats lower
+    assert table_block.rows[1][6].startswith(f"{wording.fmt_num(nll.mean_diff, 3)} [")
+    assert table_block.rows[1][6].endswith("different, p < 0.001")
+    # NLL and ECE cells never read "equivalent"; the accuracy cells carry the usual verdicts.
+    assert not any("equivalent" in r[6] + r[7] for r in table_block.rows)
+    assert table_block.rows[0][5].endswith("equivalent")
+    assert "figures/mc_flip_rate.png" in section
+    assert "mc_flip_rate.png" not in _section(md, "## 3.", "## 4.")  # placed with C7 only
+    assert any(f.name == "mc_flip_rate" for f in files.figures)
+
+
+def test_without_passes_c7_says_the_data_do_not_speak(md: str) -> None:
+    assert "no run made stochastic passes with dropout on" in md
 
 
 # --- diagnostics: synthetic runs with planted findings, through study.diagnostics.analyze ----

@@ -138,6 +138,7 @@ def test_load_runs_gives_the_tidy_table(store, loader):
     assert len(table.curves) == 6 * 2 * 3
     assert table.protocol["name"] == "e2e"
     assert "torch_version" in table.environment
+    assert "mc_passes" not in table.runs  # runs without passes: the table of before
 
 
 def test_cuda_cells_skip_or_fail_without_a_gpu(store, loader, monkeypatch):
@@ -206,3 +207,27 @@ def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
     monkeypatch.setattr(tracking, "finish", real_finish)
     summary = runner.run(proto, load=loader, progress=False)
     assert (summary.interrupted, summary.already_done, summary.ran) == (1, 1, 5)
+
+
+def test_passes_are_logged_and_read_back(store, loader):
+    from study import analysis
+    from study.protocol import Analysis
+
+    proto = protocol.parse({**PROTO, "execution": "batched", "randomness": "portable",
+                            "seeds": {"count": 3}, "inference": {"mc_passes": 4}})
+    summary = runner.run(proto, load=loader, progress=False)
+    table = tracking.load_runs(store, "e2e")
+    assert set(table.runs["mc_passes"]) == {4}
+    for result in summary.results:
+        row = table.runs[table.runs["run_id"].isin(
+            [r.info.run_id for r in _runs(store) if r.data.tags["study.cell"] == result.cell.key])]
+        mc = result.inference
+        assert row["mc_flip_rate"].item() == pytest.approx(mc.flip_rate)
+        assert row["mc_test_nll"].item() == pytest.approx(mc.mc.nll)
+        assert row["test_ece"].item() == pytest.approx(mc.eval.ece)
+        flipped = row["mc_flip_example"].item()
+        assert (None if flipped != flipped else int(flipped)) == mc.flip_example
+    results = analysis.analyze(table, (0.5, 0.5), Analysis(bootstrap=200))
+    assert {(s.dropout1, s.dropout2) for s in results.inference.settings} == \
+        {(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)}
+    assert len(table.runs) == 9

@@ -14,6 +14,7 @@ from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostic_text import (applicable, claim_repeatability, diag_section,
                                           equivalence_blocks, keep_rate_blocks)
 from study.report.document import Block, Bullets, Heading, Strong, Table, para
+from study.report.inference_text import claim_inference
 from study.report.wording import (NA, capitalised, divergence_phrase, endpoint_text,
                                   finite, fmt_ci_pct, fmt_ci_pp, fmt_mean_sd, fmt_pct, fmt_pp,
                                   fmt_setting, robustness_phrase, verdict_phrase)
@@ -206,8 +207,12 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("C4", "the hand-written dropout and nn.Dropout perform about the same;",
           "hand-written and nn.Dropout perform the same", claim_implementations),
     Claim("C5", "fixing the random seed makes training repeatable, but cuDNN on CUDA may still "
-                "differ (parallel sums in a different order).",
+                "differ (parallel sums in a different order);",
           "a fixed seed makes training repeatable; cuDNN may not", claim_repeatable),
+    Claim("C7", "at inference dropout is not needed; left on, it adds randomness and must be "
+                "computed several times (“the first pass says cat, the second may say "
+                "dog”).",
+          "dropout left on at inference flips predictions", claim_inference),
 )
 
 

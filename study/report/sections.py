@@ -275,7 +275,8 @@ def results_section(inputs: Inputs) -> list[Block]:
                        else "All figures show the single stratum",
                        f" ({'; '.join(s.label for s in r.strata)})."))
     # Diagnostic figures sit with the claim they answer, not among the per-stratum ones.
-    blocks += [Fig(f) for f in inputs.figs if f.name not in figures.DIAGNOSTIC_FIGURES]
+    blocks += [Fig(f) for f in inputs.figs
+               if f.name not in figures.DIAGNOSTIC_FIGURES + figures.CLAIM_FIGURES]
     return blocks
 
 
