@@ -52,6 +52,8 @@ class Target:
     baseline: tuple[float, float]
     options: Analysis
     source: str | None = None
+    # The protocol's planned cell keys: analysis reads only their runs (None: every run).
+    cells: frozenset[str] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +253,7 @@ def _print_where(exp_id: str) -> None:
 
 
 def _target(args: argparse.Namespace) -> Target:
-    from study import protocol
+    from study import plan, protocol
 
     if args.experiment:
         try:
@@ -267,7 +269,8 @@ def _target(args: argparse.Namespace) -> Target:
     if not args.protocol:
         raise protocol.ProtocolError("give a protocol file or --experiment NAME")
     proto = _load(args)
-    return Target(proto.name, proto.baseline, proto.analysis, source=args.protocol)
+    return Target(proto.name, proto.baseline, proto.analysis, source=args.protocol,
+                  cells=frozenset(c.key for c in plan.expand(proto)))
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,12 @@ def _analyze(target: Target) -> Analysed:
 
     mlflow = tracking.client()
     _require_runs(mlflow, target)
-    table = tracking.load_runs(mlflow, target.experiment)
+    table = tracking.load_runs(mlflow, target.experiment,
+                               set(target.cells) if target.cells is not None else None)
+    if table.unplanned_runs:
+        print(f"left out {table.unplanned_runs} finished runs of cells that "
+              f"{target.source} does not plan (an earlier version of it); they stay in the store",
+              file=sys.stderr)
     results = analysis.analyze(table, target.baseline, target.options)
     out = REPORTS / target.experiment
     return Analysed(mlflow, table, results, out, analysis.write(results, table, out))

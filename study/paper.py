@@ -118,7 +118,8 @@ def analyse(part: Part, mlflow: MlflowClient, out: Path) -> Evidence:
     found = mlflow.get_experiment_by_name(proto.name)
     if found is None or not tracking.finished_runs(mlflow, found.experiment_id):
         return Evidence(proto.name, str(part.path), part.entry.claims, None, cuda)
-    table = tracking.load_runs(mlflow, proto.name)
+    # Only the runs of the cells the protocol plans now (an edited protocol's old runs stay).
+    table = tracking.load_runs(mlflow, proto.name, {c.key for c in expand(proto)})
     results = analysis.analyze(table, proto.baseline, proto.analysis)
     analysis.write(results, table, out / proto.name)
     figs = figures.make_figures(results, table, out / figure_folder(proto.name))

@@ -78,6 +78,8 @@ class RunTable:
     environment: dict[str, Any] = field(default_factory=dict)
     # Counts of the newest `study verify` run of the experiment (study.verify.* tags), if any.
     verification: dict[str, str] | None = None
+    # Finished runs left out because the protocol no longer plans their cells.
+    unplanned_runs: int = 0
 
     def __post_init__(self) -> None:
         missing = set(RUN_COLUMNS) - set(self.runs.columns)

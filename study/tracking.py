@@ -458,23 +458,30 @@ DEFAULTS: dict[str, Any] = {
 REQUIRED_PARAMS = ("dropout1", "dropout2", "seed")
 
 
-def load_runs(mlflow: MlflowClient, experiment: str) -> RunTable:
-    """Every FINISHED training run of `experiment` as a RunTable (replicates included).
+def load_runs(mlflow: MlflowClient, experiment: str, cells: set[str] | None = None) -> RunTable:
+    """Every FINISHED training run of `experiment` as a RunTable (replicates included); with
+    `cells`, only the runs of those cell keys (a protocol's plan: runs of an earlier version of
+    it, e.g. before a new key, stay in the store but are left out and counted).
 
     Read in bulk: straight from the tables of a SQL store (SQLite, PostgreSQL), else through a
     tracking server's search and bulk metric-history endpoints; one call per run and metric
     only where neither is there (issue 12: that loop took 130 s for 5,000 runs)."""
     exp_id = experiment_id(mlflow, experiment, create=False)
     records = _finished_records(mlflow, exp_id)
+    planned = [r for r in records if cells is None or r.tags.get("study.cell") in cells]
+    left_out, records = len(records) - len(planned), planned
     if not records:
-        raise TrackingError(f"experiment {experiment!r} has no finished runs to analyse")
+        raise TrackingError(f"experiment {experiment!r} has no finished runs to analyse"
+                            + (f" ({left_out} are of cells the protocol does not plan)"
+                               if left_out else ""))
     rows = [_row(record, experiment) for record in records]
     table = pd.DataFrame(rows).sort_values(["dropout1", "dropout2", "seed", "replicate"],
                                            kind="stable", ignore_index=True)
     curves = _curves(mlflow, exp_id, [r.run_id for r in records])
     return RunTable(experiment_id=exp_id, experiment_name=experiment, runs=table,
                     curves=curves, protocol=_protocol(mlflow, records[0].run_id),
-                    environment=_environment(records), verification=latest_verify(mlflow, exp_id))
+                    environment=_environment(records), verification=latest_verify(mlflow, exp_id),
+                    unplanned_runs=left_out)
 
 
 def _row(run: RunRecord, experiment: str) -> dict[str, Any]:

@@ -231,3 +231,16 @@ def test_passes_are_logged_and_read_back(store, loader):
     assert {(s.dropout1, s.dropout2) for s in results.inference.settings} == \
         {(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)}
     assert len(table.runs) == 9
+
+
+def test_analysis_reads_only_the_cells_the_protocol_plans(store, loader):
+    proto = protocol.parse(PROTO)
+    runner.run(proto, load=loader, progress=False)
+    keys = sorted(c.key for c in plan.expand(proto))
+    table = tracking.load_runs(store, "e2e", set(keys[:4]))  # as after an edit of the protocol
+    assert sorted(table.runs.run_name) == sorted(
+        c.name for c in plan.expand(proto) if c.key in keys[:4])
+    assert table.unplanned_runs == 2
+    assert len(tracking.load_runs(store, "e2e").runs) == 6 and len(_runs(store)) == 6
+    with pytest.raises(tracking.TrackingError, match=r"\(6 are of cells the protocol does not plan\)"):
+        tracking.load_runs(store, "e2e", set())
