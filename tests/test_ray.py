@@ -1,7 +1,8 @@
-"""The Ray backend against a real local Ray cluster (`ray start --head` on loopback, see the
-`ray_cluster` fixture), through `python -m study run --backend ray` driver processes: the same
-bits as the local backend, the smoke protocol into the PostgreSQL-backed server with each
-mode's environment in the workers, and a worker killed mid-task."""
+"""The Ray backend: how a group becomes task options and retries (no cluster), then against a
+real local Ray cluster (`ray start --head` on loopback, see the `ray_cluster` fixture) through
+`python -m study run --backend ray` driver processes: the same bits as the local backend, the
+smoke protocol into the PostgreSQL-backed server with each mode's environment in the workers,
+and a worker killed mid-task."""
 
 from __future__ import annotations
 
@@ -14,11 +15,61 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from study import plan, protocol, workers
 from tests.test_faults import CELLS, _complete_and_unique, _protocol, drivers  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_data")]
+@pytest.fixture(scope="module")
+def worker_ray():
+    if os.environ.get("CI") == "true":
+        from study import worker_ray  # CI installs Ray: its absence is a failure there
+        return worker_ray
+    return pytest.importorskip("study.worker_ray", reason="no Ray here")
+
+
+def _group(mode: str, threads: int | None, device: str = "cpu") -> workers.Group:
+    proto = protocol.parse({"name": "opts", "dropout": [[0.0, 0.0], [0.5, 0.5]],
+                            "seeds": {"count": 2}, "baseline": [0.5, 0.5], "devices": [device],
+                            "determinism": [mode], "threads": threads})
+    (group,) = workers.groups(plan.expand(proto), lambda: None, None)
+    return group
+
+
+def test_task_options_carry_the_groups_environment_and_resources(worker_ray):
+    strict = worker_ray.options(_group("strict", 2))
+    env = strict["runtime_env"]["env_vars"]
+    assert env["MKL_CBWR"] == "AUTO" and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
+    assert env["STUDY_UNSET"] == "ATEN_CPU_CAPABILITY,ONEDNN_MAX_CPU_ISA"
+    assert env["STUDY_GROUP"] == "cpu/strict/threads=2"  # one worker pool per group
+    assert (strict["num_cpus"], strict["num_gpus"], strict["max_retries"]) == (2, 0, 0)
+    default = worker_ray.options(_group("default", None, "cuda"))
+    assert "MKL_CBWR" in default["runtime_env"]["env_vars"]["STUDY_UNSET"].split(",")
+    assert "MKL_CBWR" not in default["runtime_env"]["env_vars"]
+    assert (default["num_cpus"], default["num_gpus"]) == (1, 1)
+
+
+def test_the_setup_hook_unsets_what_the_group_leaves_unset(worker_ray, monkeypatch):
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("STUDY_UNSET", "MKL_CBWR,ONEDNN_MAX_CPU_ISA")
+    worker_ray.start_worker()
+    assert "MKL_CBWR" not in os.environ and "ONEDNN_MAX_CPU_ISA" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def test_a_retry_redoes_only_unfinished_cells_and_attempts_are_bounded(worker_ray):
+    group = _group("default", None)
+    task = worker_ray._Task(stream=0, group=group, attempt=1)
+    again = worker_ray._again(task, {group.cells[0].key, group.cells[2].key})
+    assert again.group.cells == (group.cells[1], group.cells[3]) and again.attempt == 2
+    assert worker_ray._again(task, {c.key for c in group.cells}) is None
+    crash = RuntimeError("gone")
+    assert worker_ray._lost(task, crash).endswith("on attempt 1 of 3; retried")
+    last = worker_ray._Task(stream=0, group=group, attempt=worker_ray.ATTEMPTS)
+    with pytest.raises(workers.WorkerError, match="attempt 3 of 3; cells it was training"):
+        worker_ray._lost(last, crash)
 
 
 def _runs(uri: str, name: str, status: str | None = None) -> list:
@@ -30,6 +81,8 @@ def _runs(uri: str, name: str, status: str | None = None) -> list:
     return mlflow.search_runs([exp.experiment_id], query, max_results=1000)
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("real_data")
 def test_portable_hashes_are_the_same_under_local_and_ray(ray_cluster, tmp_path, drivers):
     name = f"portable-{time.monotonic_ns()}"
     proto = tmp_path / "portable.yaml"
@@ -61,6 +114,8 @@ baseline: [0.2, 0.5]
         assert on_ray["study.env.threads.intra_op"] == local["study.env.threads.intra_op"] == "2"
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("real_data")
 def test_smoke_protocol_through_ray_into_the_tracking_server(ray_cluster, tracking_server,
                                                              drivers):
     name = f"smoke-ray-{time.monotonic_ns()}"
@@ -80,6 +135,8 @@ def test_smoke_protocol_through_ray_into_the_tracking_server(ray_cluster, tracki
         assert run.data.tags["study.env.threads.omp_num_threads"] == "1"
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("real_data")
 def test_a_ray_worker_killed_mid_task_is_retried_without_duplicates(ray_cluster, tmp_path,
                                                                     drivers):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
