@@ -27,6 +27,7 @@ every new worker to run the setup hook.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,8 @@ def connect(address: str | None = None) -> None:
     # Workers import `study` from their own node's checkout, not a copy shipped by Ray
     # (py_modules): each run then records the commit of the code that trained it.
     job = {"worker_process_setup_hook": f"{__name__}.start_worker"}
+    if address:
+        _reachable(address)
     local = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
     try:
         ray.init(address=address or "local", runtime_env=job, logging_level="WARNING", **local)
@@ -74,6 +77,17 @@ def connect(address: str | None = None) -> None:
         raise ClusterError(f"no Ray cluster at --address {address}: {err}; a cluster started "
                            "with token authentication (the default) needs RAY_AUTH_MODE=token "
                            "and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here") from None
+
+
+def _reachable(address: str, timeout: float = 10) -> None:
+    """Fail at once where nothing listens: Ray 2.60 retries an unreachable head forever."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except ValueError:
+        raise ClusterError(f"--address {address!r}: expected HOST:PORT") from None
+    except OSError as err:
+        raise ClusterError(f"no Ray cluster at --address {address}: {err}") from None
 
 
 @ray.remote

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from study import plan, protocol, workers
+from tests.conftest import free_port
 from tests.test_faults import CELLS, _complete_and_unique, _protocol, drivers  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,14 @@ def _runs(uri: str, name: str, status: str | None = None) -> list:
         return []
     query = f"attributes.status = '{status}'" if status else ""
     return mlflow.search_runs([exp.experiment_id], query, max_results=1000)
+
+
+def test_an_address_where_nothing_listens_fails_at_once(worker_ray):
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(worker_ray.ClusterError, match=f"no Ray cluster at --address {address}"):
+        worker_ray.connect(address)
+    with pytest.raises(worker_ray.ClusterError, match="expected HOST:PORT"):
+        worker_ray.connect("head-without-port")
 
 
 @pytest.mark.integration
