@@ -92,8 +92,10 @@ def test_an_address_where_nothing_listens_fails_at_once(worker_ray):
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("real_data")
-def test_portable_hashes_are_the_same_under_local_and_ray(ray_cluster, tmp_path, drivers):
-    name = f"portable-{time.monotonic_ns()}"
+@pytest.mark.parametrize("execution", ["sequential", "batched"])
+def test_portable_hashes_are_the_same_under_local_and_ray(execution, ray_cluster, tmp_path,
+                                                          drivers):
+    name = f"portable-{execution}-{time.monotonic_ns()}"
     proto = tmp_path / "portable.yaml"
     proto.write_text(f"""name: {name}
 model: {{arch: mlp, hidden: [64, 64], init_std: 0.01}}
@@ -106,6 +108,8 @@ determinism: [portable]
 threads: 2
 randomness: portable
 baseline: [0.2, 0.5]
+execution: {execution}
+batch_members: 2
 """)
     stores = {where: f"sqlite:///{tmp_path / where}.db" for where in ("local", "ray")}
     for where, uri in stores.items():
