@@ -57,7 +57,8 @@ run: setup
 report: $(STAMP)
 	$(BIN)/python -m study report $(PROTOCOL)
 
-# The integration tests start their own PostgreSQL, so the package must be there.
+# The integration tests start their own PostgreSQL (so the package must be there) and their own
+# local Ray cluster (Ray comes with requirements.txt).
 test: setup browser postgres
 	$(BIN)/python -m pytest -q
 

@@ -1,7 +1,7 @@
 """Command line of the harness.
 
     python -m study plan    protocols/d2l-dropout.yaml [--set training.epochs=1 ...]
-    python -m study run     protocols/d2l-dropout.yaml
+    python -m study run     protocols/d2l-dropout.yaml [--backend ray [--address HEAD:6379]]
     python -m study analyze protocols/d2l-dropout.yaml     (or --experiment NAME --baseline 0.2,0.5)
     python -m study report  protocols/d2l-dropout.yaml
     python -m study paper   protocols/lesson.yaml          (every protocol of the lesson, one paper)
@@ -41,7 +41,7 @@ UI_PORT = 5000
 # they are looked up in sys.modules rather than imported here.
 USER_ERRORS = (("study.protocol", "ProtocolError"), ("study.data", "DataError"),
                ("study.runner", "RunnerError"), ("study.tracking", "TrackingError"),
-               ("study.analysis", "AnalysisError"))
+               ("study.analysis", "AnalysisError"), ("study.worker_ray", "ClusterError"))
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "ui":
             p.add_argument("--port", type=int, default=UI_PORT, help="on 127.0.0.1")
+        if name == "run":
+            # Where the cells train, not what they are: cell keys do not depend on it.
+            p.add_argument("--backend", choices=["local", "ray"], default="local",
+                           help="local: a worker process per group here (default); ray: Ray "
+                                "tasks on a cluster")
+            p.add_argument("--address", help="with --backend ray: join the cluster at "
+                                             "HOST:PORT (default: start one on this machine)")
     for name, func, text in [("analyze", cmd_analyze, "statistics into reports/NAME/"),
                              ("report", cmd_report, "statistics, figures and the PDF report")]:
         p = sub.add_parser(name, help=text)
@@ -208,7 +215,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     proto = _load(args)
     from study import runner
 
-    summary = runner.run(proto)
+    if args.address and args.backend != "ray":
+        raise runner.RunnerError("--address joins a Ray cluster: use it with --backend ray")
+    if args.backend == "ray":
+        from study import worker_ray
+
+        worker_ray.connect(args.address)
+    summary = runner.run(proto, where=args.backend)
     print(f"{proto.name}: {summary.ran} runs logged, {summary.already_done} already done, "
           f"{summary.skipped} skipped, {summary.interrupted} interrupted runs marked KILLED")
     _print_where(summary.experiment_id)

@@ -1,16 +1,17 @@
 """The study loop: plan, skip finished cells, train each group in a worker, log.
 
-    python -m study run protocols/d2l-dropout.yaml
+    python -m study run protocols/d2l-dropout.yaml [--backend ray [--address HEAD:6379]]
 
 Safe to interrupt: every finished cell is already in the store, runs left RUNNING are marked
 KILLED on the next start and their cells redone. Each (device, mode, threads) group trains in a
-fresh worker process (see `study.workers`); this process is the only MLflow writer.
+fresh worker process (`local`) or in Ray tasks (`ray`, see `study.worker_ray`); either way this
+process is the only MLflow writer.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ def runnable(protocol: Protocol, cells: list[Cell]) -> tuple[list[Cell], list[Ce
 
 
 def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
-        progress: bool = True, where: str = "process") -> Summary:
+        progress: bool = True, where: str = "local") -> Summary:
     """Run the cells not yet FINISHED, each (device, mode, threads) group in a worker of the
     `where` backend. `load` runs in the worker, so it must pickle (module-level or a partial)."""
     with tracking.writer_lock(protocol.name):
@@ -78,58 +79,74 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
     and epoch and its ETA follows; runs that report no epochs (sequential) count theirs when they
     finish."""
     results: list[Result] = []
-    counted: dict[str, int] = {}
+    counted: dict[str, int] = {}  # cell key -> epochs on the bar
+    log = _Log(mlflow, exp_id, protocol, {c.key: c for c in todo})
+    messages = workers.stream(where, workers.groups(todo, load, protocol.data.train_subset))
     with tqdm(total=sum(c.config.training.epochs for c in todo), unit="epoch",
               desc=protocol.name, disable=not progress, dynamic_ncols=True) as bar:
-        for group in workers.groups(todo, load, protocol.data.train_subset):
-            for event in _run_group(mlflow, exp_id, protocol, group, workers.backend(where)):
-                if isinstance(event, EpochDone):
-                    counted[event.key] = counted.get(event.key, 0) + 1
-                    bar.update()
+        try:
+            for stream, message in messages:
+                if isinstance(message, EpochDone):
+                    # By epoch number, not by count: a retried cell starts again at epoch 1
+                    # and moves the bar only past what its lost attempt had reached.
+                    bar.update(max(0, message.epoch - counted.get(message.key, 0)))
+                    counted[message.key] = max(message.epoch, counted.get(message.key, 0))
                     continue
-                results.append(event)
-                bar.update(event.cell.config.training.epochs - counted.pop(event.cell.key, 0))
-                bar.set_postfix_str(f"{len(results)}/{len(todo)} runs, last {event.cell.name}: "
-                                    f"test_acc {event.epochs[-1].test_acc:.4f}", refresh=False)
+                if (result := log.take(stream, message)) is None:
+                    continue
+                results.append(result)
+                bar.update(max(0, result.cell.config.training.epochs
+                               - counted.pop(result.cell.key, 0)))
+                bar.set_postfix_str(f"{len(results)}/{len(todo)} runs, last {result.cell.name}: "
+                                    f"test_acc {result.epochs[-1].test_acc:.4f}", refresh=False)
+        except BaseException as err:
+            log.fail_open(err)  # what finished stays recorded
+            if isinstance(err, workers.WorkerError):
+                raise RunnerError(str(err)) from None
+            raise
+        finally:
+            messages.close()  # stops the workers now, not when the generator is collected
     return results
 
 
-def _run_group(mlflow, exp_id: str, protocol: Protocol, group: workers.Group,
-               backend: workers.Backend) -> Iterator[Result | EpochDone]:
-    """Log each cell's run as the worker's messages arrive.
+class _Log:
+    """Logs each cell's run as the workers' messages arrive, per stream (one worker at a time).
 
     Runs opened when a cell starts are RUNNING while it trains, and failed or KILLED (here or on
     the next start) if training does not end. Runs opened as results arrive (batched) leave
     nothing for members in flight when the group stops; those are simply redone. The
-    environment tags come from the worker, the process that trained.
+    environment tags come from the stream's latest Ready: the worker that trained.
     """
-    env: dict[str, str] = {}
-    run_ids: dict[str, str] = {}
-    messages = backend(group)
-    try:
-        for message in messages:
-            if isinstance(message, workers.Ready):
-                env = message.environment
-            elif isinstance(message, EpochDone):
-                yield message
-            elif isinstance(message, workers.Started):
-                run_ids[message.key] = tracking.start(
-                    mlflow, exp_id, _cell(group, message.key), protocol, env, message.time)
-            else:
-                result = message.result
-                run_id = run_ids.pop(result.cell.key, None) or tracking.start(
-                    mlflow, exp_id, result.cell, protocol, env, result.started)
-                tracking.finish(mlflow, run_id, result)
-                yield result
-    except BaseException as err:
-        for run_id in run_ids.values():  # what finished stays recorded
-            tracking.fail(mlflow, run_id, err)
-        if isinstance(err, workers.WorkerError):
-            raise RunnerError(str(err)) from None
-        raise
-    finally:
-        messages.close()  # stops the worker now, not when the generator is collected
 
+    def __init__(self, mlflow, exp_id: str, protocol: Protocol, cells: dict[str, Cell]) -> None:
+        self.mlflow, self.exp_id, self.protocol, self.cells = mlflow, exp_id, protocol, cells
+        self.env: dict[int, dict[str, str]] = {}
+        self.open: dict[int, dict[str, str]] = {}  # stream -> cell key -> run id
 
-def _cell(group: workers.Group, key: str) -> Cell:
-    return next(c for c in group.cells if c.key == key)
+    def take(self, stream: int, message: workers.Message) -> Result | None:
+        """Log one message; the result when it finished a cell."""
+        if isinstance(message, workers.Ready):
+            self.env[stream] = message.environment
+        elif isinstance(message, workers.Started):
+            self.open.setdefault(stream, {})[message.key] = self._start(
+                stream, self.cells[message.key], message.time)
+        elif isinstance(message, workers.Lost):
+            for run_id in self.open.pop(stream, {}).values():
+                tracking.fail(self.mlflow, run_id, workers.WorkerError(message.reason))
+        else:
+            result = message.result
+            run_id = (self.open.get(stream, {}).pop(result.cell.key, None)
+                      or self._start(stream, result.cell, result.started))
+            tracking.finish(self.mlflow, run_id, result)
+            return result
+        return None
+
+    def fail_open(self, err: BaseException) -> None:
+        for runs in self.open.values():
+            for run_id in runs.values():
+                tracking.fail(self.mlflow, run_id, err)
+        self.open.clear()
+
+    def _start(self, stream: int, cell: Cell, began: float | None) -> str:
+        return tracking.start(self.mlflow, self.exp_id, cell, self.protocol,
+                              self.env.get(stream, {}), began)

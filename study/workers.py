@@ -10,10 +10,10 @@ has trained. So each group trains in a worker started with its mode's environmen
 one.
 
 A backend runs `serve(group)` somewhere and hands its messages back as they come; the driver
-(the runner) stays the only MLflow writer. Backends are named in `BACKENDS`: a new one (e.g. Ray,
-whose `runtime_env={"env_vars": ...}` sets a worker's environment) is one module with a
-`run(group) -> Iterator[Message]` and one line there. Nothing here imports MLflow: workers
-import this module.
+(the runner) stays the only MLflow writer. Backends are named in `BACKENDS`: a new one is one
+module with a `run(group) -> Iterator[Message]` and one line there; a module that trains several
+groups at once (Ray) also has a `run_many(groups)` that tags each message with its stream.
+Nothing here imports MLflow: workers import this module.
 """
 
 from __future__ import annotations
@@ -96,17 +96,46 @@ class Finished:
     result: Result
 
 
+@dataclass(frozen=True)
+class Lost:
+    """The worker of this stream died and is being replaced (a backend that retries): the
+    cells it had started and not finished are lost. The new worker's Ready follows."""
+
+    reason: str
+
+
 # EpochDone (from study.train): a run ended an epoch; the driver's progress bar counts them.
-Message = Ready | Started | EpochDone | Finished
+Message = Ready | Started | EpochDone | Finished | Lost
 # A generator, so that the driver can close it (and so stop its worker) early.
 Backend = Callable[[Group], Generator[Message, None, None]]
+# (stream, message): a stream is one worker's sequence of messages (and its replacements').
+Tagged = tuple[int, Message]
 
-# name -> module with `run(group) -> Iterator[Message]`; imported when first used.
-BACKENDS = {"process": "study.worker_process"}
+# name -> module with `run(group) -> Iterator[Message]` (and optionally `run_many(groups) ->
+# Iterator[Tagged]`); imported when first used. `local`: a fresh process per group here.
+BACKENDS = {"local": "study.worker_process", "ray": "study.worker_ray"}
 
 
-def backend(name: str = "process") -> Backend:
+def backend(name: str = "local") -> Backend:
     return importlib.import_module(BACKENDS[name]).run
+
+
+def stream(name: str, groups: list[Group]) -> Generator[Tagged, None, None]:
+    """Every group's messages, tagged with their stream: all at once where the backend trains
+    several groups together, else one group after another (stream = the group's index)."""
+    module = importlib.import_module(BACKENDS[name])
+    if hasattr(module, "run_many"):
+        return module.run_many(groups)
+    return _one_by_one(module.run, groups)
+
+
+def _one_by_one(run: Backend, groups: list[Group]) -> Generator[Tagged, None, None]:
+    for i, group in enumerate(groups):
+        messages = run(group)
+        try:
+            yield from ((i, message) for message in messages)
+        finally:
+            messages.close()  # stops the worker now, not when the generator is collected
 
 
 @dataclass(frozen=True)
@@ -117,7 +146,7 @@ class Trained:
     results: tuple[Result, ...]
 
 
-def trained(group: Group, where: str = "process") -> Trained:
+def trained(group: Group, where: str = "local") -> Trained:
     """Train a group in a worker and hand back its results, logging nothing (golden, verify)."""
     env: dict[str, str] = {}
     results: list[Result] = []

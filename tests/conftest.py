@@ -7,8 +7,15 @@ import gzip
 import json
 import os
 import hashlib
+import importlib.util
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,7 @@ import pytest
 
 from study import data
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian sizes, then the bytes."""
@@ -63,6 +71,16 @@ def real_data_present() -> bool:
     except data.DataError:
         return False
     return True
+
+
+@pytest.fixture
+def real_data():
+    """For driver processes, which load the real Fashion-MNIST: skipped without it, failed
+    under CI=true (make data installs it)."""
+    if not real_data_present():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but Fashion-MNIST is missing (make data installs it)")
+        pytest.skip("driver processes need the real Fashion-MNIST")
 
 
 def free_port() -> int:
@@ -121,3 +139,66 @@ def tracking_server():
         yield srv
     finally:
         context.__exit__(None, None, None)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # HOST:PORT, as `--address` takes it
+    marker: str  # in the environment of every process of this cluster, to find its workers
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return "--backend", "ray", "--address", self.address
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a driver joining it needs: its token (~/.ray/auth_token) is sent in token mode."""
+        return {"RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real local Ray cluster (`ray start --head --block` on loopback), stopped after the
+    session. A stray MKL_CBWR=AVX2 sits in its environment, as a user's shell might leave one:
+    each mode must set or unset it in the workers (`started_in_mode` checks).
+
+    Skipped where Ray is not installed; under CI=true that is a failure instead (requirements.txt
+    pins it)."""
+    if importlib.util.find_spec("ray") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but Ray is missing (requirements.txt pins it)")
+        pytest.skip("no Ray here (pip install -r requirements.txt)")
+    port, marker = free_port(), f"study-test-{os.getpid()}"
+    # A short temporary root: Ray's socket paths must fit in 107 characters.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STUDY_TEST_CLUSTER": marker,
+           "MKL_CBWR": "AVX2", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--port", str(port),
+         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--num-cpus", "2",
+         "--temp-dir", temp, "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_for_port(port, head)
+        yield RayCluster(address, marker)
+    finally:
+        head.terminate()  # --block: stopping it stops every process it started
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited {process.returncode}: {process.stdout.read()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"no Ray head on port {port} after {timeout} s")

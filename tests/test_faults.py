@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import real_data_present
-
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = 12
 TTL = "20"  # a killed driver's lease blocks the rerun this long; a silent holder stops at TTL/4
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_data")]
 
 
 def _protocol(tmp_path: Path, name: str) -> Path:
@@ -41,14 +39,6 @@ execution: sequential
     return path
 
 
-@pytest.fixture(autouse=True)
-def _data():
-    if not real_data_present():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but Fashion-MNIST is missing (make data installs it)")
-        pytest.skip("driver processes need the real Fashion-MNIST")
-
-
 @pytest.fixture(params=["sqlite", "server"])
 def uri(request, tmp_path) -> str:
     if request.param == "sqlite":
@@ -57,13 +47,14 @@ def uri(request, tmp_path) -> str:
 
 
 class Driver:
-    """One `python -m study run` process; stopped by the test if it is still alive."""
+    """One `python -m study run` process (extra arguments after the protocol); stopped by the
+    test if it is still alive."""
 
-    def __init__(self, protocol: Path, uri: str) -> None:
+    def __init__(self, protocol: Path, uri: str, *args: str, env: dict | None = None) -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "STUDY_LEASE_TTL": TTL,
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": str(ROOT), **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "study", "run", str(protocol)], cwd=ROOT, env=env,
+            [sys.executable, "-m", "study", "run", str(protocol), *args], cwd=ROOT, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(self, timeout: float = 600) -> tuple[int, str]:
@@ -80,8 +71,8 @@ class Driver:
 def drivers():
     started: list[Driver] = []
 
-    def start(protocol: Path, uri: str) -> Driver:
-        started.append(Driver(protocol, uri))
+    def start(protocol: Path, uri: str, *args: str, env: dict | None = None) -> Driver:
+        started.append(Driver(protocol, uri, *args, env=env))
         return started[-1]
 
     yield start
