@@ -9,8 +9,10 @@ import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
-from study.protocol import Data, Model, Protocol, Training
+if TYPE_CHECKING:  # annotations only: workers and the GPU check run without pydantic and YAML
+    from study.protocol import Data, Model, Protocol, Training
 
 
 @dataclass(frozen=True)
