@@ -3,6 +3,7 @@
     python -m study.gpu_check                    # make gpu-check; writes reports/gpu-check/
     python -m study.gpu_check --out /tmp/gc --epochs 2 --train-subset 2000 --seeds 2   # smaller
     python -m study.gpu_check --write-snapshot   # after editing a protocol it reads (needs YAML)
+    python -m study.gpu_check --pack data/gpu-pack   # make gpu-pack: the data a GPU machine needs
 
 Three parts, one table (printed, and written as gpu-check.json and gpu-check.md under --out):
 1. determinism: protocols/determinism.yaml's cuda cells, each mode (default, benchmark, strict,
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
+import gzip
 import json
 import os
 import platform
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from study import batched, environment, student_t, workers
+from study import batched, environment, plan, student_t, workers
 from study import data as datamod
 from study.plan import Cell, RunConfig
 from study.train import Result
@@ -66,7 +67,7 @@ class CheckError(ValueError):
     """A snapshot or an option the check cannot run from."""
 
 
-# --- protocol sections without pydantic ------------------------------------------------------------
+# --- protocol sections without pydantic ----------------------------------------------------------
 # The engine reads these fields only; protocol.py's pydantic classes carry the same fields, and
 # tests/test_gpu_check.py requires cells built here to have the keys plan.expand gives.
 
@@ -142,14 +143,12 @@ class Entry:
     def cells(self, devices: Sequence[str] | None = None,
               modes: Sequence[str] | None = None) -> list[Cell]:
         """plan.expand's cells in plan.expand's order, restricted to `devices` and `modes`."""
-        p, base = self.protocol, self.config()
-        threads = p["threads"] if isinstance(p["threads"], list) else [p["threads"]]
-        grid = itertools.product(
-            range(p["replicates"]), seed_values(p["seeds"]), p["vary"],
-            devices or p["devices"], modes or p["determinism"], threads, p["implementations"],
-            p["dropout"])
-        return [Cell(replace(base, threads=n), d1, d2, seed, device, mode, impl, vary, rep)
-                for rep, seed, vary, device, mode, n, impl, (d1, d2) in grid]
+        p = self.protocol
+        return plan.grid(self.config(), replicates=p["replicates"],
+                         seeds=seed_values(p["seeds"]), vary=p["vary"],
+                         devices=devices or p["devices"], modes=modes or p["determinism"],
+                         threads=p["threads"] if isinstance(p["threads"], list) else [p["threads"]],
+                         implementations=p["implementations"], dropout=p["dropout"])
 
 
 def seed_values(seeds: dict[str, Any]) -> list[int]:
@@ -200,6 +199,21 @@ def snapshot() -> dict[str, Any]:
 def write_snapshot(path: Path = SNAPSHOT) -> None:
     path.write_text(json.dumps(snapshot(), indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def pack(dest: Path) -> list[Path]:
+    """The four Fashion-MNIST files as .gz in `dest` (about 30 MB), checked against their
+    published MD5s: what a lent GPU machine, which has no network, reads via STUDY_DATA_DIR."""
+    source = datamod.locate(download_to=None)
+    datamod.stage(source)  # checks every file's MD5 (and unpacks it into data/, as `make data`)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in datamod.FASHION_MNIST_MD5:
+        packed, target = source / f"{name}.gz", dest / f"{name}.gz"
+        target.write_bytes(packed.read_bytes() if packed.is_file()
+                           else gzip.compress((source / name).read_bytes()))
+        written.append(target)
+    return written
 
 
 # --- rows of the table --------------------------------------------------------------------------
@@ -258,7 +272,7 @@ def _setup(entry: Entry, scaled: Entry, what: str) -> str:
                                 f" ({entry.source})")
 
 
-# --- 1. determinism on cuda -------------------------------------------------------------------------
+# --- 1. determinism on cuda ----------------------------------------------------------------------
 
 def train_group(cells: list[Cell], ctx: Context, train_subset: int | None) -> workers.Trained:
     """One (device, mode, threads) group in a fresh worker process, as the runner trains it."""
@@ -328,7 +342,7 @@ def determinism_rows(ctx: Context, device: str = "cuda",
     return rows, paired_with
 
 
-# --- 2. the same cells on the CPU, paired with cuda ---------------------------------------------------
+# --- 2. the same cells on the CPU, paired with cuda ----------------------------------------------
 
 def paired_rows(ctx: Context, other: list[Result], device: str = "cuda") -> list[Row]:
     """The CPU runs, then `device` - cpu per setting and over all settings (`other`: the
@@ -389,7 +403,7 @@ def _label(cell: Cell) -> str:
     return f"p{cell.dropout1:g}-{cell.dropout2:g} seed{cell.seed}"
 
 
-# --- 3. batched throughput of the d2l protocol --------------------------------------------------------
+# --- 3. batched throughput of the d2l protocol ---------------------------------------------------
 
 def throughput(cells: list[Cell], data: datamod.Dataset, lockstep: bool) -> dict[str, Any]:
     """Wall seconds of `cells` trained batched on `data` (on their device), after an untimed
@@ -453,7 +467,7 @@ def _throughput_row(ctx: Context, entry: Entry, device: str, lockstep: bool, mem
     return replace(row, setup=setup(row.values.get("train_images", scaled.train_images)))
 
 
-# --- the report ----------------------------------------------------------------------------------------
+# --- the report ----------------------------------------------------------------------------------
 
 COLUMNS = ("part", "name", "device", "setup", "status", "result")
 
@@ -466,7 +480,8 @@ def markdown(rows: Sequence[Row], about: dict[str, Any]) -> str:
     lines = ["# GPU check", "",
              f"`{about['command']}` on {about['machine']['device_name']} "
              f"(torch {about['machine']['torch_version']}, cuda available: {about['cuda']}), "
-             f"{about['started']}, {about['wall_s']:.0f} s.", "",
+             f"{about['started']}, {about['wall_s']:.0f} s"
+             f"{'.' if about['complete'] else ', and still running: the parts so far.'}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
     skipped = sorted({f"{r.part} on {r.device}: {r.reason}" for r in rows if r.status != "ran"})
@@ -478,23 +493,22 @@ def markdown(rows: Sequence[Row], about: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(rows: Sequence[Row], about: dict[str, Any], out: Path) -> tuple[Path, Path]:
+def write(rows: Sequence[Row], about: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "gpu-check.json", out / "gpu-check.md"
-    js.write_text(json.dumps({"about": about, "rows": [asdict(r) for r in rows]}, indent=1,
-                             default=str) + "\n")
-    md.write_text(markdown(rows, about))
-    return js, md
+    table = {"about": about, "rows": [asdict(r) for r in rows]}
+    (out / "gpu-check.json").write_text(json.dumps(table, indent=1, default=str) + "\n")
+    (out / "gpu-check.md").write_text(markdown(rows, about))
 
 
-# --- entry point ---------------------------------------------------------------------------------------
+# --- entry point ---------------------------------------------------------------------------------
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m study.gpu_check",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT, help="folder for gpu-check.json/.md")
     parser.add_argument("--epochs", type=int, help="epochs of parts 1-2 (default: protocol's)")
-    parser.add_argument("--train-subset", type=int, help="images of parts 1-2 (default: protocol's)")
+    parser.add_argument("--train-subset", type=int,
+                        help="images of parts 1-2 (default: protocol's)")
     parser.add_argument("--seeds", type=int, help="seeds of parts 1-2 (default: protocol's)")
     parser.add_argument("--throughput-epochs", type=int, default=2, help="epochs timed")
     parser.add_argument("--members", type=int, default=2 * torch.get_num_threads(),
@@ -506,6 +520,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checksums", type=Path, help="JSON of file name -> MD5 of the unpacked "
                         "IDX content, for other data than Fashion-MNIST (needs --data-cache)")
     parser.add_argument("--data-cache", type=Path, help="where files are unpacked (default data/)")
+    parser.add_argument("--pack", type=Path, metavar="DIR",
+                        help="copy the four Fashion-MNIST .gz files into DIR and stop")
     parser.add_argument("--write-snapshot", action="store_true",
                         help=f"rewrite {SNAPSHOT.relative_to(ROOT)} from the protocol files")
     args = parser.parse_args(argv)
@@ -530,36 +546,52 @@ def loader(args: argparse.Namespace) -> Callable[[], datamod.Dataset]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.write_snapshot:
-        write_snapshot()
-        return 0
-    started, clock = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), time.monotonic()
+    command = " ".join(["python -m study.gpu_check", *(sys.argv[1:] if argv is None else argv)])
     try:
-        entries = load_snapshot()
-        load = loader(args)
-    except CheckError as err:
+        if args.write_snapshot:
+            write_snapshot()
+            return 0
+        if args.pack:
+            files = pack(args.pack)
+            print(f"wrote {len(files)} files to {args.pack} "
+                  f"({sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)")
+            return 0
+        rows = check(args, command)
+    except (CheckError, datamod.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cuda = torch.cuda.is_available()
+    return 1 if any(r.status == "failed" for r in rows) else 0
+
+
+def check(args: argparse.Namespace, command: str) -> list[Row]:
+    """Every part in turn; the table is rewritten after each, so a check stopped from outside
+    (a device call's time limit) still leaves what it finished."""
+    started, clock = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), time.monotonic()
+    entries, cuda = load_snapshot(), torch.cuda.is_available()
     ctx = Context(entries, {"epochs": args.epochs, "train_subset": args.train_subset,
-                            "seeds": args.seeds}, load, ("cpu", "cuda") if cuda else ("cpu",),
-                  clock + args.budget_s,
-                  args.budget_s, args.members, args.throughput_epochs)
-    rows, cuda_default = determinism_rows(ctx)
-    rows += paired_rows(ctx, cuda_default)
-    rows += throughput_rows(ctx)
-    about = {"command": " ".join(["python -m study.gpu_check", *(argv if argv is not None
-                                                                 else sys.argv[1:])]),
-             "started": started, "wall_s": time.monotonic() - clock, "cuda": cuda,
-             "budget_s": args.budget_s, "python": platform.python_version(),
+                            "seeds": args.seeds}, loader(args),
+                  ("cpu", "cuda") if cuda else ("cpu",), clock + args.budget_s, args.budget_s,
+                  args.members, args.throughput_epochs)
+    about = {"command": command, "started": started, "complete": False, "wall_s": 0.0,
+             "cuda": cuda, "budget_s": args.budget_s, "python": platform.python_version(),
              "snapshot": {n: {"source": e.source, "overrides": list(e.overrides)}
                           for n, e in entries.items()},
              "machine": environment.describe("cuda" if cuda else "cpu"),
              "cpu_count": os.cpu_count()}
-    js, md = write(rows, about, args.out)
+    rows: list[Row] = []
+
+    def done(new: list[Row], last: bool = False) -> None:
+        rows.extend(new)
+        about.update(complete=last, wall_s=time.monotonic() - clock)
+        write(rows, about, args.out)
+
+    determinism, default_runs = determinism_rows(ctx)
+    done(determinism)
+    done(paired_rows(ctx, default_runs))
+    done(throughput_rows(ctx), last=True)
     print(markdown(rows, about))
-    print(f"wrote {js} and {md}")
-    return 1 if any(r.status == "failed" for r in rows) else 0
+    print(f"wrote {args.out / 'gpu-check.json'} and {args.out / 'gpu-check.md'}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def blocked_env(tmp_path_factory) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{ROOT}", "CUDA_VISIBLE_DEVICES": ""}
 
 
-# --- the snapshot ---------------------------------------------------------------------------------
+# --- the snapshot --------------------------------------------------------------------------------
 
 def test_snapshot_equals_the_yaml_files_through_the_loader():
     written = json.loads(gpu_check.SNAPSHOT.read_text())
@@ -92,7 +92,7 @@ def test_a_schema_change_is_a_one_line_error_naming_file_and_key(tmp_path):
         gpu_check.load_snapshot(tmp_path / "absent.json")
 
 
-# --- the t interval without scipy ---------------------------------------------------------------------
+# --- the t interval without scipy ----------------------------------------------------------------
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 10, 29, 30, 99, 100, 1001])
 def test_t_quantile_and_p_match_scipy(df):
@@ -141,7 +141,7 @@ def test_an_absent_package_is_recorded_not_fatal():
     assert environment.package_version("no-such-package-for-the-study") == "not installed"
 
 
-# --- the parts on the CPU ---------------------------------------------------------------------------
+# --- the parts on the CPU ------------------------------------------------------------------------
 
 def _context(tiny_files, cache: Path, deadline: float = math.inf) -> gpu_check.Context:
     folder, checksums = tiny_files
