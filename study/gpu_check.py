@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -233,6 +234,26 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Speed:
+    """One throughput row: K members of the d2l protocol, trained `epochs` on `device`."""
+
+    device: str
+    lockstep: bool
+    members: int
+    epochs: int
+
+
+def speeds(gpu_epochs: int, cpu_epochs: int, cpu_members: int,
+           batch_members: int) -> tuple[Speed, ...]:
+    """cuda: the protocol's batch_members in lockstep (its engine there); CPU: `cpu_members` in
+    lockstep and side by side (the CPU engine's schedule; there a member-epoch costs the same at
+    any K, so a few members tell the cost of all)."""
+    return (Speed("cuda", True, batch_members, gpu_epochs),
+            Speed("cpu", True, cpu_members, cpu_epochs),
+            Speed("cpu", False, cpu_members, cpu_epochs))
+
+
+@dataclass(frozen=True)
 class Context:
     """What every part needs: the snapshot, the scale, the data loader and the clock."""
 
@@ -242,8 +263,7 @@ class Context:
     available: tuple[str, ...]  # devices present: "cpu", and "cuda" where torch sees one
     deadline: float  # time.monotonic() after which no part starts
     budget_s: float
-    members: int  # CPU throughput members
-    throughput_epochs: int
+    throughput: tuple[Speed, ...]  # the rows of part 3, in order
 
 
 def attempt(ctx: Context, part: str, name: str, device: str, setup: str,
@@ -290,18 +310,11 @@ def replicate_summary(results: Sequence[Result]) -> dict[str, Any]:
     gaps = [abs(r.epochs[-1].test_acc - f.epochs[-1].test_acc) for r, f in pairs]
     return {"runs": len(results), "pairs": len(pairs), "identical": same,
             "max_abs_test_acc_diff": max(gaps) if gaps else None,
-            "statuses": _count(r.status for r in results)}
+            "statuses": dict(Counter(r.status for r in results))}
 
 
 def _cell_id(cell: Cell) -> tuple:
     return cell.dropout1, cell.dropout2, cell.seed, cell.implementation, cell.vary
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
 
 
 # Worker environment keys that decide or explain the bits of a cuda run.
@@ -359,7 +372,7 @@ def paired_rows(ctx: Context, other: list[Result], device: str = "cuda") -> list
         return (f"{len(cpu)} runs, final test accuracy {100 * min(accs):.2f}-"
                 f"{100 * max(accs):.2f}%"), {
             "runs": len(cpu), "test_acc": {_label(r.cell): r.epochs[-1].test_acc for r in cpu},
-            "statuses": _count(r.status for r in cpu)}
+            "statuses": dict(Counter(r.status for r in cpu))}
 
     rows = [attempt(ctx, "cpu-gpu", "cpu runs", "cpu", setup, run_cpu)]
     settings = sorted({(c.dropout1, c.dropout2) for c in cells})
@@ -420,7 +433,7 @@ def throughput(cells: list[Cell], data: datamod.Dataset, lockstep: bool) -> dict
     member_epochs = sum(len(r.epochs) for r in done)  # a diverged member stops early
     return {"seconds": seconds, "member_epochs": member_epochs,
             "member_epoch_s": seconds / member_epochs,
-            "statuses": _count(r.status for r in done)}
+            "statuses": dict(Counter(r.status for r in done))}
 
 
 def _sync(device: str) -> None:
@@ -429,20 +442,16 @@ def _sync(device: str) -> None:
 
 
 def throughput_rows(ctx: Context) -> list[Row]:
-    """cuda: all the protocol's batch_members in lockstep (its engine there); CPU: `ctx.members`
-    members in lockstep and side by side (the CPU engine's schedule)."""
     entry = ctx.entries["d2l-dropout"]
-    plans = [("cuda", True, entry.protocol["batch_members"]),
-             ("cpu", True, ctx.members), ("cpu", False, ctx.members)]
     dataset = functools.cache(ctx.load)  # loaded once, by the first part that runs
-    return [_throughput_row(ctx, entry, device, lockstep, members, dataset)
-            for device, lockstep, members in plans]
+    return [_throughput_row(ctx, entry, speed, dataset) for speed in ctx.throughput]
 
 
-def _throughput_row(ctx: Context, entry: Entry, device: str, lockstep: bool, members: int,
+def _throughput_row(ctx: Context, entry: Entry, speed: Speed,
                     dataset: Callable[[], datamod.Dataset]) -> Row:
-    scaled = entry.scaled(epochs=ctx.throughput_epochs)
-    cells = scaled.cells([device], ["default"])[:members]
+    device, lockstep = speed.device, speed.lockstep
+    scaled = entry.scaled(epochs=speed.epochs)
+    cells = scaled.cells([device], ["default"])[:speed.members]
 
     def setup(images: int) -> str:
         return (f"K = {len(cells)} members, {scaled.epochs} of {entry.epochs} epochs timed on "
@@ -510,8 +519,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-subset", type=int,
                         help="images of parts 1-2 (default: protocol's)")
     parser.add_argument("--seeds", type=int, help="seeds of parts 1-2 (default: protocol's)")
-    parser.add_argument("--throughput-epochs", type=int, default=2, help="epochs timed")
-    parser.add_argument("--members", type=int, default=2 * torch.get_num_threads(),
+    parser.add_argument("--gpu-epochs", type=int, default=2, help="epochs timed on cuda")
+    parser.add_argument("--cpu-epochs", type=int, default=1, help="epochs timed on the CPU")
+    parser.add_argument("--members", type=int, default=torch.get_num_threads(),
                         help="members of the CPU throughput (cuda: the protocol's batch_members)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="no part starts after this many seconds")
@@ -525,7 +535,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--write-snapshot", action="store_true",
                         help=f"rewrite {SNAPSHOT.relative_to(ROOT)} from the protocol files")
     args = parser.parse_args(argv)
-    for key in ("epochs", "train_subset", "seeds", "throughput_epochs", "members"):
+    for key in ("epochs", "train_subset", "seeds", "gpu_epochs", "cpu_epochs", "members"):
         if (value := getattr(args, key)) is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')}: must be >= 1, got {value}")
     if args.checksums and not args.data_cache:
@@ -571,7 +581,8 @@ def check(args: argparse.Namespace, command: str) -> list[Row]:
     ctx = Context(entries, {"epochs": args.epochs, "train_subset": args.train_subset,
                             "seeds": args.seeds}, loader(args),
                   ("cpu", "cuda") if cuda else ("cpu",), clock + args.budget_s, args.budget_s,
-                  args.members, args.throughput_epochs)
+                  speeds(args.gpu_epochs, args.cpu_epochs, args.members,
+                         entries["d2l-dropout"].protocol["batch_members"]))
     about = {"command": command, "started": started, "complete": False, "wall_s": 0.0,
              "cuda": cuda, "budget_s": args.budget_s, "python": platform.python_version(),
              "snapshot": {n: {"source": e.source, "overrides": list(e.overrides)}

@@ -148,7 +148,7 @@ def _context(tiny_files, cache: Path, deadline: float = math.inf) -> gpu_check.C
     load = functools.partial(data.load, folder, cache=cache, checksums=checksums)
     return gpu_check.Context(gpu_check.load_snapshot(), {"epochs": 1, "train_subset": 300,
                                                           "seeds": 2},
-                             load, ("cpu",), deadline, 60.0, 2, 1)
+                             load, ("cpu",), deadline, 60.0, gpu_check.speeds(1, 1, 2, 60))
 
 
 def test_determinism_and_pairing_parts_on_the_cpu(tiny_files, tmp_path):
@@ -195,7 +195,7 @@ def test_cpu_only_run_with_only_torch_numpy_and_the_standard_library(blocked_env
     out = tmp_path / "out"
     argv = ["--out", out, "--data", folder, "--checksums", sums, "--data-cache", tmp_path / "c",
             "--epochs", "1", "--train-subset", "300", "--seeds", "2", "--members", "2",
-            "--throughput-epochs", "1"]
+            "--cpu-epochs", "1"]
     done = subprocess.run([sys.executable, "-m", "study.gpu_check", *map(str, argv)], cwd=ROOT,
                           env=blocked_env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
