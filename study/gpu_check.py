@@ -27,6 +27,7 @@ import argparse
 import functools
 import gzip
 import json
+import math
 import os
 import platform
 import sys
@@ -384,7 +385,9 @@ def paired_rows(ctx: Context, other: list[Result], device: str = "cuda") -> list
 
 def _paired_row(ctx: Context, name: str, setting: tuple[float, float] | None,
                 cpu: list[Result], other: list[Result], cpu_row: Row, device: str) -> Row:
-    setup = (f"{device} - cpu, paired by cell, final test accuracy, {LEVEL:.0%} t interval")
+    setup = f"{device} - cpu, paired by cell, final test accuracy, {LEVEL:.0%} t interval"
+    if setting is None:
+        setup += "; one shift taken as common to every setting"
     pair = f"{device} vs cpu"
     if device not in ctx.available:
         return Row("cpu-gpu", name, pair, setup, "skipped", reason=ABSENT[device])
@@ -397,19 +400,24 @@ def _paired_row(ctx: Context, name: str, setting: tuple[float, float] | None,
         return {_cell_id(r.cell): r for r in results
                 if setting is None or (r.cell.dropout1, r.cell.dropout2) == setting}
     a, b = pick(other), pick(cpu)
-    keys = sorted(set(a) & set(b))
+    both = sorted(set(a) & set(b))
+    # A diverged run has no test accuracy (NaN): its pair is dropped and counted, as in stats.
+    keys = [k for k in both if all(math.isfinite(r[k].epochs[-1].test_acc) for r in (a, b))]
+    dropped = len(both) - len(keys)
     if len(keys) < 2:
         return Row("cpu-gpu", name, pair, setup, "skipped",
-                   reason=f"{len(keys)} pair(s): a t interval needs 2")
+                   reason=f"{len(keys)} finite pair(s) ({dropped} dropped): a t interval needs 2")
     x = [a[k].epochs[-1].test_acc for k in keys]
     y = [b[k].epochs[-1].test_acc for k in keys]
     t = student_t.paired(x, y, LEVEL)
     same = sum(a[k].weights_sha256 == b[k].weights_sha256 for k in keys)
     p = "t undefined (no spread)" if t.p is None else f"p = {t.p:.3g}"
     result = (f"{100 * t.mean_diff:+.2f} pp [{100 * t.ci[0]:+.2f}, {100 * t.ci[1]:+.2f}], "
-              f"{p}, n = {t.n}; {same} of {t.n} bitwise identical")
+              f"{p}, n = {t.n}; {same} of {t.n} bitwise identical"
+              + (f"; {dropped} pair(s) without a finite accuracy dropped" if dropped else ""))
     return Row("cpu-gpu", name, pair, setup, "ran", result,
-               values={**asdict(t), "identical": same, f"{device}_test_acc": x, "cpu_test_acc": y})
+               values={**asdict(t), "identical": same, "dropped": dropped,
+                       f"{device}_test_acc": x, "cpu_test_acc": y})
 
 
 def _label(cell: Cell) -> str:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,13 @@ def test_determinism_and_pairing_parts_on_the_cpu(tiny_files, tmp_path):
     pooled = paired[-1].values
     assert (pooled["n"], pooled["identical"], pooled["mean_diff"]) == (4, 4, 0.0)
     assert (pooled["t"], tuple(pooled["ci"])) == (None, (0.0, 0.0))
+    # A diverged run (no finite test accuracy) drops its pair, and the row says so.
+    last = first[0].epochs[-1]
+    diverged = replace(first[0], epochs=(*first[0].epochs[:-1], replace(last, test_acc=math.nan)))
+    row = gpu_check._paired_row(ctx, "all settings", None, first, [diverged, *first[1:]],
+                                paired[0], "cpu")
+    assert (row.values["n"], row.values["dropped"]) == (3, 1)
+    assert "1 pair(s) without a finite accuracy dropped" in row.result
 
 
 def test_a_part_after_the_budget_is_skipped_and_says_so(tiny_files, tmp_path):
