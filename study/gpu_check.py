@@ -9,10 +9,10 @@ Three parts, one table (printed, and written as gpu-check.json and gpu-check.md 
 1. determinism: protocols/determinism.yaml's cuda cells, each mode (default, benchmark, strict,
    and portable, which needs `randomness: portable` and a fixed thread count) in a fresh worker
    process, replicates included: how many replicates have their first run's weight hash.
-2. cpu-gpu: the same cells (mode default, replicate 0) on the CPU; the paired difference of final
-   test accuracy, cuda - cpu, with a t interval per setting and over both.
-3. throughput: the d2l protocol's cells trained batched (lockstep on cuda; lockstep and side by
+2. throughput: the d2l protocol's cells trained batched (lockstep on cuda; lockstep and side by
    side on the CPU) for a few epochs after a warm-up, as runs of the protocol per minute.
+3. cpu-gpu: the same cells (mode default, replicate 0) on the CPU; the paired difference of final
+   test accuracy, cuda - cpu, with a t interval per setting and over both.
 
 It runs where only torch, numpy and the standard library exist (a lent GPU machine has no
 MLflow, pydantic or network): protocol settings come from protocols/gpu-check.json, a snapshot
@@ -246,12 +246,12 @@ class Speed:
 
 def speeds(gpu_epochs: int, cpu_epochs: int, cpu_members: int,
            batch_members: int) -> tuple[Speed, ...]:
-    """cuda: the protocol's batch_members in lockstep (its engine there); CPU: `cpu_members` in
-    lockstep and side by side (the CPU engine's schedule; there a member-epoch costs the same at
-    any K, so a few members tell the cost of all)."""
+    """cuda: the protocol's batch_members in lockstep (its engine there); CPU: `cpu_members` side
+    by side (the CPU engine's schedule; a member-epoch costs the same at any K, so a few members
+    tell the cost of all), then in lockstep, the slowest row, last."""
     return (Speed("cuda", True, batch_members, gpu_epochs),
-            Speed("cpu", True, cpu_members, cpu_epochs),
-            Speed("cpu", False, cpu_members, cpu_epochs))
+            Speed("cpu", False, cpu_members, cpu_epochs),
+            Speed("cpu", True, cpu_members, cpu_epochs))
 
 
 @dataclass(frozen=True)
@@ -259,12 +259,12 @@ class Context:
     """What every part needs: the snapshot, the scale, the data loader and the clock."""
 
     entries: dict[str, Entry]
-    scale: dict[str, int | None]  # epochs, train_subset, seeds for parts 1-2
+    scale: dict[str, int | None]  # epochs, train_subset, seeds for parts 1 and 3
     load: Callable[[], datamod.Dataset]  # pickles: workers call it
     available: tuple[str, ...]  # devices present: "cpu", and "cuda" where torch sees one
     deadline: float  # time.monotonic() after which no part starts
     budget_s: float
-    throughput: tuple[Speed, ...]  # the rows of part 3, in order
+    throughput: tuple[Speed, ...]  # the rows of part 2, in order
 
 
 def attempt(ctx: Context, part: str, name: str, device: str, setup: str,
@@ -356,7 +356,7 @@ def determinism_rows(ctx: Context, device: str = "cuda",
     return rows, paired_with
 
 
-# --- 2. the same cells on the CPU, paired with cuda ----------------------------------------------
+# --- 3. the same cells on the CPU, paired with cuda ----------------------------------------------
 
 def paired_rows(ctx: Context, other: list[Result], device: str = "cuda") -> list[Row]:
     """The CPU runs, then `device` - cpu per setting and over all settings (`other`: the
@@ -424,7 +424,7 @@ def _label(cell: Cell) -> str:
     return f"p{cell.dropout1:g}-{cell.dropout2:g} seed{cell.seed}"
 
 
-# --- 3. batched throughput of the d2l protocol ---------------------------------------------------
+# --- 2. batched throughput of the d2l protocol ---------------------------------------------------
 
 def throughput(cells: list[Cell], data: datamod.Dataset, lockstep: bool) -> dict[str, Any]:
     """Wall seconds of `cells` trained batched on `data` (on their device), after an untimed
@@ -523,10 +523,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m study.gpu_check",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT, help="folder for gpu-check.json/.md")
-    parser.add_argument("--epochs", type=int, help="epochs of parts 1-2 (default: protocol's)")
+    parser.add_argument("--epochs", type=int, help="epochs of parts 1 and 3 (default: protocol's)")
     parser.add_argument("--train-subset", type=int,
-                        help="images of parts 1-2 (default: protocol's)")
-    parser.add_argument("--seeds", type=int, help="seeds of parts 1-2 (default: protocol's)")
+                        help="images of parts 1 and 3 (default: protocol's)")
+    parser.add_argument("--seeds", type=int, help="seeds of parts 1 and 3 (default: protocol's)")
     parser.add_argument("--gpu-epochs", type=int, default=2, help="epochs timed on cuda")
     parser.add_argument("--cpu-epochs", type=int, default=1, help="epochs timed on the CPU")
     parser.add_argument("--members", type=int, default=torch.get_num_threads(),
@@ -606,8 +606,10 @@ def check(args: argparse.Namespace, command: str) -> list[Row]:
 
     determinism, default_runs = determinism_rows(ctx)
     done(determinism)
-    done(paired_rows(ctx, default_runs))
-    done(throughput_rows(ctx), last=True)
+    # Throughput before the CPU half of the pairing: its rows are short, and on a CPU-only
+    # machine the pairing's full-size CPU runs are the long part.
+    done(throughput_rows(ctx))
+    done(paired_rows(ctx, default_runs), last=True)
     print(markdown(rows, about))
     print(f"wrote {args.out / 'gpu-check.json'} and {args.out / 'gpu-check.md'}")
     return rows

@@ -221,7 +221,7 @@ def test_cpu_only_run_with_only_torch_numpy_and_the_standard_library(blocked_env
     assert len(accs) == 4 and all(0.0 <= a <= 1.0 for a in accs.values())
     assert sum(cpu_runs["values"]["statuses"].values()) == 4
     speed = [r for r in rows if r["part"] == "throughput" and r["device"] == "cpu"]
-    assert [r["name"] for r in speed] == ["lockstep", "side by side"]
+    assert [r["name"] for r in speed] == ["side by side", "lockstep"]
     for r in speed:
         v = r["values"]
         assert r["status"] == "ran", r["reason"]
