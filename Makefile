@@ -3,6 +3,9 @@
 # make test    set up, run the test suite
 # make ui      serve the MLflow UI of the SQLite store on http://127.0.0.1:$(PORT) (default 5000)
 # make server  PostgreSQL + MLflow tracking server on http://127.0.0.1:$(PORT), one at a time with ui
+# make gpu-check  determinism modes on cuda, CPU vs GPU, batched throughput: one table, also in
+#              $(GPU_CHECK_OUT)/ (no GPU: the CPU parts run, the rest is named as skipped);
+#              on a lent GPU machine: make gpu-pack here, then README "GPU check" has the call
 SHELL := /bin/bash
 # An offline research harness has nothing to report to MLflow's telemetry service.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -14,8 +17,10 @@ PROTOCOL ?= protocols/d2l-dropout.yaml
 LESSON ?= protocols/lesson.yaml
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PORT ?= 5000
+GPU_CHECK_OUT ?= reports/gpu-check
 
-.PHONY: setup data browser study paper run report test bench ui server postgres clean-store
+.PHONY: setup data browser study paper run report test bench gpu-check gpu-pack ui server postgres \
+	clean-store
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +69,15 @@ test: setup browser postgres
 
 bench: setup
 	$(BIN)/python -m study.bench
+
+# Imports only torch, numpy and the standard library (a lent GPU machine has no more).
+gpu-check: setup
+	$(BIN)/python -m study.gpu_check --out $(GPU_CHECK_OUT)
+
+# The four Fashion-MNIST .gz files (29 MiB) in data/gpu-pack/, which a GPU machine without
+# network reads through STUDY_DATA_DIR; the device call carries this folder.
+gpu-pack: setup
+	$(BIN)/python -m study.gpu_check --pack data/gpu-pack
 
 ui: $(STAMP)
 	$(BIN)/python -m study ui $(PROTOCOL) --port $(PORT)

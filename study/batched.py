@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,9 +37,11 @@ from study import model as models
 from study import train as sequential
 from study.data import Dataset
 from study.plan import Cell
-from study.protocol import Training
 from study.seeding import StreamSeeds, generator
 from study.train import EpochDone, EpochMetrics, Result
+
+if TYPE_CHECKING:  # annotations only: workers and the GPU check run without pydantic and YAML
+    from study.protocol import Training
 
 # Members per slice of one step: 8 members' activations (8 x 256 x 256 floats = 2 MiB each) stay
 # in the L2/L3 caches between the GEMMs and the elementwise passes; all 60 at once (16 MiB each)

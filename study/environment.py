@@ -135,12 +135,21 @@ def mkl_cbwr_effective() -> str:
 
 @cache
 def _software() -> dict[str, str]:
-    versions = {f"{name}_version": metadata.version(name)
+    versions = {f"{name}_version": package_version(name)
                 for name in ("torch", "torchvision", "mlflow", "numpy")}
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {**versions, "python_version": platform.python_version(),
             "cuda_version": str(torch.version.cuda), "cudnn_version": str(cudnn),
             "cpu": _cpu_model(), "machine": platform.machine()}
+
+
+def package_version(name: str) -> str:
+    """The installed version, or "not installed": a worker on a lent GPU machine trains without
+    MLflow (the driver logs), and says so rather than failing to describe itself."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def device_name(device: str) -> str:

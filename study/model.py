@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from study.protocol import Model
+if TYPE_CHECKING:  # annotations only: workers and the GPU check run without pydantic and YAML
+    from study.protocol import Model
 
 IMAGE_SIDE, CLASSES = 28, 10
 

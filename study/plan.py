@@ -8,9 +8,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
-from study.protocol import Data, Model, Protocol, Training
+if TYPE_CHECKING:  # annotations only: workers and the GPU check run without pydantic and YAML
+    from study.protocol import Data, Model, Protocol, Training
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,19 @@ def expand(protocol: Protocol) -> list[Cell]:
     A thread count sits in the cell's config, as a single count always did, so the keys of
     protocols with one count are unchanged by threads becoming an axis.
     """
-    base = run_config(protocol)
-    grid = itertools.product(
-        range(protocol.replicates), protocol.seeds.values(), protocol.vary, protocol.devices,
-        protocol.determinism, protocol.thread_counts(), protocol.implementations,
-        protocol.dropout)
-    return [Cell(replace(base, threads=n), d1, d2, seed, device, mode, impl, vary, rep)
-            for rep, seed, vary, device, mode, n, impl, (d1, d2) in grid]
+    return grid(run_config(protocol), replicates=protocol.replicates,
+                seeds=protocol.seeds.values(), vary=protocol.vary, devices=protocol.devices,
+                modes=protocol.determinism, threads=protocol.thread_counts(),
+                implementations=protocol.implementations, dropout=protocol.dropout)
+
+
+def grid(base: RunConfig, *, replicates: int, seeds: Sequence[int], vary: Sequence[str],
+         devices: Sequence[str], modes: Sequence[str], threads: Sequence[int | None],
+         implementations: Sequence[str],
+         dropout: Sequence[Sequence[float]]) -> list[Cell]:
+    """The cells of every combination of the axes, in `expand`'s order (also for callers that
+    hold a protocol as plain values: the GPU check)."""
+    axes = itertools.product(range(replicates), seeds, vary, devices, modes, threads,
+                             implementations, dropout)
+    return [Cell(replace(base, threads=n), d1, d2, seed, device, mode, impl, v, rep)
+            for rep, seed, v, device, mode, n, impl, (d1, d2) in axes]
