@@ -17,6 +17,7 @@ import io
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,10 +135,18 @@ def stage(source: Path, cache: Path = CACHE, checksums: dict[str, str] = FASHION
             raise DataError(f"{source / name}(.gz): MD5 of the unpacked content is {actual}, "
                             f"expected {expected}; the file is corrupt or partial: delete it and "
                             "fetch it again (see README, 'Data')")
-        tmp = target.with_suffix(".part")
-        tmp.write_bytes(content)
-        shutil.move(tmp, target)  # atomic: a killed run never leaves a half-written file
+        _write_atomically(target, content)
     return cache
+
+
+def _write_atomically(target: Path, content: bytes) -> None:
+    """A killed run never leaves a half-written file, and workers staging the same file at once
+    (Ray tasks on one node) each write their own temporary file: the last rename wins, and every
+    rename puts the same verified bytes in place."""
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f"{target.name}.",
+                                     suffix=".part", delete=False) as tmp:
+        tmp.write(content)
+    os.replace(tmp.name, target)
 
 
 def _md5(content: bytes) -> str:

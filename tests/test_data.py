@@ -72,3 +72,18 @@ def test_real_fashion_mnist_matches_published_checksums():
     ds = data.load()
     assert ds.train_x.shape == (60000, 784) and ds.test_x.shape == (10000, 784)
     assert torch.bincount(ds.test_y).tolist() == [1000] * 10
+
+
+def test_workers_staging_the_same_files_at_once_all_succeed(tiny_files, tmp_path):
+    # Ray tasks on one node load the data at the same moment into one cache: each must end
+    # with the verified files, none with a rename of a temporary file another one moved.
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, checksums = tiny_files
+    for attempt in range(5):
+        cache = tmp_path / f"cache{attempt}"
+        with ThreadPoolExecutor(8) as pool:
+            done = list(pool.map(lambda _: data.stage(folder, cache, checksums), range(8)))
+        assert done == [cache] * 8
+        raw = cache / "FashionMNIST" / "raw"
+        assert sorted(p.name for p in raw.iterdir()) == sorted(checksums)  # no .part left
