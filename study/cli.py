@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow starts a telemetry client and its threads when imported; an offline research
     # harness has nothing to send. Set before any command imports MLflow; a user's value wins.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Against a tracking server MLflow prints two links per finished run, 120 lines for the d2l
+    # study, between the progress bar's frames; the CLI prints the experiment's link once.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow.store.db.utils").addFilter(_RAISED_ANYWAY)
     args = _parser().parse_args(argv)
     try:
