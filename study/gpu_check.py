@@ -140,7 +140,8 @@ class Entry:
                          training=_section(TrainingSpec, p["training"], self.name, "training"),
                          data=_section(DataSpec, p["data"], self.name, "data"),
                          execution=p["execution"], randomness=p["randomness"], threads=None,
-                         fixed_seed=p["seeds"]["fixed"], batch_members=p["batch_members"])
+                         fixed_seed=p["seeds"]["fixed"], batch_members=p["batch_members"],
+                         mc_passes=p["inference"]["mc_passes"])
 
     def cells(self, devices: Sequence[str] | None = None,
               modes: Sequence[str] | None = None) -> list[Cell]:

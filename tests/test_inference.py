@@ -164,3 +164,9 @@ def test_members_make_their_twins_passes(tiny_data, lockstep):
                      tiny_data).inference
         assert result.inference.flip_rate == pytest.approx(twin.flip_rate, abs=0.01)
         assert result.inference.mc.accuracy == pytest.approx(twin.mc.accuracy, abs=0.01)
+
+
+def test_workers_and_the_analysis_count_the_same_ece_bins():
+    from study import results
+
+    assert inference.ECE_BINS == results.ECE_BINS == 15
