@@ -10,7 +10,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, replace
 
-from study.protocol import Data, Model, Protocol, Training
+from study.protocol import TRAIN_IMAGES, Data, Model, Protocol, Training
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ class Cell:
         """Stable identity of the run: a hash of everything that defines it, nothing else."""
         fields = asdict(self)
         del fields["config"]["batch_members"]
+        training = fields["config"]["training"]
+        # Added with the size axis; a cell's budget is already resolved (by_size is empty) and
+        # eval_every 1 is every epoch, as before: older keys stay valid.
+        del training["by_size"]
+        if training["eval_every"] == 1:
+            del training["eval_every"]
         if self.mask_rng != "torch":
             # Added with the SFC64 masks; absent means torch's, so older keys stay valid and
             # runs drawn with torch.rand's portable masks are never taken for SFC64 ones.
@@ -68,6 +74,8 @@ class Cell:
             parts.append(f"vary-{self.vary}")
         if self.config.threads is not None:
             parts.append(f"t{self.config.threads}")
+        if self.config.data.train_subset is not None:
+            parts.append(f"n{self.config.data.train_subset}")
         if self.replicate:
             parts.append(f"rep{self.replicate}")
         return " ".join(parts)
@@ -78,11 +86,21 @@ class Cell:
                 "device": self.device, "determinism": self.determinism,
                 "implementation": self.implementation, "vary": self.vary,
                 "replicate": self.replicate, "execution": self.config.execution,
-                "randomness": self.config.randomness, "mask_rng": self.mask_rng}
+                "randomness": self.config.randomness, "mask_rng": self.mask_rng,
+                "train_images": self.train_images}
+
+    @property
+    def train_images(self) -> int:
+        """How many training images the cell trains on (its subset, or the whole set)."""
+        data = self.config.data
+        return TRAIN_IMAGES[data.dataset] if data.train_subset is None else data.train_subset
 
 
-def run_config(protocol: Protocol, threads: int | None = None) -> RunConfig:
-    return RunConfig(model=protocol.model, training=protocol.training, data=protocol.data,
+def run_config(protocol: Protocol, threads: int | None = None,
+               train_subset: int | None = None) -> RunConfig:
+    """One cell's shared config: a single training-set size and that size's budget."""
+    return RunConfig(model=protocol.model, training=protocol.training.for_size(train_subset),
+                     data=replace(protocol.data, train_subset=train_subset),
                      execution=protocol.execution, randomness=protocol.randomness,
                      threads=threads, fixed_seed=protocol.seeds.fixed,
                      batch_members=protocol.batch_members)
@@ -91,13 +109,13 @@ def run_config(protocol: Protocol, threads: int | None = None) -> RunConfig:
 def expand(protocol: Protocol) -> list[Cell]:
     """All cells, ordered so that every setting gets its first seeds early (useful partial data).
 
-    A thread count sits in the cell's config, as a single count always did, so the keys of
-    protocols with one count are unchanged by threads becoming an axis.
+    A thread count and a training-set size sit in the cell's config, as a single value always
+    did, so the keys of protocols with one count and one size are unchanged by either becoming
+    an axis. Sizes come first, in the file's order: each size's cells train in one worker.
     """
-    base = run_config(protocol)
     grid = itertools.product(
-        range(protocol.replicates), protocol.seeds.values(), protocol.vary, protocol.devices,
-        protocol.determinism, protocol.thread_counts(), protocol.implementations,
-        protocol.dropout)
-    return [Cell(replace(base, threads=n), d1, d2, seed, device, mode, impl, vary, rep)
-            for rep, seed, vary, device, mode, n, impl, (d1, d2) in grid]
+        protocol.data.sizes(), range(protocol.replicates), protocol.seeds.values(),
+        protocol.vary, protocol.devices, protocol.determinism, protocol.thread_counts(),
+        protocol.implementations, protocol.dropout)
+    return [Cell(run_config(protocol, n, size), d1, d2, seed, device, mode, impl, vary, rep)
+            for size, rep, seed, vary, device, mode, n, impl, (d1, d2) in grid]

@@ -47,6 +47,14 @@ class ProtocolError(ValueError):
     """A protocol file or override that cannot describe a study."""
 
 
+def _nonempty(items: tuple) -> tuple:
+    if not items:
+        raise ValueError("must not be empty")
+    if len(set(items)) != len(items):
+        raise ValueError("must not repeat entries")
+    return items
+
+
 @dataclass(frozen=True, config=_STRICT)
 class Model:
     arch: Literal["mlp", "lenet"] = "mlp"
@@ -56,27 +64,68 @@ class Model:
     init: Literal["normal", "xavier"] = "normal"
 
 
+Epochs = Annotated[int, Field(gt=0, strict=True)]
+# First N training images; null means all of them.
+Subset = Annotated[int, Field(gt=0, strict=True)] | None
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SizeBudget:
+    """The budget of the cells trained on one training-set size: small sets need many more
+    passes to be fitted, and their test evaluation (10k images) costs more than an epoch."""
+
+    train_subset: Subset
+    epochs: Epochs
+    eval_every: Epochs = 1
+
+
 @dataclass(frozen=True, config=_STRICT)
 class Training:
-    epochs: Annotated[int, Field(gt=0, strict=True)] = 10
+    epochs: Epochs = 10
     batch_size: Annotated[int, Field(gt=0, strict=True)] = 256
     lr: Annotated[float, Field(gt=0, strict=True)] = 0.5
     optimizer: Literal["sgd"] = "sgd"
+    # Test accuracy every K epochs, and always after the last one; `last:K` endpoints count
+    # evaluated epochs. 1 (every epoch) is d2l's loop.
+    eval_every: Epochs = 1
+    # Per training-set size, its own epochs and eval_every (sizes not listed keep the two above).
+    by_size: tuple[SizeBudget, ...] = ()
+
+    def for_size(self, n: int | None) -> Training:
+        """The budget one cell trains with: its size's entry resolved, `by_size` dropped."""
+        entry = next((b for b in self.by_size if b.train_subset == n), None)
+        epochs, every = (entry.epochs, entry.eval_every) if entry else (self.epochs,
+                                                                         self.eval_every)
+        return dataclasses.replace(self, epochs=epochs, eval_every=every, by_size=())
+
+    def evaluated(self, epoch: int) -> bool:
+        """Whether the test set is evaluated after `epoch` (1-based): every `eval_every`-th
+        and the last, so the final accuracy always exists."""
+        return epoch % self.eval_every == 0 or epoch == self.epochs
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Data:
     dataset: Literal["fashion-mnist"] = "fashion-mnist"
-    # First N training images (a fixed subset, the same for every seed); null means all 60k.
-    train_subset: Annotated[int, Field(gt=0, strict=True)] | None = None
+    # First N training images in file order (a fixed subset, the same for every seed, and
+    # nested: a smaller size is the start of a larger one); null means all 60k. A list makes
+    # the training-set size an axis of the plan, like threads.
+    train_subset: Subset | tuple[Subset, ...] = None
 
     @field_validator("train_subset")
     @classmethod
-    def _within_dataset(cls, n: int | None, info: ValidationInfo) -> int | None:
+    def _within_dataset(cls, n: int | None | tuple, info: ValidationInfo) -> int | None | tuple:
         size = TRAIN_IMAGES.get(info.data.get("dataset", ""))
-        if n is not None and size is not None and n > size:
-            raise ValueError(f"exceeds the {size} training images of {info.data['dataset']}")
+        sizes = n if isinstance(n, tuple) else (n,)
+        if too_big := [k for k in sizes if k is not None and size is not None and k > size]:
+            raise ValueError(f"{too_big[0]} exceeds the {size} training images of "
+                             f"{info.data['dataset']}")
+        if isinstance(n, tuple):
+            _nonempty(n)
         return n
+
+    def sizes(self) -> tuple[int | None, ...]:
+        return self.train_subset if isinstance(self.train_subset, tuple) else (self.train_subset,)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -115,14 +164,6 @@ class Analysis:
     # Pairs of settings compared with each other, [setting, reference] (gap = setting - reference),
     # beside the comparisons with the baseline and in a Holm family of their own.
     contrasts: tuple[tuple[Setting, Setting], ...] = ()
-
-
-def _nonempty(items: tuple) -> tuple:
-    if not items:
-        raise ValueError("must not be empty")
-    if len(set(items)) != len(items):
-        raise ValueError("must not repeat entries")
-    return items
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -168,6 +209,7 @@ class Protocol:
                                      "settings")
             if a == b:
                 raise ValueError(f"analysis.contrasts: {list(a)} against itself")
+        self._check_budgets()
         if missing := set(self.required_devices) - set(self.devices):
             raise ValueError(f"required_devices: {sorted(missing)} not listed in devices")
         if isinstance(self.threads, tuple):
@@ -184,12 +226,27 @@ class Protocol:
             raise ValueError(f"model.hidden: the MLP has two dropout layers, got {list(self.model.hidden)}")
         return self
 
+    def _check_budgets(self) -> None:
+        named = [b.train_subset for b in self.training.by_size]
+        sizes = self.data.sizes()
+        for n in named:
+            if n not in sizes:
+                raise ValueError(f"training.by_size: train_subset {_size_text(n)} is not one of "
+                                 f"data.train_subset {_size_text(self.data.train_subset)}")
+        if len(set(named)) != len(named):
+            raise ValueError(f"training.by_size: a train_subset given twice (value: "
+                             f"{_size_text(named)})")
+
     def thread_counts(self) -> tuple[int | None, ...]:
         return self.threads if isinstance(self.threads, tuple) else (self.threads,)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (tuples become lists), the form logged and hashed."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _size_text(n: Any) -> str:
+    return json.dumps(json.loads(json.dumps(n)))  # null and lists, as in the file
 
 
 _ADAPTER = TypeAdapter(Protocol)

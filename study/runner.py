@@ -77,7 +77,7 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
     results: list[Result] = []
     with tqdm(total=len(todo), unit="run", desc=protocol.name, disable=not progress,
               dynamic_ncols=True) as bar:
-        for group in workers.groups(todo, load, protocol.data.train_subset):
+        for group in workers.groups(todo, load):
             for result in _run_group(mlflow, exp_id, protocol, group, workers.backend(where)):
                 results.append(result)
                 bar.update()
