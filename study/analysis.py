@@ -79,7 +79,14 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         endpoints_left_out=left_out, stratified_by=_varying_columns(runs),
         n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
         strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
-        diagnostics=diagnostics.analyze(table, options, seed))
+        diagnostics=diagnostics.analyze(table, options, seed),
+        interactions=_interactions(runs, groups, comparisons, base, primary))
+
+
+def _interactions(runs: pd.DataFrame, groups: list[Group], comparisons: list[Comparison],
+                  base: Setting, primary: Endpoint) -> list:
+    from study import interaction  # it reads this module's helpers: imported when called
+    return interaction.analyze(runs, groups, comparisons, base, _column(primary), primary.name)
 
 
 def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:

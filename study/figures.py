@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from study import stats as study_stats
-from study.results import Comparison, Endpoint, Group, Results, Stratum
+from study.results import Comparison, Endpoint, Group, Interaction, Results, SizeEffect, Stratum
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
 _SVG_SALT = "d2l-dropout-study"
@@ -361,6 +361,66 @@ def plot_gap(runs: pd.DataFrame, groups: Sequence[Group], *,
     return ax
 
 
+def _size_label(n: int) -> str:
+    return f"{n // 1000}k images" if n % 1000 == 0 else f"{n:,} images"
+
+
+def _size_palette(effects: Sequence[SizeEffect]) -> dict[int, Any]:
+    sizes = [e.train_images for e in effects]
+    return dict(zip(sizes, sns.color_palette("viridis_r", len(sizes))))
+
+
+def plot_dose_response(effects: Sequence[SizeEffect], *, ax: Axes | None = None) -> Axes:
+    """Mean test accuracy (primary endpoint, 95% CI from the analysis) against the dropout rate,
+    one line per training-set size; filled markers: shown different from the baseline."""
+    ax = _new_axes(ax)
+    palette = _size_palette(effects)
+    for e in effects:
+        points = [p for p in e.dose if p.mean is not None]
+        x = [(p.dropout1 + p.dropout2) / 2 for p in points]
+        y = [p.mean * 100 for p in points]
+        ax.plot(x, y, color=palette[e.train_images], marker="o", markersize=0, linewidth=1.2,
+                label=_size_label(e.train_images))
+        for xi, yi, p in zip(x, y, points):
+            lo, hi = (v * 100 for v in p.ci95) if p.ci95 else (yi, yi)
+            shown = p.verdict == "different"
+            ax.errorbar([xi], [yi], yerr=[[yi - lo], [hi - yi]], fmt="o", markersize=4,
+                        color=palette[e.train_images], capsize=2,
+                        markerfacecolor=palette[e.train_images] if shown else "white")
+    ax.set_xlabel("dropout rate (mean of p1, p2)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(frameon=False)
+    return ax
+
+
+def plot_gain_vs_gap(interaction: Interaction, *, ax: Axes | None = None) -> Axes:
+    """Per size: the best setting's gain over the baseline (95% CI) against the baseline's
+    train - test gap (95% CI), with the seed-level trend line from the analysis."""
+    ax = _new_axes(ax)
+    palette = _size_palette(interaction.sizes)
+    for e in interaction.sizes:
+        gap, gain = _pp(e.regime.gap), _pp(e.gain)
+        if gap is None or gain is None:
+            continue
+        xci, yci = _pp_pair(e.regime.gap_ci95), _pp_pair(e.gain_ci95)
+        ax.errorbar([gap], [gain], xerr=None if xci is None else [[gap - xci[0]], [xci[1] - gap]],
+                    yerr=None if yci is None else [[gain - yci[0]], [yci[1] - gain]], fmt="o",
+                    color=palette[e.train_images], capsize=2, markersize=5,
+                    label=f"{_size_label(e.train_images)}: {setting_label(*e.best)}")
+    trend = interaction.trend
+    gaps = [_pp(e.regime.gap) for e in interaction.sizes if e.regime.gap is not None]
+    if trend.estimate is not None and trend.intercept is not None and gaps:
+        x = np.array([min(gaps), max(gaps)])
+        ax.plot(x, trend.intercept * 100 + trend.estimate * x, color="black", linewidth=0.8,
+                linestyle="--", label=f"trend: slope {trend.estimate:+.3f}")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("(0, 0) train − test accuracy (pp)" if interaction.baseline == [0.0, 0.0]
+                  else "baseline train − test accuracy (pp)")
+    ax.set_ylabel("best setting − baseline (pp)")
+    ax.legend(frameon=False)
+    return ax
+
+
 IMPLEMENTATION_MARKERS = {"torch": "o", "scratch": "s", "scratch-randn": "D"}
 # Dodge per implementation along p: torch and scratch keep the same share and would hide each other.
 KEEP_DODGE = 0.015
@@ -481,6 +541,12 @@ CAPTIONS = {
     "gap": "Train minus test accuracy at the last epoch; dots are seeds, black bars the mean and "
            "95% CI from the analysis. Train accuracy is measured with dropout on, so a negative "
            "gap is expected for strong dropout and is not 'underfitting' by itself.",
+    "interaction": "Left: {endpoint} against the dropout rate, one line per training-set size, "
+                   "with 95% CIs; filled markers are shown different from the baseline (Holm "
+                   "over the rates of that size). Right: the best setting's gain over the "
+                   "baseline against the baseline's final train \u2212 test gap, one point per "
+                   "size with 95% CIs both ways; the dashed line is the seed-level regression "
+                   "(standard errors clustered by seed).",
     "keep_rates": "Share of units each dropout layer kept in training, per implementation "
                   "(mean over first runs; one marker per setting and layer, dodged sideways so "
                   "implementations do not hide each other). Solid: the nominal 1 \u2212 p; "
@@ -595,7 +661,23 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
         # One column: the numbers printed right of each panel need the full width.
         per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,
                                            _verdict_handles(margin), columns=1))
+    if results.interactions:
+        per_stratum.append(interaction_figure(results, out_dir))
     return per_stratum + diagnostic_figures(results.diagnostics, out_dir)
+
+
+def interaction_figure(results: Results, out_dir: Path) -> FigureFile:
+    """C6: per stratum of the other columns, the dose-response curves and gain against gap."""
+    with style():
+        fig, axes = facet(2 * len(results.interactions), columns=2)
+        for i, interaction in enumerate(results.interactions):
+            plot_dose_response(interaction.sizes, ax=axes[2 * i])
+            plot_gain_vs_gap(interaction, ax=axes[2 * i + 1])
+            if len(results.interactions) > 1:
+                axes[2 * i].set_title(interaction.label)
+    png, svg = save(fig, out_dir, "interaction")
+    return FigureFile("interaction", png, svg, caption("interaction", results),
+                      float(fig.get_figwidth()))
 
 
 def diagnostic_figures(diag: dict[str, Any] | None, out_dir: Path) -> list[FigureFile]:

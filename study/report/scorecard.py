@@ -20,8 +20,8 @@ from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostic_text import applicable, diag_section
 from study.report.document import Block, para
-from study.report.wording import (NA, VERDICT_ORDER, fmt_int, fmt_mean_sd, fmt_pp,
-                                  fmt_setting, finite, verdict_cell)
+from study.report.wording import (NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
+                                  fmt_pp, fmt_setting, finite, verdict_cell)
 from study.results import Comparison, Results
 
 DASH = "\u2013"
@@ -36,9 +36,6 @@ def _not_run(inputs: Inputs) -> list[Block]:
 # The lesson's claims that have no section builder in this version (issue 13 adds them): their
 # words, for the scorecard and the question; their section says they were not measured.
 PENDING: tuple[Claim, ...] = (
-    Claim("C6", "however the rates are tuned, no dropout wins; maybe the model is not big "
-                "enough, and dropout only pays off once it overfits;",
-          "dropout pays off only once the model overfits", _not_run),
     Claim("C7", "at inference dropout is not needed; it can be used, but it adds randomness and "
                 "must be computed several times: the first pass says cat, the second may say "
                 "dog.", "dropout left on at inference gives different answers", _not_run),
@@ -262,6 +259,22 @@ def _sources(r: Results) -> str:
             f"{agree}/{len(summaries)} settings")
 
 
+def score_overfitting(inputs: Inputs) -> Score | None:
+    """C6 from the interaction of dropout with the training-set size."""
+    found = inputs.results.interactions
+    if not found:
+        return None
+    parts = [f"{i.holds}: trend slope {fmt_num(i.trend.estimate, 3)} "
+             f"{fmt_ci_num(i.trend.ci95)}; best gain "
+             + ", ".join(f"{e.train_images:,}: {fmt_pp(e.gain)} ({e.verdict or NA})"
+                         for e in i.sizes) for i in found]
+    robust = ", ".join(f"{i.sizes[0].train_images:,} images: "
+                       f"{'robust' if i.sizes[0].robust else 'not robust'}" for i in found)
+    need = [e.train_images for i in found for e in i.sizes if e.verdict == "inconclusive"]
+    settle = f"more seeds at {', '.join(f'{n:,}' for n in need)} images" if need else DASH
+    return Score("; ".join(parts), robust, settle)
+
+
 SCORERS: dict[str, Callable[[Inputs], Score | None]] = {
     "C1": score_no_dropout,
     "C2": score_degenerate((1.0, 1.0)),
@@ -269,6 +282,7 @@ SCORERS: dict[str, Callable[[Inputs], Score | None]] = {
     "C3\u2032": score_first_layer,
     "C4": score_implementations,
     "C5": score_repeatable,
+    "C6": score_overfitting,
 }
 
 
