@@ -81,7 +81,14 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
         strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
         diagnostics=diagnostics.analyze(table, options, seed), curves=curves,
-        inference=mc_analysis.analyze(_strata(runs), options))
+        inference=mc_analysis.analyze(_strata(runs), options),
+        interactions=_interactions(runs, groups, comparisons, base, primary))
+
+
+def _interactions(runs: pd.DataFrame, groups: list[Group], comparisons: list[Comparison],
+                  base: Setting, primary: Endpoint) -> list:
+    from study import interaction  # it reads this module's helpers: imported when called
+    return interaction.analyze(runs, groups, comparisons, base, _column(primary), primary.name)
 
 
 def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:

@@ -303,11 +303,13 @@ def test_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return correct
 
 
-def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor, epoch: int,
+def _record(group: Sequence[Member], stats: StepStats, test: torch.Tensor | None, epoch: int,
             n_train: int, n_test: int) -> list[bool]:
-    """Append this epoch's metrics to each member; return which members stayed finite."""
+    """Append this epoch's metrics to each member (test None: not evaluated this epoch, NaN);
+    return which members stayed finite."""
     loss, correct = stats.loss.tolist(), stats.correct.tolist()
-    alive, kept, test_correct = stats.alive.tolist(), stats.kept.tolist(), test.tolist()
+    alive, kept = stats.alive.tolist(), stats.kept.tolist()
+    test_correct = [math.nan] * len(group) if test is None else test.tolist()
     finite = []
     for k, m in enumerate(group):
         m.alive = [a + b for a, b in zip(m.alive, alive[k])]
@@ -372,7 +374,7 @@ def fit_member(m: Member, p: Stack, data: Dataset, spec: Training, stop: threadi
         if stop.is_set():
             return None
         stats = member_epoch(p, m, data, spec.batch_size, spec.lr, epoch)
-        test = test_accuracy(p, data.test_x, data.test_y)
+        test = test_accuracy(p, data.test_x, data.test_y) if spec.evaluated(epoch) else None
         finite = _record([m], stats, test, epoch, len(data.train_y), len(data.test_y))[0]
         on_epoch(EpochDone(m.cell.key, epoch))
         if not finite:
@@ -486,7 +488,8 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDon
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="masks") as pool:
         for epoch in range(1, spec.epochs + 1):
             stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool, epoch)
-            test = test_accuracy(stack, data.test_x, data.test_y)
+            test = test_accuracy(stack, data.test_x, data.test_y) if spec.evaluated(epoch) \
+                else None
             finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
             yield from (EpochDone(m.cell.key, epoch) for m in group)
             seconds = (time.perf_counter() - start) / len(cells)

@@ -379,7 +379,7 @@ def time_modes(cell: Cell, subset: int | None, rounds: int, per_worker: int = 3,
     for _ in range(rounds):
         for mode in COST_MODES:
             cells = [replace(cell, determinism=mode)] * (1 + per_worker)
-            (group,) = workers.groups(cells, load, subset)
+            (group,) = workers.groups(cells, load)
             timed = workers.trained(group).results[1:]
             samples[mode].append(min(r.cpu_seconds / len(r.epochs) for r in timed))
     return {m: Timing(tuple(v)) for m, v in samples.items()}

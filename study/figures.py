@@ -27,7 +27,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats
 
-from study.results import Comparison, Curve, Endpoint, Group, McSetting, Results, Stratum
+from study.results import (Comparison, Curve, Endpoint, Group, Interaction, McSetting, Results,
+                           SizeEffect, Stratum)
 from study.results_diagnostics import Diagnostics, KeepRecord, SourceRecord
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
@@ -382,6 +383,66 @@ def plot_flip_rate(runs: pd.DataFrame, settings: Sequence[McSetting], *,
     return ax
 
 
+def _size_label(n: int) -> str:
+    return f"{n // 1000}k images" if n % 1000 == 0 else f"{n:,} images"
+
+
+def _size_palette(effects: Sequence[SizeEffect]) -> dict[int, Any]:
+    sizes = [e.train_images for e in effects]
+    return dict(zip(sizes, sns.color_palette("viridis_r", len(sizes))))
+
+
+def plot_dose_response(effects: Sequence[SizeEffect], *, ax: Axes | None = None) -> Axes:
+    """Mean test accuracy (primary endpoint, 95% CI from the analysis) against the dropout rate,
+    one line per training-set size; filled markers: shown different from the baseline."""
+    ax = _new_axes(ax)
+    palette = _size_palette(effects)
+    for e in effects:
+        points = [p for p in e.dose if p.mean is not None]
+        x = [(p.dropout1 + p.dropout2) / 2 for p in points]
+        y = [p.mean * 100 for p in points]
+        ax.plot(x, y, color=palette[e.train_images], marker="o", markersize=0, linewidth=1.2,
+                label=_size_label(e.train_images))
+        for xi, yi, p in zip(x, y, points):
+            lo, hi = (v * 100 for v in p.ci95) if p.ci95 else (yi, yi)
+            shown = p.verdict == "different"
+            ax.errorbar([xi], [yi], yerr=[[yi - lo], [hi - yi]], fmt="o", markersize=4,
+                        color=palette[e.train_images], capsize=2,
+                        markerfacecolor=palette[e.train_images] if shown else "white")
+    ax.set_xlabel("dropout rate (mean of p1, p2)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(frameon=False)
+    return ax
+
+
+def plot_gain_vs_gap(interaction: Interaction, *, ax: Axes | None = None) -> Axes:
+    """Per size: the best setting's gain over the baseline (95% CI) against the baseline's
+    train - test gap (95% CI), with the seed-level trend line from the analysis."""
+    ax = _new_axes(ax)
+    palette = _size_palette(interaction.sizes)
+    for e in interaction.sizes:
+        gap, gain = _pp(e.regime.gap), _pp(e.gain)
+        if gap is None or gain is None:
+            continue
+        xci, yci = _pp_pair(e.regime.gap_ci95), _pp_pair(e.gain_ci95)
+        ax.errorbar([gap], [gain], xerr=None if xci is None else [[gap - xci[0]], [xci[1] - gap]],
+                    yerr=None if yci is None else [[gain - yci[0]], [yci[1] - gain]], fmt="o",
+                    color=palette[e.train_images], capsize=2, markersize=5,
+                    label=f"{_size_label(e.train_images)}: {setting_label(*e.best)}")
+    trend = interaction.trend
+    gaps = [_pp(e.regime.gap) for e in interaction.sizes if e.regime.gap is not None]
+    if trend.estimate is not None and trend.intercept is not None and gaps:
+        x = np.array([min(gaps), max(gaps)])
+        ax.plot(x, trend.intercept * 100 + trend.estimate * x, color="black", linewidth=0.8,
+                linestyle="--", label=f"trend: slope {trend.estimate:+.3f}")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("(0, 0) train − test accuracy (pp)" if interaction.baseline == [0.0, 0.0]
+                  else "baseline train − test accuracy (pp)")
+    ax.set_ylabel("best setting − baseline (pp)")
+    ax.legend(frameon=False)
+    return ax
+
+
 IMPLEMENTATION_MARKERS = {"torch": "o", "scratch": "s", "scratch-randn": "D"}
 # Dodge per implementation along p: torch and scratch keep the same share and would hide each other.
 KEEP_DODGE = 0.015
@@ -506,6 +567,12 @@ CAPTIONS = {
                     "differs between two stochastic passes (averaged over all pairs of the "
                     "{passes} passes), per seed (dots), with the mean and its 95% t interval "
                     "over seeds (bar), as in results.json.",
+    "interaction": "Left: {endpoint} against the dropout rate, one line per training-set size, "
+                   "with 95% CIs; filled markers are shown different from the baseline (Holm "
+                   "over the rates of that size). Right: the best setting's gain over the "
+                   "baseline against the baseline's final train \u2212 test gap, one point per "
+                   "size with 95% CIs both ways; the dashed line is the seed-level regression "
+                   "(standard errors clustered by seed).",
     "keep_rates": "Share of units each dropout layer kept in training, per implementation "
                   "(mean over first runs; one marker per setting and layer, dodged sideways so "
                   "implementations do not hide each other). Solid: the nominal 1 \u2212 p; "
@@ -517,8 +584,9 @@ CAPTIONS = {
 # Drawn from `Results.diagnostics` as one panel each, and placed by the report next to the
 # claim they answer rather than among the per-stratum figures.
 DIAGNOSTIC_FIGURES = ("keep_rates", "variance_sources")
-# Per-stratum figures the report also places with their claim (C7), not among the others.
-CLAIM_FIGURES = ("mc_flip_rate",)
+# Figures the report places with their claim (C7's per stratum, C6's across sizes), not among
+# the per-stratum ones.
+CLAIM_FIGURES = ("mc_flip_rate", "interaction")
 
 
 def caption(name: str, results: Results) -> str:
@@ -627,6 +695,8 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
         # One column: the numbers printed right of each panel need the full width.
         per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,
                                            _verdict_handles(margin), columns=1))
+    if results.interactions:
+        per_stratum.append(interaction_figure(results, out_dir))
     return per_stratum + diagnostic_figures(results.diagnostics, out_dir)
 
 
@@ -692,6 +762,20 @@ def _zoom_caption(results: Results, out: dict[str, list[Group]]) -> str:
     return (f" Right: the same runs zoomed on the settings with a run above chance, leaving out "
             f"{left}: no run of theirs learned beyond chance (10%), and their scale would "
             f"squeeze the healthy settings into one band.")
+
+
+def interaction_figure(results: Results, out_dir: Path) -> FigureFile:
+    """C6: per stratum of the other columns, the dose-response curves and gain against gap."""
+    with style():
+        fig, axes = facet(2 * len(results.interactions), columns=2)
+        for i, interaction in enumerate(results.interactions):
+            plot_dose_response(interaction.sizes, ax=axes[2 * i])
+            plot_gain_vs_gap(interaction, ax=axes[2 * i + 1])
+            if len(results.interactions) > 1:
+                axes[2 * i].set_title(interaction.label)
+    png, svg = save(fig, out_dir, "interaction")
+    return FigureFile("interaction", png, svg, caption("interaction", results),
+                      float(fig.get_figwidth()))
 
 
 def diagnostic_figures(diag: Diagnostics | None, out_dir: Path) -> list[FigureFile]:

@@ -87,6 +87,14 @@ class TrainingSpec:
     batch_size: int
     lr: float
     optimizer: str
+    eval_every: int = 1
+    # Per-size budgets: the check's protocols train one size, so this stays empty (as a cell's
+    # resolved budget always is); Entry.config refuses an entry that has any.
+    by_size: tuple = ()
+
+    def evaluated(self, epoch: int) -> bool:
+        """As protocol.Training.evaluated: every `eval_every`-th epoch and the last."""
+        return epoch % self.eval_every == 0 or epoch == self.epochs
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,10 @@ class Entry:
 
     def config(self) -> RunConfig:
         p = self.protocol
+        if p["training"]["by_size"] or isinstance(p["data"]["train_subset"], list):
+            raise CheckError(f"{SNAPSHOT}: entries.{self.name}.protocol: the check trains one "
+                             f"training-set size (data.train_subset: {p['data']['train_subset']}, "
+                             f"training.by_size: {p['training']['by_size']})")
         return RunConfig(model=_section(ModelSpec, p["model"], self.name, "model"),
                          training=_section(TrainingSpec, p["training"], self.name, "training"),
                          data=_section(DataSpec, p["data"], self.name, "data"),
@@ -191,7 +203,7 @@ def snapshot() -> dict[str, Any]:
     entries = {}
     for name, (source, overrides) in SOURCES.items():
         resolved = protocol.load(ROOT / source, list(overrides))
-        images = resolved.data.train_subset or protocol.TRAIN_IMAGES[resolved.data.dataset]
+        images = resolved.data.train_subset or plan.TRAIN_IMAGES[resolved.data.dataset]
         entries[name] = {"source": source, "overrides": list(overrides),
                          "protocol": resolved.to_dict(), "train_images": images}
     return {"about": "Written by python -m study.gpu_check --write-snapshot from the files named; "
@@ -296,9 +308,9 @@ def _setup(entry: Entry, scaled: Entry, what: str) -> str:
 
 # --- 1. determinism on cuda ----------------------------------------------------------------------
 
-def train_group(cells: list[Cell], ctx: Context, train_subset: int | None) -> workers.Trained:
+def train_group(cells: list[Cell], ctx: Context) -> workers.Trained:
     """One (device, mode, threads) group in a fresh worker process, as the runner trains it."""
-    (group,) = workers.groups(cells, ctx.load, train_subset)
+    (group,) = workers.groups(cells, ctx.load)
     return workers.trained(group)
 
 
@@ -340,7 +352,7 @@ def determinism_rows(ctx: Context, device: str = "cuda",
         trained: list[workers.Trained] = []
 
         def run() -> tuple[str, dict[str, Any]]:
-            trained.append(train_group(cells, ctx, scaled.train_subset))
+            trained.append(train_group(cells, ctx))
             summary = replicate_summary(trained[0].results)
             flags = trained[0].results[0].flags if trained[0].results else None
             env = {k: trained[0].environment.get(k, "absent") for k in ENV_KEYS}
@@ -369,7 +381,7 @@ def paired_rows(ctx: Context, other: list[Result], device: str = "cuda") -> list
     cpu: list[Result] = []
 
     def run_cpu() -> tuple[str, dict[str, Any]]:
-        cpu.extend(train_group(cells, ctx, scaled.train_subset).results)
+        cpu.extend(train_group(cells, ctx).results)
         accs = [r.epochs[-1].test_acc for r in cpu]
         return (f"{len(cpu)} runs, final test accuracy {100 * min(accs):.2f}-"
                 f"{100 * max(accs):.2f}%"), {

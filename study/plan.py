@@ -15,6 +15,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: workers and the GPU check run without pydantic and YAML
     from study.protocol import Data, Model, Protocol, Training
 
+# Training images per dataset: a cell's size when it takes no subset (here, not in protocol.py,
+# because workers read it and import no pydantic).
+TRAIN_IMAGES = {"fashion-mnist": 60_000}
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -57,6 +61,12 @@ class Cell:
             # passes are those of before, and turning passes on makes new cells (the passes
             # need the trained weights, which the store does not keep).
             fields["mc_passes"] = mc_passes
+        training = fields["config"]["training"]
+        # Added with the size axis; a cell's budget is already resolved (by_size is empty) and
+        # eval_every 1 is every epoch, as before: older keys stay valid.
+        del training["by_size"]
+        if training["eval_every"] == 1:
+            del training["eval_every"]
         if self.mask_rng != "torch":
             # Added with the SFC64 masks; absent means torch's, so older keys stay valid and
             # runs drawn with torch.rand's portable masks are never taken for SFC64 ones.
@@ -78,6 +88,8 @@ class Cell:
             parts.append(f"vary-{self.vary}")
         if self.config.threads is not None:
             parts.append(f"t{self.config.threads}")
+        if self.config.data.train_subset is not None:
+            parts.append(f"n{self.config.data.train_subset}")
         if self.replicate:
             parts.append(f"rep{self.replicate}")
         return " ".join(parts)
@@ -89,11 +101,21 @@ class Cell:
                 "implementation": self.implementation, "vary": self.vary,
                 "replicate": self.replicate, "execution": self.config.execution,
                 "randomness": self.config.randomness, "mask_rng": self.mask_rng,
+                "train_images": self.train_images,
                 **({"mc_passes": self.config.mc_passes} if self.config.mc_passes else {})}
 
+    @property
+    def train_images(self) -> int:
+        """How many training images the cell trains on (its subset, or the whole set)."""
+        data = self.config.data
+        return TRAIN_IMAGES[data.dataset] if data.train_subset is None else data.train_subset
 
-def run_config(protocol: Protocol, threads: int | None = None) -> RunConfig:
-    return RunConfig(model=protocol.model, training=protocol.training, data=protocol.data,
+
+def run_config(protocol: Protocol, train_subset: int | None,
+               threads: int | None = None) -> RunConfig:
+    """One cell's shared config: a single training-set size and that size's budget."""
+    return RunConfig(model=protocol.model, training=protocol.training.for_size(train_subset),
+                     data=replace(protocol.data, train_subset=train_subset),
                      execution=protocol.execution, randomness=protocol.randomness,
                      threads=threads, fixed_seed=protocol.seeds.fixed,
                      batch_members=protocol.batch_members,
@@ -103,21 +125,24 @@ def run_config(protocol: Protocol, threads: int | None = None) -> RunConfig:
 def expand(protocol: Protocol) -> list[Cell]:
     """All cells, ordered so that every setting gets its first seeds early (useful partial data).
 
-    A thread count sits in the cell's config, as a single count always did, so the keys of
-    protocols with one count are unchanged by threads becoming an axis.
+    A thread count and a training-set size sit in the cell's config, as a single value always
+    did, so the keys of protocols with one count and one size are unchanged by either becoming
+    an axis. Sizes come first, in the file's order: each size's cells train in one worker.
     """
-    return grid(run_config(protocol), replicates=protocol.replicates,
-                seeds=protocol.seeds.values(), vary=protocol.vary, devices=protocol.devices,
-                modes=protocol.determinism, threads=protocol.thread_counts(),
-                implementations=protocol.implementations, dropout=protocol.dropout)
+    return [cell for size in protocol.data.sizes()
+            for cell in grid(run_config(protocol, size),
+                             replicates=protocol.replicates, seeds=protocol.seeds.values(),
+                             vary=protocol.vary, devices=protocol.devices,
+                             modes=protocol.determinism, threads=protocol.thread_counts(),
+                             implementations=protocol.implementations, dropout=protocol.dropout)]
 
 
 def grid(base: RunConfig, *, replicates: int, seeds: Sequence[int], vary: Sequence[str],
          devices: Sequence[str], modes: Sequence[str], threads: Sequence[int | None],
          implementations: Sequence[str],
          dropout: Sequence[Sequence[float]]) -> list[Cell]:
-    """The cells of every combination of the axes, in `expand`'s order (also for callers that
-    hold a protocol as plain values: the GPU check)."""
+    """The cells of every combination of the axes for one training-set size, in `expand`'s
+    order (also for callers that hold a protocol as plain values: the GPU check)."""
     axes = itertools.product(range(replicates), seeds, vary, devices, modes, threads,
                              implementations, dropout)
     return [Cell(replace(base, threads=n), d1, d2, seed, device, mode, impl, v, rep)

@@ -22,11 +22,12 @@ from pydantic import (ConfigDict, Field, TypeAdapter, ValidationError, Validatio
                       field_validator, model_validator)
 from pydantic.dataclasses import dataclass
 
+# Training images per dataset, so `plan` rejects a subset larger than the data without loading it.
+from study.plan import TRAIN_IMAGES
+
 # Extra keys are errors; scalars are strict (no "10" for 10), containers accept YAML lists.
 # YAML reads `.inf` and `.nan` as floats; no rate, margin or std of a study is either.
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
-# Training images per dataset, so `plan` rejects a subset larger than the data without loading it.
-TRAIN_IMAGES = {"fashion-mnist": 60_000}
 # Longest value repr in an error line: a whole mapping would drown the key it belongs to.
 _VALUE_CHARS = 60
 
@@ -47,6 +48,14 @@ class ProtocolError(ValueError):
     """A protocol file or override that cannot describe a study."""
 
 
+def _nonempty(items: tuple) -> tuple:
+    if not items:
+        raise ValueError("must not be empty")
+    if len(set(items)) != len(items):
+        raise ValueError("must not repeat entries")
+    return items
+
+
 @dataclass(frozen=True, config=_STRICT)
 class Model:
     arch: Literal["mlp", "lenet"] = "mlp"
@@ -56,27 +65,72 @@ class Model:
     init: Literal["normal", "xavier"] = "normal"
 
 
+Epochs = Annotated[int, Field(gt=0, strict=True)]
+# First N training images; null means all of them.
+Subset = Annotated[int, Field(gt=0, strict=True)] | None
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SizeBudget:
+    """The budget of the cells trained on one training-set size: small sets need many more
+    passes to be fitted, and their test evaluation (10k images) costs more than an epoch."""
+
+    train_subset: Subset
+    epochs: Epochs
+    eval_every: Epochs = 1
+    # A smaller set may need a smaller step: at 1,000 images lr 0.3 still has loss spikes late
+    # in training. Null keeps training.lr.
+    lr: Annotated[float, Field(gt=0, strict=True)] | None = None
+
+
 @dataclass(frozen=True, config=_STRICT)
 class Training:
-    epochs: Annotated[int, Field(gt=0, strict=True)] = 10
+    epochs: Epochs = 10
     batch_size: Annotated[int, Field(gt=0, strict=True)] = 256
     lr: Annotated[float, Field(gt=0, strict=True)] = 0.5
     optimizer: Literal["sgd"] = "sgd"
+    # Test accuracy every K epochs, and always after the last one; `last:K` endpoints count
+    # evaluated epochs. 1 (every epoch) is d2l's loop.
+    eval_every: Epochs = 1
+    # Per training-set size, its own epochs and eval_every (sizes not listed keep the two above).
+    by_size: tuple[SizeBudget, ...] = ()
+
+    def for_size(self, n: int | None) -> Training:
+        """The budget one cell trains with: its size's entry resolved, `by_size` dropped."""
+        entry = next((b for b in self.by_size if b.train_subset == n), None)
+        if entry is None:
+            return dataclasses.replace(self, by_size=())
+        return dataclasses.replace(self, epochs=entry.epochs, eval_every=entry.eval_every,
+                                   lr=self.lr if entry.lr is None else entry.lr, by_size=())
+
+    def evaluated(self, epoch: int) -> bool:
+        """Whether the test set is evaluated after `epoch` (1-based): every `eval_every`-th
+        and the last, so the final accuracy always exists."""
+        return epoch % self.eval_every == 0 or epoch == self.epochs
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Data:
     dataset: Literal["fashion-mnist"] = "fashion-mnist"
-    # First N training images (a fixed subset, the same for every seed); null means all 60k.
-    train_subset: Annotated[int, Field(gt=0, strict=True)] | None = None
+    # First N training images in file order (a fixed subset, the same for every seed, and
+    # nested: a smaller size is the start of a larger one); null means all 60k. A list makes
+    # the training-set size an axis of the plan, like threads.
+    train_subset: Subset | tuple[Subset, ...] = None
 
     @field_validator("train_subset")
     @classmethod
-    def _within_dataset(cls, n: int | None, info: ValidationInfo) -> int | None:
+    def _within_dataset(cls, n: int | None | tuple, info: ValidationInfo) -> int | None | tuple:
         size = TRAIN_IMAGES.get(info.data.get("dataset", ""))
-        if n is not None and size is not None and n > size:
-            raise ValueError(f"exceeds the {size} training images of {info.data['dataset']}")
+        sizes = n if isinstance(n, tuple) else (n,)
+        if too_big := [k for k in sizes if k is not None and size is not None and k > size]:
+            raise ValueError(f"{too_big[0]} exceeds the {size} training images of "
+                             f"{info.data['dataset']}")
+        if isinstance(n, tuple):
+            _nonempty(n)
         return n
+
+    def sizes(self) -> tuple[int | None, ...]:
+        return self.train_subset if isinstance(self.train_subset, tuple) else (self.train_subset,)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -132,14 +186,6 @@ class Inference:
         return n
 
 
-def _nonempty(items: tuple) -> tuple:
-    if not items:
-        raise ValueError("must not be empty")
-    if len(set(items)) != len(items):
-        raise ValueError("must not repeat entries")
-    return items
-
-
 @dataclass(frozen=True, config=_STRICT)
 class Protocol:
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -184,6 +230,7 @@ class Protocol:
                                      "settings")
             if a == b:
                 raise ValueError(f"analysis.contrasts: {list(a)} against itself")
+        self._check_budgets()
         if missing := set(self.required_devices) - set(self.devices):
             raise ValueError(f"required_devices: {sorted(missing)} not listed in devices")
         if isinstance(self.threads, tuple):
@@ -200,12 +247,27 @@ class Protocol:
             raise ValueError(f"model.hidden: the MLP has two dropout layers, got {list(self.model.hidden)}")
         return self
 
+    def _check_budgets(self) -> None:
+        named = [b.train_subset for b in self.training.by_size]
+        sizes = self.data.sizes()
+        for n in named:
+            if n not in sizes:
+                raise ValueError(f"training.by_size: train_subset {_size_text(n)} is not one of "
+                                 f"data.train_subset {_size_text(self.data.train_subset)}")
+        if len(set(named)) != len(named):
+            raise ValueError(f"training.by_size: a train_subset given twice (value: "
+                             f"{_size_text(named)})")
+
     def thread_counts(self) -> tuple[int | None, ...]:
         return self.threads if isinstance(self.threads, tuple) else (self.threads,)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (tuples become lists), the form logged and hashed."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _size_text(n: Any) -> str:
+    return json.dumps(json.loads(json.dumps(n)))  # null and lists, as in the file
 
 
 _ADAPTER = TypeAdapter(Protocol)

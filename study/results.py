@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from study.results_diagnostics import Diagnostics
+from study.stats import Slope
 from study.table import jsonable
 
 Interval = tuple[float, float]
@@ -177,6 +178,78 @@ class Comparison:
     reason: str | None
 
 
+# The overfitting regime the C6 protocol must reach at its smallest size (issue 13): (0, 0)'s final
+# train accuracy at least this, and its final train - test gap at least this.
+OVERFIT_TRAIN_ACC = 0.98
+OVERFIT_GAP = 0.10
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How the baseline fits at one training-set size: final train accuracy (train mode,
+    averaged over the last epoch), final test accuracy and their gap, means over seeds."""
+
+    n: int
+    train_acc: float | None
+    test_acc: float | None
+    gap: float | None
+    gap_ci95: Interval | None  # t interval over seeds
+    overfits: bool  # train_acc >= OVERFIT_TRAIN_ACC and gap >= OVERFIT_GAP
+
+
+@dataclass(frozen=True)
+class DosePoint:
+    """One setting at one size: the dose-response curve's point (the primary endpoint) and its
+    comparison with the baseline (None for the baseline itself)."""
+
+    dropout1: float
+    dropout2: float
+    mean: float | None
+    ci95: Interval | None
+    train_acc_mean: float | None  # train mode: dropout on, so it shows how much fit is allowed
+    mean_diff: float | None
+    mean_diff_ci95: Interval | None
+    verdict: str | None
+
+
+@dataclass(frozen=True)
+class SizeEffect:
+    """One training-set size: the baseline's regime, the best setting's gain and the curve."""
+
+    train_images: int
+    stratum: dict[str, Any]  # the full stratum of this size (train_images included)
+    regime: Regime
+    best: list[float] | None  # the chosen setting (None: no comparison could be made)
+    chosen_by: str  # how `best` was chosen
+    gain: float | None  # best - baseline, primary endpoint, mean over paired seeds
+    gain_ci95: Interval | None
+    p_adjusted: float | None  # Holm over the rates of this size (the stratum's family)
+    verdict: str | None
+    robust: bool | None
+    dose: list[DosePoint]
+    peak: list[float] | None  # the setting with the highest mean on the curve
+    smallest_rate: str  # helps | hurts | nothing | unclear: the smallest non-zero rate vs baseline
+    largest_constrains: bool | None  # the largest rate fits less (train) and tests below the peak
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """C6 as an interaction: does the best gain over the baseline grow with how much the
+    baseline overfits? One per stratum of the other columns, across its training-set sizes."""
+
+    stratum: dict[str, Any]  # the stratum columns other than train_images
+    label: str
+    baseline: list[float]
+    endpoint: str
+    sizes: list[SizeEffect]  # smallest first
+    trend: Slope  # seed-level regression of the gain on the baseline's gap, across sizes
+    trend_per_seed: Slope  # the same slope fitted within each seed, then a t interval
+    n_points: int
+    holds: str  # supported | partly supported | contradicted | not shown | not tested
+    holds_reason: str
+    notes: list[str]
+
+
 @dataclass(frozen=True)
 class CurvePoint:
     """One epoch of a learning curve: the mean across seeds and its 95% t interval."""
@@ -227,6 +300,8 @@ class Results:
     curves: list[Curve] = field(default_factory=list)
     # Claim C7: None when no run made stochastic passes after training.
     inference: Inference | None = None
+    # C6: the gain of dropout against the training-set size, where train_images varies.
+    interactions: list[Interaction] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form: plain JSON types, no NaN. `variance_ratio` (and its interval)

@@ -81,7 +81,7 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
     results: list[Result] = []
     counted: dict[str, int] = {}  # cell key -> epochs on the bar
     log = _Log(mlflow, exp_id, protocol, {c.key: c for c in todo})
-    messages = workers.stream(where, workers.groups(todo, load, protocol.data.train_subset))
+    messages = workers.stream(where, workers.groups(todo, load))
     with tqdm(total=sum(c.config.training.epochs for c in todo), unit="epoch",
               desc=protocol.name, disable=not progress, dynamic_ncols=True) as bar:
         try:

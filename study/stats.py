@@ -1140,3 +1140,71 @@ def divergence(n_div_setting: int, n_setting: int, n_div_baseline: int, n_baseli
 def variance_verdict(p_adjusted: float | None, alpha: float) -> str:
     """'different' when the adjusted Brown-Forsythe p < alpha, else 'not_shown_different'."""
     return "different" if p_adjusted is not None and p_adjusted < alpha else "not_shown_different"
+
+
+# ----------------------------------------------------------------------------- trend across strata
+
+
+@dataclass(frozen=True)
+class Slope:
+    """A regression slope with its t interval (`df` degrees of freedom) and two-sided p."""
+
+    method: str
+    estimate: float | None
+    ci95: tuple[float, float] | None
+    p: float | None
+    df: float | None
+    n: int  # points (or per-cluster slopes) behind the estimate
+    reason: str | None = None
+    intercept: float | None = None  # of the pooled fit (None for the per-cluster slope)
+
+
+def cluster_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray, level: float = LEVEL) -> Slope:
+    """OLS slope of y on x (x, y, groups: [N]) with cluster-robust (CR1) standard errors by
+    `groups` and t inference on G - 1 degrees of freedom: points sharing a group (a seed, whose
+    init and data order every stratum reuses) are not counted as independent.
+
+    statsmodels' OLS with cov_type="cluster" (its small-sample correction G/(G-1)*(N-1)/(N-K)).
+    """
+    import statsmodels.api as sm  # statsmodels.api imports most of statsmodels: only here
+
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y, groups = x[keep], y[keep], np.asarray(groups)[keep]
+    _, codes = np.unique(groups, return_inverse=True)
+    n_groups = int(codes.max()) + 1 if codes.size else 0
+    if x.size == 0:
+        return Slope("OLS, standard errors clustered by seed", None, None, None, None, 0,
+                     "no finite points")
+    method = f"OLS, standard errors clustered by seed (CR1, t on G - 1 = {n_groups - 1} df)"
+    if n_groups < MIN_N or np.ptp(x) <= TOLERANCE:
+        return Slope(method, None, None, None, None, int(x.size),
+                     f"needs x that varies and at least {MIN_N} clusters (got {n_groups})")
+    fit = sm.OLS(y, sm.add_constant(x)).fit(cov_type="cluster", cov_kwds={"groups": codes},
+                                            use_t=True)
+    lo, hi = fit.conf_int(alpha=1 - level)[1]
+    return Slope(method, float(fit.params[1]), (float(lo), float(hi)), float(fit.pvalues[1]),
+                 float(fit.df_resid_inference), int(x.size), intercept=float(fit.params[0]))
+
+
+def per_cluster_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                      level: float = LEVEL) -> Slope:
+    """The slope fitted within each group (x, y, groups: [N]), then a one-sample t interval over
+    the groups' slopes: the summary-statistics route, which needs no model of how points within
+    a group correlate. Groups whose x does not vary are left out."""
+    slopes = []
+    for g in np.unique(groups):
+        sel = (groups == g) & np.isfinite(x) & np.isfinite(y)
+        if sel.sum() >= 2 and np.ptp(x[sel]) > TOLERANCE:
+            slopes.append(sps.linregress(x[sel], y[sel]).slope)
+    s = np.asarray(slopes)
+    method = f"slope within each seed, then a t interval over the {s.size} seeds' slopes"
+    if s.size < MIN_N:
+        return Slope(method, None, None, None, None, int(s.size),
+                     f"fewer than {MIN_N} seeds with a slope")
+    res = sps.ttest_1samp(s, 0.0)
+    ci = res.confidence_interval(level)
+    if not np.isfinite(res.pvalue):  # identical slopes: no spread to test against
+        return Slope(method, float(s.mean()), None, None, float(s.size - 1), int(s.size),
+                     "every seed has the same slope: no t interval")
+    return Slope(method, float(s.mean()), (float(ci.low), float(ci.high)), float(res.pvalue),
+                 float(s.size - 1), int(s.size))

@@ -32,6 +32,8 @@ RUN_COLUMNS = {
     # CPU threads the run trained with (tag study.threads): unless the mode makes MKL
     # thread-count invariant, it decides the bits. "unrecorded" for runs without the tag.
     "threads": str,
+    # Training images the run trained on (data.train_subset, or the whole training set).
+    "train_images": int,
     "status": str,  # ok | degenerate | diverged
     "textbook_check": bool,  # d2l's end-of-training assertion would have passed
     "weights_sha256": str,
@@ -60,7 +62,7 @@ INFERENCE_COLUMNS = {
 
 # Columns that split runs into strata analysed separately (never pooled).
 STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "mask_rng",
-                   "vary", "threads")
+                   "vary", "threads", "train_images")
 
 # Columns of RunTable.curves, one row per run, epoch and metric.
 CURVE_COLUMNS = {"run_id": str, "epoch": int, "metric": str, "value": float}

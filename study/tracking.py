@@ -25,6 +25,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 
+from study.plan import TRAIN_IMAGES
 from study.results import ECE_BINS
 from study.table import CURVE_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS, RunTable
 
@@ -452,10 +453,13 @@ def log_once(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Path, d
 DEFAULTS: dict[str, Any] = {
     "device": "cpu", "determinism": "default", "implementation": "torch",
     "execution": "sequential", "randomness": "native", "mask_rng": "torch", "vary": "all",
-    "replicate": 0, "threads": "unrecorded",
+    "replicate": 0, "threads": "unrecorded", "train_images": TRAIN_IMAGES["fashion-mnist"],
     "status": "ok", "textbook_check": None, "weights_sha256": "", "epochs_done": None,
 }
 REQUIRED_PARAMS = ("dropout1", "dropout2", "seed")
+# Runs from before the size axis carry no `train_images` param; their protocol's single
+# `data.train_subset` says it ("None": the whole set).
+SUBSET_PARAMS = ("protocol.data.train_subset", "protocol.data.dataset")
 
 
 def load_runs(mlflow: MlflowClient, experiment: str, cells: set[str] | None = None) -> RunTable:
@@ -495,6 +499,8 @@ def _row(run: RunRecord, experiment: str) -> dict[str, Any]:
         if column in row:
             continue
         raw = params.get(column, tags.get(f"study.{column}", metrics.get(column)))
+        if column == "train_images" and raw is None:
+            raw = _recorded_subset(params)
         row[column] = _convert(raw, kind, DEFAULTS.get(column), column, run, experiment)
     if row["status"] == "diverged":
         # Its last finite metrics are from before the blow-up, not an outcome of the run:
@@ -509,6 +515,14 @@ def _row(run: RunRecord, experiment: str) -> dict[str, Any]:
                                      kind, None, column, run, experiment)
                     for column, kind in INFERENCE_COLUMNS.items()})
     return row
+
+
+def _recorded_subset(params: dict[str, str]) -> str | None:
+    """Training images of a run logged before `train_images` was a param, from its protocol."""
+    subset = params.get("protocol.data.train_subset")
+    if subset == "None":
+        return str(TRAIN_IMAGES.get(params.get("protocol.data.dataset", ""), "")) or None
+    return subset  # a count, or None (a user's run without a protocol: the default)
 
 
 def _convert(raw: Any, kind: type, default: Any, column: str, run: RunRecord,
@@ -596,7 +610,7 @@ def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
         found = {run_id: ({}, {}, {}) for run_id, _ in runs}
         # Only what _row and _environment read: the protocol.* params are 3/4 of all rows.
         columns = [*RUN_COLUMNS, *INFERENCE_COLUMNS]
-        wanted = (SqlParam.key.in_(columns), SqlTag.key.like("study.%"),
+        wanted = (SqlParam.key.in_([*columns, *SUBSET_PARAMS]), SqlTag.key.like("study.%"),
                   SqlLatestMetric.key.in_(columns))
         for slot, model in enumerate((SqlParam, SqlTag, SqlLatestMetric)):
             query = select(model.run_uuid, model.key, model.value).where(

@@ -2,7 +2,7 @@
 
 Metrics follow d2l's `train_ch3`: train loss and accuracy are averaged over the epoch's examples
 in train mode (dropout on); test accuracy is measured on the whole test set in eval mode after
-every epoch.
+every epoch, or every `training.eval_every` epochs and after the last (NaN in between).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class EpochMetrics:
     epoch: int  # 1-based
     train_loss: float
     train_acc: float
-    test_acc: float
+    test_acc: float  # NaN on epochs without a test evaluation (training.eval_every)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,8 @@ def _fit(net: nn.Module, cell: Cell, data: Dataset, order: torch.Generator) -> t
         if not math.isfinite(loss):
             epochs.append(EpochMetrics(epoch, loss, acc, float("nan")))
             break  # diverged: the rest of the run cannot recover
-        epochs.append(EpochMetrics(epoch, loss, acc, evaluate(net, data.test_x, data.test_y)))
+        test_acc = evaluate(net, data.test_x, data.test_y) if spec.evaluated(epoch) else math.nan
+        epochs.append(EpochMetrics(epoch, loss, acc, test_acc))
     return tuple(epochs)
 
 

@@ -103,24 +103,22 @@ def verify(experiment: str, n: int | None = 3, seed: int = 0,
     if not runs:
         raise VerifyError(f"experiment {experiment!r} has no finished runs to verify")
     chosen = sample(runs, n, seed)
-    cells, subsets, lost = _rebuild(mlflow, chosen)
+    cells, lost = _rebuild(mlflow, chosen)
     checks: list[Check] = []
     by_key = {r.cell_key: r for r in chosen}
-    for subset in sorted(set(subsets.values()), key=lambda s: s or 0):
-        todo = [c for c in cells if subsets[c.key] == subset]
-        for group in workers.groups(todo, load, subset):
-            trained = workers.trained(group)
-            checks += [_check(mlflow, by_key[r.cell.key], r, trained.environment)
-                       for r in trained.results]
+    for group in workers.groups(cells, load):  # one group per training subset, among others
+        trained = workers.trained(group)
+        checks += [_check(mlflow, by_key[r.cell.key], r, trained.environment)
+                   for r in trained.results]
     done = Verification(tuple(checks), lost)
     tracking.log_verify(mlflow, exp_id, done.tags(), done.lines())
     return done
 
 
 def _rebuild(mlflow, runs: list[tracking.Recorded]
-             ) -> tuple[list[Cell], dict[str, int | None], tuple[str, ...]]:
-    """Each run's cell from its own recorded protocol, and that protocol's training subset."""
-    cells, subsets, lost = [], {}, []
+             ) -> tuple[list[Cell], tuple[str, ...]]:
+    """Each run's cell from its own recorded protocol (its training subset included)."""
+    cells, lost = [], []
     for run in runs:
         raw = tracking.recorded_protocol(mlflow, run.run_id)
         proto = protocol.parse(raw, source=f"run {run.run_id} protocol.yaml") if raw else None
@@ -130,8 +128,7 @@ def _rebuild(mlflow, runs: list[tracking.Recorded]
             lost.append(run.name)
             continue
         cells.append(cell)
-        subsets[cell.key] = proto.data.train_subset
-    return cells, subsets, tuple(lost)
+    return cells, tuple(lost)
 
 
 def _check(mlflow, recorded: tracking.Recorded, result: Result,

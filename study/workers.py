@@ -2,7 +2,8 @@
 
     python -m study run protocols/portability.yaml     # one fresh worker process per group
 
-A group is the cells that share one process state: device, determinism mode and thread count.
+A group is the cells that share one process state: device, determinism mode and thread count,
+and one training set (a size of the plan's `data.train_subset` axis).
 MKL reads MKL_CBWR at its first call, ATen its CPU dispatch and OpenMP its pool size at start,
 cuBLAS its workspace config when a handle is made: none can be switched inside a process that
 has trained. So each group trains in a worker started with its mode's environment
@@ -43,7 +44,10 @@ class Group:
 
     cells: tuple[Cell, ...]
     load: Callable[[], Dataset]
-    train_subset: int | None
+
+    @property
+    def train_subset(self) -> int | None:
+        return self.cells[0].config.data.train_subset
 
     @property
     def device(self) -> str:
@@ -59,18 +63,20 @@ class Group:
 
     @property
     def name(self) -> str:
-        return f"{self.device}/{self.mode}/threads={self.threads or 'default'}"
+        size = "" if self.train_subset is None else f"/n={self.train_subset}"
+        return f"{self.device}/{self.mode}/threads={self.threads or 'default'}{size}"
 
     def env(self) -> dict[str, str | None]:
         """Variables the worker must start with (None: unset), before torch is imported."""
         return process_env(self.mode, self.threads)
 
 
-def groups(cells: list[Cell], load: Callable[[], Dataset], train_subset: int | None) -> list[Group]:
-    """Cells that can share one process: same device, determinism mode and thread count."""
-    def key(c: Cell) -> tuple[str, str, int]:
-        return c.device, c.determinism, c.config.threads or 0
-    return [Group(tuple(cells), load, train_subset)
+def groups(cells: list[Cell], load: Callable[[], Dataset]) -> list[Group]:
+    """Cells that can share one process: same device, determinism mode and thread count, and
+    the same training subset (loaded once per worker). Smaller subsets come first."""
+    def key(c: Cell) -> tuple[str, str, int, int]:
+        return c.device, c.determinism, c.config.threads or 0, c.train_images
+    return [Group(tuple(cells), load)
             for _, cells in itertools.groupby(sorted(cells, key=key), key=key)]
 
 

@@ -113,7 +113,7 @@ def trained_in_worker(tiny_files, tmp_path_factory, golden_protocol):
     def trained(mode: str, threads: int) -> workers.Trained:
         if (mode, threads) not in done:
             proto = protocol.parse({**golden_protocol, "determinism": [mode], "threads": threads})
-            (group,) = workers.groups(plan.expand(proto), load, proto.data.train_subset)
+            (group,) = workers.groups(plan.expand(proto), load)
             done[mode, threads] = workers.trained(group)
         return done[mode, threads]
 

@@ -42,7 +42,7 @@ def _row(setting, seed, acc, device="cpu", replicate=0, **extra) -> dict:
         "dropout1": setting[0], "dropout2": setting[1], "seed": seed, "device": device,
         "determinism": "default", "implementation": "torch", "execution": "sequential",
         "randomness": "native", "mask_rng": "torch", "vary": "all", "replicate": replicate,
-        "threads": "2",
+        "threads": "2", "train_images": 60_000,
         "status": "diverged" if diverged else ("degenerate" if acc <= 0.11 else "ok"),
         "textbook_check": (not diverged) and acc > 0.7, "weights_sha256": "0" * 64,
         "epochs_done": 10, "test_acc": acc, "train_acc": acc + 0.01 if not diverged else math.nan,
@@ -172,7 +172,7 @@ def test_two_devices_make_two_strata():
             + _runs({BASE: base - 0.002, (0.2, 0.5): base + rng.normal(0, 0.003, 6)}, device="cuda"))
     results = _analyze(_table(rows), BASE, OPTIONS)
     assert [s["stratum"]["device"] for s in results["strata"]] == ["cpu", "cuda"]
-    assert results["strata"][0]["label"] == "cpu / default / torch / sequential / native / torch / all / 2"
+    assert results["strata"][0]["label"] == "cpu / default / torch / sequential / native / torch / all / 2 / 60000"
     assert results["stratified_by"] == ["device"]
     assert len(results["groups"]) == 4 and len(results["comparisons"]) == 2
     assert {c["stratum"]["device"] for c in results["comparisons"]} == {"cpu", "cuda"}

@@ -69,7 +69,7 @@ def write(path=GOLDEN) -> None:
     folder = Path(tempfile.mkdtemp())
     checksums = make_idx_dir(folder / "idx", n_train=600, n_test=200)
     load = functools.partial(data.load, folder / "idx", cache=folder / "cache", checksums=checksums)
-    (group,) = workers.groups(plan.expand(proto), load, proto.data.train_subset)
+    (group,) = workers.groups(plan.expand(proto), load)
     trained = workers.trained(group)
     env = {k: trained.environment[k] for k in environment.BITS_KEYS}
     cells = {r.cell.key: {"name": r.cell.name, "weights_sha256": r.weights_sha256}

@@ -23,10 +23,11 @@ from study.report.claims import CLAIMS, claim_implementations
 from study.report.context import Inputs
 from study.report.document import Heading, Table, text_of
 from study.report.paper import Paper, document, write_paper
+from study.report import wording
 from study.report.render_markdown import render_markdown
-from study.report.scorecard import PENDING, Evidence, lesson_claims, rows
+from study.report.scorecard import Evidence, lesson_claims, rows
 from study.results_diagnostics import DevicesSection
-from tests.results_factory import comparison_at, make_results, make_table
+from tests.results_factory import comparison_at, make_results, make_table, with_passes
 from tests.test_report import make_diagnostics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_shipped_lesson_lists_protocols_and_every_claim_is_answered_or_open() ->
 
 def test_claim_keys_are_the_claims_the_report_knows() -> None:
     assert [c.key for c in lesson_claims()] == list(lesson.CLAIM_KEYS)
-    assert {c.key for c in CLAIMS} | {c.key for c in PENDING} == set(lesson.CLAIM_KEYS)
+    assert {c.key for c in CLAIMS} == set(lesson.CLAIM_KEYS)  # every claim has a section
 
 
 def _lesson_file(tmp_path: Path, body: dict) -> Path:
@@ -104,7 +105,7 @@ def test_dry_run_prints_the_estimate_and_runs_nothing(store, capsys, monkeypatch
     assert ("implementations      60 cells: 0 done, 60 to run \u00d7 4.7 s (recorded in the "
             "lesson file) = 4.7 min") in out
     assert "determinism          72 cells: 0 done, 36 to run, 36 skipped (no device)" in out
-    assert "total: 218 runs, about 37 min of training" in out
+    assert "total: 218 runs, about 38 min of training" in out
     assert [e.name for e in store.search_experiments()] == ["Default"]
 
 
@@ -119,9 +120,15 @@ def _evidence(name: str, claims: tuple[str, ...], results, table,
 
 @pytest.fixture(scope="module")
 def planted() -> tuple[Evidence, ...]:
+    from study import analysis
+    from study.protocol import Analysis
+
     table = make_table(replicate=True)
     results = make_results(table)
     diag = dataclasses.replace(results, diagnostics=make_diagnostics())
+    # C7's passes, analysed as the d2l protocol's are (the factory plants none by itself).
+    passes = analysis.analyze(with_passes(table), (0.2, 0.5), Analysis(bootstrap=200)).inference
+    d2l = dataclasses.replace(results, inference=passes)
     determinism_table = dataclasses.replace(
         table, experiment_name="determinism",
         environment={**table.environment, "threads": "1", "git_commit": "abc1234"})
@@ -129,7 +136,7 @@ def planted() -> tuple[Evidence, ...]:
         diag, diagnostics=dataclasses.replace(diag.diagnostics, devices=DevicesSection(
             applicable=False, reason="needs runs of the same cells on cpu and cuda; found "
             "['cpu']", records=[])))
-    return (_evidence("d2l-dropout", ("C1", "C2", "C3", "C3\u2032"), results, table),
+    return (_evidence("d2l-dropout", ("C1", "C2", "C3", "C3\u2032", "C7"), d2l, table),
             _evidence("implementations", ("C4",), diag, table),
             _evidence("determinism", ("C5",), cpu_only, determinism_table, cuda_cells=True))
 
@@ -192,11 +199,22 @@ def test_c5_with_cuda_runs_is_not_marked_unmeasured(planted) -> None:
 
 
 def test_claims_no_protocol_answers_read_not_measured_with_the_command(card) -> None:
-    for key in ("C6", "C7"):
-        row = card[key]
-        assert row.verdict.startswith("not measured: ") and row.runs == 0
-        assert "make paper" in row.settle and "protocols/lesson.yaml" in row.settle
-    assert "overfitting regime" in card["C6"].verdict
+    row = card["C6"]
+    assert row.verdict.startswith("not measured: ") and row.runs == 0
+    assert "make paper" in row.settle and "protocols/lesson.yaml" in row.settle
+    assert "overfitting regime" in row.verdict
+
+
+def test_c7_row_reads_the_largest_flip_rate_and_the_mc_verdicts(card, planted) -> None:
+    inference = planted[0].inputs.results.inference
+    top = max(inference.settings, key=lambda s: s.flip_rate.mean)
+    row = card["C7"]
+    assert row.protocols == "d2l-dropout"
+    assert row.verdict.startswith(f"two passes disagree on up to "
+                                  f"{wording.fmt_pct(top.flip_rate.mean)} of test images at (0.9, 0.9)")
+    verdicts = [s.accuracy.verdict for s in inference.settings]
+    for v in set(verdicts):
+        assert f"{v} in {verdicts.count(v)}/{len(verdicts)}" in row.verdict
 
 
 def test_a_protocol_without_runs_reads_not_measured_with_its_run_command(planted) -> None:
@@ -210,8 +228,8 @@ def test_a_protocol_without_runs_reads_not_measured_with_its_run_command(planted
 def test_without_an_open_entry_the_row_says_to_list_a_protocol(planted) -> None:
     bare = dataclasses.replace(lesson.load(LESSON), open=())
     by_key = {r.claim: r for r in rows(bare, planted, "l.yaml", COMMAND)}
-    assert by_key["C7"].verdict == "not measured: no protocol in l.yaml answers it"
-    assert by_key["C7"].settle == "list a protocol answering C7 in l.yaml, then make paper"
+    assert by_key["C6"].verdict == "not measured: no protocol in l.yaml answers it"
+    assert by_key["C6"].settle == "list a protocol answering C6 in l.yaml, then make paper"
 
 
 def test_a_claim_with_a_builder_but_no_scorer_points_to_its_section(planted, monkeypatch):
@@ -236,7 +254,8 @@ def test_the_scorecard_comes_right_after_the_abstract(planted) -> None:
     assert doc[1] == Heading(1, "Claims scorecard")
     table = next(b for b in doc if isinstance(b, Table))
     assert [r[0] for r in table.rows] == list(lesson.CLAIM_KEYS)
-    assert "C6, C7 are not measured" in text_of(doc[0])
+    # C3' too: the factory plants no contrast.
+    assert "C3\u2032, C6 are not measured" in text_of(doc[0])
 
 
 def test_claim_sections_come_from_the_report_builders(planted, paper_md) -> None:

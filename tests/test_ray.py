@@ -33,7 +33,7 @@ def _group(mode: str, threads: int | None, device: str = "cpu") -> workers.Group
     proto = protocol.parse({"name": "opts", "dropout": [[0.0, 0.0], [0.5, 0.5]],
                             "seeds": {"count": 2}, "baseline": [0.5, 0.5], "devices": [device],
                             "determinism": [mode], "threads": threads})
-    (group,) = workers.groups(plan.expand(proto), lambda: None, None)
+    (group,) = workers.groups(plan.expand(proto), lambda: None)
     return group
 
 

@@ -35,7 +35,8 @@ from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 from tests.results_factory import (BASELINE, LEFT_OUT, comparison_at, make_results, make_table,
                                    with_passes, with_protocol)
 
-# C7's figure is drawn only where runs made stochastic passes (test_c7_... below).
+# C7's figure is drawn only where runs made stochastic passes (test_c7_... below), C6's only
+# where training-set sizes vary (tests/test_interaction.py).
 STRATUM_FIGURES = [n for n in figures.CAPTIONS
                    if n not in figures.DIAGNOSTIC_FIGURES + figures.CLAIM_FIGURES]
 
@@ -387,14 +388,15 @@ def test_lenet_report_describes_lenet(two_strata) -> None:
     assert "One model (d2l's LeNet-5), learning rate (0.9) and epoch budget (5 epochs)" in md
 
 
-def test_overfitting_report_describes_the_wide_mlp(two_strata) -> None:
+def test_overfitting_report_describes_sizes_and_their_budgets(two_strata) -> None:
     _, table = two_strata
-    wide = with_protocol(table, "overfitting.yaml")
-    md = _markdown(make_results(wide), wide)
-    assert "We trained an MLP 784-1024-1024-10 on Fashion-MNIST" in md
-    assert "These runs trained an MLP 784-1024-1024-10 with ReLU" in md
-    assert "SGD, lr 0.5, batch 256, 80 epochs" in md and "the first 3,000 training images" in md
-    assert "784-256-256-10" not in md and "256-256" not in md
+    sized = with_protocol(table, "overfitting.yaml")
+    md = _markdown(make_results(sized), sized)
+    assert "We trained an MLP 784-256-256-10 on Fashion-MNIST" in md
+    assert ("SGD, batch 256, 400 epochs at lr 0.2 (test every 20) at 1,000 images; 100 epochs "
+            "at lr 0.2 (test every 10) at 3,000 images; 30 epochs at lr 0.2 (test every 5) at "
+            "10,000 images; otherwise 5 epochs at lr 0.3, cross-entropy") in md
+    assert "training-set sizes 1,000, 3,000, 10,000, all 60,000 (the first N images" in md
 
 
 def test_runs_without_a_protocol_say_the_setup_was_not_recorded(two_strata) -> None:

@@ -13,12 +13,13 @@ from study.figures import setting_label
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostic_text import (applicable, claim_repeatability, diag_section,
                                           equivalence_blocks, keep_rate_blocks)
-from study.report.document import Block, Bullets, Heading, Strong, Table, para
+from study.report.document import Block, Bullets, Fig, Heading, Strong, Table, para
 from study.report.inference_text import claim_inference
 from study.report.wording import (NA, capitalised, divergence_phrase, endpoint_text,
                                   finite, fmt_ci_pct, fmt_ci_pp, fmt_mean_sd, fmt_pct, fmt_pp,
-                                  fmt_setting, robustness_phrase, verdict_phrase)
-from study.results import Comparison, Group
+                                  fmt_num, fmt_p, fmt_setting, p_rel, robustness_phrase,
+                                  verdict_phrase)
+from study.results import OVERFIT_GAP, OVERFIT_TRAIN_ACC, Comparison, Group, Interaction, Results
 
 Setting = tuple[float, float]
 
@@ -194,6 +195,102 @@ def claim_repeatable(inputs: Inputs) -> list[Block]:
     return claim_repeatability(inputs.results, inputs.table, inputs.setup)
 
 
+# C6 --------------------------------------------------------------------------------------------
+
+
+def claim_overfitting(inputs: Inputs) -> list[Block]:
+    """Dropout's gain against the training-set size (`Results.interactions`): the regime, the
+    best rate per size, the trend of the gain with the baseline's gap, and the curves."""
+    r = inputs.results
+    if not r.interactions:
+        return [para("The data do not speak to this claim: the runs hold one training-set size "
+                     "(protocols/overfitting.yaml crosses the size with the dropout rate).")]
+    blocks: list[Block] = []
+    for i in r.interactions:
+        lead = f"{i.label}: " if len(r.interactions) > 1 else ""
+        blocks += [para(lead, Strong(f"C6 {i.holds}"), f": {i.holds_reason}."),
+                   _regime_table(i), _gain_table(i, r), para(_trend_text(i)),
+                   para(_dose_text(i))]
+    return blocks + [Fig(f) for f in inputs.figs if f.name == "interaction"]
+
+
+def _size(n: int) -> str:
+    return f"{n:,}"
+
+
+def _regime_table(i: Interaction) -> Table:
+    base = fmt_setting(i.baseline)
+    rows = tuple((_size(e.train_images), str(e.regime.n), fmt_pct(e.regime.train_acc),
+                  fmt_pct(e.regime.test_acc), fmt_pp(e.regime.gap),
+                  fmt_ci_pp(e.regime.gap_ci95), "yes" if e.regime.overfits else "no")
+                 for e in i.sizes)
+    return Table(("training images", "n", f"{base} train", f"{base} test", "gap", "95% CI",
+                  "overfits"), rows,
+                 f"The regime per training-set size: {base}'s final train accuracy (train mode, "
+                 f"last epoch) and test accuracy, and their gap, means over seeds. Overfits: "
+                 f"train ≥ {OVERFIT_TRAIN_ACC:.0%} and gap ≥ "
+                 f"{fmt_pp(OVERFIT_GAP, 0, sign=False)}.", "rrrrrrl")
+
+
+def _gain_table(i: Interaction, r: Results) -> Table:
+    rows = tuple((_size(e.train_images), fmt_setting(e.best) if e.best else NA,
+                  fmt_pp(e.gain), fmt_ci_pp(e.gain_ci95), fmt_p(e.p_adjusted),
+                  e.verdict or NA, NA if e.robust is None else ("yes" if e.robust else "no"))
+                 for e in i.sizes)
+    return Table(("training images", "best", "gain", "95% CI", "p (Holm)", "verdict", "robust"),
+                 rows,
+                 f"The best setting per size and its gain over {fmt_setting(i.baseline)} "
+                 f"({endpoint_text(i.endpoint)}, paired t test, Holm over the rates of that "
+                 f"size). Best: the largest gain among settings shown better, else the largest "
+                 f"mean gain.", "rlrrrll")
+
+
+def _trend_text(i: Interaction) -> str:
+    t, s = i.trend, i.trend_per_seed
+    base = fmt_setting(i.baseline)
+    if t.estimate is None:
+        return f"Trend of the gain with {base}'s gap: not computable ({t.reason})."
+    per_10 = fmt_pp(t.estimate * 0.10)
+    text = (f"Trend: regressing each seed's gain on its {base} train − test gap over "
+            f"{i.n_points} (size, seed) points from {len(i.sizes)} sizes, the slope is "
+            f"{fmt_num(t.estimate, 3)} {fmt_ci_num_3(t.ci95)} (p {p_rel(t.p)}; {t.method}), "
+            f"i.e. {per_10} of gain per 10 pp of gap.")
+    if s.estimate is not None:
+        text += (f" Fitted within each seed instead ({s.method}): {fmt_num(s.estimate, 3)} "
+                 f"{fmt_ci_num_3(s.ci95)}.")
+    grows = t.ci95 is not None and t.ci95[0] > 0
+    shrinks = t.ci95 is not None and t.ci95[1] < 0
+    text += (" The gain is shown to grow with the gap." if grows else
+             " The gain is shown to shrink as the gap grows." if shrinks else
+             " The interval includes 0: a trend is not shown (which is not evidence of none).")
+    notes = "; ".join([*i.notes, f"the gap takes only {len(i.sizes)} levels, one per size"])
+    return text + f" Caveats: {notes}."
+
+
+def fmt_ci_num_3(ci) -> str:
+    return f"[{fmt_num(ci[0], 3)}, {fmt_num(ci[1], 3)}]" if ci else NA
+
+
+SMALLEST_RATE = {"helps": "already helps", "hurts": "already hurts",
+                 "nothing": "does nothing (shown within the margin)",
+                 "unclear": "is not shown to do anything either way"}
+
+
+def _dose_text(i: Interaction) -> str:
+    """The lesson's reading of the curve: too small does nothing, too large constrains."""
+    parts = []
+    for e in i.sizes:
+        large = ("the largest rate constrains the fit (lower train accuracy than the baseline, "
+                 "test below the peak)" if e.largest_constrains else
+                 "the largest rate is not shown to constrain the fit" if e.largest_constrains
+                 is False else "the largest rate cannot be read")
+        parts.append(f"at {_size(e.train_images)} images the curve peaks at "
+                     f"{fmt_setting(e.peak) if e.peak else NA}, the smallest rate "
+                     f"{SMALLEST_RATE[e.smallest_rate]}, and {large}")
+    return ("Dose–response (“too small does nothing, too large constrains”): "
+            + "; ".join(parts) + ".")
+
+
 CLAIMS: tuple[Claim, ...] = (
     Claim("C1", "no dropout, (0, 0), beats every dropout setting;",
           "no dropout beats every dropout setting", claim_no_dropout),
@@ -209,6 +306,9 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("C5", "fixing the random seed makes training repeatable, but cuDNN on CUDA may still "
                 "differ (parallel sums in a different order);",
           "a fixed seed makes training repeatable; cuDNN may not", claim_repeatable),
+    Claim("C6", "however the rates are tuned, no dropout wins; maybe the model is not big "
+                "enough, and dropout only pays off once it overfits;",
+          "dropout pays off only once the model overfits", claim_overfitting),
     Claim("C7", "at inference dropout is not needed; left on, it adds randomness and must be "
                 "computed several times (“the first pass says cat, the second may say "
                 "dog”).",

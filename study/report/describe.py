@@ -71,12 +71,41 @@ def model_text(model: dict[str, Any]) -> str:
 
 
 def training_text(training: dict[str, Any]) -> str:
-    return (f"{str(training.get('optimizer', 'sgd')).upper()}, lr {training.get('lr')}, batch "
-            f"{training.get('batch_size')}, {training.get('epochs')} epochs, cross-entropy")
+    # Per-size budgets name each size's lr in budget_text; one lr up front would contradict them.
+    lr = "" if training.get("by_size") else f"lr {training.get('lr')}, "
+    return (f"{str(training.get('optimizer', 'sgd')).upper()}, {lr}batch "
+            f"{training.get('batch_size')}, {budget_text(training)}, cross-entropy")
+
+
+def budget_text(training: dict[str, Any]) -> str:
+    """'10 epochs', with the test evaluation's frequency when it is not every epoch, and one
+    budget per training-set size, each with its lr, where the protocol gives them
+    (`training.by_size`)."""
+    def one(epochs: Any, every: Any, lr: Any = None) -> str:
+        return (f"{epochs} epochs" + ("" if lr is None else f" at lr {lr}")
+                + ("" if every in (None, 1) else f" (test every {every})"))
+    sizes = training.get("by_size") or []
+    if not sizes:
+        return one(training.get("epochs"), training.get("eval_every"))
+    lr = training.get("lr")
+    default = one(training.get("epochs"), training.get("eval_every"), lr)
+    each = [f"{one(b.get('epochs'), b.get('eval_every'), b.get('lr') or lr)} at "
+            f"{_images(b.get('train_subset'))}" for b in sizes]
+    return "; ".join(each) + f"; otherwise {default}"
+
+
+def _images(subset: Any) -> str:
+    return "all images" if subset is None else f"{subset:,} images"
 
 
 def data_text(data: dict[str, Any]) -> str:
     subset = data.get("train_subset")
-    images = "all 60,000" if subset is None else f"the first {subset:,}"
+    if isinstance(subset, list):
+        sizes = ", ".join("all 60,000" if n is None else f"{n:,}" for n in subset)
+        images = (f"training-set sizes {sizes} (the first N images in file order, so the "
+                  "smaller sets are nested in the larger)")
+    else:
+        images = ("all 60,000" if subset is None else f"the first {subset:,}") + \
+            " training images"
     name = {"fashion-mnist": "Fashion-MNIST"}.get(data.get("dataset"), str(data.get("dataset")))
-    return f"{name}, {images} training images, 10,000 test images"
+    return f"{name}, {images}, 10,000 test images"

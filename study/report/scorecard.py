@@ -7,7 +7,7 @@ GPU half of C5 when no CUDA run exists.
 
 Each claim's verdict is read by one scorer (`SCORERS`) from the same `Results` the claim's
 section builder (`study.report.claims`) words at length; a claim with a builder but no scorer
-yet points to its section.
+points to its section.
 """
 
 from __future__ import annotations
@@ -20,38 +20,19 @@ from study.lesson import CLAIM_KEYS, Lesson
 from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostic_text import applicable, diag_section
-from study.report.document import Block, para
-from study.report.wording import (NA, VERDICT_ORDER, fmt_int, fmt_mean_sd, fmt_pp,
-                                  fmt_setting, finite, verdict_cell)
-from study.results import Comparison, Results
+from study.report.wording import (NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
+                                  fmt_pct, fmt_pp, fmt_setting, finite, verdict_cell)
+from study.results import Comparison, Paired, Results
 from study.results_diagnostics import PairedRecord
 
 DASH = "\u2013"
 GPU_CLAIMS = ("C5",)  # claims with a GPU half: "not measured" there without CUDA runs
 
 
-def _not_run(inputs: Inputs) -> list[Block]:
-    return [para("No protocol of this paper measures this claim yet; the scorecard says what "
-                 "would.")]
-
-
-# The lesson's claims that have no section builder in this version (issue 13 adds them): their
-# words, for the scorecard and the question; their section says they were not measured.
-PENDING: tuple[Claim, ...] = (
-    Claim("C6", "however the rates are tuned, no dropout wins; maybe the model is not big "
-                "enough, and dropout only pays off once it overfits;",
-          "dropout pays off only once the model overfits", _not_run),
-    Claim("C7", "at inference dropout is not needed; it can be used, but it adds randomness and "
-                "must be computed several times: the first pass says cat, the second may say "
-                "dog.", "dropout left on at inference gives different answers", _not_run),
-)
-
-
 def lesson_claims() -> list[Claim]:
-    """Every claim of the lesson, in CLAIM_KEYS order: the built ones, then those pending."""
+    """Every claim of the lesson, in CLAIM_KEYS order."""
     built = {c.key: c for c in CLAIMS}
-    by_key = {**{c.key: c for c in PENDING}, **built}  # a builder, once it lands, wins
-    return [by_key[k] for k in CLAIM_KEYS if k in by_key]
+    return [built[k] for k in CLAIM_KEYS if k in built]
 
 
 @dataclass(frozen=True)
@@ -196,7 +177,7 @@ def _records(r: Results, name: str) -> list[Any]:
     return section.records if applicable(section) else []
 
 
-def _verdict_counts(recs: Sequence[PairedRecord], form: str) -> str:
+def _verdict_counts(recs: Sequence[PairedRecord | Paired], form: str) -> str:
     """'equivalent in 2/3, inconclusive in 1/3' (form '{v} in {n}/{total}')."""
     return ", ".join(form.format(v=v, n=n, total=len(recs)) for v in VERDICT_ORDER
                      if (n := sum(x.verdict == v for x in recs)))
@@ -264,6 +245,43 @@ def _sources(r: Results) -> str:
             f"{agree}/{len(summaries)} settings")
 
 
+def score_overfitting(inputs: Inputs) -> Score | None:
+    """C6 from the interaction of dropout with the training-set size."""
+    found = inputs.results.interactions
+    if not found:
+        return None
+    parts = [f"{i.holds}: trend slope {fmt_num(i.trend.estimate, 3)} "
+             f"{fmt_ci_num(i.trend.ci95)}; best gain "
+             + ", ".join(f"{e.train_images:,}: {fmt_pp(e.gain)} ({e.verdict or NA})"
+                         for e in i.sizes) for i in found]
+    robust = ", ".join(f"{i.sizes[0].train_images:,} images: "
+                       f"{'robust' if i.sizes[0].robust else 'not robust'}" for i in found)
+    need = [e.train_images for i in found for e in i.sizes if e.verdict == "inconclusive"]
+    settle = f"more seeds at {', '.join(f'{n:,}' for n in need)} images" if need else DASH
+    return Score("; ".join(parts), robust, settle)
+
+
+def score_inference(inputs: Inputs) -> Score | None:
+    """C7 from the stochastic test passes: the largest flip rate, and how MC-averaged accuracy
+    compares with eval mode across the settings (paired, Holm over the settings)."""
+    found = inputs.results.inference
+    if found is None or not found.settings:
+        return None
+    rated = [s for s in found.settings if s.flip_rate.mean is not None]
+    parts = []
+    if rated:
+        top = max(rated, key=lambda s: s.flip_rate.mean)
+        parts.append(f"two passes disagree on up to {fmt_pct(top.flip_rate.mean)} of test images at "
+                     f"{fmt_setting([top.dropout1, top.dropout2])}")
+    accuracy = [s.accuracy for s in found.settings]
+    parts.append(f"MC-averaged vs eval-mode accuracy: "
+                 f"{_verdict_counts(accuracy, '{v} in {n}/{total}')} settings")
+    need = [fmt_setting([s.dropout1, s.dropout2]) for s in found.settings
+            if s.accuracy.verdict == "inconclusive"]
+    settle = f"more seeds at {', '.join(need)}" if need else DASH
+    return Score("; ".join(parts), "not assessed (one paired analysis per setting)", settle)
+
+
 SCORERS: dict[str, Callable[[Inputs], Score | None]] = {
     "C1": score_no_dropout,
     "C2": score_degenerate((1.0, 1.0)),
@@ -271,6 +289,8 @@ SCORERS: dict[str, Callable[[Inputs], Score | None]] = {
     "C3\u2032": score_first_layer,
     "C4": score_implementations,
     "C5": score_repeatable,
+    "C6": score_overfitting,
+    "C7": score_inference,
 }
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from study import figures
 from study.figures import setting_label
+from study.report import describe
 from study.report.claims import question_bullets, verdicts_section
 from study.report.context import Inputs, find_group, in_stratum
 from study.report.diagnostic_text import diagnostics_abstract, sources_section
@@ -301,8 +302,9 @@ def _budget_threat(inputs: Inputs) -> Para:
         return para("The model, learning rate and epoch budget were not recorded with these "
                     "runs, so the verdicts cannot be tied to them.")
     train = p.get("training") or {}
-    return para(f"One model ({inputs.setup.model_short}), learning rate ({train.get('lr')}) and "
-                f"epoch budget ({train.get('epochs')} epochs). With more epochs or a larger "
+    lr = "" if train.get("by_size") else f" ({train.get('lr')})"
+    return para(f"One model ({inputs.setup.model_short}), learning rate{lr} and "
+                f"epoch budget ({describe.budget_text(train)}). With more epochs or a larger "
                 f"network, dropout may rank differently; the lesson itself suspects its model is "
                 f"not overfitting enough for dropout to pay off.")
 
