@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from study.results_diagnostics import Diagnostics
-from study.stats import Slope
 from study.table import jsonable
+
+if TYPE_CHECKING:  # annotation only: the results contract imports no scipy (stats does)
+    from study.stats import Slope
 
 Interval = tuple[float, float]
 # Fashion-MNIST's test set: every final accuracy is a multiple of 1 / TEST_IMAGES.
