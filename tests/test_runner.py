@@ -185,6 +185,16 @@ def test_the_bar_counts_member_epochs_to_its_total(store, loader, capsys):
     assert "12/12" in last and "6/6 runs" in last  # 6 runs x 2 epochs, none counted twice
 
 
+def test_with_several_sizes_the_bar_counts_images_so_its_eta_follows_the_cost(
+        store, loader, capsys):
+    proto = protocol.parse({**PROTO, "execution": "batched", "batch_members": 4,
+                            "data": {"train_subset": [100, 300]}})
+    runner.run(proto, load=loader, progress=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    # 6 runs x 2 epochs at each size: 6 x 2 x (100 + 300) = 4,800 image-epochs.
+    assert "4.80k/4.80k" in last and "image-epoch" in last and "12/12 runs" in last
+
+
 def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
         store, loader, monkeypatch):
     proto = protocol.parse({**PROTO, "execution": "batched", "batch_members": 6})
