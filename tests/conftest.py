@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import hashlib
+import secrets
 import importlib.util
 import shutil
 import socket
@@ -145,6 +146,7 @@ def tracking_server():
 class RayCluster:
     address: str  # HOST:PORT, as `--address` takes it
     marker: str  # in the environment of every process of this cluster, to find its workers
+    token: str  # the cluster's authentication token, made for this session
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -152,8 +154,8 @@ class RayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """What a driver joining it needs: its token (~/.ray/auth_token) is sent in token mode."""
-        return {"RAY_AUTH_MODE": "token"}
+        """What a driver joining it needs: token mode and the cluster's token."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
 
 @pytest.fixture(scope="session")
@@ -169,20 +171,22 @@ def ray_cluster(tmp_path_factory):
             pytest.fail("CI=true but Ray is missing (requirements.txt pins it)")
         pytest.skip("no Ray here (pip install -r requirements.txt)")
     port, marker = free_port(), f"study-test-{os.getpid()}"
+    # Its own token, as Ray makes them (256 random bits): `ray start` in token mode refuses to
+    # start without one, and a new machine has no ~/.ray/auth_token (a local ray.init makes it).
+    cluster = RayCluster(f"127.0.0.1:{port}", marker, secrets.token_hex(32))
     # A short temporary root: Ray's socket paths must fit in 107 characters.
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "STUDY_TEST_CLUSTER": marker,
-           "MKL_CBWR": "AVX2", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+           "MKL_CBWR": "AVX2", "RAY_USAGE_STATS_ENABLED": "0", **cluster.env}
     ray_bin = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--port", str(port),
          "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--num-cpus", "2",
          "--temp-dir", temp, "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"127.0.0.1:{port}"
     try:
         _wait_for_port(port, head)
-        yield RayCluster(address, marker)
+        yield cluster
     finally:
         head.terminate()  # --block: stopping it stops every process it started
         try:
