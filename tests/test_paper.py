@@ -49,7 +49,8 @@ def test_shipped_lesson_lists_protocols_and_every_claim_is_answered_or_open() ->
     shipped = lesson.load(LESSON)
     parts = lesson.parts(shipped, LESSON)
     assert [p.protocol.name for p in parts] == ["d2l-dropout", "implementations", "determinism",
-                                               "determinism-lenet", "variance-sources"]
+                                               "determinism-lenet", "variance-sources",
+                                               "overfitting"]
     assert shipped.answering("C3\u2032")[0].file == "d2l-dropout.yaml"  # C3' spelt without a prime
     covered = {k for e in shipped.protocols for k in e.claims} | {o.claim for o in shipped.open}
     assert covered == set(lesson.CLAIM_KEYS)
@@ -102,10 +103,10 @@ def test_dry_run_prints_the_estimate_and_runs_nothing(store, capsys, monkeypatch
     monkeypatch.setattr(runner, "available", lambda device: device == "cpu")
     assert cli.main(["paper", str(LESSON), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert ("implementations      60 cells: 0 done, 60 to run \u00d7 4.7 s (recorded in the "
-            "lesson file) = 4.7 min") in out
+    assert ("implementations      60 cells: 0 done, 60 to run \u00d7 1.6 s (recorded in the "
+            "lesson file) = 1.6 min") in out
     assert "determinism          72 cells: 0 done, 36 to run, 36 skipped (no device)" in out
-    assert "total: 218 runs, about 38 min of training" in out
+    assert "total: 410 runs, about 30 min of training" in out
     assert [e.name for e in store.search_experiments()] == ["Default"]
 
 
@@ -198,11 +199,22 @@ def test_c5_with_cuda_runs_is_not_marked_unmeasured(planted) -> None:
     assert "GPU half" not in row.verdict and "needs a GPU" not in row.settle
 
 
-def test_claims_no_protocol_answers_read_not_measured_with_the_command(card) -> None:
-    row = card["C6"]
-    assert row.verdict.startswith("not measured: ") and row.runs == 0
-    assert "make paper" in row.settle and "protocols/lesson.yaml" in row.settle
-    assert "overfitting regime" in row.verdict
+def _without_overfitting(open_entries: tuple = ()) -> lesson.Lesson:
+    """The shipped lesson as if overfitting.yaml were not listed (C6 answered by nothing)."""
+    shipped = lesson.load(LESSON)
+    return dataclasses.replace(
+        shipped, protocols=tuple(e for e in shipped.protocols if e.file != "overfitting.yaml"),
+        open=open_entries)
+
+
+def test_claims_no_protocol_answers_read_not_measured_with_the_command(planted) -> None:
+    entry = lesson.Open(claim="C6", why="the overfitting regime needs its own protocol",
+                        command="list overfitting.yaml in protocols/lesson.yaml, then make paper")
+    by_key = {r.claim: r for r in rows(_without_overfitting((entry,)), planted,
+                                       "protocols/lesson.yaml", COMMAND)}
+    row = by_key["C6"]
+    assert row.verdict == "not measured: the overfitting regime needs its own protocol"
+    assert row.runs == 0 and row.settle == entry.command
 
 
 def test_c7_row_reads_the_largest_flip_rate_and_the_mc_verdicts(card, planted) -> None:
@@ -226,8 +238,7 @@ def test_a_protocol_without_runs_reads_not_measured_with_its_run_command(planted
 
 
 def test_without_an_open_entry_the_row_says_to_list_a_protocol(planted) -> None:
-    bare = dataclasses.replace(lesson.load(LESSON), open=())
-    by_key = {r.claim: r for r in rows(bare, planted, "l.yaml", COMMAND)}
+    by_key = {r.claim: r for r in rows(_without_overfitting(), planted, "l.yaml", COMMAND)}
     assert by_key["C6"].verdict == "not measured: no protocol in l.yaml answers it"
     assert by_key["C6"].settle == "list a protocol answering C6 in l.yaml, then make paper"
 
