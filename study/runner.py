@@ -144,6 +144,9 @@ class _Log:
             self.open.setdefault(stream, {})[message.key] = self._start(
                 stream, self.cells[message.key], message.time)
         elif isinstance(message, workers.Lost):
+            # Said whether or not a run was open: a worker lost between two cells leaves no
+            # failed run behind, and the user should still learn that a retry happened.
+            tqdm.write(f"{message.reason}", file=sys.stderr)
             for run_id in self.open.pop(stream, {}).values():
                 tracking.fail(self.mlflow, run_id, workers.WorkerError(message.reason))
         else:
