@@ -62,7 +62,6 @@ MODES = (("determinism", "default"), ("determinism", "benchmark"), ("determinism
          ("determinism-portable", "portable"))
 # Why a device's parts are skipped where it is absent.
 ABSENT = {"cuda": "no CUDA device"}
-LEVEL = 0.95
 
 
 class CheckError(ValueError):
@@ -93,8 +92,7 @@ class TrainingSpec:
     by_size: tuple = ()
 
     def evaluated(self, epoch: int) -> bool:
-        """As protocol.Training.evaluated: every `eval_every`-th epoch and the last."""
-        return epoch % self.eval_every == 0 or epoch == self.epochs
+        return plan.is_evaluated(epoch, self.eval_every, self.epochs)
 
 
 @dataclass(frozen=True)
@@ -137,10 +135,6 @@ class Entry:
     @property
     def epochs(self) -> int:
         return self.protocol["training"]["epochs"]
-
-    @property
-    def train_subset(self) -> int | None:
-        return self.protocol["data"]["train_subset"]
 
     def config(self) -> RunConfig:
         p = self.protocol
@@ -398,7 +392,8 @@ def paired_rows(ctx: Context, other: list[Result], device: str = "cuda") -> list
 
 def _paired_row(ctx: Context, name: str, setting: tuple[float, float] | None,
                 cpu: list[Result], other: list[Result], cpu_row: Row, device: str) -> Row:
-    setup = f"{device} - cpu, paired by cell, final test accuracy, {LEVEL:.0%} t interval"
+    setup = (f"{device} - cpu, paired by cell, final test accuracy, {student_t.LEVEL:.0%} t "
+             "interval")
     if setting is None:
         setup += "; one shift taken as common to every setting"
     pair = f"{device} vs cpu"
@@ -422,7 +417,7 @@ def _paired_row(ctx: Context, name: str, setting: tuple[float, float] | None,
                    reason=f"{len(keys)} finite pair(s) ({dropped} dropped): a t interval needs 2")
     x = [a[k].epochs[-1].test_acc for k in keys]
     y = [b[k].epochs[-1].test_acc for k in keys]
-    t = student_t.paired(x, y, LEVEL)
+    t = student_t.paired(x, y, student_t.LEVEL)
     same = sum(a[k].weights_sha256 == b[k].weights_sha256 for k in keys)
     p = "t undefined (no spread)" if t.p is None else f"p = {t.p:.3g}"
     result = (f"{100 * t.mean_diff:+.2f} pp [{100 * t.ci[0]:+.2f}, {100 * t.ci[1]:+.2f}], "

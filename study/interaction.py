@@ -102,15 +102,19 @@ def _size_effect(frame: pd.DataFrame, stratum: dict[str, Any], groups: list[Grou
     peak = max(finite, key=lambda p: p.mean) if finite else None
     return SizeEffect(
         train_images=int(stratum[SIZE]), stratum=stratum, regime=regime(frame, base),
-        best=None if best is None else [best.dropout1, best.dropout2], chosen_by=chosen_by,
-        gain=None if best is None else best.mean_diff,
-        gain_ci95=None if best is None else best.mean_diff_ci95,
-        p_adjusted=None if best is None else best.p_adjusted,
-        verdict=None if best is None else best.verdict,
-        robust=None if best is None else best.robust, dose=dose,
+        chosen_by=chosen_by, **_best_fields(best), dose=dose,
         peak=None if peak is None else [peak.dropout1, peak.dropout2],
         smallest_rate=_smallest_rate(dose, base),
         largest_constrains=_largest_constrains(dose, base, peak))
+
+
+def _best_fields(best: Comparison | None) -> dict[str, Any]:
+    """SizeEffect's fields read off the chosen comparison (all None when there is none)."""
+    if best is None:
+        return dict.fromkeys(("best", "gain", "gain_ci95", "p_adjusted", "verdict", "robust"))
+    return {"best": [best.dropout1, best.dropout2], "gain": best.mean_diff,
+            "gain_ci95": best.mean_diff_ci95, "p_adjusted": best.p_adjusted,
+            "verdict": best.verdict, "robust": best.robust}
 
 
 def choose_best(comps: list[Comparison]) -> tuple[Comparison | None, str]:

@@ -82,14 +82,12 @@ def _setting(stratum: dict[str, Any], setting: Setting, rows: pd.DataFrame,
 
 def share(values: pd.Series) -> Share:
     """values: [seeds] shares of test images (NaN: a run without passes, dropped)."""
-    x = values.to_numpy(dtype=float)
-    x = x[np.isfinite(x)]
-    return Share(float(x.mean()) if x.size else None, stats.mean_ci(x))
+    x, _ = stats.drop_nan(values.to_numpy(dtype=float))
+    return Share(_mean(values), stats.mean_ci(x))
 
 
 def _mean(values: pd.Series) -> float | None:
-    x = values.to_numpy(dtype=float)
-    x = x[np.isfinite(x)]
+    x, _ = stats.drop_nan(values.to_numpy(dtype=float))
     return float(x.mean()) if x.size else None
 
 

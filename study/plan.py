@@ -20,6 +20,13 @@ if TYPE_CHECKING:  # annotations only: workers and the GPU check run without pyd
 TRAIN_IMAGES = {"fashion-mnist": 60_000}
 
 
+def is_evaluated(epoch: int, eval_every: int, epochs: int) -> bool:
+    """Whether the test set is evaluated after `epoch` (1-based): every `eval_every`-th and the
+    last, so the final accuracy always exists. The budget of protocol.Training and of the GPU
+    check's plain copy of it."""
+    return epoch % eval_every == 0 or epoch == epochs
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What every cell of a protocol shares and what changes the arithmetic of a run."""

@@ -23,7 +23,7 @@ from pydantic import (ConfigDict, Field, TypeAdapter, ValidationError, Validatio
 from pydantic.dataclasses import dataclass
 
 # Training images per dataset, so `plan` rejects a subset larger than the data without loading it.
-from study.plan import TRAIN_IMAGES
+from study.plan import TRAIN_IMAGES, is_evaluated
 
 # Extra keys are errors; scalars are strict (no "10" for 10), containers accept YAML lists.
 # YAML reads `.inf` and `.nan` as floats; no rate, margin or std of a study is either.
@@ -104,9 +104,7 @@ class Training:
                                    lr=self.lr if entry.lr is None else entry.lr, by_size=())
 
     def evaluated(self, epoch: int) -> bool:
-        """Whether the test set is evaluated after `epoch` (1-based): every `eval_every`-th
-        and the last, so the final accuracy always exists."""
-        return epoch % self.eval_every == 0 or epoch == self.epochs
+        return is_evaluated(epoch, self.eval_every, self.epochs)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -319,9 +319,6 @@ class Results:
 
 # Equal-width confidence bins of the expected calibration error each run records.
 ECE_BINS = 15
-# Verdicts of the NLL and ECE differences: they have no margin in their own units, so the
-# analysis never claims them equal; `identical` only where every run gives the same number.
-DIFFERENCE_VERDICTS = ("different", "not_shown_different", "identical")
 
 
 @dataclass(frozen=True)
@@ -345,7 +342,9 @@ class Paired:
     p: float | None
     p_adjusted: float | None
     tost_p_adjusted: float | None  # accuracy only: TOST at the protocol's equivalence margin
-    verdict: str  # accuracy: one of VERDICTS; nll, ece: one of DIFFERENCE_VERDICTS
+    # accuracy: one of VERDICTS; nll, ece: different, not_shown_different or identical (no
+    # margin in their own units, so never equivalent; identical only where every run agrees)
+    verdict: str
     reason: str | None
 
 

@@ -1176,7 +1176,7 @@ def cluster_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray, level: float
         return Slope("OLS, standard errors clustered by seed", None, None, None, None, 0,
                      "no finite points")
     method = f"OLS, standard errors clustered by seed (CR1, t on G - 1 = {n_groups - 1} df)"
-    if n_groups < MIN_N or np.ptp(x) <= TOLERANCE:
+    if n_groups < MIN_N or is_constant(x):
         return Slope(method, None, None, None, None, int(x.size),
                      f"needs x that varies and at least {MIN_N} clusters (got {n_groups})")
     fit = sm.OLS(y, sm.add_constant(x)).fit(cov_type="cluster", cov_kwds={"groups": codes},
@@ -1194,7 +1194,7 @@ def per_cluster_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     slopes = []
     for g in np.unique(groups):
         sel = (groups == g) & np.isfinite(x) & np.isfinite(y)
-        if sel.sum() >= 2 and np.ptp(x[sel]) > TOLERANCE:
+        if sel.sum() >= 2 and not is_constant(x[sel]):
             slopes.append(sps.linregress(x[sel], y[sel]).slope)
     s = np.asarray(slopes)
     method = f"slope within each seed, then a t interval over the {s.size} seeds' slopes"

@@ -495,10 +495,13 @@ def _row(run: RunRecord, experiment: str) -> dict[str, Any]:
             raise TrackingError(f"experiment {experiment!r}, run {run.run_id} "
                                 f"({run.run_name}): param {key!r} is missing")
     row: dict[str, Any] = {"run_id": run.run_id, "run_name": run.run_name or ""}
+    def recorded(column: str) -> Any:  # a param, else a study.* tag, else a metric
+        return params.get(column, tags.get(f"study.{column}", metrics.get(column)))
+
     for column, kind in RUN_COLUMNS.items():
         if column in row:
             continue
-        raw = params.get(column, tags.get(f"study.{column}", metrics.get(column)))
+        raw = recorded(column)
         if column == "train_images" and raw is None:
             raw = _recorded_subset(params)
         row[column] = _convert(raw, kind, DEFAULTS.get(column), column, run, experiment)
@@ -510,9 +513,7 @@ def _row(run: RunRecord, experiment: str) -> dict[str, Any]:
         row["textbook_check"] = bool(row["train_loss"] < 0.5 and row["train_acc"] > 0.7
                                      and row["test_acc"] > 0.7)
     if "mc_passes" in params:  # only runs with passes: other stores' tables keep their columns
-        row.update({column: _convert(params.get(column, tags.get(f"study.{column}",
-                                                                 metrics.get(column))),
-                                     kind, None, column, run, experiment)
+        row.update({column: _convert(recorded(column), kind, None, column, run, experiment)
                     for column, kind in INFERENCE_COLUMNS.items()})
     return row
 

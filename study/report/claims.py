@@ -16,9 +16,9 @@ from study.report.diagnostic_text import (applicable, claim_repeatability, diag_
 from study.report.document import Block, Bullets, Fig, Heading, Strong, Table, para
 from study.report.inference_text import claim_inference
 from study.report.wording import (NA, capitalised, divergence_phrase, endpoint_text,
-                                  finite, fmt_ci_pct, fmt_ci_pp, fmt_mean_sd, fmt_pct, fmt_pp,
-                                  fmt_num, fmt_p, fmt_setting, p_rel, robustness_phrase,
-                                  verdict_phrase)
+                                  finite, fmt_ci_num, fmt_ci_pct, fmt_ci_pp, fmt_mean_sd,
+                                  fmt_pct, fmt_pp, fmt_num, fmt_p, fmt_setting, p_rel,
+                                  robustness_phrase, verdict_phrase)
 from study.results import OVERFIT_GAP, OVERFIT_TRAIN_ACC, Comparison, Group, Interaction, Results
 
 Setting = tuple[float, float]
@@ -253,11 +253,11 @@ def _trend_text(i: Interaction) -> str:
     per_10 = fmt_pp(t.estimate * 0.10)
     text = (f"Trend: regressing each seed's gain on its {base} train − test gap over "
             f"{i.n_points} (size, seed) points from {len(i.sizes)} sizes, the slope is "
-            f"{fmt_num(t.estimate, 3)} {fmt_ci_num_3(t.ci95)} (p {p_rel(t.p)}; {t.method}), "
+            f"{fmt_num(t.estimate, 3)} {fmt_ci_num(t.ci95, 3)} (p {p_rel(t.p)}; {t.method}), "
             f"i.e. {per_10} of gain per 10 pp of gap.")
     if s.estimate is not None:
         text += (f" Fitted within each seed instead ({s.method}): {fmt_num(s.estimate, 3)} "
-                 f"{fmt_ci_num_3(s.ci95)}.")
+                 f"{fmt_ci_num(s.ci95, 3)}.")
     grows = t.ci95 is not None and t.ci95[0] > 0
     shrinks = t.ci95 is not None and t.ci95[1] < 0
     text += (" The gain is shown to grow with the gap." if grows else
@@ -265,10 +265,6 @@ def _trend_text(i: Interaction) -> str:
              " The interval includes 0: a trend is not shown (which is not evidence of none).")
     notes = "; ".join([*i.notes, f"the gap takes only {len(i.sizes)} levels, one per size"])
     return text + f" Caveats: {notes}."
-
-
-def fmt_ci_num_3(ci) -> str:
-    return f"[{fmt_num(ci[0], 3)}, {fmt_num(ci[1], 3)}]" if ci else NA
 
 
 SMALLEST_RATE = {"helps": "already helps", "hurts": "already hurts",

@@ -8,8 +8,8 @@ from study.figures import setting_label
 from study.report.context import Inputs
 from study.report.diagnostic_text import _figures_named
 from study.report.document import Block, Table, para
-from study.report.wording import (CORRECTION, NA, count, fmt_ci_pct, fmt_ci_pp, fmt_num, fmt_pct,
-                                  fmt_pp, p_rel, verdict_cell, verdict_word)
+from study.report.wording import (CORRECTION, NA, count, fmt_ci_num, fmt_ci_pct, fmt_ci_pp,
+                                  fmt_num, fmt_pct, fmt_pp, p_rel, verdict_cell, verdict_word)
 from study.results import Inference, McSetting, McTrend, Paired
 
 DIFFERENCE_WORDS = {"different": "different", "identical": "identical in every run",
@@ -93,7 +93,7 @@ def _difference_cell(d: Paired, as_pp: bool) -> str:
     if as_pp:
         value = f"{fmt_pp(d.mean_diff)} {fmt_ci_pp(d.ci95)}"
     else:
-        ci = f" [{fmt_num(d.ci95[0], 3)}, {fmt_num(d.ci95[1], 3)}]" if d.ci95 else ""
+        ci = f" {fmt_ci_num(d.ci95, 3)}" if d.ci95 else ""
         value = fmt_num(d.mean_diff, 3) + ci
     p = f", p {p_rel(d.p_adjusted)}" if d.p_adjusted is not None else ""
     return f"{value}: {DIFFERENCE_WORDS.get(d.verdict, d.verdict)}{p}"

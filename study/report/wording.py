@@ -72,8 +72,8 @@ def fmt_num(x: Any, digits: int = 2) -> str:
     return f"{x:.{digits}f}".replace("-", MINUS) if finite(x) else NA
 
 
-def fmt_ci_num(ci: Any) -> str:
-    return f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if _interval(ci) else NA
+def fmt_ci_num(ci: Any, digits: int = 2) -> str:
+    return f"[{fmt_num(ci[0], digits)}, {fmt_num(ci[1], digits)}]" if _interval(ci) else NA
 
 
 def fmt_ratio_ci(ci: Any) -> str:
