@@ -68,16 +68,16 @@ test: setup browser postgres
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m study.bench
+	$(BIN)/python -m study.tools.bench
 
 # Imports only torch, numpy and the standard library (a lent GPU machine has no more).
 gpu-check: setup
-	$(BIN)/python -m study.gpu_check --out $(GPU_CHECK_OUT)
+	$(BIN)/python -m study.tools.gpu_check --out $(GPU_CHECK_OUT)
 
 # The four Fashion-MNIST .gz files (29 MiB) in data/gpu-pack/, which a GPU machine without
 # network reads through STUDY_DATA_DIR; the device call carries this folder.
 gpu-pack: setup
-	$(BIN)/python -m study.gpu_check --pack data/gpu-pack
+	$(BIN)/python -m study.tools.gpu_check --pack data/gpu-pack
 
 ui: $(STAMP)
 	$(BIN)/python -m study ui $(PROTOCOL) --port $(PORT)
@@ -92,4 +92,4 @@ postgres:
 	fi
 
 server: $(STAMP) postgres
-	$(BIN)/python -m study.server --port $(PORT)
+	$(BIN)/python -m study.store.server --port $(PORT)

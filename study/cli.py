@@ -29,19 +29,19 @@ from typing import TYPE_CHECKING
 # Heavy modules (torch, torchvision, MLflow, pandas: seconds to import) are imported inside the
 # commands that need them, so `--help` and a bad protocol answer at once.
 if TYPE_CHECKING:
-    from study.protocol import Analysis, Protocol
+    from study.protocol.schema import Analysis, Protocol
     from study.results import Results
-    from study.table import RunTable
-    from study.tracking import MlflowClient
+    from study.analysis.table import RunTable
+    from study.store.tracking import MlflowClient
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 UI_PORT = 5000
 
 # Errors a user can act on, by module: only modules a command imported can have raised one, so
 # they are looked up in sys.modules rather than imported here.
-USER_ERRORS = (("study.protocol", "ProtocolError"), ("study.data", "DataError"),
-               ("study.runner", "RunnerError"), ("study.tracking", "TrackingError"),
-               ("study.analysis", "AnalysisError"), ("study.worker_ray", "ClusterError"))
+USER_ERRORS = (("study.protocol.schema", "ProtocolError"), ("study.engine.data", "DataError"),
+               ("study.runner", "RunnerError"), ("study.store.tracking", "TrackingError"),
+               ("study.analysis.comparisons", "AnalysisError"), ("study.engine.backend_ray", "ClusterError"))
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_message(err: BaseException) -> str | None:
     """The text to show for an error the user can act on; None for anything else."""
-    tracking = sys.modules.get("study.tracking")
+    tracking = sys.modules.get("study.store.tracking")
     store = tracking.tracking_uri() if tracking else "the MLflow store"
     if (full := _disk_full(err)) is not None:
         return (f"the disk is full ({full}); free space on the disk of the store ({store}) and "
@@ -183,14 +183,15 @@ def _protocol_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 
 def _load(args: argparse.Namespace) -> Protocol:
-    from study import protocol
+    from study.protocol import schema as protocol
 
     return protocol.load(args.protocol, args.set)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     proto = _load(args)  # before MLflow's import: a bad protocol fails at once
-    from study import plan, tracking
+    from study.protocol import plan
+    from study.store import tracking
 
     cells = plan.expand(proto)
     absent = _absent_devices(proto, cells)
@@ -221,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address and args.backend != "ray":
         raise runner.RunnerError("--address joins a Ray cluster: use it with --backend ray")
     if args.backend == "ray":
-        from study import worker_ray
+        from study.engine import backend_ray as worker_ray
 
         worker_ray.connect(args.address)
     summary = runner.run(proto, where=args.backend)
@@ -233,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_url(args: argparse.Namespace) -> int:
     proto = _load(args)
-    from study import tracking
+    from study.store import tracking
 
     exp_id = tracking.experiment_id(tracking.client(), proto.name)
     print(tracking.runs_url(exp_id))
@@ -243,7 +244,7 @@ def cmd_url(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Print the link to the protocol's runs, then become the MLflow server (`make ui`)."""
     proto = _load(args)
-    from study import tracking
+    from study.store import tracking
 
     found = tracking.client().get_experiment_by_name(proto.name)
     if found is None:
@@ -262,14 +263,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _print_where(exp_id: str) -> None:
-    from study import tracking
+    from study.store import tracking
 
     print(f"Store: {tracking.tracking_uri()}")
     print(f"Browse: make ui, then open {tracking.runs_url(exp_id)}")
 
 
 def _target(args: argparse.Namespace) -> Target:
-    from study import plan, protocol
+    from study.protocol import plan, schema as protocol
 
     if args.experiment:
         try:
@@ -300,14 +301,15 @@ class Analysed:
     files: list[Path]
 
     def log(self, extra: list[Path] = ()) -> None:
-        from study import tracking
+        from study.store import tracking
 
         tracking.log_analysis(self.mlflow, self.table.experiment_id, [*self.files, *extra],
                               self.out)
 
 
 def _analyze(target: Target) -> Analysed:
-    from study import analysis, tracking  # analysis: scipy, statsmodels
+    from study.analysis import comparisons as analysis
+    from study.store import tracking  # analysis: scipy, statsmodels
 
     mlflow = tracking.client()
     _require_runs(mlflow, target)
@@ -324,7 +326,7 @@ def _analyze(target: Target) -> Analysed:
 
 def _require_runs(mlflow: MlflowClient, target: Target) -> None:
     """Before any run exists, say which command makes some, not just that none are there."""
-    from study import tracking
+    from study.store import tracking
 
     found = mlflow.get_experiment_by_name(target.experiment)
     if found is not None and mlflow.search_runs([found.experiment_id],
@@ -356,7 +358,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from study import protocol, verify, workers  # trains: imports torch only for this command
+    from study.protocol import schema as protocol
+    from study.tools import verify
+    from study.engine import workers  # trains: imports torch only for this command
 
     if not args.experiment and not args.protocol:
         raise protocol.ProtocolError("give a protocol file or --experiment NAME")
@@ -372,11 +376,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_paper(args: argparse.Namespace) -> int:
     """Estimate, run what is left of every protocol, analyse each, write and log one paper."""
-    from study import lesson as lesson_file
+    from study.protocol import lesson as lesson_file
 
     lesson = lesson_file.load(args.lesson)
     parts = lesson_file.parts(lesson, args.lesson, args.set)  # every file checked before a run
-    from study import paper, tracking
+    from study import pipeline as paper
+    from study.store import tracking
 
     mlflow = tracking.client()
     paper.print_estimate(paper.estimate(parts, mlflow))
@@ -395,7 +400,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from study import data
+    from study.engine import data
 
     ds = data.load()
     print(f"Fashion-MNIST from {ds.source}: {len(ds.train_y)} training and {len(ds.test_y)} "

@@ -4,7 +4,7 @@
 
 Safe to interrupt: every finished cell is already in the store, runs left RUNNING are marked
 KILLED on the next start and their cells redone. Each (device, mode, threads) group trains in a
-fresh worker process (`local`) or in Ray tasks (`ray`, see `study.worker_ray`); either way this
+fresh worker process (`local`) or in Ray tasks (`ray`, see `study.engine.backend_ray`); either way this
 process is the only MLflow writer.
 """
 
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from study import tracking, workers
-from study.data import Dataset
-from study.data import load as load_data
-from study.plan import Cell, expand
-from study.protocol import Protocol
-from study.train import EpochDone, Result
+from study.store import tracking
+from study.engine import workers
+from study.engine.data import Dataset
+from study.engine.data import load as load_data
+from study.protocol.plan import Cell, expand
+from study.protocol.schema import Protocol
+from study.engine.train import EpochDone, Result
 
 
 class RunnerError(RuntimeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from study import data
+from study.engine import data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,8 @@ def golden_protocol() -> dict:
 def trained_in_worker(tiny_files, tmp_path_factory, golden_protocol):
     """(mode, threads) -> `workers.Trained` of the golden protocol's cells on the tiny data,
     each group in a fresh worker process as the runner trains it; each group trained once."""
-    from study import plan, protocol, workers
+    from study.protocol import plan, schema as protocol
+    from study.engine import workers
 
     folder, checksums = tiny_files
     load = functools.partial(data.load, folder, cache=tmp_path_factory.mktemp("wcache"),
@@ -127,7 +128,7 @@ def tracking_server():
 
     Skipped where PostgreSQL is not installed; under CI=true that is a failure instead, since
     CI installs it (.ci/run)."""
-    from study import server
+    from study.store import server
 
     try:
         context = server.temporary()

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study import protocol as protocol_module
-from study.analysis import learning_curves
+from study.protocol import schema as protocol_module
+from study.analysis.comparisons import learning_curves
 from study.results import Analysed, Comparison, Group, Omnibus, Results, Stratum
-from study.table import RunTable
+from study.analysis.table import RunTable
 
 SETTINGS = [(0.0, 0.0), (0.2, 0.5), (0.6, 0.8), (0.9, 0.9), (1.0, 1.0)]
 BASELINE = (0.2, 0.5)

@@ -16,9 +16,9 @@ from scipy import stats as sps
 from scipy.stats import mstats
 from statsmodels.stats.multitest import multipletests
 
-from study import analysis, stats
-from study.protocol import Analysis
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.analysis import comparisons as analysis, stats
+from study.protocol.schema import Analysis
+from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
 BASE = (0.0, 0.0)
 OPTIONS = Analysis(alpha=0.05, equivalence_margin=0.005, bootstrap=500, power=0.8)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from study import batched, model, plan, protocol
-from study.bench import sequential_twin, twin_gaps
-from study.seeding import generator, global_dropout_rng
-from study.train import seeds_of, train, weights_sha256
+from study.engine import batched, model
+from study.protocol import plan, schema as protocol
+from study.tools.bench import sequential_twin, twin_gaps
+from study.engine.seeding import generator, global_dropout_rng
+from study.engine.train import seeds_of, train, weights_sha256
 
 SETTINGS = [[0.0, 0.0], [0.2, 0.5], [0.9, 0.9], [1.0, 1.0]]
 BASE = dict(name="b", dropout=SETTINGS, seeds={"count": 2}, baseline=[0.2, 0.5],
@@ -168,7 +169,7 @@ def test_unsupported_cells_are_refused_before_training():
 
 
 def test_bitflip_members_start_from_their_own_flipped_weights():
-    from study.train import initial_net
+    from study.engine.train import initial_net
     group = [c for c in cells(vary=["bitflip"]) if c.dropout1 == 0.2]  # seeds 0 and 1
     stack = batched.initial_stack(group, "cpu")
     for row, c in enumerate(group):

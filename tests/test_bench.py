@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from study import bench, data
+from study.tools import bench
+from study.engine import data
 from tests.conftest import make_idx_dir
 
 DIMS = [784, 256, 256, 10]

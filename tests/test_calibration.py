@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study import analysis
-from study.protocol import Analysis
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.analysis import comparisons as analysis
+from study.protocol.schema import Analysis
+from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
 pytestmark = pytest.mark.slow
 

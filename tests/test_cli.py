@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study import cli, tracking
+from study import cli
+from study.store import tracking
 from tests.conftest import free_port, real_data_present
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,7 +360,7 @@ def test_an_absent_required_device_says_what_to_change(store, capsys):
 
 
 def test_missing_data_without_apt_says_where_to_put_the_files(tmp_path, monkeypatch, capsys):
-    from study import data
+    from study.engine import data
 
     monkeypatch.setenv("STUDY_DATA_DIR", str(tmp_path / "empty"))
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
@@ -386,7 +387,8 @@ def test_missing_data_without_apt_says_where_to_put_the_files(tmp_path, monkeypa
 # mount its own namespace: it needs no root on most systems and vanishes with the process.
 _FULL_DISK = """
 import os, sys
-from study import cli, tracking
+from study import cli
+from study.store import tracking
 store = sys.argv[1]
 tracking.experiment_id(tracking.client(), "smoke")  # the store exists before the disk fills
 fd = os.open(os.path.join(store, "filler"), os.O_WRONLY | os.O_CREAT)
@@ -436,7 +438,8 @@ def test_a_store_another_process_is_writing_says_to_wait(store, tmp_path, capsys
 
 def test_an_endpoint_longer_than_the_runs_is_one_line(tmp_path, monkeypatch, capsys):
     """The check needs the runs, so it is the analysis that refuses, in one line with the fix."""
-    from study import analysis, cli
+    from study.analysis import comparisons as analysis
+    from study import cli
 
     def refuse(*args, **kwargs):
         raise analysis.AnalysisError("analysis.endpoint 'last:9': the runs have only 6 evaluated "

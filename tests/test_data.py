@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from study import data
+from study.engine import data
 from tests.conftest import make_idx_dir, real_data_present
 
 

@@ -17,11 +17,11 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_paired
 
-from study import analysis, diagnostics
-from study.report.diagnostic_text import keep_finding, summers_finding
-from study.results_diagnostics import Diagnostics, MaxAbsDiff
-from study.protocol import Analysis
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.analysis import comparisons as analysis, diagnostics
+from study.report.diagnostics import keep_finding, summers_finding
+from study.results.diagnostics import Diagnostics, MaxAbsDiff
+from study.protocol.schema import Analysis
+from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
 OPTIONS = Analysis(alpha=0.05, equivalence_margin=0.005, bootstrap=500, power=0.8)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from study import environment
+from study.engine import environment
 
 
 @pytest.mark.parametrize("flags, isa", [("fpu sse4_2 avx avx2 fma avx512f avx512bw", "avx512"),

@@ -16,11 +16,12 @@ import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from study import diagnostics, figures
-from study.protocol import Analysis
+from study.analysis import diagnostics
+from study.report import figures
+from study.protocol.schema import Analysis
 from study.results import Results
-from study.results_diagnostics import KeepRatesSection, KeepRecord, SourceRecord
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.results.diagnostics import KeepRatesSection, KeepRecord, SourceRecord
+from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 from tests.results_factory import (EPOCHS, SETTINGS, comparison_at, make_results, make_table)
 
 # --- tests -----------------------------------------------------------------------------------

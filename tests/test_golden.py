@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from study import environment
+from study.engine import environment
 from tests.conftest import GOLDEN
 
 PROMISED_ISAS = ("avx2", "avx512")
@@ -61,7 +61,8 @@ def write(path=GOLDEN) -> None:
     import tempfile
     from pathlib import Path
 
-    from study import data, plan, protocol, workers
+    from study.engine import data, workers
+    from study.protocol import plan, schema as protocol
     from tests.conftest import make_idx_dir
 
     raw = json.loads(path.read_text())["protocol"]

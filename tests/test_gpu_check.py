@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from study import data, environment, gpu_check, plan, protocol, stats, student_t
+from study.engine import data, environment
+from study.tools import gpu_check
+from study.protocol import plan, schema as protocol
+from study.analysis import stats, student_t
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a lent GPU machine may lack; the check must not need any of it.
@@ -58,7 +61,7 @@ def blocked_env(tmp_path_factory) -> dict[str, str]:
 def test_snapshot_equals_the_yaml_files_through_the_loader():
     written = json.loads(gpu_check.SNAPSHOT.read_text())
     assert written == gpu_check.snapshot(), \
-        "protocols/gpu-check.json is stale: run python -m study.gpu_check --write-snapshot"
+        "protocols/gpu-check.json is stale: run python -m study.tools.gpu_check --write-snapshot"
 
 
 @pytest.mark.parametrize("name", sorted(gpu_check.SOURCES))
@@ -204,7 +207,7 @@ def test_cpu_only_run_with_only_torch_numpy_and_the_standard_library(blocked_env
     argv = ["--out", out, "--data", folder, "--checksums", sums, "--data-cache", tmp_path / "c",
             "--epochs", "1", "--train-subset", "300", "--seeds", "2", "--members", "2",
             "--cpu-epochs", "1"]
-    done = subprocess.run([sys.executable, "-m", "study.gpu_check", *map(str, argv)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "study.tools.gpu_check", *map(str, argv)], cwd=ROOT,
                           env=blocked_env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads((out / "gpu-check.json").read_text())

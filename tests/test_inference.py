@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from study import batched, inference, plan, protocol
-from study.train import fit, seeds_of, train
+from study.engine import batched, inference
+from study.protocol import plan, schema as protocol
+from study.engine.train import fit, seeds_of, train
 
 BASE = dict(name="mc", dropout=[[0.0, 0.0], [0.2, 0.5], [0.5, 0.5], [1.0, 1.0]],
             seeds={"count": 1}, baseline=[0.2, 0.5], randomness="portable",

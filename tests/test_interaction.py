@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from study import analysis, figures, stats
-from study.protocol import Analysis
+from study.analysis import comparisons as analysis, stats
+from study.report import figures
+from study.protocol.schema import Analysis
 from study.report import claims
 from study.report.context import Inputs
 from study.report.render_markdown import render_markdown
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
 OPTIONS = Analysis(bootstrap=200)
 SIZES = (1000, 3000, 10_000, 60_000)
@@ -164,7 +165,7 @@ def test_the_trend_matches_statsmodels_on_the_seed_level_points():
 
 
 def test_best_rate_is_the_largest_gain_shown_different_else_the_largest_mean():
-    from study.interaction import choose_best
+    from study.analysis.interaction import choose_best
     results, _ = _interaction(_table(lambda gap: 0.15 * gap))
     at_1k = [c for c in results.comparisons if c.stratum["train_images"] == 1000]
     best, why = choose_best(at_1k)

@@ -10,8 +10,8 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from study import analysis
-from study.protocol import Analysis
+from study.analysis import comparisons as analysis
+from study.protocol.schema import Analysis
 from tests.results_factory import BASELINE, make_table, with_passes
 
 OPTIONS = Analysis(bootstrap=200)

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study import cli, lesson, paper, tracking
-from study.protocol import ProtocolError
+from study import cli, pipeline as paper
+from study.protocol import lesson
+from study.store import tracking
+from study.protocol.schema import ProtocolError
 from study.report.claims import CLAIMS, claim_implementations
 from study.report.context import Inputs
 from study.report.document import Heading, Table, text_of
@@ -26,7 +28,7 @@ from study.report.paper import Paper, document, write_paper
 from study.report import wording
 from study.report.render_markdown import render_markdown
 from study.report.scorecard import Evidence, lesson_claims, rows
-from study.results_diagnostics import DevicesSection
+from study.results.diagnostics import DevicesSection
 from tests.results_factory import comparison_at, make_results, make_table, with_passes
 from tests.test_report import make_diagnostics
 
@@ -121,8 +123,8 @@ def _evidence(name: str, claims: tuple[str, ...], results, table,
 
 @pytest.fixture(scope="module")
 def planted() -> tuple[Evidence, ...]:
-    from study import analysis
-    from study.protocol import Analysis
+    from study.analysis import comparisons as analysis
+    from study.protocol.schema import Analysis
 
     table = make_table(replicate=True)
     results = make_results(table)
@@ -330,7 +332,8 @@ def _all_runs(store) -> list:
 
 def test_a_second_paper_runs_nothing_logs_nothing_and_writes_the_same_bytes(
         store, tiny_lesson, tiny_files, tmp_path, monkeypatch) -> None:
-    from study import data, runner
+    from study.engine import data
+    from study import runner
 
     monkeypatch.setattr(runner, "available", lambda device: device == "cpu")
     folder, checksums = tiny_files

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from study import plan, protocol
+from study.protocol import plan, schema as protocol
 
 D2L = Path(__file__).resolve().parents[1] / "protocols" / "d2l-dropout.yaml"
 

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study import protocol
-from study.protocol import ProtocolError
+from study.protocol import schema as protocol
+from study.protocol.schema import ProtocolError
 
 # Lesson files (a list of protocols, tests/test_paper.py) share the folder with the protocols.
 PROTOCOLS = sorted(p for p in Path(__file__).resolve().parents[1].glob("protocols/*.yaml")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from study import plan, protocol, workers
+from study.protocol import plan, schema as protocol
+from study.engine import workers
 from tests.conftest import free_port
 from tests.test_faults import CELLS, _complete_and_unique, _protocol, drivers  # noqa: F401
 
@@ -24,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def worker_ray():
     if os.environ.get("CI") == "true":
-        from study import worker_ray  # CI installs Ray: its absence is a failure there
+        from study.engine import backend_ray as worker_ray  # CI installs Ray: its absence is a failure there
         return worker_ray
-    return pytest.importorskip("study.worker_ray", reason="no Ray here")
+    return pytest.importorskip("study.engine.backend_ray", reason="no Ray here")
 
 
 def _group(mode: str, threads: int | None, device: str = "cpu") -> workers.Group:

@@ -21,17 +21,19 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from study import diagnostics, figures, report
-from study.protocol import Analysis
-from study.report import claims, describe, inference_text, sections, tables, wording
+from study.analysis import diagnostics
+from study.report import figures
+from study import report
+from study.protocol.schema import Analysis
+from study.report import claims, describe, inference, sections, tables, wording
 from study.report.context import Inputs, find_comparison, find_group
-from study.report.diagnostic_text import claim_repeatability, sources_section
+from study.report.diagnostics import claim_repeatability, sources_section
 from study.report.document import Code, Strong, para, text_of
 from study.report.render_markdown import escape_markdown, render_markdown
 from study.report.render_typst import escape_typst, render_typst
 from study.results import Results
-from study.results_diagnostics import Diagnostics
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.results.diagnostics import Diagnostics
+from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 from tests.results_factory import (BASELINE, LEFT_OUT, comparison_at, make_results, make_table,
                                    with_passes, with_protocol)
 
@@ -410,7 +412,7 @@ def test_runs_without_a_protocol_say_the_setup_was_not_recorded(two_strata) -> N
 
 
 def test_cudnn_expectation_follows_the_model() -> None:
-    from study.report.diagnostic_text import cudnn_expectation
+    from study.report.diagnostics import cudnn_expectation
 
     lenet = describe.setup({"model": {"arch": "lenet", "init": "xavier"}})
     mlp = describe.setup({"model": {"arch": "mlp", "hidden": [8, 8], "init_std": 0.1}})
@@ -472,7 +474,7 @@ def test_without_diagnostics_c5_says_what_was_not_measured(md: str) -> None:
 
 def test_report_from_analysis_module_output(tmp_path: Path) -> None:
     """End to end through analysis.analyze: needs the statistics branch's new stats functions."""
-    analysis = pytest.importorskip("study.analysis")
+    analysis = pytest.importorskip("study.analysis.comparisons")
 
     table = make_table(replicate=True)
     results = analysis.analyze(table, BASELINE, Analysis(bootstrap=200))
@@ -489,7 +491,7 @@ def test_report_from_analysis_module_output(tmp_path: Path) -> None:
 def test_first_layer_claim_reads_the_declared_contrast(tmp_path: Path) -> None:
     """C3': the contrast (0.8, 0.6) against (0.6, 0.8) through analysis.analyze, worded with
     its verdict and what it says about the lesson's guess; undeclared, the section says so."""
-    from study import analysis
+    from study.analysis import comparisons as analysis
 
     table = make_table()
     runs = table.runs.copy()
@@ -512,14 +514,14 @@ def test_first_layer_claim_reads_the_declared_contrast(tmp_path: Path) -> None:
 
 def test_c7_section_states_flips_verdicts_trend_and_shows_its_figure(tmp_path: Path) -> None:
     """C7 through analysis.analyze on runs with planted passes (results_factory.with_passes)."""
-    from study import analysis
+    from study.analysis import comparisons as analysis
 
     table = with_passes(make_table())
     results = analysis.analyze(table, BASELINE, Analysis(bootstrap=200))
     files = report.write_report(results, table, tmp_path)
     md = files.markdown.read_text()
     section = _section(md, "C7: dropout left on at inference flips predictions", "## 5.")
-    blocks = inference_text.claim_inference(Inputs.of(results, table, files.figures))
+    blocks = inference.claim_inference(Inputs.of(results, table, files.figures))
     text = " ".join(text_of(b) for b in blocks if hasattr(b, "parts"))
     top = max(results.inference.settings, key=lambda s: s.flip_rate.mean)
     assert (top.dropout1, top.dropout2) == (0.9, 0.9)

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from study import data, environment, plan, protocol, runner, tracking
+from study.engine import data, environment
+from study.protocol import plan, schema as protocol
+from study import runner
+from study.store import tracking
 from tests import worker_hooks
 
 PROTO = dict(name="e2e", dropout=[[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]], seeds={"count": 2},
@@ -152,8 +155,8 @@ def test_cuda_cells_skip_or_fail_without_a_gpu(store, loader, monkeypatch):
 
 
 def test_diverged_runs_load_as_nan_and_are_excluded_with_a_count(store, loader):
-    from study import analysis
-    from study.protocol import Analysis
+    from study.analysis import comparisons as analysis
+    from study.protocol.schema import Analysis
 
     wild = {**PROTO, "dropout": [[0.0, 0.0], [0.5, 0.5]], "training": {"epochs": 2, "lr": 1e12}}
     runner.run(protocol.parse(wild), load=loader, progress=False)
@@ -220,8 +223,8 @@ def test_an_interrupted_batched_chunk_keeps_what_finished_and_stops_its_members(
 
 
 def test_passes_are_logged_and_read_back(store, loader):
-    from study import analysis
-    from study.protocol import Analysis
+    from study.analysis import comparisons as analysis
+    from study.protocol.schema import Analysis
 
     proto = protocol.parse({**PROTO, "execution": "batched", "randomness": "portable",
                             "seeds": {"count": 3}, "inference": {"mc_passes": 4}})

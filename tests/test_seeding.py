@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from study import seeding
+from study.engine import seeding
 
 
 def _draws(seed: int) -> list[float]:

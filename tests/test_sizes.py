@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from study import batched, data, plan, protocol, workers
-from study.train import train
+from study.engine import batched, data, workers
+from study.protocol import plan, schema as protocol
+from study.engine.train import train
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "protocols"
 

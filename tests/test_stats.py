@@ -17,7 +17,7 @@ from statsmodels.stats.oneway import anova_oneway
 from statsmodels.stats.power import TTestIndPower, TTestPower
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
-from study import stats
+from study.analysis import stats
 
 ALPHA = 0.05
 

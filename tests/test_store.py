@@ -8,7 +8,8 @@ import time
 import pandas as pd
 import pytest
 
-from study import bench_analysis, tracking
+from study.tools import bench_analysis
+from study.store import tracking
 
 
 @pytest.fixture

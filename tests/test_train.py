@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from study import model, plan, protocol
-from study.train import CHANCE, train
+from study.engine import model
+from study.protocol import plan, schema as protocol
+from study.engine.train import CHANCE, train
 
 BASE = dict(name="t", dropout=[[0.2, 0.5]], seeds={"count": 1}, baseline=[0.2, 0.5],
             training={"epochs": 2, "batch_size": 64, "lr": 0.5})
@@ -25,7 +26,7 @@ def test_two_cpu_runs_of_one_cell_give_the_same_weights(tiny_data):
 
 
 def test_strict_mode_replicates_are_bitwise_identical(tiny_data):
-    from study.seeding import determinism
+    from study.engine.seeding import determinism
     with determinism("strict"):
         a, b = train(cell(), tiny_data), train(cell(), tiny_data)
     assert a.weights_sha256 == b.weights_sha256
@@ -156,7 +157,7 @@ def test_sfc64_mask_fills_a_buffer_and_refuses_a_strided_one():
 
 def test_bitflip_cells_differ_by_one_bit_of_one_initial_weight(tiny_data):
     from torch import nn
-    from study.train import initial_net, seeds_of
+    from study.engine.train import initial_net, seeds_of
 
     def start(c: plan.Cell) -> dict[str, torch.Tensor]:
         net = initial_net(c, (nn.Identity(), nn.Identity()), seeds_of(c))

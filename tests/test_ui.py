@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from study import cli, data, plan, protocol, runner, tracking
+from study import cli, runner
+from study.engine import data
+from study.protocol import plan, schema as protocol
+from study.store import tracking
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

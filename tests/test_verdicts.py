@@ -15,10 +15,10 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from study import analysis
-from study.protocol import Analysis
+from study.analysis import comparisons as analysis
+from study.protocol.schema import Analysis
 from study.results import Endpoint
-from study.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
+from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
 BASE = (0.2, 0.5)
 OPTIONS = Analysis(alpha=0.05, equivalence_margin=0.005, bootstrap=200, power=0.8)

@@ -5,7 +5,11 @@ from dataclasses import replace
 
 import pytest
 
-from study import data, protocol, runner, tracking, verify
+from study.engine import data
+from study.protocol import schema as protocol
+from study import runner
+from study.store import tracking
+from study.tools import verify
 from tests.test_runner import PROTO, store  # noqa: F401 - the store fixture
 
 

@@ -7,7 +7,7 @@ import itertools
 import os
 import signal
 
-from study import data, workers
+from study.engine import data, workers
 
 
 def failing_on(n: int, how: str, folder, cache, checksums) -> data.Dataset:

@@ -11,7 +11,7 @@ the static `style.typ`) and to Markdown, so the two can never say different thin
 - `sections`: abstract, question, method, results, reproducibility, threats, appendix;
 - `tables`: the per-stratum results tables (groups, comparisons, multiverse, power, spread);
 - `claims`: the lesson's claims, one `Claim` entry each (C1-C5);
-- `diagnostic_text`: C4, C5 and the sources of variance, worded from `Results.diagnostics`;
+- `diagnostics`: C4, C5 and the sources of variance, worded from `Results.diagnostics`;
 - `document`, `render_typst`, `render_markdown`: the block model and its two renderers.
 """
 
@@ -21,14 +21,14 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from study import figures
-from study.figures import FigureFile
+from study.report import figures
+from study.report.figures import FigureFile
 from study.report.context import Inputs
 from study.report.render_markdown import render_markdown
 from study.report.render_typst import compile_pdf, install_style, render_typst
 from study.report.sections import document, title
 from study.results import Results
-from study.table import RunTable
+from study.analysis.table import RunTable
 
 __all__ = ["ReportFiles", "write_report", "compile_pdf"]
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from study.figures import setting_label
+from study.report.figures import setting_label
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
-from study.report.diagnostic_text import (applicable, claim_repeatability, diag_section,
+from study.report.diagnostics import (applicable, claim_repeatability, diag_section,
                                           equivalence_blocks, keep_rate_blocks)
 from study.report.document import Block, Bullets, Fig, Heading, Strong, Table, para
-from study.report.inference_text import claim_inference
+from study.report.inference import claim_inference
 from study.report.wording import (NA, capitalised, divergence_phrase, endpoint_text,
                                   finite, fmt_ci_num, fmt_ci_pct, fmt_ci_pp, fmt_mean_sd,
                                   fmt_pct, fmt_pp, fmt_num, fmt_p, fmt_setting, p_rel,

@@ -7,10 +7,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from study.figures import FigureFile
+from study.report.figures import FigureFile
 from study.report import describe
 from study.results import Comparison, Group, Results
-from study.table import RunTable
+from study.analysis.table import RunTable
 
 Item = TypeVar("Item", Group, Comparison)
 

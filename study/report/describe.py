@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from study.model import CLASSES, IMAGE_SIDE
+from study.engine.model import CLASSES, IMAGE_SIDE
 
 NOT_RECORDED = "not recorded (no resolved protocol was logged with these runs)"
 # d2l's LeNet-5 as study.model.lenet builds it.

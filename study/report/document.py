@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from study.figures import FigureFile
+from study.report.figures import FigureFile
 
 
 @dataclass(frozen=True)

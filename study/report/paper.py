@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.lesson import Lesson
+from study.protocol.lesson import Lesson
 from study.report import ReportFiles
 from study.report.claims import Claim, question_bullets
-from study.report.diagnostic_text import sources_section
+from study.report.diagnostics import sources_section
 from study.report.document import (Abstract, Appendix, Block, Code, CodeBlock, Fig,
                                    Heading, Para, Table, para)
 from study.report.render_markdown import render_markdown

@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from study.lesson import CLAIM_KEYS, Lesson
+from study.protocol.lesson import CLAIM_KEYS, Lesson
 from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
-from study.report.diagnostic_text import applicable, diag_section
+from study.report.diagnostics import applicable, diag_section
 from study.report.wording import (NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
                                   fmt_pct, fmt_pp, fmt_setting, finite, verdict_cell)
 from study.results import Comparison, Paired, Results
-from study.results_diagnostics import PairedRecord
+from study.results.diagnostics import PairedRecord
 
 DASH = "\u2013"
 GPU_CLAIMS = ("C5",)  # claims with a GPU half: "not measured" there without CUDA runs

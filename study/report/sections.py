@@ -9,12 +9,12 @@ import re
 
 import yaml
 
-from study import figures
-from study.figures import setting_label
+from study.report import figures
+from study.report.figures import setting_label
 from study.report import describe
 from study.report.claims import question_bullets, verdicts_section
 from study.report.context import Inputs, find_group, in_stratum
-from study.report.diagnostic_text import diagnostics_abstract, sources_section
+from study.report.diagnostics import diagnostics_abstract, sources_section
 from study.report.document import (Abstract, Appendix, Block, Bullets, Code, CodeBlock, Fig,
                                    Heading, Para, Table, para)
 from study.report.tables import stratum_results
@@ -23,7 +23,7 @@ from study.report.wording import (COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, app
                                   fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text,
                                   short_verdict)
 from study.results import TEST_NAMES, Results, Stratum
-from study.table import RunTable
+from study.analysis.table import RunTable
 
 
 

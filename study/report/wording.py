@@ -14,10 +14,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from study import stats
-from study.figures import setting_label
+from study.analysis import stats
+from study.report.figures import setting_label
 from study.results import TEST_NAMES, Comparison, Endpoint, Results
-from study.results_diagnostics import PairedRecord
+from study.results.diagnostics import PairedRecord
 
 MINUS = "\u2212"
 NA = "n/a"

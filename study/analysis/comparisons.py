@@ -1,0 +1,615 @@
+"""Run table in, typed results out: the numbers behind every claim in the report.
+
+    python -m study analyze protocols/d2l-dropout.yaml
+
+`analyze` turns a `RunTable` into `results.Results` (the contract: README "Results"); `write`
+saves its JSON form as `results.json` plus flat CSV tables. Only first runs of a cell
+(`replicate == 0`) enter the statistics: replicates repeat a seed exactly and measure
+determinism, not seed-to-seed spread.
+
+Runs are split into strata by `table.STRATUM_COLUMNS` and never pooled across them: a CPU and a
+CUDA run of the same seed are different experiments. Within a stratum:
+
+- Each setting is compared with the baseline on the seeds finite in both (paired), or by Welch
+  when fewer than 3 seeds are shared; one missing run elsewhere does not unpair a comparison.
+- The declared primary analysis is the protocol's `analysis.endpoint` under the t test. Every
+  comparison is also run under the robustness set (endpoints `final`, `last:3`, `last:5` x the t
+  test, a rank test with its Hodges-Lehmann interval and Yuen's 20%-trimmed test), each analysis
+  its own Holm family. A comparison is `robust` when all give the primary's verdict.
+- Verdicts are `different`, `negligible` (a real gap shown inside the margin), `equivalent` or
+  `inconclusive`; never "no difference".
+- Diverged runs are left out of the accuracy tests and counted: their rate is tested against
+  the baseline's (Fisher's exact test, Holm over the stratum).
+
+`results.diagnostics` holds `diagnostics.analyze(table, options, seed)`: replicates,
+determinism modes, CPU against GPU, sources of variance, keep rates and implementation
+equivalence (typed in `study/results_diagnostics.py`). `write` also saves each applicable
+section's records as `diagnostics_<section>.csv` and returns those paths too, so they are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from study.analysis import diagnostics, inference as mc_analysis, stats
+from study.protocol.schema import Analysis
+from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Curve,
+                           CurvePoint, Endpoint, Group, Omnibus, Results, Stratum)
+from study.analysis.table import STRATUM_COLUMNS, RunTable, scalar
+
+METRIC = "test_acc"
+
+
+class AnalysisError(ValueError):
+    """The runs cannot be analysed as asked (e.g. an endpoint longer than the runs)."""
+Setting = tuple[float, float]
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
+            seed: int = 0) -> Results:
+    """RunTable -> Results (JSON form: `Results.to_json()`). `seed` drives every bootstrap."""
+    base = _setting(*baseline)
+    runs = table.runs[table.runs["replicate"] == 0]
+    _check_unique(runs)
+    primary = Endpoint.parse(options.endpoint)
+    endpoints, left_out = _endpoints(runs, table.curves, primary)
+    runs = _with_endpoints(runs, table.curves, endpoints)
+    strata, groups, comparisons, contrasts, curves = [], [], [], [], []
+    for stratum, frame in _strata(runs):
+        s, g, c, k = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed)
+        strata.append(s)
+        groups.extend(g)
+        comparisons.extend(c)
+        contrasts.extend(k)
+        curves.extend(learning_curves(stratum, frame, table.curves))
+    return Results(
+        experiment=table.experiment_name, baseline=list(base), alpha=options.alpha,
+        equivalence_margin=options.equivalence_margin, power=options.power,
+        bootstrap=options.bootstrap, seed=seed, metric=METRIC, endpoint=primary.name,
+        robustness_endpoints=[e.name for e in endpoints], robustness_tests=list(ROBUSTNESS_TESTS),
+        endpoints_left_out=left_out, stratified_by=_varying_columns(runs),
+        n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
+        strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
+        diagnostics=diagnostics.analyze(table, options, seed), curves=curves,
+        inference=mc_analysis.analyze(_strata(runs), options),
+        interactions=_interactions(runs, groups, comparisons, base, primary))
+
+
+def _interactions(runs: pd.DataFrame, groups: list[Group], comparisons: list[Comparison],
+                  base: Setting, primary: Endpoint) -> list:
+    from study.analysis import interaction  # it reads this module's helpers: imported when called
+    return interaction.analyze(runs, groups, comparisons, base, _column(primary), primary.name)
+
+
+def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:
+    """Write results.json, groups.csv, comparisons.csv, contrasts.csv, multiverse.csv, runs.csv and the
+    diagnostics CSVs (sorted by section) into out_dir; return every path written, in that order.
+
+    Byte-identical for the same input: sorted JSON keys, fixed row order, '\\n' line ends."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ("results.json", "groups.csv", "comparisons.csv", "contrasts.csv", "multiverse.csv",
+             "runs.csv")
+    paths = [out_dir / name for name in names]
+    data = results.to_json()
+    # allow_nan=False: a NaN reaching the JSON is a bug to surface, not a value to write.
+    paths[0].write_text(json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n")
+    _write_csv(_counts_as_int(pd.DataFrame([flatten(r) for r in data["groups"]])), paths[1])
+    for records, path in ((data["comparisons"], paths[2]), (data["contrasts"], paths[3])):
+        _write_csv(pd.DataFrame([flatten({k: v for k, v in r.items() if k != "multiverse"})
+                                 for r in records]), path)
+    rows = _multiverse_rows(data["comparisons"] + data["contrasts"])
+    # Named columns, so an empty multiverse still writes its header; the stratum first.
+    _write_csv(pd.DataFrame(rows, columns=[*STRATUM_COLUMNS, *_MULTIVERSE_COLUMNS]), paths[4])
+    _write_csv(_sorted_runs(table.runs), paths[5])
+    # Returned, not only written: the caller logs exactly this list to the MLflow analysis run.
+    return paths + write_diagnostics(data.get("diagnostics") or {}, out_dir)
+
+
+_MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "baseline_dropout1", "baseline_dropout2",
+                       "endpoint", "test", "verdict", "mean_diff", "ci95_lo", "ci95_hi",
+                       "tost_ci90_lo", "tost_ci90_hi", "p_adjusted", "tost_p_adjusted", "paired",
+                       "n_pairs"]
+
+
+def _multiverse_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per comparison and robustness analysis, the stratum in its own columns."""
+    return [{**c["stratum"], **{k: c[k] for k in ("dropout1", "dropout2")},
+             "baseline_dropout1": c["baseline"][0], "baseline_dropout2": c["baseline"][1],
+             **{k: v for k, v in flatten(m).items() if k in _MULTIVERSE_COLUMNS}}
+            for c in comparisons for m in c["multiverse"]]
+
+
+def write_diagnostics(diag: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Each diagnostics section with records -> out_dir/diagnostics_<section>.csv; a stale file
+    of a section without records is removed. Returns the files written."""
+    written = []
+    for section, body in sorted(diag.items()):
+        path = Path(out_dir) / f"diagnostics_{section}.csv"
+        records = body.get("records") or []
+        if not records:
+            path.unlink(missing_ok=True)
+            continue
+        # A missing interval still gets its _lo/_hi columns, so every row has the same columns.
+        rows = [flatten({k: [None, None] if v is None and k.endswith("ci95") else v
+                         for k, v in r.items()}) for r in records]
+        _write_csv(pd.DataFrame(rows), path)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- strata
+
+
+def _setting(d1: float, d2: float) -> Setting:
+    # Rounded so 0.2 read back from MLflow as 0.20000000001 still names the same setting.
+    return (round(float(d1), 6), round(float(d2), 6))
+
+
+def _check_unique(runs: pd.DataFrame) -> None:
+    keys = [*STRATUM_COLUMNS, "dropout1", "dropout2", "seed"]
+    dup = runs[runs.duplicated(keys, keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        raise ValueError(f"{len(dup)} runs share a cell with replicate 0, e.g. "
+                         f"{ {k: first[k] for k in keys} }; the run table should hold one per cell")
+
+
+def _varying_columns(runs: pd.DataFrame) -> list[str]:
+    return [c for c in STRATUM_COLUMNS if runs[c].nunique(dropna=False) > 1]
+
+
+def _strata(runs: pd.DataFrame) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """Split by every stratum column (constant ones split nothing but are recorded)."""
+    if runs.empty:
+        return []
+    out = []
+    for values, frame in runs.groupby(list(STRATUM_COLUMNS), dropna=False, sort=True):
+        out.append(({c: scalar(v) for c, v in zip(STRATUM_COLUMNS, values)}, frame))
+    return out
+
+
+def _label(stratum: dict[str, Any]) -> str:
+    return " / ".join(str(stratum[c]) for c in STRATUM_COLUMNS)
+
+
+def _settings(frame: pd.DataFrame) -> list[Setting]:
+    pairs = {_setting(a, b) for a, b in zip(frame["dropout1"], frame["dropout2"])}
+    return sorted(pairs)
+
+
+def _rows(frame: pd.DataFrame, setting: Setting) -> pd.DataFrame:
+    # Rounded as `_setting` rounds, vectorised: this runs for every group, endpoint and test.
+    d1, d2 = (frame[c].to_numpy(dtype=float).round(6) for c in ("dropout1", "dropout2"))
+    return frame[(d1 == setting[0]) & (d2 == setting[1])]
+
+
+def _by_seed(frame: pd.DataFrame, setting: Setting, column: str = METRIC) -> pd.Series:
+    rows = _rows(frame, setting)
+    return pd.Series(rows[column].to_numpy(dtype=float), index=rows["seed"].to_numpy()).sort_index()
+
+
+def _pairs_by_seed(frame: pd.DataFrame, settings: list[Setting]) -> bool:
+    seed_sets = {frozenset(_rows(frame, s)["seed"]) for s in settings}
+    return len(seed_sets) == 1
+
+
+def _rng(seed: int, *keys: Any) -> np.random.Generator:
+    # One stream per (stratum, setting): a group's bootstrap does not shift when others are added.
+    return np.random.default_rng([seed, zlib.crc32(json.dumps(keys, default=str).encode())])
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def _column(endpoint: Endpoint) -> str:
+    return f"endpoint:{endpoint.name}"
+
+
+def _evaluated_epochs(runs: pd.DataFrame, curves: pd.DataFrame) -> int:
+    """The fewest evaluated epochs of any finite run: how far back `last:K` can look."""
+    finite = runs.loc[np.isfinite(runs[METRIC].to_numpy(dtype=float)), "run_id"]
+    acc = curves[(curves["metric"] == METRIC) & curves["run_id"].isin(finite)]
+    counts = acc.groupby("run_id")["epoch"].nunique()
+    return int(counts.reindex(finite, fill_value=0).min()) if len(finite) else 0
+
+
+def _endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
+               primary: Endpoint) -> tuple[list[Endpoint], list[str]]:
+    """The primary endpoint and the robustness set, minus those the runs are too short for."""
+    wanted = sorted({primary, *(Endpoint.parse(e) for e in ROBUSTNESS_ENDPOINTS)})
+    epochs = _evaluated_epochs(runs, curves)
+    kept = [e for e in wanted if e.k == 1 or e.k <= epochs]
+    left_out = [f"{e.name} (only {epochs} evaluated epoch(s) in the shortest run)"
+                for e in wanted if e not in kept]
+    if primary not in kept:
+        raise AnalysisError(f"analysis.endpoint {primary.name!r}: the runs have only {epochs} "
+                            "evaluated epoch(s); choose final or last:K with K <= {epochs}"
+                            .replace("{epochs}", str(epochs)))
+    return kept, left_out
+
+
+def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
+                    endpoints: list[Endpoint]) -> pd.DataFrame:
+    """runs plus one column per endpoint. Diverged runs (NaN final accuracy) stay NaN under
+    every endpoint: their earlier epochs are not an outcome of the run."""
+    out = runs.copy()
+    acc = curves[curves["metric"] == METRIC].sort_values(["run_id", "epoch"], kind="stable")
+    finite = np.isfinite(out[METRIC].to_numpy(dtype=float))
+    for e in endpoints:
+        if e.k == 1:
+            out[_column(e)] = out[METRIC].to_numpy(dtype=float)
+            continue
+        means = acc.groupby("run_id").tail(e.k).groupby("run_id")["value"].mean()
+        out[_column(e)] = np.where(finite, out["run_id"].map(means).to_numpy(dtype=float), np.nan)
+    return out
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+
+CURVE_METRICS = ("test_acc", "train_loss")  # the per-epoch metrics the figures draw
+
+
+def learning_curves(stratum: dict[str, Any], frame: pd.DataFrame,
+                    curves: pd.DataFrame) -> list[Curve]:
+    """frame: one stratum's first runs; curves: `RunTable.curves` -> per setting and metric,
+    the mean across runs at each epoch with its 95% t interval (`stats.mean_ci`)."""
+    values = curves[curves["metric"].isin(CURVE_METRICS)]
+    if values.empty:  # the common case in simulations: skip the join
+        return []
+    keyed = frame[["run_id", "dropout1", "dropout2"]]
+    values = values.merge(keyed, on="run_id")
+    values = values[np.isfinite(values["value"].to_numpy(dtype=float))]
+    # Rounded as `_setting` rounds, so 0.2 read back as 0.20000000001 is the same setting.
+    values = values.assign(dropout1=values["dropout1"].astype(float).round(6),
+                           dropout2=values["dropout2"].astype(float).round(6))
+    out = []
+    for (d1, d2, metric), rows in values.groupby(["dropout1", "dropout2", "metric"], sort=True):
+        points = [_curve_point(int(epoch), v.to_numpy(dtype=float))
+                  for epoch, v in rows.groupby("epoch", sort=True)["value"]]
+        out.append(Curve(stratum=stratum, dropout1=float(d1), dropout2=float(d2), metric=metric,
+                         points=points))
+    return out
+
+
+def _curve_point(epoch: int, x: np.ndarray) -> CurvePoint:
+    return CurvePoint(epoch=epoch, n=int(x.size), mean=float(x.mean()), ci95=stats.mean_ci(x))
+
+
+# ----------------------------------------------------------------------------- one stratum
+
+
+def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting,
+                     primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
+                     seed: int) -> tuple[Stratum, list[Group], list[Comparison], list[Comparison]]:
+    settings = _settings(frame)
+    column = _column(primary)
+    groups = [_group(frame, s, stratum, column, options, seed) for s in settings]
+    notes = []
+    if base not in settings:
+        notes.append(f"baseline {list(base)} has no runs in this stratum: no comparisons")
+    pairs = [(s, base) for s in settings if s != base and base in settings]
+    comparisons = _comparisons(frame, pairs, stratum, primary, endpoints, options, seed)
+    declared = [(_setting(*a), _setting(*b)) for a, b in options.contrasts]
+    present = [(a, b) for a, b in declared if a in settings and b in settings]
+    notes += [f"contrast {list(a)} against {list(b)}: a setting has no runs in this stratum"
+              for a, b in declared if (a, b) not in present]
+    contrasts = _comparisons(frame, present, stratum, primary, endpoints, options, seed)
+    complete = _pairs_by_seed(frame, settings)
+    summary = Stratum(stratum=stratum, label=_label(stratum), paired=complete,
+                      n_seeds=int(frame["seed"].nunique()), settings=[list(s) for s in settings],
+                      omnibus=_omnibus(frame, settings, complete, column), notes=notes)
+    return summary, groups, comparisons, contrasts
+
+
+def _omnibus(frame: pd.DataFrame, settings: list[Setting], paired: bool, column: str) -> Omnibus:
+    if paired:
+        matrix = pd.concat([_by_seed(frame, s, column) for s in settings], axis=1).to_numpy()
+        result = stats.friedman(matrix)
+    else:
+        result = stats.welch_anova([_by_seed(frame, s, column).to_numpy() for s in settings])
+    second = result.secondary
+    return Omnibus(result.test, result.statistic, result.p, result.reason,
+                   None if second is None else
+                   Omnibus(second.test, second.statistic, second.p, second.reason))
+
+
+def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], column: str,
+           options: Analysis, seed: int) -> Group:
+    rows = _rows(frame, setting)
+    acc = rows[column].to_numpy(dtype=float)
+    desc = stats.describe(acc, _rng(seed, "group", stratum, setting), options.bootstrap)
+    gap = (rows["train_acc"].to_numpy(dtype=float) - rows[METRIC].to_numpy(dtype=float))
+    gap = gap[np.isfinite(gap)]
+    reason = desc.reason
+    if desc.n_dropped:
+        excluded = f"{desc.n_dropped} diverged run(s) (non-finite {METRIC}) excluded"
+        reason = stats.join_reasons(excluded, reason)
+    return Group(
+        stratum=stratum, dropout1=setting[0], dropout2=setting[1], n=desc.n,
+        n_diverged=desc.n_dropped, mean=desc.mean, sd=desc.sd,
+        sd_ci95=stats.sd_ci(acc[np.isfinite(acc)], _rng(seed, "sd", stratum, setting),
+                            options.bootstrap),
+        ci95=desc.ci95,
+        ci95_boot=desc.ci95_boot, median=desc.median, iqr=desc.iqr,
+        train_loss_mean=_finite_mean(rows["train_loss"]),
+        train_acc_mean=_finite_mean(rows["train_acc"]),
+        gap_mean=float(gap.mean()) if gap.size else None, gap_ci95=stats.mean_ci(gap),
+        status_counts={str(k): int(v) for k, v in sorted(rows["status"].value_counts().items())},
+        # `== True`, not astype(bool): a missing check (NaN) must not count as passed.
+        textbook_check_passed=int((rows["textbook_check"] == True).sum()),  # noqa: E712
+        n_excluded=desc.n_dropped, reason=reason)
+
+
+def _finite_mean(values: pd.Series) -> float | None:
+    x = values.to_numpy(dtype=float)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one comparison tests under one endpoint: paired arrays over the seeds finite in both
+    groups when at least MIN_N are shared, else each group's finite values (Welch)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    paired: bool
+    n_pairs: int
+    note: str | None
+
+
+def _sample(frame: pd.DataFrame, setting: Setting, base: Setting, column: str) -> Sample:
+    x, y = _by_seed(frame, setting, column), _by_seed(frame, base, column)
+    x, y = x[np.isfinite(x.to_numpy())], y[np.isfinite(y.to_numpy())]
+    common = x.index.intersection(y.index)
+    if len(common) >= stats.MIN_N:
+        unmatched = len(x.index.union(y.index)) - len(common)
+        note = f"{unmatched} finite run(s) without a partner seed left out of the pairing" \
+            if unmatched else None
+        return Sample(x.loc[common].to_numpy(), y.loc[common].to_numpy(), True, len(common), note)
+    note = (f"only {len(common)} seed(s) finite in both groups: unpaired (Welch)"
+            if len(x) and len(y) else None)
+    return Sample(x.to_numpy(), y.to_numpy(), False, 0, note)
+
+
+Pair = tuple[Setting, Setting]  # (setting, reference): the gap is setting - reference
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Holm family of comparisons in a stratum, analysed together: the baseline
+    comparisons, or the declared contrasts (a family of their own, so declaring a contrast
+    never moves a baseline comparison's p-values)."""
+
+    pairs: list[Pair]
+    samples: dict[Endpoint, list[Sample]]
+    verse: dict[tuple[str, str], list[Cell]]
+    main: list[stats.Comparison]
+    divergence: list[Divergence]
+    variance_adjusted: list[float | None]
+    divergence_adjusted: list[float | None]
+    tost_multipliers: list[int | None]
+
+
+def _family(frame: pd.DataFrame, pairs: list[Pair], stratum: dict[str, Any], primary: Endpoint,
+            endpoints: list[Endpoint], options: Analysis, seed: int) -> Family:
+    samples = {e: [_sample(frame, s, ref, _column(e)) for s, ref in pairs] for e in endpoints}
+    verse = _multiverse(samples, options)
+    main = [_primary(sample, options, _rng(seed, "comparison", stratum, s, ref))
+            for sample, (s, ref) in zip(samples[primary], pairs)]
+    divergence = [_divergence(frame, s, ref) for s, ref in pairs]
+    return Family(pairs, samples, verse, main, divergence,
+                  stats.holm([c.brown_forsythe_p for c in main]),
+                  stats.holm([d.p for d in divergence]),
+                  _holm_multipliers([cell.location.tost_p for cell in verse[(primary.name, "t")]]))
+
+
+def _comparisons(frame: pd.DataFrame, pairs: list[Pair], stratum: dict[str, Any],
+                 primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
+                 seed: int) -> list[Comparison]:
+    if not pairs:
+        return []
+    fam = _family(frame, pairs, stratum, primary, endpoints, options, seed)
+    return [_record(fam, i, stratum, primary, options) for i in range(len(pairs))]
+
+
+def _record(fam: Family, i: int, stratum: dict[str, Any], primary: Endpoint,
+            options: Analysis) -> Comparison:
+    (s, ref), sample, c, div = fam.pairs[i], fam.samples[primary][i], fam.main[i], fam.divergence[i]
+    first, rank = fam.verse[(primary.name, "t")][i], fam.verse[(primary.name, "rank")][i]
+    robust, disagreeing = _robustness({k: v[i].entry for k, v in fam.verse.items()},
+                                      (primary.name, "t"))
+    k = fam.tost_multipliers[i]
+    level = stats.tost_level(options.alpha, k) if k is not None else None
+    # `compare` already ran the power analysis (with the margin); only groups too small for it
+    # to test still get their seed counts here.
+    pw = c.power or stats.power_analysis(first.location.estimate or 0.0, _sd(sample),
+                                         sample.x.size, sample.y.size, sample.paired,
+                                         options.alpha, options.power, options.equivalence_margin)
+    return Comparison(
+        stratum=stratum, dropout1=s[0], dropout2=s[1], baseline=list(ref),
+        endpoint=primary.name, n=c.n, n_setting=c.n_setting, n_baseline=c.n_baseline,
+        n_dropped=div.n_setting_diverged + div.n_base_diverged,
+        paired=sample.paired, n_pairs=sample.n_pairs,
+        mean_diff=c.mean_diff, mean_diff_ci95=c.mean_diff_ci95, test=c.test,
+        p=first.location.p, p_adjusted=first.entry.p_adjusted,
+        rank_test=rank.location.test, rank_p=rank.location.p,
+        rank_p_adjusted=rank.entry.p_adjusted,
+        hedges_g=c.hedges_g, prob_superiority=c.prob_superiority,
+        tost_p=first.location.tost_p, tost_p_adjusted=first.entry.tost_p_adjusted,
+        tost_ci90=first.location.ci90,
+        tost_ci=(stats.location_ci("t", sample.x, sample.y, paired=sample.paired, level=level)
+                 if level is not None else None),
+        tost_ci_level=level, verdict=first.entry.verdict,
+        settled_by_construction=first.location.forced is not None,
+        robust=robust, disagreeing=disagreeing,
+        multiverse=[cells[i].entry for cells in fam.verse.values()],
+        sd_ratio=c.variance_ratio, sd_ratio_ci95=c.variance_ratio_ci95,
+        brown_forsythe_p=c.brown_forsythe_p, fligner_p=c.fligner_p,
+        variance_p_adjusted=fam.variance_adjusted[i],
+        variance_verdict=stats.variance_verdict(fam.variance_adjusted[i], options.alpha),
+        mde=pw.mde, seeds_needed=pw.seeds_needed, seeds_needed_margin=pw.seeds_needed_margin,
+        seeds_needed_equivalence=pw.seeds_needed_equivalence,
+        n_diverged_setting=div.n_setting_diverged, n_diverged_baseline=div.n_base_diverged,
+        divergence_p=div.p, divergence_p_adjusted=fam.divergence_adjusted[i],
+        divergence_verdict=stats.variance_verdict(fam.divergence_adjusted[i], options.alpha),
+        reason=stats.join_reasons(sample.note, div.note, first.location.reason, c.reason,
+                                  pw.reason))
+
+
+def _sd(sample: Sample) -> float:
+    """SD of the paired differences, or the pooled SD: the scale power is computed on."""
+    if sample.x.size < 2 or sample.y.size < 2:
+        return 0.0
+    if sample.paired:
+        return float((sample.x - sample.y).std(ddof=1))
+    return stats.pooled_sd(sample.x, sample.y)
+
+
+def _primary(sample: Sample, options: Analysis, rng: np.random.Generator) -> stats.Comparison:
+    """The descriptive extras of the primary analysis: interval, effect sizes, spread."""
+    return stats.compare(sample.x, sample.y, paired=sample.paired, rng=rng,
+                         margin=options.equivalence_margin, alpha=options.alpha,
+                         power=options.power, n_boot=options.bootstrap)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    n_setting_diverged: int
+    n_base_diverged: int
+    p: float | None
+    note: str | None
+
+
+def _divergence(frame: pd.DataFrame, setting: Setting, base: Setting) -> Divergence:
+    """Diverged runs are left out of the accuracy test but counted here, so a setting that
+    often blows up is not made to look as good as one that never does."""
+    a, b = _rows(frame, setting), _rows(frame, base)
+    da, db = int((a["status"] == "diverged").sum()), int((b["status"] == "diverged").sum())
+    test = stats.divergence(da, len(a), db, len(b))
+    note = (f"{da} diverged run(s) of the setting and {db} of the baseline excluded from the "
+            "accuracy test" if da or db else None)
+    return Divergence(da, db, test.p if (da or db) else None, note)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One comparison under one (endpoint, test): the location result and its verdict."""
+
+    location: stats.Location
+    entry: Analysed
+
+
+def _multiverse(samples: dict[Endpoint, list[Sample]],
+                options: Analysis) -> dict[tuple[str, str], list[Cell]]:
+    """Every (endpoint, test) analysis of every comparison, each its own Holm family."""
+    out = {}
+    for endpoint, row in samples.items():
+        for test in ROBUSTNESS_TESTS:
+            locs = [stats.location(test, s.x, s.y, paired=s.paired,
+                                   margin=options.equivalence_margin, grid=endpoint.grid)
+                    if min(s.x.size, s.y.size) >= stats.MIN_N else None for s in row]
+            p_adj = stats.holm([loc.p if loc else None for loc in locs])
+            t_adj = stats.holm([loc.tost_p if loc else None for loc in locs])
+            out[(endpoint.name, test)] = [
+                _cell(endpoint, test, s, loc, p, t, options.alpha)
+                for s, loc, p, t in zip(row, locs, p_adj, t_adj)]
+    return out
+
+
+def _cell(endpoint: Endpoint, test: str, sample: Sample, loc: stats.Location | None,
+          p_adj: float | None, tost_adj: float | None, alpha: float) -> Cell:
+    if loc is None:
+        loc = stats.Location(test, "", None, None, None, None, None,
+                             reason=f"fewer than {stats.MIN_N} finite runs per group")
+    verdict = stats.verdict(p_adj, tost_adj, alpha, loc.forced)
+    return Cell(loc, Analysed(endpoint=endpoint.name, test=test, verdict=verdict,
+                              mean_diff=loc.estimate, p_adjusted=p_adj, tost_p_adjusted=tost_adj,
+                              paired=sample.paired, n_pairs=sample.n_pairs, ci95=loc.ci95,
+                              tost_ci90=loc.ci90))
+
+
+def _robustness(verdicts: dict[tuple[str, str], Analysed],
+                primary: tuple[str, str]) -> tuple[bool | None, list[str]]:
+    """Robust when every analysis gives the primary's verdict (and, for `different`, the same
+    sign); otherwise the analyses that disagree, named "endpoint/test: verdict"."""
+    main = verdicts[primary]
+    def agrees(a: Analysed) -> bool:
+        if a.verdict != main.verdict:
+            return False
+        return a.verdict != "different" or np.sign(a.mean_diff or 0) == np.sign(main.mean_diff or 0)
+    others = [a for a in verdicts.values() if a is not main]
+    if not others:
+        return None, []
+    off = [f"{a.endpoint}/{a.test}: {a.verdict}" for a in others if not agrees(a)]
+    return not off, off
+
+
+def _holm_multipliers(p: list[float | None]) -> list[int | None]:
+    """Holm's multiplier (m - rank) for each p-value; None stays None and is not counted."""
+    idx = sorted((i for i, v in enumerate(p) if v is not None), key=lambda i: p[i])
+    out: list[int | None] = [None] * len(p)
+    for rank, i in enumerate(idx):
+        out[i] = len(idx) - rank
+    return out
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+
+def flatten(record: dict[str, Any]) -> dict[str, Any]:
+    """One results record -> one CSV row: stratum dict into its columns, [lo, hi] lists into
+    `_lo`/`_hi`, the baseline into `baseline_dropout1/2`, other dicts into `key_sub`."""
+    row: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "stratum":
+            row.update(value)
+        elif key == "baseline":
+            row["baseline_dropout1"], row["baseline_dropout2"] = value
+        elif isinstance(value, dict):
+            row.update({f"{key}_{k}": v for k, v in value.items()})
+        elif isinstance(value, (list, tuple)) and len(value) == 2:
+            row[f"{key}_lo"], row[f"{key}_hi"] = value
+        elif value is None and key in _INTERVALS:
+            row[f"{key}_lo"] = row[f"{key}_hi"] = None
+        elif isinstance(value, (list, tuple)):
+            row[key] = "; ".join(map(str, value))
+        else:
+            row[key] = value
+    return row
+
+
+# Interval-valued fields that may be None: they still get their _lo/_hi columns.
+_INTERVALS = ("ci95", "ci95_boot", "iqr", "gap_ci95", "mean_diff_ci95", "variance_ratio_ci95",
+              "sd_ratio_ci95", "tost_ci90", "tost_ci")
+
+
+def _counts_as_int(frame: pd.DataFrame) -> pd.DataFrame:
+    # A status absent from a group is a count of 0, not a missing value (which prints as 10.0).
+    cols = [c for c in frame.columns if c.startswith("status_counts_")]
+    frame[cols] = frame[cols].fillna(0).astype(int)
+    return frame
+
+
+def _sorted_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    keys = [*STRATUM_COLUMNS, "dropout1", "dropout2", "seed", "replicate"]
+    return runs.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    frame.to_csv(path, index=False, lineterminator="\n")
