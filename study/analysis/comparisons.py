@@ -38,27 +38,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study.analysis import diagnostics, inference as mc_analysis, stats
+from study.analysis import diagnostics, inference as mc_analysis, interaction, stats
+from study.analysis.settings import METRIC, Setting, by_seed, rows_of, setting_of, settings_in
 from study.protocol.schema import Analysis
 from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Curve,
                            CurvePoint, Endpoint, Group, Omnibus, Results, Stratum)
 from study.analysis.table import STRATUM_COLUMNS, RunTable, scalar
 
-METRIC = "test_acc"
-
-
 class AnalysisError(ValueError):
     """The runs cannot be analysed as asked (e.g. an endpoint longer than the runs)."""
-Setting = tuple[float, float]
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
 def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
             seed: int = 0) -> Results:
     """RunTable -> Results (JSON form: `Results.to_json()`). `seed` drives every bootstrap."""
-    base = _setting(*baseline)
+    base = setting_of(*baseline)
     runs = table.runs[table.runs["replicate"] == 0]
     _check_unique(runs)
     primary = Endpoint.parse(options.endpoint)
@@ -87,7 +82,6 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
 
 def _interactions(runs: pd.DataFrame, groups: list[Group], comparisons: list[Comparison],
                   base: Setting, primary: Endpoint) -> list:
-    from study.analysis import interaction  # it reads this module's helpers: imported when called
     return interaction.analyze(runs, groups, comparisons, base, _column(primary), primary.name)
 
 
@@ -151,11 +145,6 @@ def write_diagnostics(diag: dict[str, Any], out_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- strata
 
 
-def _setting(d1: float, d2: float) -> Setting:
-    # Rounded so 0.2 read back from MLflow as 0.20000000001 still names the same setting.
-    return (round(float(d1), 6), round(float(d2), 6))
-
-
 def _check_unique(runs: pd.DataFrame) -> None:
     keys = [*STRATUM_COLUMNS, "dropout1", "dropout2", "seed"]
     dup = runs[runs.duplicated(keys, keep=False)]
@@ -183,24 +172,8 @@ def _label(stratum: dict[str, Any]) -> str:
     return " / ".join(str(stratum[c]) for c in STRATUM_COLUMNS)
 
 
-def _settings(frame: pd.DataFrame) -> list[Setting]:
-    pairs = {_setting(a, b) for a, b in zip(frame["dropout1"], frame["dropout2"])}
-    return sorted(pairs)
-
-
-def _rows(frame: pd.DataFrame, setting: Setting) -> pd.DataFrame:
-    # Rounded as `_setting` rounds, vectorised: this runs for every group, endpoint and test.
-    d1, d2 = (frame[c].to_numpy(dtype=float).round(6) for c in ("dropout1", "dropout2"))
-    return frame[(d1 == setting[0]) & (d2 == setting[1])]
-
-
-def _by_seed(frame: pd.DataFrame, setting: Setting, column: str = METRIC) -> pd.Series:
-    rows = _rows(frame, setting)
-    return pd.Series(rows[column].to_numpy(dtype=float), index=rows["seed"].to_numpy()).sort_index()
-
-
 def _pairs_by_seed(frame: pd.DataFrame, settings: list[Setting]) -> bool:
-    seed_sets = {frozenset(_rows(frame, s)["seed"]) for s in settings}
+    seed_sets = {frozenset(rows_of(frame, s)["seed"]) for s in settings}
     return len(seed_sets) == 1
 
 
@@ -293,7 +266,7 @@ def _curve_point(epoch: int, x: np.ndarray) -> CurvePoint:
 def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting,
                      primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
                      seed: int) -> tuple[Stratum, list[Group], list[Comparison], list[Comparison]]:
-    settings = _settings(frame)
+    settings = settings_in(frame)
     column = _column(primary)
     groups = [_group(frame, s, stratum, column, options, seed) for s in settings]
     notes = []
@@ -301,7 +274,7 @@ def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting
         notes.append(f"baseline {list(base)} has no runs in this stratum: no comparisons")
     pairs = [(s, base) for s in settings if s != base and base in settings]
     comparisons = _comparisons(frame, pairs, stratum, primary, endpoints, options, seed)
-    declared = [(_setting(*a), _setting(*b)) for a, b in options.contrasts]
+    declared = [(setting_of(*a), setting_of(*b)) for a, b in options.contrasts]
     present = [(a, b) for a, b in declared if a in settings and b in settings]
     notes += [f"contrast {list(a)} against {list(b)}: a setting has no runs in this stratum"
               for a, b in declared if (a, b) not in present]
@@ -315,10 +288,10 @@ def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting
 
 def _omnibus(frame: pd.DataFrame, settings: list[Setting], paired: bool, column: str) -> Omnibus:
     if paired:
-        matrix = pd.concat([_by_seed(frame, s, column) for s in settings], axis=1).to_numpy()
+        matrix = pd.concat([by_seed(frame, s, column) for s in settings], axis=1).to_numpy()
         result = stats.friedman(matrix)
     else:
-        result = stats.welch_anova([_by_seed(frame, s, column).to_numpy() for s in settings])
+        result = stats.welch_anova([by_seed(frame, s, column).to_numpy() for s in settings])
     second = result.secondary
     return Omnibus(result.test, result.statistic, result.p, result.reason,
                    None if second is None else
@@ -327,7 +300,7 @@ def _omnibus(frame: pd.DataFrame, settings: list[Setting], paired: bool, column:
 
 def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], column: str,
            options: Analysis, seed: int) -> Group:
-    rows = _rows(frame, setting)
+    rows = rows_of(frame, setting)
     acc = rows[column].to_numpy(dtype=float)
     desc = stats.describe(acc, _rng(seed, "group", stratum, setting), options.bootstrap)
     gap = (rows["train_acc"].to_numpy(dtype=float) - rows[METRIC].to_numpy(dtype=float))
@@ -374,7 +347,7 @@ class Sample:
 
 
 def _sample(frame: pd.DataFrame, setting: Setting, base: Setting, column: str) -> Sample:
-    x, y = _by_seed(frame, setting, column), _by_seed(frame, base, column)
+    x, y = by_seed(frame, setting, column), by_seed(frame, base, column)
     x, y = x[np.isfinite(x.to_numpy())], y[np.isfinite(y.to_numpy())]
     common = x.index.intersection(y.index)
     if len(common) >= stats.MIN_N:
@@ -499,7 +472,7 @@ class Divergence:
 def _divergence(frame: pd.DataFrame, setting: Setting, base: Setting) -> Divergence:
     """Diverged runs are left out of the accuracy test but counted here, so a setting that
     often blows up is not made to look as good as one that never does."""
-    a, b = _rows(frame, setting), _rows(frame, base)
+    a, b = rows_of(frame, setting), rows_of(frame, base)
     da, db = int((a["status"] == "diverged").sum()), int((b["status"] == "diverged").sum())
     test = stats.divergence(da, len(a), db, len(b))
     note = (f"{da} diverged run(s) of the setting and {db} of the baseline excluded from the "

@@ -500,7 +500,7 @@ def _sources_omnibus(values: dict[str, pd.Series]) -> SourceOmnibus:
     if all(stats.is_constant(g) for g in groups):
         return SourceOmnibus("brown_forsythe", None, None,
                              "every source has zero spread: nothing to test")
-    res = stats._quiet(sps.levene, *groups, center="median")
+    res = stats.quiet(sps.levene, *groups, center="median")
     p = _finite(res.pvalue)
     if p is None:
         return SourceOmnibus("brown_forsythe", None, None, "Brown-Forsythe not computable here")

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from study.analysis import stats
-from study.analysis.comparisons import METRIC, Setting, _by_seed, _rows, _setting
+from study.analysis.settings import METRIC, Setting, by_seed, rows_of, setting_of
 from study.results import (OVERFIT_GAP, OVERFIT_TRAIN_ACC, Comparison, DosePoint, Group,
                            Interaction, Regime, SizeEffect)
 from study.analysis.table import STRATUM_COLUMNS, scalar
@@ -78,8 +78,8 @@ def _points(frame: pd.DataFrame, effects: list[SizeEffect], base: Setting,
         if e.best is None:
             continue
         rows = frame[frame[SIZE] == e.train_images]
-        gap = _by_seed(rows, base, "train_acc") - _by_seed(rows, base, METRIC)
-        gain = _by_seed(rows, _setting(*e.best), column) - _by_seed(rows, base, column)
+        gap = by_seed(rows, base, "train_acc") - by_seed(rows, base, METRIC)
+        gain = by_seed(rows, setting_of(*e.best), column) - by_seed(rows, base, column)
         both = gap.index.intersection(gain.index)
         parts.append(pd.DataFrame({"gap": gap.loc[both].to_numpy(),
                                    "gain": gain.loc[both].to_numpy(), "seed": both.to_numpy()}))
@@ -135,7 +135,7 @@ def choose_best(comps: list[Comparison]) -> tuple[Comparison | None, str]:
 
 def regime(frame: pd.DataFrame, base: Setting) -> Regime:
     """The baseline's fit at one size, from each seed's final epoch."""
-    rows = _rows(frame, base)
+    rows = rows_of(frame, base)
     train, test = (rows[c].to_numpy(dtype=float) for c in ("train_acc", METRIC))
     ok = np.isfinite(train) & np.isfinite(test)
     train, test = train[ok], test[ok]

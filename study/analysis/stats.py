@@ -181,7 +181,7 @@ def drop_nan_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return x[keep], y[keep], int((~keep).sum())
 
 
-def _quiet(fn, *args, **kwargs):
+def quiet(fn, *args, **kwargs):
     # scipy warns (and returns NaN) on degenerate input; callers turn NaN into a reason.
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
@@ -245,7 +245,7 @@ def bootstrap_ci(statistic, samples: tuple[np.ndarray, ...], *, paired: bool,
         return None, "point", "statistic undefined on the data"
     if all(is_constant(v) for v in samples):
         return (point, point), "point", "every value is the same: each resample gives the point"
-    res = _quiet(sps.bootstrap, samples, statistic, n_resamples=n_resamples, paired=paired,
+    res = quiet(sps.bootstrap, samples, statistic, n_resamples=n_resamples, paired=paired,
                  vectorized=True, axis=-1, confidence_level=level, method="BCa", rng=rng)
     lo, hi = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)
     if lo is not None and hi is not None:
@@ -300,7 +300,7 @@ def measure_coverage(statistic: str, n: int, replicates: int, rng: np.random.Gen
     fn, k = COVERAGE_STATISTICS[statistic]
     data = tuple(rng.standard_normal((replicates, n)) for _ in range(k))
     # batch: resamples per vectorised call; small batches keep the arrays in cache (4x faster).
-    res = _quiet(sps.bootstrap, data, fn, n_resamples=n_resamples, vectorized=True, axis=-1,
+    res = quiet(sps.bootstrap, data, fn, n_resamples=n_resamples, vectorized=True, axis=-1,
                  confidence_level=level, method=method, rng=rng, batch=50)
     lo, hi = np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
@@ -365,7 +365,7 @@ def friedman(matrix: np.ndarray) -> Omnibus:
     if all(is_constant(row) for row in m):
         return Omnibus("friedman", None, None,
                        join_reasons(note, "every seed gives the same value for every setting: no ranks"))
-    res = _quiet(sps.friedmanchisquare, *m.T)
+    res = quiet(sps.friedmanchisquare, *m.T)
     return _omnibus_from("friedman", res, note)
 
 
@@ -392,7 +392,7 @@ def welch_anova(groups: Sequence[np.ndarray]) -> Omnibus:
         # Welch weights are n / variance: a zero-variance group has infinite weight.
         why = "a setting has zero variance: Welch weights undefined"
         return Omnibus("welch_anova", None, None, join_reasons(note, why), secondary)
-    res = _quiet(anova_oneway, gs, use_var="unequal")
+    res = quiet(anova_oneway, gs, use_var="unequal")
     return _omnibus_from("welch_anova", res, note, secondary)
 
 
@@ -403,7 +403,7 @@ def kruskal(groups: Sequence[np.ndarray]) -> TestResult:
         return TestResult("kruskal", None, None, "fewer than 2 settings with data")
     if is_constant(np.concatenate(gs)):
         return TestResult("kruskal", None, None, "every run gives the same value: no ranks")
-    res = _quiet(sps.kruskal, *gs)
+    res = quiet(sps.kruskal, *gs)
     return _test_from("kruskal", res)
 
 
@@ -480,7 +480,7 @@ def mann_whitney(x: np.ndarray, y: np.ndarray, grid: float | None = None) -> Tes
     x, y = on_grid(x, grid), on_grid(y, grid)
     if is_constant(np.concatenate([x, y])):
         return TestResult("mann_whitney", None, None, "every run gives the same value: no ranks")
-    return _test_from("mann_whitney", _quiet(sps.mannwhitneyu, x, y, alternative="two-sided"))
+    return _test_from("mann_whitney", quiet(sps.mannwhitneyu, x, y, alternative="two-sided"))
 
 
 def hedges_correction(df: float) -> float:
@@ -802,7 +802,7 @@ def signed_rank_p(d: np.ndarray, alternative: str = "two-sided") -> float | None
         return None
     ranks = sps.rankdata(np.abs(d))
     if np.unique(ranks).size == ranks.size or d.size > EXACT_SIGNED_RANK_MAX:
-        return _finite(_quiet(sps.wilcoxon, d, alternative=alternative).pvalue)
+        return _finite(quiet(sps.wilcoxon, d, alternative=alternative).pvalue)
     patterns = (np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1
     null = patterns @ ranks  # T+ under every assignment of signs
     observed = ranks[d > 0].sum()
@@ -815,7 +815,7 @@ def signed_rank_p(d: np.ndarray, alternative: str = "two-sided") -> float | None
 def _rank_p(ux: np.ndarray, uy: np.ndarray, paired: bool, alternative: str) -> float | None:
     if paired:
         return signed_rank_p(ux - uy, alternative)
-    return _finite(_quiet(sps.mannwhitneyu, ux, uy, alternative=alternative).pvalue)
+    return _finite(quiet(sps.mannwhitneyu, ux, uy, alternative=alternative).pvalue)
 
 
 def _rank_location(test: str, x: np.ndarray, y: np.ndarray, paired: bool, margin: float,
@@ -863,8 +863,8 @@ def spread(x: np.ndarray, y: np.ndarray, paired: bool, rng: np.random.Generator,
         why = "both settings have zero variance: equal spread by construction, nothing to test"
         none = TestResult("brown_forsythe", None, None, why)
         return Spread(None, None, none, TestResult("fligner", None, None, why), why)
-    bf = _test_from("brown_forsythe", _quiet(sps.levene, x, y, center="median"))
-    fk = _test_from("fligner", _quiet(sps.fligner, on_grid(x, grid), on_grid(y, grid)))
+    bf = _test_from("brown_forsythe", quiet(sps.levene, x, y, center="median"))
+    fk = _test_from("fligner", quiet(sps.fligner, on_grid(x, grid), on_grid(y, grid)))
     sx, sy = float(x.std(ddof=1)), float(y.std(ddof=1))
     if sy <= TOLERANCE:
         return Spread(None, None, bf, fk, "baseline SD is 0: ratio undefined")
@@ -1131,7 +1131,7 @@ def divergence(n_div_setting: int, n_setting: int, n_div_baseline: int, n_baseli
     if not (0 <= n_div_setting <= n_setting and 0 <= n_div_baseline <= n_baseline):
         raise ValueError("diverged counts must lie between 0 and the number of runs")
     table = [[n_div_setting, n_setting - n_div_setting], [n_div_baseline, n_baseline - n_div_baseline]]
-    res = _quiet(sps.fisher_exact, table, alternative="two-sided")
+    res = quiet(sps.fisher_exact, table, alternative="two-sided")
     odds = _finite(res.statistic)
     why = None if odds is not None else "odds ratio infinite or undefined (a zero cell)"
     return TestResult("fisher_exact", odds, float(res.pvalue), why)

@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from study.protocol.schema import _STRICT, Protocol, ProtocolError, _describe, _read, _short, _yaml
+from study.protocol.schema import STRICT, Protocol, ProtocolError, describe, parse_yaml, read_text, short
 from study.protocol.schema import load as load_protocol
 
 # Every claim of the lesson, in the order the paper gives them. C1-C5 and C3' have a section
@@ -35,7 +35,7 @@ def _claim(key: str) -> str:
     return key
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Entry:
     """One protocol of the lesson and the claims it answers."""
 
@@ -53,7 +53,7 @@ class Entry:
         return tuple(_claim(k) for k in claims)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Open:
     """A claim no listed protocol answers yet, and what would measure it."""
 
@@ -67,7 +67,7 @@ class Open:
         return _claim(claim)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Lesson:
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     protocols: tuple[Entry, ...]
@@ -114,13 +114,13 @@ _ADAPTER = TypeAdapter(Lesson)
 def load(path: str | Path) -> Lesson:
     """Read and validate a lesson file (its protocol files are loaded by `parts`)."""
     path = Path(path)
-    raw = _yaml(_read(path), str(path))
+    raw = parse_yaml(read_text(path), str(path))
     if not isinstance(raw, dict):
-        raise ProtocolError(f"{path}: expected a mapping of keys at the top, got {_short(raw)}")
+        raise ProtocolError(f"{path}: expected a mapping of keys at the top, got {short(raw)}")
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as err:
-        raise ProtocolError(_describe(err, str(path), root=Lesson)) from None
+        raise ProtocolError(describe(err, str(path), root=Lesson)) from None
 
 
 def parts(lesson: Lesson, path: str | Path, overrides: list[str] = ()) -> list[Part]:

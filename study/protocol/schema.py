@@ -27,7 +27,7 @@ from study.protocol.plan import TRAIN_IMAGES, is_evaluated
 
 # Extra keys are errors; scalars are strict (no "10" for 10), containers accept YAML lists.
 # YAML reads `.inf` and `.nan` as floats; no rate, margin or std of a study is either.
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 # Longest value repr in an error line: a whole mapping would drown the key it belongs to.
 _VALUE_CHARS = 60
 
@@ -56,7 +56,7 @@ def _nonempty(items: tuple) -> tuple:
     return items
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Model:
     arch: Literal["mlp", "lenet"] = "mlp"
     hidden: tuple[Annotated[int, Field(gt=0, strict=True)], ...] = (256, 256)
@@ -70,7 +70,7 @@ Epochs = Annotated[int, Field(gt=0, strict=True)]
 Subset = Annotated[int, Field(gt=0, strict=True)] | None
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class SizeBudget:
     """The budget of the cells trained on one training-set size: small sets need many more
     passes to be fitted, and their test evaluation (10k images) costs more than an epoch."""
@@ -83,7 +83,7 @@ class SizeBudget:
     lr: Annotated[float, Field(gt=0, strict=True)] | None = None
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Training:
     epochs: Epochs = 10
     batch_size: Annotated[int, Field(gt=0, strict=True)] = 256
@@ -107,7 +107,7 @@ class Training:
         return is_evaluated(epoch, self.eval_every, self.epochs)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Data:
     dataset: Literal["fashion-mnist"] = "fashion-mnist"
     # First N training images in file order (a fixed subset, the same for every seed, and
@@ -131,7 +131,7 @@ class Data:
         return self.train_subset if isinstance(self.train_subset, tuple) else (self.train_subset,)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Seeds:
     count: Annotated[int, Field(gt=0, strict=True)] | None = None
     start: Annotated[int, Field(ge=0, strict=True)] = 0
@@ -154,7 +154,7 @@ class Seeds:
         return tuple(range(self.start, self.start + self.count))
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Analysis:
     alpha: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.05
     # Equivalence margin for TOST, in accuracy units (0.005 = 0.5 percentage points).
@@ -169,7 +169,7 @@ class Analysis:
     contrasts: tuple[tuple[Setting, Setting], ...] = ()
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Inference:
     # Stochastic forward passes over the test set with dropout left on, made after training
     # with masks from the run's `inference` stream (0: none). MC-averaged and eval-mode
@@ -184,7 +184,7 @@ class Inference:
         return n
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class Protocol:
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     dropout: tuple[Setting, ...]
@@ -274,15 +274,15 @@ _ADAPTER = TypeAdapter(Protocol)
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Protocol:
     """Read a protocol file, apply `key=value` overrides, and validate the result."""
     path = Path(path)
-    raw = _yaml(_read(path), str(path))
+    raw = parse_yaml(read_text(path), str(path))
     if not isinstance(raw, dict):
-        raise ProtocolError(f"{path}: expected a mapping of keys at the top, got {_short(raw)}")
+        raise ProtocolError(f"{path}: expected a mapping of keys at the top, got {short(raw)}")
     for item in overrides:
         raw = apply_override(raw, item, path)
     return parse(raw, source=str(path), overridden=[_override_key(item) for item in overrides])
 
 
-def _read(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -309,7 +309,7 @@ class _UniqueKeys(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader's own error names it
                 continue
             if first is not value_node:
-                values = [_short(self.construct_object(n, deep=True)) for n in (first, value_node)]
+                values = [short(self.construct_object(n, deep=True)) for n in (first, value_node)]
                 raise yaml.MarkedYAMLError(
                     problem=f"key {key!r} is given twice ({values[0]} on line "
                             f"{first.start_mark.line + 1}, {values[1]} on line "
@@ -318,7 +318,7 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _yaml(text: str, where: str) -> Any:
+def parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
     except yaml.MarkedYAMLError as err:
@@ -335,7 +335,7 @@ def parse(raw: dict[str, Any], source: str = "<protocol>",
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as err:
-        raise ProtocolError(_describe(err, source, overridden)) from None
+        raise ProtocolError(describe(err, source, overridden)) from None
 
 
 def _override_key(item: str) -> str:
@@ -349,21 +349,21 @@ def apply_override(raw: dict[str, Any], item: str, path: Path | str = "--set") -
     if not sep or not all(parts):
         raise ProtocolError(f"{path}: --set {item!r}: expected key=value, the key dotted like "
                             "training.epochs")
-    value = _yaml(text, f"{path}: --set {key}: value {text!r}")
+    value = parse_yaml(text, f"{path}: --set {key}: value {text!r}")
     out = json.loads(json.dumps(raw))
     node = out
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
-            raise ProtocolError(f"{path}: --set {key}: '{where}' holds {_short(child)}, "
+            raise ProtocolError(f"{path}: --set {key}: '{where}' holds {short(child)}, "
                                 "not a mapping")
         node = child
     node[parts[-1]] = value
     return out
 
 
-def _describe(err: ValidationError, source: str, overridden: list[str] = (),
+def describe(err: ValidationError, source: str, overridden: list[str] = (),
               root: type = Protocol) -> str:
     """One line per problem: file, dotted key, what is wrong, the value, and where it was set.
     `root`: the dataclass of the file's top level, for "did you mean" suggestions."""
@@ -375,13 +375,13 @@ def _describe(err: ValidationError, source: str, overridden: list[str] = (),
         key = ".".join(loc)
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "missing" and loc and loc[-1].isdigit():  # a pair with one entry
-            line = f"{'.'.join(loc[:-1])}: too few items (value: {_short(e.get('input'))})"
+            line = f"{'.'.join(loc[:-1])}: too few items (value: {short(e.get('input'))})"
         elif e["type"] == "missing":
             line = f"{key}: required key is missing"
         elif e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            line = f"{key}: unknown key{_suggest(loc, root)} (value: {_short(e.get('input'))})"
+            line = f"{key}: unknown key{_suggest(loc, root)} (value: {short(e.get('input'))})"
         elif key:
-            line = f"{key}: {message} (value: {_short(e.get('input'))})"
+            line = f"{key}: {message} (value: {short(e.get('input'))})"
         else:  # a check across keys: its message names the key and the value itself
             line = message
         if any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.")
@@ -420,6 +420,6 @@ def _suggest(loc: list[str], root: type = Protocol) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(names)}"
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 3] + "..."

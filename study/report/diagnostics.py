@@ -246,7 +246,7 @@ def keep_rate_blocks(results: Results, figs: Sequence[FigureFile]) -> list[Block
               "and p = 1 draw no mask and are left out).", "llrrrrrrr")]
     off = [para(keep_finding(r)) for r in _worst_keep_records(section.records)]
     blocks += [Bullets(tuple(off))] if off else []
-    return blocks + _figures_named(figs, "keep_rates")
+    return blocks + figures_named(figs, "keep_rates")
 
 
 def _worst_keep_records(records: Sequence[KeepRecord]) -> list[KeepRecord]:
@@ -338,7 +338,7 @@ def sources_section(results: Results, figs: Sequence[FigureFile]) -> list[Block]
                                f"{', ' + where(s.stratum, keys) if keys else ''}: "
                                f"{summers_finding(s, recs, low)}{_omnibus_sources(s)}")
                           for s in summaries)),
-            *_figures_named(figs, "variance_sources")]
+            *figures_named(figs, "variance_sources")]
 
 
 def summers_finding(s: SourceSummary, records: Sequence[SourceRecord], low: float) -> str:
@@ -455,7 +455,7 @@ def _sources_headline(results: Results) -> str:
             f"{', '.join(parts)} of {len(summaries)} settings.")
 
 
-def _figures_named(figs: Sequence[FigureFile], name: str) -> list[Block]:
+def figures_named(figs: Sequence[FigureFile], name: str) -> list[Block]:
     return [Fig(f) for f in figs if f.name == name]
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from study.report.figures import setting_label
 from study.report.context import Inputs
-from study.report.diagnostics import _figures_named
+from study.report.diagnostics import figures_named
 from study.report.document import Block, Table, para
 from study.report.wording import (CORRECTION, NA, count, fmt_ci_num, fmt_ci_pct, fmt_ci_pp,
                                   fmt_num, fmt_pct, fmt_pp, p_rel, verdict_cell, verdict_word)
@@ -28,7 +28,7 @@ def claim_inference(inputs: Inputs) -> list[Block]:
         trend = next((t for t in mc.trends if str(t.stratum) == key), None)
         blocks += [para(f"{labels.get(key, key)}: ", stratum_text(settings, trend, mc)),
                    _table(settings, labels.get(key, key))]
-    return blocks + _figures_named(inputs.figs, "mc_flip_rate")
+    return blocks + figures_named(inputs.figs, "mc_flip_rate")
 
 
 def method_text(mc: Inference) -> str:
