@@ -29,7 +29,7 @@ from study.analysis import stats
 from study.analysis.settings import METRIC, Setting, by_seed, rows_of, setting_of
 from study.results import (OVERFIT_GAP, OVERFIT_TRAIN_ACC, Comparison, DosePoint, Group,
                            Interaction, Regime, SizeEffect)
-from study.analysis.table import STRATUM_COLUMNS, scalar
+from study.analysis.table import STRATUM_COLUMNS, scalar, stratum_label
 
 SIZE = "train_images"
 OTHERS = tuple(c for c in STRATUM_COLUMNS if c != SIZE)
@@ -42,6 +42,7 @@ def analyze(runs: pd.DataFrame, groups: list[Group], comparisons: list[Compariso
     `runs`: first runs with the endpoint column `column`; `groups`, `comparisons`: the per-size
     results `analysis` already computed (so verdicts are the report's own)."""
     out = []
+    varying = [c for c in OTHERS if runs[c].nunique(dropna=False) > 1]
     for values, frame in runs.groupby(list(OTHERS), dropna=False, sort=True):
         sizes = sorted(int(n) for n in frame[SIZE].dropna().unique())
         if len(sizes) < 2:
@@ -49,12 +50,14 @@ def analyze(runs: pd.DataFrame, groups: list[Group], comparisons: list[Compariso
         others = {c: scalar(v) for c, v in zip(OTHERS, values)}
         effects = [_size_effect(frame[frame[SIZE] == n], {**others, SIZE: n}, groups,
                                 comparisons, base, column) for n in sizes]
-        out.append(_interaction(frame, others, effects, base, column, endpoint))
+        out.append(_interaction(frame, others, stratum_label(others, varying), effects, base,
+                                column, endpoint))
     return out
 
 
-def _interaction(frame: pd.DataFrame, others: dict[str, Any], effects: list[SizeEffect],
-                 base: Setting, column: str, endpoint: str) -> Interaction:
+def _interaction(frame: pd.DataFrame, others: dict[str, Any], label: str,
+                 effects: list[SizeEffect], base: Setting, column: str,
+                 endpoint: str) -> Interaction:
     gap, gain, seed = _points(frame, effects, base, column)
     trend = stats.cluster_slope(gap, gain, seed)
     per_seed = stats.per_cluster_slope(gap, gain, seed)
@@ -63,7 +66,7 @@ def _interaction(frame: pd.DataFrame, others: dict[str, Any], effects: list[Size
     if base != (0.0, 0.0):
         notes.append(f"the baseline is {list(base)}, not (0, 0): gains are over that setting")
     holds, why = verdict(effects, trend)
-    return Interaction(stratum=others, label=" / ".join(str(others[c]) for c in OTHERS),
+    return Interaction(stratum=others, label=label,
                        baseline=list(base), endpoint=endpoint, sizes=effects, trend=trend,
                        trend_per_seed=per_seed, n_points=int(np.isfinite(gain).sum()),
                        holds=holds, holds_reason=why, notes=notes)
