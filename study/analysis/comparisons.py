@@ -2,7 +2,7 @@
 
     python -m study analyze protocols/d2l-dropout.yaml
 
-`analyze` turns a `RunTable` into `results.Results` (the contract: README "Results"); `write`
+`analyze` turns a `RunTable` into `results.Results` (the contract: docs/results.md); `write`
 saves its JSON form as `results.json` plus flat CSV tables. Only first runs of a cell
 (`replicate == 0`) enter the statistics: replicates repeat a seed exactly and measure
 determinism, not seed-to-seed spread.

@@ -1,7 +1,7 @@
 """The tidy table that analysis reads: what `tracking.load_runs` returns from an MLflow experiment.
 
 Analysis, figures and the report take a `RunTable` and nothing else from the store, so a user's
-own runs (logged with the schema in README.md) are analysed the same way as ours.
+own runs (logged with the schema in docs/run-schema.md) are analysed the same way as ours.
 """
 
 from __future__ import annotations

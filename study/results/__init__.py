@@ -1,5 +1,5 @@
 """The typed results contract: what `analysis` produces and what JSON, CSV, figures and the report
-read. Every field here is in `results.json` under the same name (see README "Results").
+read. Every field here is in `results.json` under the same name (see docs/results.md).
 
     python -c "from study.results import Endpoint; print(Endpoint.parse('last:3'))"
 

@@ -1,7 +1,7 @@
 """The only module that talks to MLflow: log results, list finished cells, load runs as a table.
 
 Store: `mlruns/mlflow.db` (SQLite) with artifacts in `mlruns/artifacts`, unless
-`MLFLOW_TRACKING_URI` names another. The run schema is documented in README.md ("Run schema").
+`MLFLOW_TRACKING_URI` names another. The run schema is documented in docs/run-schema.md.
 """
 
 from __future__ import annotations
