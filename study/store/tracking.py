@@ -273,6 +273,25 @@ def finished_keys(mlflow: MlflowClient, exp_id: str) -> set[str]:
     return {r.tags.get("study.cell") for r in _finished_records(mlflow, exp_id)}
 
 
+def find_experiment(mlflow: MlflowClient, name: str) -> str | None:
+    """The id of the experiment named `name`, or None where there is none (nothing is created)."""
+    found = mlflow.get_experiment_by_name(name)
+    return None if found is None else found.experiment_id
+
+
+def finished_keys_of(mlflow: MlflowClient, name: str) -> set[str]:
+    """The cell keys of the FINISHED runs of the experiment named `name` (empty: no experiment)."""
+    exp_id = find_experiment(mlflow, name)
+    return finished_keys(mlflow, exp_id) if exp_id else set()
+
+
+def has_finished_runs(mlflow: MlflowClient, name: str) -> bool:
+    """Whether the experiment named `name` holds any FINISHED run (training or not)."""
+    exp_id = find_experiment(mlflow, name)
+    return exp_id is not None and bool(
+        mlflow.search_runs([exp_id], "attributes.status = 'FINISHED'", max_results=1))
+
+
 def mark_interrupted(mlflow: MlflowClient, exp_id: str) -> int:
     """Runs left RUNNING by a killed invocation become KILLED, so their cells are redone."""
     stale = _training_runs(mlflow, exp_id, "RUNNING")
