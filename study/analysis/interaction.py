@@ -137,7 +137,8 @@ def choose_best(comps: list[Comparison]) -> tuple[Comparison | None, str]:
 
 
 def regime(frame: pd.DataFrame, base: Setting) -> Regime:
-    """The baseline's fit at one size, from each seed's final epoch."""
+    """The baseline's fit at one size, from each seed's final epoch; overfitting is decided on
+    the medians over seeds (see `Regime`), robust to one seed's late spike."""
     rows = rows_of(frame, base)
     train, test = (rows[c].to_numpy(dtype=float) for c in ("train_acc", METRIC))
     ok = np.isfinite(train) & np.isfinite(test)
@@ -145,9 +146,11 @@ def regime(frame: pd.DataFrame, base: Setting) -> Regime:
     if not train.size:
         return Regime(0, None, None, None, None, False)
     gap = train - test
-    mean_train, mean_gap = float(train.mean()), float(gap.mean())
-    return Regime(int(train.size), mean_train, float(test.mean()), mean_gap, stats.mean_ci(gap),
-                  mean_train >= OVERFIT_TRAIN_ACC and mean_gap >= OVERFIT_GAP)
+    med_train, med_gap = float(np.median(train)), float(np.median(gap))
+    each = int(((train >= OVERFIT_TRAIN_ACC) & (gap >= OVERFIT_GAP)).sum())
+    return Regime(int(train.size), float(train.mean()), float(test.mean()), float(gap.mean()),
+                  stats.mean_ci(gap), med_train >= OVERFIT_TRAIN_ACC and med_gap >= OVERFIT_GAP,
+                  med_train, med_gap, each)
 
 
 def _dose_point(g: Group, c: Comparison | None) -> DosePoint:
