@@ -298,6 +298,8 @@ def learning_curves(stratum: dict[str, Any], frame: pd.DataFrame, curves: pd.Dat
     values = curves[curves["metric"].isin(CURVE_METRICS if cols.d2l else (cols.metric,))]
     if values.empty:  # the common case in simulations: skip the join
         return []
+    if SETTING not in frame:  # a caller's own frame of runs (analyze adds it once for all)
+        frame = with_settings(frame, cols.factors)
     values = values.merge(frame[["run_id", SETTING]], on="run_id")
     values = values[np.isfinite(values["value"].to_numpy(dtype=float))]
     out = []
