@@ -379,6 +379,8 @@ def result_tags(result: Result) -> dict[str, str]:
         tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.flags).items()})
     if result.arithmetic is not None:  # absent on runs from before workers: MKL_CBWR unknown
         tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.arithmetic).items()})
+    if result.kernels is not None:
+        tags["study.flag.kernels"] = result.kernels
     if result.threads is not None:
         tags["study.threads"] = str(result.threads)
     return {**tags, **inference_tags(result)}
@@ -415,6 +417,8 @@ class Recorded:
     mode: str
     weights_sha256: str
     environment: dict[str, str]  # study.env.* tags, prefix removed
+    # The GEMM path it trained on; runs from before the tag trained on torch's.
+    kernels: str = "torch"
 
 
 def recorded_runs(mlflow: MlflowClient, exp_id: str) -> list[Recorded]:
@@ -422,7 +426,8 @@ def recorded_runs(mlflow: MlflowClient, exp_id: str) -> list[Recorded]:
                      r.data.params.get("determinism", "default"),
                      r.data.tags.get("study.weights_sha256", ""),
                      {k.removeprefix("study.env."): v for k, v in r.data.tags.items()
-                      if k.startswith("study.env.")})
+                      if k.startswith("study.env.")},
+                     r.data.tags.get("study.flag.kernels", DEFAULTS["kernels"]))
             for r in _training_runs(mlflow, exp_id, "FINISHED")]
 
 
@@ -471,7 +476,7 @@ def log_once(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Path, d
 # Columns a user's own runs may omit, with the value that means "the usual".
 DEFAULTS: dict[str, Any] = {
     "device": "cpu", "determinism": "default", "implementation": "torch",
-    "execution": "sequential", "randomness": "native", "mask_rng": "torch", "vary": "all",
+    "execution": "sequential", "randomness": "native", "mask_rng": "torch", "kernels": "torch", "vary": "all",
     "replicate": 0, "threads": "unrecorded", "train_images": TRAIN_IMAGES["fashion-mnist"],
     "status": "ok", "textbook_check": None, "weights_sha256": "", "epochs_done": None,
 }
