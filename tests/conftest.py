@@ -91,7 +91,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "portable.json"
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+# The golden file of today's `portable` (OpenBLAS kernels); portable.json holds the same cells
+# on torch's kernels, as recorded before the OpenBLAS path (kernels: torch in its protocol).
+GOLDEN = GOLDEN_DIR / "portable-openblas.json"
 
 
 @pytest.fixture(scope="session")
@@ -101,23 +104,33 @@ def golden_protocol() -> dict:
 
 
 @pytest.fixture(scope="session")
-def trained_in_worker(tiny_files, tmp_path_factory, golden_protocol):
-    """(mode, threads) -> `workers.Trained` of the golden protocol's cells on the tiny data,
-    each group in a fresh worker process as the runner trains it; each group trained once."""
+def trained_protocol(tiny_files, tmp_path_factory):
+    """raw protocol (one worker group) -> `workers.Trained` of its cells on the tiny data, in a
+    fresh worker process as the runner trains them; each protocol trained once."""
     from study.protocol import plan, schema as protocol
     from study.engine import workers
 
     folder, checksums = tiny_files
     load = functools.partial(data.load, folder, cache=tmp_path_factory.mktemp("wcache"),
                              checksums=checksums)
-    done: dict[tuple[str, int], workers.Trained] = {}
+    done: dict[str, workers.Trained] = {}
 
-    def trained(mode: str, threads: int) -> workers.Trained:
-        if (mode, threads) not in done:
-            proto = protocol.parse({**golden_protocol, "determinism": [mode], "threads": threads})
-            (group,) = workers.groups(plan.expand(proto), load)
-            done[mode, threads] = workers.trained(group)
-        return done[mode, threads]
+    def trained(raw: dict) -> workers.Trained:
+        key = json.dumps(raw, sort_keys=True)
+        if key not in done:
+            (group,) = workers.groups(plan.expand(protocol.parse(raw)), load)
+            done[key] = workers.trained(group)
+        return done[key]
+
+    return trained
+
+
+@pytest.fixture(scope="session")
+def trained_in_worker(trained_protocol, golden_protocol):
+    """(mode, threads, kernels) -> `workers.Trained` of the golden protocol's cells."""
+    def trained(mode: str, threads: int, kernels: str = "openblas-haswell"):
+        return trained_protocol({**golden_protocol, "determinism": [mode], "threads": threads,
+                                 "kernels": kernels})
 
     return trained
 

@@ -90,14 +90,21 @@ def test_twin_gaps_are_small_for_identical_randomness(tiny_root):
     assert "max |dweight|" in bench.show_gaps(gaps)
 
 
-def test_mode_costs_divide_by_default_best_and_within_rounds():
-    timings = {"default": bench.Timing((1.0, 2.0, 1.5)), "portable": bench.Timing((2.5, 3.0, 3.3)),
-               "strict": bench.Timing((1.0, 2.2, 1.5))}
-    costs = bench.mode_costs(timings)
-    assert set(costs) == {"portable_over_default", "strict_over_default"}
-    assert costs["portable_over_default"]["best"] == 2.5  # 2.5 / 1.0
-    assert costs["portable_over_default"]["paired_median"] == pytest.approx(2.2)  # of 2.5, 1.5, 2.2
-    assert costs["strict_over_default"]["paired_median"] == 1.0
+def test_mode_costs_divide_by_default_of_the_same_engine_best_and_within_rounds():
+    timings = {("sequential", "default"): bench.Timing((1.0, 2.0, 1.5)),
+               ("sequential", "portable"): bench.Timing((2.5, 3.0, 3.3)),
+               ("sequential", "strict"): bench.Timing((1.0, 2.2, 1.5)),
+               ("batched", "default"): bench.Timing((0.5, 0.5, 0.5)),
+               ("batched", "portable"): bench.Timing((0.6, 0.7, 0.5))}
+    costs = {(c.engine, c.variant): c for c in bench.mode_costs(timings)}
+    assert set(costs) == {("sequential", "portable"), ("sequential", "strict"),
+                          ("batched", "portable")}
+    assert costs["sequential", "portable"].best == 2.5  # 2.5 / 1.0
+    assert costs["sequential", "portable"].paired_median == pytest.approx(2.2)  # of 2.5, 1.5, 2.2
+    assert costs["sequential", "strict"].paired_median == 1.0
+    assert costs["batched", "portable"].paired_median == pytest.approx(1.2)  # of 1.2, 1.4, 1.0
+    assert costs["batched", "portable"].to_json()["default_seconds_per_epoch"] == [0.5] * 3
+    assert "batched    portable/default" in bench.show_costs(list(costs.values()), 10_000, 3)
 
 
 def test_pass_cost_is_the_share_added_to_a_runs_epochs():

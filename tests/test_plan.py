@@ -64,3 +64,23 @@ def test_a_thread_list_is_an_axis_and_keeps_single_count_keys():
     # A cell at 1 thread is the same cell whether 1 was the only count or one of a list.
     assert {c.key for c in both if c.config.threads == 1} == set(one)
     assert all(c.name.endswith(" t1") for c in one.values())
+
+
+def test_the_kernel_path_enters_the_key_only_where_it_runs_and_is_new():
+    def cells(*overrides: str) -> list[plan.Cell]:
+        return plan.expand(protocol.load(D2L, ["seeds.count=1", "threads=1", *overrides]))
+
+    default = cells()
+    # Default mode ignores the knob: its keys (and every store of it) stay as they were.
+    assert [c.key for c in cells("kernels=torch")] == [c.key for c in default]
+    assert {c.kernels for c in default} == {"torch"}
+    old = cells("determinism=[portable]", "kernels=torch")
+    new = cells("determinism=[portable]")
+    assert {c.kernels for c in new} == {"openblas-haswell"}
+    assert new[0].labels()["kernels"] == "openblas-haswell"
+    # New portable runs are never taken for old ones; the old keys themselves are pinned by
+    # tests/golden/portable.json (test_golden: its cells keep their keys with kernels: torch).
+    assert not {c.key for c in old} & {c.key for c in new}
+    # CUDA has its own kernels: the knob does not reach it.
+    assert {c.kernels for c in cells("determinism=[portable]", "devices=[cuda]")} == {"torch"}
+

@@ -87,4 +87,8 @@ def test_a_mode_owns_its_process_environment():
     portable = seeding.process_env("portable", 1)
     assert (portable["MKL_CBWR"], portable["ATEN_CPU_CAPABILITY"],
             portable["ONEDNN_MAX_CPU_ISA"]) == ("COMPATIBLE", "avx2", "AVX2")
+    # OpenBLAS pinned to its Haswell kernels, one thread per product whatever the count.
+    assert (portable["OPENBLAS_CORETYPE"], portable["OPENBLAS_NUM_THREADS"]) == ("Haswell", "1")
+    assert seeding.process_env("portable", 2)["OPENBLAS_NUM_THREADS"] == "1"
+    assert default["OPENBLAS_CORETYPE"] is None and strict["OPENBLAS_NUM_THREADS"] is None
     assert seeding.MODES["portable"] == seeding.MODES["strict"]

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # recorded, and said so (the training-set size, the d2l check), never a guessed value.
 DEFAULTS: dict[str, Any] = {
     "device": "cpu", "determinism": "default", "implementation": "torch",
-    "execution": "sequential", "randomness": "native", "mask_rng": "torch", "vary": "all",
+    "execution": "sequential", "randomness": "native", "mask_rng": "torch", "kernels": "torch", "vary": "all",
     "replicate": 0, "threads": "unrecorded", "train_images": None,
     "status": "ok", "textbook_check": None, "weights_sha256": "", "epochs_done": None,
 }

@@ -27,6 +27,9 @@ RUN_COLUMNS = {
     "execution": str,  # sequential | batched
     "randomness": str,  # native | portable
     "mask_rng": str,  # torch | sfc64: the generator of the dropout masks
+    # The GEMM path: openblas-haswell (portable since the change) or torch (everything else, and
+    # portable runs from before it). A stratum column: the two portable arithmetics never pool.
+    "kernels": str,
     "vary": str,  # all | init | data | dropout: which random streams follow the seed
     "replicate": int,  # 0 for the first run of a cell; >0 repeats it exactly
     # CPU threads the run trained with (tag study.threads): unless the mode makes MKL
@@ -62,7 +65,7 @@ INFERENCE_COLUMNS = {
 
 # Columns that split runs into strata analysed separately (never pooled).
 STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "mask_rng",
-                   "vary", "threads", "train_images")
+                   "kernels", "vary", "threads", "train_images")
 
 # How a stratum value reads to a person: a table heading says "CPU, nn.Dropout, batched", not
 # "cpu / default / torch / batched / ...". Values not listed read as "column value".
@@ -72,6 +75,7 @@ _WORDS: dict[str, dict[Any, str]] = {
                        "scratch-randn": "hand-written dropout (randn, as printed in the lesson)"},
     "execution": {"sequential": "sequential engine", "batched": "batched engine"},
     "mask_rng": {"torch": "masks from torch's generator", "sfc64": "masks from numpy's SFC64"},
+    "kernels": {"torch": "torch's GEMM kernels", "openblas-haswell": "OpenBLAS Haswell GEMMs"},
     "vary": {"all": "every random source varied", "init": "only the initialisation varied",
              "data": "only the data order varied", "dropout": "only the dropout masks varied",
              "bitflip": "one bit of the initial weights flipped"},

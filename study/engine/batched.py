@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from study.engine import kernels as gemms
 from study.engine import model as models
 from study.engine import train as sequential
 from study.engine.data import Dataset
@@ -158,7 +159,8 @@ def initial_stack(cells: Sequence[Cell], device: str) -> Stack:
 
 def _template(cell: Cell, init: torch.Generator) -> nn.Sequential:
     # Dropout layers hold no state, so Identity gives the sequential model's state_dict layout.
-    return models.build(cell.config.model, (nn.Identity(), nn.Identity()), init, "cpu")
+    return models.build(cell.config.model, (nn.Identity(), nn.Identity()), init, "cpu",
+                        gemms.linear_class(cell.kernels))
 
 
 def member_net(cell: Cell, stack: Stack, row: int) -> nn.Sequential:
@@ -207,28 +209,33 @@ def counted(step_index: int) -> bool:
     return step_index % models.KeepRate.EVERY == 0
 
 
-def logits(b: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The last layer, h @ w + b as [K, rows, classes], formed as (w^T h^T + b^T)^T.
+def logits(k: gemms.Kernels, b: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The last layer, h @ w + b as [K, rows, classes]; on MKL formed as (w^T h^T + b^T)^T.
 
     With only 10 outputs, MKL forms this product 3-4x faster as [classes, rows] than as
     [rows, classes] (one thread, 256 rows: 51 against 155 us; its weight gradient, written into
     the [K, classes, hidden] storage, 44 against 212 us). Same FLOPs, other summation order.
+    OpenBLAS is faster the plain way round (`Kernels.classes_first`).
     """
-    return torch.baddbmm(b.transpose(1, 2), w.transpose(1, 2), h.transpose(1, 2)).transpose(1, 2)
+    if not k.classes_first:
+        return k.baddbmm(b, h, w)
+    return k.baddbmm(b.transpose(1, 2), w.transpose(1, 2), h.transpose(1, 2)).transpose(1, 2)
 
 
-def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tensor | None],
-         lr: float, stats: StepStats, rows: slice, count: bool) -> None:
-    """One SGD step of members `rows`: x [c, B, 784], y [c, B], scaled masks [c, B, hidden].
+def step(k: gemms.Kernels, p: Stack, x: torch.Tensor, y: torch.Tensor,
+         masks: Sequence[torch.Tensor | None], lr: float, stats: StepStats, rows: slice,
+         count: bool) -> None:
+    """One SGD step of members `rows`: x [c, B, 784], y [c, B], scaled masks [c, B, hidden],
+    its GEMMs on kernels `k`.
 
     A mask of None is a layer without dropout in any member (p=0): no multiply at all.
     """
     n = y.shape[1]
-    h1 = torch.baddbmm(p.b[0], x, p.w[0]).relu_()
+    h1 = k.baddbmm(p.b[0], x, p.w[0]).relu_()
     d1 = h1 if masks[0] is None else h1 * masks[0]
-    h2 = torch.baddbmm(p.b[1], d1, p.w[1]).relu_()
+    h2 = k.baddbmm(p.b[1], d1, p.w[1]).relu_()
     d2 = h2 if masks[1] is None else h2 * masks[1]
-    out = logits(p.b[2], p.w[2], d2)
+    out = logits(k, p.b[2], p.w[2], d2)
     logp = out.log_softmax(2)
     target = y.unsqueeze(2)
     stats.loss[rows] -= logp.gather(2, target).sum((1, 2))  # mean loss * n, as train.py sums
@@ -238,12 +245,12 @@ def step(p: Stack, x: torch.Tensor, y: torch.Tensor, masks: Sequence[torch.Tenso
     # d(mean CE)/d logits = (softmax - onehot) / n, per member: members stay independent.
     grad = logp.exp_().scatter_add_(2, target, torch.full(target.shape, -1.0, device=x.device))
     grad.div_(n)
-    back2 = torch.bmm(grad, p.w[2].transpose(1, 2))  # before w3 moves
-    _sgd(p, 2, d2, grad, lr)
+    back2 = k.bmm(grad, p.w[2].transpose(1, 2))  # before w3 moves
+    _sgd(k, p, 2, d2, grad, lr)
     grad = _through_dropout_relu(back2, masks[1], d2)
-    back1 = torch.bmm(grad, p.w[1].transpose(1, 2))
-    _sgd(p, 1, d1, grad, lr)
-    _sgd(p, 0, x, _through_dropout_relu(back1, masks[0], d1), lr)
+    back1 = k.bmm(grad, p.w[1].transpose(1, 2))
+    _sgd(k, p, 1, d1, grad, lr)
+    _sgd(k, p, 0, x, _through_dropout_relu(back1, masks[0], d1), lr)
 
 
 def _through_dropout_relu(grad: torch.Tensor, mask: torch.Tensor | None,
@@ -258,9 +265,10 @@ def _through_dropout_relu(grad: torch.Tensor, mask: torch.Tensor | None,
     return torch.ops.aten.threshold_backward(grad, out, 0.0)
 
 
-def _sgd(p: Stack, layer: int, inputs: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+def _sgd(k: gemms.Kernels, p: Stack, layer: int, inputs: torch.Tensor, grad: torch.Tensor,
+         lr: float) -> None:
     # Fused: w += -lr * inputs^T @ grad inside the GEMM, no gradient tensor written to memory.
-    p.w[layer].baddbmm_(inputs.transpose(1, 2), grad, alpha=-lr)
+    k.baddbmm_(p.w[layer], inputs.transpose(1, 2), grad, -lr)
     p.b[layer].add_(grad.sum(1, keepdim=True), alpha=-lr)
 
 
@@ -281,12 +289,17 @@ class Member:
         seeds = sequential.seeds_of(cell)
         return Member(cell, seeds, generator(seeds.data), mask_stream(cell, seeds))
 
+    @property
+    def kernels(self) -> gemms.Kernels:
+        """Its GEMM path; a chunk's members share it (they share config, device and mode)."""
+        return gemms.of(self.cell.kernels)
+
     def keep_rates(self) -> tuple[float | None, ...]:
         return tuple(k / a if a else None for k, a in zip(self.kept, self.alive))
 
 
 @torch.no_grad()
-def test_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def test_accuracy(k: gemms.Kernels, stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Eval-mode accuracy of every member on the whole test set, [K]."""
     correct = torch.zeros(stack.w[0].shape[0], dtype=torch.long, device=x.device)
     for lo in range(0, len(correct), BLOCK):
@@ -297,9 +310,9 @@ def test_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
         wide = p.w[0].permute(1, 0, 2).reshape(x.shape[1], c * hidden)
         for start in range(0, len(y), TEST_CHUNK):
             xs, ys = x[start:start + TEST_CHUNK], y[start:start + TEST_CHUNK]
-            h = (xs @ wide).view(len(ys), c, hidden).transpose(0, 1).add_(p.b[0]).relu_()
-            h = torch.baddbmm(p.b[1], h, p.w[1]).relu_()
-            correct[rows] += (logits(p.b[2], p.w[2], h).argmax(2) == ys).sum(1)
+            h = k.mm(xs, wide).view(len(ys), c, hidden).transpose(0, 1).add_(p.b[0]).relu_()
+            h = k.baddbmm(p.b[1], h, p.w[1]).relu_()
+            correct[rows] += (logits(k, p.b[2], p.w[2], h).argmax(2) == ys).sum(1)
     return correct
 
 
@@ -336,7 +349,8 @@ def _result(m: Member, stack: Stack, row: int, seconds: float, started: float,
                      textbook_check=sequential.textbook_check(epochs),
                      weights_sha256=sequential.weights_sha256(net), seconds=seconds,
                      keep_rates=m.keep_rates(), streams=m.seeds, started=started,
-                     inference=sequential.inference(m.cell, net, data, epochs))
+                     inference=sequential.inference(m.cell, net, data, epochs),
+                     kernels=m.cell.kernels)
     return result, net
 
 
@@ -360,8 +374,8 @@ def member_epoch(p: Stack, m: Member, data: Dataset, batch: int, lr: float,
     for step_index, start in minibatches(n, batch, epoch):
         idx = perm[start:start + batch]
         x = torch.index_select(data.train_x, 0, idx, out=x_buf[:len(idx)])
-        step(p, x[None], data.train_y[idx][None], masks.draw(len(idx)), lr, stats, slice(0, 1),
-             counted(step_index))
+        step(m.kernels, p, x[None], data.train_y[idx][None], masks.draw(len(idx)), lr, stats,
+             slice(0, 1), counted(step_index))
     return stats
 
 
@@ -369,18 +383,22 @@ def fit_member(m: Member, p: Stack, data: Dataset, spec: Training, stop: threadi
                on_epoch: Callable[[EpochDone], None]) -> Fitted | None:
     """Train one member to the end (or to divergence); None if `stop` was set meanwhile."""
     torch.set_num_threads(1)  # this thread's GEMMs and elementwise passes stay on its core
-    started, start = time.time(), time.perf_counter()
+    started, start, cpu = time.time(), time.perf_counter(), time.thread_time()
     for epoch in range(1, spec.epochs + 1):
         if stop.is_set():
             return None
         stats = member_epoch(p, m, data, spec.batch_size, spec.lr, epoch)
-        test = test_accuracy(p, data.test_x, data.test_y) if spec.evaluated(epoch) else None
+        test = test_accuracy(m.kernels, p, data.test_x, data.test_y) if spec.evaluated(epoch) \
+            else None
         finite = _record([m], stats, test, epoch, len(data.train_y), len(data.test_y))[0]
         on_epoch(EpochDone(m.cell.key, epoch))
         if not finite:
             break
+    # The CPU time of this member's own thread: all of its training ran here (one thread each).
+    cpu_seconds = time.thread_time() - cpu
     # Its passes run here, on this member's core, beside the members still training.
-    return _result(m, p, 0, time.perf_counter() - start, started, data)
+    result, net = _result(m, p, 0, time.perf_counter() - start, started, data)
+    return replace(result, cpu_seconds=cpu_seconds), net
 
 
 def fit_side_by_side(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDone]:
@@ -471,7 +489,7 @@ def train_epoch(stack: Stack, group: Sequence[Member], data: Dataset, batch: int
             rows = slice(lo, lo + BLOCK)
             sel = idx[rows]
             x = data.train_x[sel.reshape(-1)].view(*sel.shape, -1)
-            step(stack.rows(rows), x, data.train_y[sel],
+            step(group[0].kernels, stack.rows(rows), x, data.train_y[sel],
                  [None if s is None else s[rows] for s in scaled], lr, stats, rows,
                  counted(step_index))
     return stats
@@ -488,8 +506,8 @@ def fit_lockstep(cells: list[Cell], data: Dataset) -> Iterator[Fitted | EpochDon
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="masks") as pool:
         for epoch in range(1, spec.epochs + 1):
             stats = train_epoch(stack, group, data, spec.batch_size, spec.lr, pool, epoch)
-            test = test_accuracy(stack, data.test_x, data.test_y) if spec.evaluated(epoch) \
-                else None
+            test = test_accuracy(group[0].kernels, stack, data.test_x, data.test_y) \
+                if spec.evaluated(epoch) else None
             finite = _record(group, stats, test, epoch, len(data.train_y), len(data.test_y))
             yield from (EpochDone(m.cell.key, epoch) for m in group)
             seconds = (time.perf_counter() - start) / len(cells)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from study.engine import kernels
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,6 +37,14 @@ def describe(device: str) -> dict[str, str]:
 BITS_KEYS = ("torch_version", "machine", "cpu_isa", "cpu_model", "blas", "mkl_cbwr",
              "mkl_cbwr_effective", "aten_cpu_capability", "onednn_max_cpu_isa", "threads.intra_op",
              "threads.inter_op", "threads.omp_num_threads", "threads.mkl_num_threads")
+# What also decides them on the `openblas-haswell` kernel path: the kernels numpy's OpenBLAS
+# runs (asked of the library), the variable that pins them, and its thread count.
+OPENBLAS_KEYS = ("openblas_corename", "openblas_coretype", "threads.openblas_num_threads")
+
+
+def bits_keys(kernel_path: str) -> tuple[str, ...]:
+    """The environment keys that decide the bits of a run on `kernel_path`."""
+    return BITS_KEYS + OPENBLAS_KEYS if kernel_path == kernels.OPENBLAS else BITS_KEYS
 
 
 def differences(recorded: dict[str, str], present: dict[str, str],
@@ -53,7 +63,10 @@ def arithmetic(device: str) -> dict[str, str]:
            "threads.intra_op": str(torch.get_num_threads()),
            "threads.inter_op": str(torch.get_num_interop_threads()),
            "threads.omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-           "threads.mkl_num_threads": os.environ.get("MKL_NUM_THREADS", "unset")}
+           "threads.mkl_num_threads": os.environ.get("MKL_NUM_THREADS", "unset"),
+           "openblas_corename": kernels.corename(),
+           "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "unset"),
+           "threads.openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "unset")}
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability()
         env["gpu_capability"] = f"{major}.{minor}"

@@ -127,28 +127,31 @@ def make_dropout(p: float, implementation: str, generator: MaskGenerator | None)
     return Dropout(p, MASK_KINDS[implementation], generator)
 
 
-def mlp(hidden: tuple[int, ...], drops: tuple[nn.Module, nn.Module]) -> nn.Sequential:
+def mlp(hidden: tuple[int, ...], drops: tuple[nn.Module, nn.Module],
+        linear: type[nn.Linear] = nn.Linear) -> nn.Sequential:
     h1, h2 = hidden
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(IMAGE_SIDE * IMAGE_SIDE, h1), nn.ReLU(), KeepRate(drops[0]),
-        nn.Linear(h1, h2), nn.ReLU(), KeepRate(drops[1]), nn.Linear(h2, CLASSES))
+        nn.Flatten(), linear(IMAGE_SIDE * IMAGE_SIDE, h1), nn.ReLU(), KeepRate(drops[0]),
+        linear(h1, h2), nn.ReLU(), KeepRate(drops[1]), linear(h2, CLASSES))
 
 
-def lenet(drops: tuple[nn.Module, nn.Module]) -> nn.Sequential:
-    """d2l's LeNet-5 (sigmoid, average pooling) with dropout after the two hidden dense layers."""
+def lenet(drops: tuple[nn.Module, nn.Module], linear: type[nn.Linear] = nn.Linear) -> nn.Sequential:
+    """d2l's LeNet-5 (sigmoid, average pooling) with dropout after the two hidden dense layers.
+    `linear` reaches the dense layers only: the convolutions stay on oneDNN."""
     return nn.Sequential(
         nn.Unflatten(1, (1, IMAGE_SIDE, IMAGE_SIDE)),
         nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(), nn.AvgPool2d(2, 2),
         nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(), nn.AvgPool2d(2, 2), nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(), KeepRate(drops[0]),
-        nn.Linear(120, 84), nn.Sigmoid(), KeepRate(drops[1]), nn.Linear(84, CLASSES))
+        linear(16 * 5 * 5, 120), nn.Sigmoid(), KeepRate(drops[0]),
+        linear(120, 84), nn.Sigmoid(), KeepRate(drops[1]), linear(84, CLASSES))
 
 
 def build(spec: Model, drops: tuple[nn.Module, nn.Module], init: torch.Generator,
-          device: str) -> nn.Sequential:
-    """Construct without touching the global generator (meta device), then initialise from `init`."""
+          device: str, linear: type[nn.Linear] = nn.Linear) -> nn.Sequential:
+    """Construct without touching the global generator (meta device), then initialise from `init`.
+    `linear`: nn.Linear or a subclass with other GEMMs (study.engine.kernels.OpenBlasLinear)."""
     with torch.device("meta"):
-        net = mlp(spec.hidden, drops) if spec.arch == "mlp" else lenet(drops)
+        net = mlp(spec.hidden, drops, linear) if spec.arch == "mlp" else lenet(drops, linear)
     net = net.to_empty(device=device)
     for layer in net.modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d)):

@@ -142,16 +142,25 @@ class Arithmetic:
     aten_cpu_capability: str | None
     # oneDNN (the LeNet convolutions) has its own ISA switch.
     onednn_max_cpu_isa: str | None
+    # numpy's OpenBLAS (the `openblas-haswell` kernel path, study.engine.kernels) picks its
+    # kernels by CPU unless pinned here, when the library loads; one thread per product, so
+    # members side by side each own a core. Unset in the other modes: torch never calls it.
+    openblas_coretype: str | None = None
+    openblas_num_threads: str | None = None
 
 
 ARITHMETIC: dict[str, Arithmetic] = {
     "default": Arithmetic(None, None, None),
     "benchmark": Arithmetic(None, None, None),
     "strict": Arithmetic("AUTO", None, None),
-    "portable": Arithmetic("COMPATIBLE", "avx2", "AVX2"),
+    # MKL_CBWR=COMPATIBLE stays for what the OpenBLAS path does not cover (the `torch` kernel
+    # path of runs from before it, convolutions' fallbacks, CUDA hosts' CPU work).
+    "portable": Arithmetic("COMPATIBLE", "avx2", "AVX2", "Haswell", "1"),
 }
 _ARITHMETIC_ENV = {"mkl_cbwr": "MKL_CBWR", "aten_cpu_capability": "ATEN_CPU_CAPABILITY",
-                   "onednn_max_cpu_isa": "ONEDNN_MAX_CPU_ISA"}
+                   "onednn_max_cpu_isa": "ONEDNN_MAX_CPU_ISA",
+                   "openblas_coretype": "OPENBLAS_CORETYPE",
+                   "openblas_num_threads": "OPENBLAS_NUM_THREADS"}
 
 
 def current_arithmetic() -> Arithmetic:

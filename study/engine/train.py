@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from study.engine import kernels as gemms
 from study.engine import model as models
 from study.engine.data import Dataset
 from study.engine.inference import McResult, mc_passes
@@ -51,11 +52,14 @@ class Result:
     arithmetic: Arithmetic | None = None  # what the worker process started with
     threads: int | None = None
     started: float | None = None  # Unix time its training began (the MLflow run's start)
-    # CPU time of the training process (all its threads), for costs on a shared machine where
-    # wall time also measures the neighbours. None where not measured (batched members).
+    # CPU time of the training (the process's, all its threads; a batched member's own thread
+    # on the CPU), for costs on a shared machine where wall time also measures the neighbours.
+    # None where not measured (members in lockstep).
     cpu_seconds: float | None = None
     # The stochastic test-set passes after training (`config.mc_passes` > 0), else None.
     inference: McResult | None = None
+    # The GEMM path that trained it (study.engine.kernels); None on results from before it.
+    kernels: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,8 @@ def fit(cell: Cell, data: Dataset) -> tuple[nn.Module, Result]:
         cell=cell, epochs=epochs, status=status_of(epochs, cell.config.training.epochs),
         textbook_check=textbook_check(epochs), weights_sha256=weights_sha256(net),
         seconds=seconds, keep_rates=models.keep_rates(net), streams=seeds,
-        started=started, cpu_seconds=cpu_seconds, inference=inference(cell, net, data, epochs))
+        started=started, cpu_seconds=cpu_seconds, inference=inference(cell, net, data, epochs),
+        kernels=cell.kernels)
 
 
 def inference(cell: Cell, net: nn.Module, data: Dataset,
@@ -121,7 +126,8 @@ def inference(cell: Cell, net: nn.Module, data: Dataset,
 def initial_net(cell: Cell, drops: tuple[nn.Module, nn.Module], seeds: StreamSeeds) -> nn.Module:
     """The cell's model at its initial weights: from the init stream, then, for `vary: bitflip`,
     one bit flipped by the cell's seed (all streams stay at the fixed seed)."""
-    net = models.build(cell.config.model, drops, generator(seeds.init), cell.device)
+    net = models.build(cell.config.model, drops, generator(seeds.init), cell.device,
+                       gemms.linear_class(cell.kernels))
     if cell.vary == "bitflip":
         models.flip_lowest_bit(net, cell.seed)
     return net

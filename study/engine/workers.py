@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
 
-from study.engine import environment
+from study.engine import environment, kernels
 from study.engine.data import Dataset
 from study.protocol.plan import Cell
 from study.engine.seeding import ARITHMETIC, Arithmetic, current_arithmetic, determinism, process_env, threads
@@ -218,4 +218,9 @@ def started_in_mode(group: Group) -> Arithmetic:
                                                                          wanted.mkl_cbwr):
         raise WorkerError(f"worker for {group.name}: MKL runs branch {effective}, "
                           f"MKL_CBWR={wanted.mkl_cbwr} was asked")
+    # OpenBLAS falls back to other kernels, silently, on a CPU that lacks the pinned ones.
+    uses_openblas = any(c.kernels == kernels.OPENBLAS for c in group.cells)
+    if uses_openblas and kernels.corename().lower() != (wanted.openblas_coretype or "").lower():
+        raise WorkerError(f"worker for {group.name}: OpenBLAS runs kernels {kernels.corename()}, "
+                          f"OPENBLAS_CORETYPE={wanted.openblas_coretype} was asked")
     return found

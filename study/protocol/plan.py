@@ -44,6 +44,8 @@ class RunConfig:
     batch_members: int = 60
     # Stochastic test-set passes after training (protocol `inference.mc_passes`); 0: none.
     mc_passes: int = 0
+    # The GEMM path `portable` cells take on the CPU (protocol `kernels`); see `Cell.kernels`.
+    kernels: str = "openblas-haswell"
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ class Cell:
         del training["by_size"]
         if training["eval_every"] == 1:
             del training["eval_every"]
+        # The path that runs, not the protocol's choice: a default-mode cell's key must not
+        # move with a knob it ignores.
+        del fields["config"]["kernels"]
+        if self.kernels != "torch":
+            # Added with the OpenBLAS path (issue 22); absent means torch's kernels, so keys of
+            # runs from before it stay valid and new portable runs are never taken for them.
+            fields["kernels"] = self.kernels
         if self.mask_rng != "torch":
             # Added with the SFC64 masks; absent means torch's, so older keys stay valid and
             # runs drawn with torch.rand's portable masks are never taken for SFC64 ones.
@@ -86,6 +95,14 @@ class Cell:
         """Which generator draws the dropout masks: "sfc64" (portable `torch`) or "torch"."""
         portable = self.config.randomness == "portable"
         return "sfc64" if portable and self.implementation == "torch" else "torch"
+
+    @property
+    def kernels(self) -> str:
+        """The GEMM path that runs (study.engine.kernels): the protocol's choice for `portable`
+        CPU cells, torch's own everywhere else (other modes promise nothing across CPUs, and
+        CUDA has its own)."""
+        portable = self.determinism == "portable" and self.device == "cpu"
+        return self.config.kernels if portable else "torch"
 
     @property
     def name(self) -> str:
@@ -108,7 +125,7 @@ class Cell:
                 "implementation": self.implementation, "vary": self.vary,
                 "replicate": self.replicate, "execution": self.config.execution,
                 "randomness": self.config.randomness, "mask_rng": self.mask_rng,
-                "train_images": self.train_images,
+                "kernels": self.kernels, "train_images": self.train_images,
                 **({"mc_passes": self.config.mc_passes} if self.config.mc_passes else {})}
 
     @property
@@ -126,7 +143,7 @@ def run_config(protocol: Protocol, train_subset: int | None,
                      execution=protocol.execution, randomness=protocol.randomness,
                      threads=threads, fixed_seed=protocol.seeds.fixed,
                      batch_members=protocol.batch_members,
-                     mc_passes=protocol.inference.mc_passes)
+                     mc_passes=protocol.inference.mc_passes, kernels=protocol.kernels)
 
 
 def expand(protocol: Protocol) -> list[Cell]:

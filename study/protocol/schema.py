@@ -38,6 +38,9 @@ Determinism = Literal["default", "benchmark", "strict", "portable"]
 Implementation = Literal["torch", "scratch", "scratch-randn"]
 Execution = Literal["sequential", "batched"]
 Randomness = Literal["native", "portable"]
+# GEMM paths of `portable` CPU cells (study.engine.kernels.KERNELS); `torch` reproduces runs
+# recorded before the OpenBLAS path existed.
+Kernels = Literal["openblas-haswell", "torch"]
 Threads = Annotated[int, Field(gt=0, strict=True)]
 # Which random streams follow the cell's seed; the others stay at `seeds.fixed`. `bitflip`:
 # every stream stays fixed and the seed flips the lowest mantissa bit of one initial weight.
@@ -211,6 +214,10 @@ class Protocol:
     # Cells trained together as one batched model (execution: batched); no effect otherwise.
     batch_members: Annotated[int, Field(gt=0, strict=True)] = 60
     randomness: Randomness = "native"
+    # Where `portable` CPU cells run their GEMMs: numpy's OpenBLAS pinned to its Haswell kernels
+    # (same bits on Intel and AMD at near-native speed), or torch's MKL on its COMPATIBLE branch
+    # (`torch`, the path before issue 22, ~2.4x slower). Other modes and CUDA ignore it.
+    kernels: Kernels = "openblas-haswell"
     replicates: Annotated[int, Field(gt=0, strict=True)] = 1
     # CPU threads for torch; null keeps torch's default (recorded either way). A list makes
     # threads an axis of the plan, like determinism.

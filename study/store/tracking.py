@@ -380,6 +380,8 @@ def result_tags(result: Result) -> dict[str, str]:
         tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.flags).items()})
     if result.arithmetic is not None:  # absent on runs from before workers: MKL_CBWR unknown
         tags.update({f"study.flag.{k}": str(v) for k, v in asdict(result.arithmetic).items()})
+    if result.kernels is not None:
+        tags["study.flag.kernels"] = result.kernels
     if result.threads is not None:
         tags["study.threads"] = str(result.threads)
     return {**tags, **inference_tags(result)}
@@ -416,6 +418,8 @@ class Recorded:
     mode: str
     weights_sha256: str
     environment: dict[str, str]  # study.env.* tags, prefix removed
+    # The GEMM path it trained on; runs from before the tag trained on torch's.
+    kernels: str = "torch"
 
 
 def recorded_runs(mlflow: MlflowClient, exp_id: str) -> list[Recorded]:
@@ -423,7 +427,8 @@ def recorded_runs(mlflow: MlflowClient, exp_id: str) -> list[Recorded]:
                      r.data.params.get("determinism", "default"),
                      r.data.tags.get("study.weights_sha256", ""),
                      {k.removeprefix("study.env."): v for k, v in r.data.tags.items()
-                      if k.startswith("study.env.")})
+                      if k.startswith("study.env.")},
+                     r.data.tags.get("study.flag.kernels", "torch"))
             for r in _training_runs(mlflow, exp_id, "FINISHED")]
 
 

@@ -363,37 +363,83 @@ def measure(epochs: int, members: int, root: Path, data: Dataset, protocol_path:
 
 # --- what each determinism mode costs ------------------------------------------------------------
 
-COST_MODES = ("default", "strict", "portable")
+@dataclass(frozen=True)
+class Variant:
+    """One timed configuration: a determinism mode, and for `portable` its GEMM path."""
+
+    mode: str
+    kernels: str = "openblas-haswell"
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}[{self.kernels}]" if self.kernels != "openblas-haswell" else self.mode
+
+
+# portable[torch] is the portable of before issue 22 (MKL_CBWR=COMPATIBLE), for comparison.
+COST_VARIANTS = (Variant("default"), Variant("strict"), Variant("portable"),
+                 Variant("portable", "torch"))
+ENGINES = ("sequential", "batched")
+
+
+@dataclass(frozen=True)
+class ModeCost:
+    """A variant's CPU time per run-epoch against default's, on one engine."""
+
+    engine: str
+    variant: str
+    samples: Timing
+    default: Timing
+
+    @property
+    def best(self) -> float:
+        return self.samples.best / self.default.best
+
+    @property
+    def paired_median(self) -> float:
+        """Median of the per-round ratios: the headline (rounds interleave the variants)."""
+        return statistics.median(x / y for x, y in zip(self.samples.samples, self.default.samples))
+
+    def to_json(self) -> dict[str, object]:
+        return {"engine": self.engine, "variant": self.variant, "best": self.best,
+                "paired_median": self.paired_median,
+                "seconds_per_epoch": list(self.samples.samples),
+                "default_seconds_per_epoch": list(self.default.samples)}
+
+
+def _timed_cpu(cell: Cell, per_worker: int, load) -> float:
+    """Fastest CPU seconds per epoch of `cell` over `per_worker` trainings in one fresh worker,
+    after a first one that warms pools and pages."""
+    (group,) = workers.groups([cell] * (1 + per_worker), load)
+    timed = workers.trained(group).results[1:]
+    return min(r.cpu_seconds / len(r.epochs) for r in timed)
 
 
 def time_modes(cell: Cell, subset: int | None, rounds: int, per_worker: int = 3,
-               load=datamod.load) -> dict[str, Timing]:
-    """CPU seconds per run-epoch of `cell` under each mode, at one thread. A mode's arithmetic
-    (MKL_CBWR, ATen and oneDNN caps) is fixed when a process starts, so each measurement is a
-    fresh worker that trains the cell 1 + `per_worker` times and keeps the fastest after the
-    first (which warms pools and pages). CPU time of one thread, not wall time: on the shared
-    2-core machine wall times of one mode spread 10x with the neighbours' load, CPU times by
-    a few percent. Modes are interleaved within each round, so drift hits them alike."""
-    cell = replace(cell, config=replace(cell.config, execution="sequential", randomness="portable",
-                                        threads=1))
-    samples: dict[str, list[float]] = {m: [] for m in COST_MODES}
+               load=datamod.load, engines: tuple[str, ...] = ENGINES,
+               variants: tuple[Variant, ...] = COST_VARIANTS) -> dict[tuple[str, str], Timing]:
+    """CPU seconds per run-epoch of `cell` under each variant and engine, at one thread, keyed
+    (engine, variant label). A mode's arithmetic (MKL_CBWR, ATen, oneDNN and OpenBLAS pins) is
+    fixed when a process starts, so each measurement is a fresh worker. CPU time of one thread,
+    not wall time: on the shared 2-core machine wall times of one mode spread 10x with the
+    neighbours' load, CPU times by a few percent (a sequential run: its process's; a batched
+    member: its own thread's). Engines and variants alternate within each round, so drift hits
+    them alike."""
+    base = replace(cell, config=replace(cell.config, randomness="portable", threads=1))
+    samples: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
-        for mode in COST_MODES:
-            cells = [replace(cell, determinism=mode)] * (1 + per_worker)
-            (group,) = workers.groups(cells, load)
-            timed = workers.trained(group).results[1:]
-            samples[mode].append(min(r.cpu_seconds / len(r.epochs) for r in timed))
-    return {m: Timing(tuple(v)) for m, v in samples.items()}
+        for engine in engines:
+            for v in variants:
+                config = replace(base.config, execution=engine, kernels=v.kernels)
+                timed = _timed_cpu(replace(base, config=config, determinism=v.mode), per_worker,
+                                   load)
+                samples.setdefault((engine, v.label), []).append(timed)
+    return {k: Timing(tuple(v)) for k, v in samples.items()}
 
 
-def mode_costs(timings: dict[str, Timing]) -> dict[str, object]:
-    """Each mode against default: ratio of the best times and median of the per-round ratios."""
-    base = timings["default"]
-    return {f"{m}_over_default": {
-        "best": t.best / base.best,
-        "paired_median": statistics.median(x / y for x, y in zip(t.samples, base.samples)),
-        "seconds_per_epoch": list(t.samples), "default_seconds_per_epoch": list(base.samples)}
-        for m, t in timings.items() if m != "default"}
+def mode_costs(timings: dict[tuple[str, str], Timing]) -> list[ModeCost]:
+    """Each variant against default on the same engine."""
+    return [ModeCost(engine, label, t, timings[engine, "default"])
+            for (engine, label), t in timings.items() if label != "default"]
 
 
 # --- what the stochastic test-set passes (C7) add ------------------------------------------------
@@ -520,11 +566,11 @@ def runners(args: argparse.Namespace) -> dict[str, object]:
                                            "members": [asdict(g) for g in gaps]}}
 
 
-def show_costs(costs: dict[str, object], subset: int) -> str:
+def show_costs(costs: list[ModeCost], subset: int, rounds: int) -> str:
     lines = [f"determinism modes against default, CPU time at 1 thread ({subset} images, "
-             "1 epoch, fresh workers):"]
-    lines += [f"  {name.replace('_over_', '/'):18s}{c['best']:6.2f}x best of each, "
-              f"{c['paired_median']:.2f}x median within a round" for name, c in costs.items()]
+             f"1 epoch, fresh workers, {rounds} rounds alternating):"]
+    lines += [f"  {c.engine:10s} {c.variant + '/default':28s}{c.paired_median:6.2f}x median "
+              f"within a round, {c.best:.2f}x best of each" for c in costs]
     return "\n".join(lines)
 
 
@@ -556,10 +602,13 @@ def main(argv: list[str] | None = None) -> int:
         return _mc_main(args)
     cell = next(c for c in cells_of(PROTOCOL, 1) if (c.dropout1, c.dropout2) == SETTING)
     costs = mode_costs(time_modes(cell, args.mode_subset, args.mode_rounds))
-    print(show_costs(costs, args.mode_subset))
+    print(show_costs(costs, args.mode_subset, args.mode_rounds))
     out: dict[str, object] = {"mode_costs": {"train_subset": args.mode_subset, "epochs": 1,
-                                             "threads": 1, "clock": "process CPU time",
-                                             **costs}, "machine": machine()}
+                                             "threads": 1, "rounds": args.mode_rounds,
+                                             "clock": "CPU time (sequential: process; batched: "
+                                                      "member thread)",
+                                             "costs": [c.to_json() for c in costs]},
+                              "machine": machine()}
     if not args.modes_only:
         out = {**runners(args), **out}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,8 @@ def _rebuild(mlflow, runs: list[tracking.Recorded]
     cells, lost = [], []
     for run in runs:
         raw = tracking.recorded_protocol(mlflow, run.run_id)
-        proto = protocol.parse(raw, source=f"run {run.run_id} protocol.yaml") if raw else None
+        proto = protocol.parse(_as_recorded(raw), source=f"run {run.run_id} protocol.yaml") \
+            if raw else None
         cell = next((c for c in plan.expand(proto) if c.key == run.cell_key), None) if proto \
             else None
         if cell is None:
@@ -133,6 +134,12 @@ def _rebuild(mlflow, runs: list[tracking.Recorded]
     return cells, tuple(lost)
 
 
+def _as_recorded(raw: dict) -> dict:
+    """A recorded protocol as it was meant: one logged before `kernels` existed ran its portable
+    cells on torch's kernels (today's default is OpenBLAS)."""
+    return raw if "kernels" in raw else {**raw, "kernels": "torch"}
+
+
 def _check(mlflow, recorded: tracking.Recorded, result: Result,
            present: dict[str, str]) -> Check:
     logged = tracking.recorded_epochs(mlflow, recorded.run_id)
@@ -140,5 +147,8 @@ def _check(mlflow, recorded: tracking.Recorded, result: Result,
     drift = max((abs(value - getattr(now[step], metric))
                  for metric, points in logged.items() for step, value in points.items()
                  if step in now), default=0.0)
-    return Check(recorded, result, present, drift,
-                 tuple(environment.differences(recorded.environment, present)))
+    differing = environment.differences(recorded.environment, present,
+                                        environment.bits_keys(recorded.kernels))
+    if result.kernels != recorded.kernels:
+        differing.insert(0, f"kernels: {recorded.kernels} -> {result.kernels}")
+    return Check(recorded, result, present, drift, tuple(differing))
