@@ -177,12 +177,16 @@ def ray_cluster(tmp_path_factory):
     cluster = RayCluster(f"127.0.0.1:{port}", marker, secrets.token_hex(32))
     # A short temporary root: Ray's socket paths must fit in 107 characters.
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    # Loopback only: Ray's servers bind the node IP, which stays 127.0.0.1 with this set
+    # (study/engine/backend_ray.py, LOOPBACK_ONLY; tests/test_ray_nodes.py checks every port).
     env = {**os.environ, "PYTHONPATH": str(ROOT), "STUDY_TEST_CLUSTER": marker,
-           "MKL_CBWR": "AVX2", "RAY_USAGE_STATS_ENABLED": "0", **cluster.env}
+           "MKL_CBWR": "AVX2", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           **cluster.env}
     ray_bin = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--port", str(port),
-         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--num-cpus", "2",
+         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--include-dashboard", "false", "--num-cpus", "2",
          "--temp-dir", temp, "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
