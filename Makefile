@@ -17,6 +17,8 @@ PROTOCOL ?= protocols/d2l-dropout.yaml
 LESSON ?= protocols/lesson.yaml
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PORT ?= 5000
+# Where `make server` keeps its PostgreSQL cluster and artifacts.
+SERVER_STORE ?= mlruns
 GPU_CHECK_OUT ?= reports/gpu-check
 
 .PHONY: setup data browser study paper run report test bench gpu-check gpu-pack ui server postgres \
@@ -91,5 +93,7 @@ postgres:
 	  else echo "PostgreSQL not found: apt-get install postgresql (the integration tests need it)"; fi; \
 	fi
 
+# SIGINT, SIGTERM (to it or to its process group) or SIGHUP stops both servers; a start after a
+# crash stops or reuses what the killed one left (study/store/server.py).
 server: $(STAMP) postgres
-	$(BIN)/python -m study.store.server --port $(PORT)
+	$(BIN)/python -m study.store.server --port $(PORT) --store $(SERVER_STORE)

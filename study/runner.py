@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from tqdm import tqdm
 
 from study.store import tracking
@@ -41,19 +40,21 @@ class Summary:
     results: tuple[Result, ...]
 
 
-def available(device: str) -> bool:
-    return device == "cpu" or torch.cuda.is_available()
-
-
-def runnable(protocol: Protocol, cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
-    """Split cells into those this machine can run and those it must skip."""
-    missing = sorted({c.device for c in cells if not available(c.device)})
+def runnable(protocol: Protocol, cells: list[Cell],
+             where: str = "local") -> tuple[list[Cell], list[Cell]]:
+    """Split cells into those the `where` backend can run and those it must skip: for `ray`,
+    the cluster's resources decide, not the driver's machine."""
+    present = {d: workers.has_device(where, d) for d in sorted({c.device for c in cells})}
+    missing = [d for d, there in present.items() if not there]
     if required := [d for d in missing if d in protocol.required_devices]:
-        raise RunnerError(f"protocol {protocol.name!r} requires {required}, which this machine "
-                          "does not have: run it on a machine that has it, or drop it from "
-                          "required_devices to skip those cells")
-    return ([c for c in cells if available(c.device)],
-            [c for c in cells if not available(c.device)])
+        raise RunnerError(f"protocol {protocol.name!r} requires {required}, which "
+                          f"{_machine(where)} does not have: run it where it is, or drop it "
+                          "from required_devices to skip those cells")
+    return ([c for c in cells if present[c.device]], [c for c in cells if not present[c.device]])
+
+
+def _machine(where: str) -> str:
+    return "the Ray cluster" if where == "ray" else "this machine"
 
 
 def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
@@ -66,9 +67,10 @@ def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
         interrupted = tracking.mark_interrupted(mlflow, exp_id)
         cells = expand(protocol)
         done = tracking.finished_keys(mlflow, exp_id)
-        todo, skipped = runnable(protocol, [c for c in cells if c.key not in done])
+        todo, skipped = runnable(protocol, [c for c in cells if c.key not in done], where)
         for cell in skipped:
-            print(f"skipped (no {cell.device} on this machine): {cell.name}", file=sys.stderr)
+            print(f"skipped (no {cell.device} in {_machine(where)}): {cell.name}",
+                  file=sys.stderr)
         results = _run_cells(mlflow, exp_id, protocol, todo, load, progress, where) if todo else []
     return Summary(exp_id, len(cells), len(cells) - len(todo) - len(skipped), len(results),
                    len(skipped), interrupted, tuple(results))

@@ -161,6 +161,7 @@ class RayCluster:
     address: str  # HOST:PORT, as `--address` takes it
     marker: str  # in the environment of every process of this cluster, to find its workers
     token: str  # the cluster's authentication token, made for this session
+    loopback: bool = False  # its nodes kept on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -168,8 +169,11 @@ class RayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """What a driver joining it needs: token mode and the cluster's token."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        """What a driver joining it needs: token mode and the cluster's token; for a loopback
+        cluster, the variable too: without it a driver takes the machine's address for its own,
+        finds no node there and waits in ray.init (seen: 10 minutes, no error)."""
+        loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if self.loopback else {}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, **loopback}
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +191,10 @@ def ray_cluster(tmp_path_factory):
     port, marker = free_port(), f"study-test-{os.getpid()}"
     # Its own token, as Ray makes them (256 random bits): `ray start` in token mode refuses to
     # start without one, and a new machine has no ~/.ray/auth_token (a local ray.init makes it).
-    cluster = RayCluster(f"127.0.0.1:{port}", marker, secrets.token_hex(32))
+    # Loopback only: Ray's servers bind the node IP, which stays 127.0.0.1 with
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (study/engine/backend_ray.py, LOOPBACK_ONLY;
+    # tests/test_ray_nodes.py checks every port); cluster.env carries it to the drivers.
+    cluster = RayCluster(f"127.0.0.1:{port}", marker, secrets.token_hex(32), loopback=True)
     # A short temporary root: Ray's socket paths must fit in 107 characters.
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "STUDY_TEST_CLUSTER": marker,
@@ -195,7 +202,8 @@ def ray_cluster(tmp_path_factory):
     ray_bin = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--port", str(port),
-         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--num-cpus", "2",
+         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--include-dashboard", "false", "--num-cpus", "2",
          "--temp-dir", temp, "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

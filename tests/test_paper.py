@@ -100,9 +100,9 @@ def test_a_missing_protocol_file_is_named_before_anything_runs(tmp_path, capsys)
 
 
 def test_dry_run_prints_the_estimate_and_runs_nothing(store, capsys, monkeypatch) -> None:
-    from study import runner
+    from study.engine import backend_process
 
-    monkeypatch.setattr(runner, "available", lambda device: device == "cpu")
+    monkeypatch.setattr(backend_process, "has_device", lambda device: device == "cpu")
     assert cli.main(["paper", str(LESSON), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert ("implementations      60 cells: 0 done, 60 to run \u00d7 1.6 s (recorded in the "
@@ -333,9 +333,9 @@ def _all_runs(store) -> list:
 def test_a_second_paper_runs_nothing_logs_nothing_and_writes_the_same_bytes(
         store, tiny_lesson, tiny_files, tmp_path, monkeypatch) -> None:
     from study.engine import data
-    from study import runner
+    from study.engine import backend_process
 
-    monkeypatch.setattr(runner, "available", lambda device: device == "cpu")
+    monkeypatch.setattr(backend_process, "has_device", lambda device: device == "cpu")
     folder, checksums = tiny_files
     # Workers load the data themselves, so the loader must pickle: a partial, not a lambda.
     loader = functools.partial(data.load, folder, cache=tmp_path / "cache", checksums=checksums)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from study.engine import data, environment
+from study.engine import backend_process, data, environment
 from study.protocol import plan, schema as protocol
 from study import runner
 from study.store import tracking
@@ -145,7 +145,7 @@ def test_load_runs_gives_the_tidy_table(store, loader):
 
 
 def test_cuda_cells_skip_or_fail_without_a_gpu(store, loader, monkeypatch):
-    monkeypatch.setattr(runner, "available", lambda device: device == "cpu")
+    monkeypatch.setattr(backend_process, "has_device", lambda device: device == "cpu")
     proto = protocol.parse({**PROTO, "devices": ["cpu", "cuda"], "seeds": {"count": 1}})
     summary = runner.run(proto, load=loader, progress=False)
     assert summary.ran == 3 and summary.skipped == 3

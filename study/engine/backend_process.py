@@ -37,6 +37,13 @@ class Done:
     """Every cell of the group was sent."""
 
 
+def has_device(device: str) -> bool:
+    """The workers run on this machine: what its torch sees."""
+    import torch  # here: a CPU-only plan never needs it
+
+    return device == "cpu" or torch.cuda.is_available()
+
+
 def run(group: Group) -> Iterator[Message]:
     """Start a worker for `group`, yield its messages as they come, re-raise what it raised.
 

@@ -27,9 +27,11 @@ every new worker to run the setup hook.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -68,6 +70,9 @@ def connect(address: str | None = None) -> None:
     job = {"worker_process_setup_hook": f"{__name__}.start_worker"}
     if address:
         _reachable(address)
+    else:
+        _loopback_only()
+        _private_token()
     local = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
     try:
         ray.init(address=address or "local", runtime_env=job, logging_level="WARNING", **local)
@@ -77,6 +82,37 @@ def connect(address: str | None = None) -> None:
         raise ClusterError(f"no Ray cluster at --address {address}: {err}; a cluster started "
                            "with token authentication (the default) needs RAY_AUTH_MODE=token "
                            "and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here") from None
+
+
+# Ray replaces a loopback node IP by the machine's address unless this is off, and its servers
+# (GCS, raylet, agents, workers) bind the node IP: with it off they bind 127.0.0.1. Off, it also
+# refuses `ray start --address` (worker nodes), so only a one-node cluster may use it.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only() -> None:
+    """Keep a cluster this process starts on 127.0.0.1 (docs/cluster.md#network-exposure)."""
+    os.environ[LOOPBACK_ONLY] = "0"
+    # Ray read the variable when it was imported; its services look the constant up at call time.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _private_token() -> None:
+    """Make the token a new local cluster uses readable by its owner only (Ray writes it 0644).
+
+    Ray 2.60 turns token authentication on for a local cluster and writes ~/.ray/auth_token if
+    none exists; written here first, with mode 600, Ray reads it instead of making its own."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    path.chmod(0o600)
 
 
 def _reachable(address: str, timeout: float = 10) -> None:
@@ -90,11 +126,34 @@ def _reachable(address: str, timeout: float = 10) -> None:
         raise ClusterError(f"no Ray cluster at --address {address}: {err}") from None
 
 
-@ray.remote
-def _serve(group: Group) -> Iterator[Message]:
-    from study.engine.workers import serve  # here, not above: after start_worker has run
+def has_device(device: str) -> bool:
+    """Whether the cluster has the device: a GPU in `ray.cluster_resources()` for cuda, whatever
+    the driver's own machine has. Joins (or starts) the cluster if not yet connected."""
+    connect()
+    return device == "cpu" or ray.cluster_resources().get("GPU", 0) >= 1
 
-    yield from serve(group)
+
+NODE_ID, NODE_IP = "ray_node_id", "ray_node_ip"  # recorded with each run's environment
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A task's first message, before it loads data: where it runs, so that the driver can name
+    the node if the task is lost before its Ready. Kept by run_many, never passed on."""
+
+    where: dict[str, str]
+
+
+@ray.remote
+def _serve(group: Group) -> Iterator[Message | _Node]:
+    from study.engine.workers import Ready, serve  # here, not above: after start_worker has run
+
+    where = {NODE_ID: ray.get_runtime_context().get_node_id(),
+             NODE_IP: ray.util.get_node_ip_address()}
+    yield _Node(where)
+    for message in serve(group):
+        # The node that trains: it becomes the run's study.env.ray_node_id tag.
+        yield Ready({**message.environment, **where}) if isinstance(message, Ready) else message
 
 
 def options(group: Group) -> dict[str, Any]:
@@ -137,6 +196,7 @@ def run_many(groups: list[Group]) -> Generator[Tagged, None, None]:
     for stream, part in enumerate(p for g in groups for p in _parts(g)):
         submit(_Task(stream, part, 1))
     finished: dict[int, set[str]] = {}
+    nodes: dict[int, dict[str, str]] = {}  # stream -> where its latest worker runs
     try:
         while running:
             (ready,), _ = ray.wait(list(running), num_returns=1)
@@ -148,9 +208,12 @@ def run_many(groups: list[Group]) -> Generator[Tagged, None, None]:
                 continue
             except DIED as err:
                 del running[ready]
-                yield task.stream, workers.Lost(_lost(task, err))
+                yield task.stream, workers.Lost(_lost(task, err, nodes.get(task.stream, {})))
                 if again := _again(task, finished.get(task.stream, set())):
                     submit(again)
+                continue
+            if isinstance(message, _Node):
+                nodes[task.stream] = message.where
                 continue
             if isinstance(message, workers.Finished):
                 finished.setdefault(task.stream, set()).add(message.result.cell.key)
@@ -183,12 +246,19 @@ def _split(cells: list, pieces: int) -> list[list]:
     return [cells[i:i + size] for i in range(0, len(cells), size)]
 
 
-def _lost(task: _Task, err: BaseException) -> str:
-    """Why a task's worker is gone; a WorkerError once it has had all its attempts."""
+def _lost(task: _Task, err: BaseException, where: dict[str, str] | None = None) -> str:
+    """Why a task's worker is gone, naming its node, and saying so when the whole node is lost
+    (Ray raises NodeDiedError once its health checks give up on the node); a WorkerError once
+    it has had all its attempts. `where`: the task's node (its _Node message)."""
     from study.engine import workers
 
-    reason = (f"the Ray worker for {task.group.name} died ({type(err).__name__}) on attempt "
-              f"{task.attempt} of {ATTEMPTS}")
+    where = where or {}
+    node = where.get(NODE_ID)
+    at = f" on node {node} ({where.get(NODE_IP)})" if node else ""
+    gone = node and isinstance(err, ray.exceptions.NodeDiedError)
+    lost = f"Ray node {node} ({where.get(NODE_IP)}) lost: " if gone else ""
+    reason = (f"{lost}the Ray worker for {task.group.name}{at} died ({type(err).__name__}) on "
+              f"attempt {task.attempt} of {ATTEMPTS}")
     if task.attempt >= ATTEMPTS:
         raise workers.WorkerError(f"{reason}; cells it was training are lost and will be redone "
                                   "on the next run")

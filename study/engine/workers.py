@@ -117,13 +117,19 @@ Backend = Callable[[Group], Generator[Message, None, None]]
 # (stream, message): a stream is one worker's sequence of messages (and its replacements').
 Tagged = tuple[int, Message]
 
-# name -> module with `run(group) -> Iterator[Message]` (and optionally `run_many(groups) ->
-# Iterator[Tagged]`); imported when first used. `local`: a fresh process per group here.
+# name -> module with `run(group) -> Iterator[Message]`, `has_device(device) -> bool` (and
+# optionally `run_many(groups) -> Iterator[Tagged]`); imported when first used. `local`: a fresh process per group here.
 BACKENDS = {"local": "study.engine.backend_process", "ray": "study.engine.backend_ray"}
 
 
 def backend(name: str = "local") -> Backend:
     return importlib.import_module(BACKENDS[name]).run
+
+
+def has_device(name: str, device: str) -> bool:
+    """Whether the `name` backend can train on `device` ("cpu", "cuda"): where the cells train,
+    which for a cluster is not the driver's machine."""
+    return importlib.import_module(BACKENDS[name]).has_device(device)
 
 
 def stream(name: str, groups: list[Group]) -> Generator[Tagged, None, None]:

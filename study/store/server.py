@@ -8,7 +8,14 @@ only. No password exists: the MLflow server connects over the cluster's Unix soc
 `peer` authentication maps the OS user who started it (and `postgres`) to the `mlflow` role;
 TCP logins need a password, and no role has one. So nothing secret is written anywhere, and
 run params never see a credential. Artifacts are served by the MLflow server from
-`mlruns/server-artifacts/`. Ctrl-C stops both.
+`mlruns/server-artifacts/`. Ctrl-C, SIGTERM or SIGHUP stops both; once stopping has begun,
+further signals are ignored (make forwards the SIGTERM a process group gets, so the wrapper
+receives two), and PostgreSQL is always stopped last.
+
+A server killed outright (SIGKILL, power loss) leaves its postmaster and its MLflow server
+behind. The next start finds them, by `postmaster.pid` and by the MLflow server's process group
+recorded in `mlflow-server.pid`: a postmaster of this cluster on the expected port and socket is
+reused, any other is stopped, a left-over MLflow server is stopped; one line says which.
 """
 
 from __future__ import annotations
@@ -109,7 +116,32 @@ class Postgres:
             "local all all peer map=study\n"
             "host all all 127.0.0.1/32 scram-sha-256\n")
 
+    def left_running(self) -> int | None:
+        """The pid of a live postmaster of this cluster (from postmaster.pid), else None.
+        A stale file whose process is gone is PostgreSQL's own to clear at start."""
+        lines = _read_lines(self.data / "postmaster.pid")
+        if not lines or not lines[0].isdigit():
+            return None
+        pid = int(lines[0])
+        return pid if _alive(pid, b"postgres") else None
+
+    def reusable(self) -> bool:
+        """A postmaster left running here listens where this start would put it, and is up."""
+        lines = _read_lines(self.data / "postmaster.pid")
+        # postmaster.pid: pid, data dir, start time, port, socket dir, listen address, shm, status
+        return (len(lines) >= 8 and lines[3] == str(self.port)
+                and lines[4] == str(self.sockets) and lines[7].strip() == "ready")
+
     def start(self) -> None:
+        if (pid := self.left_running()) is not None:
+            if self.reusable():
+                print(f"PostgreSQL left running by an earlier server (pid {pid}, {self.data}): "
+                      "reused", flush=True)
+                self._ensure_database()
+                return
+            print(f"PostgreSQL left running by an earlier server (pid {pid}, {self.data}) on "
+                  "another port or socket: stopped", flush=True)
+            self.stop()
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
                    f"-c unix_socket_directories={self.sockets}")
         _check(_as_owner([str(pg_bin() / "pg_ctl"), "start", "-w", "-t", "60", "-D",
@@ -127,6 +159,21 @@ class Postgres:
     def stop(self) -> None:
         subprocess.run(_as_owner([str(pg_bin() / "pg_ctl"), "stop", "-D", str(self.data),
                                   "-m", "fast", "-w"]), capture_output=True)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _alive(pid: int, name: bytes) -> bool:
+    """`pid` runs and its command line names `name` (a recycled pid does not count)."""
+    try:
+        return name in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _check(cmd: list[str], what: str) -> str:
@@ -149,7 +196,22 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def record(self) -> Path:
+        """The process group of the MLflow server running here, for a start after a crash."""
+        return self.artifacts.parent / "mlflow-server.pid"
+
+    def stop_left_over(self) -> None:
+        """Stop an MLflow server left by a server killed outright (it holds the port)."""
+        lines = _read_lines(self.record)
+        if lines and lines[0].isdigit() and _alive(pgid := int(lines[0]), b"mlflow"):
+            print(f"MLflow server left running by an earlier server (process group {pgid}): "
+                  "stopped", flush=True)
+            _stop_group(pgid)
+        self.record.unlink(missing_ok=True)
+
     def start(self, timeout: float = 180.0) -> None:
+        self.stop_left_over()
         mlflow = Path(sys.executable).with_name("mlflow")
         self.artifacts.mkdir(parents=True, exist_ok=True)
         log = open(self.artifacts.parent / f"mlflow-server-{self.port}.log", "ab")
@@ -159,6 +221,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.record.write_text(f"{self.process.pid}\n")
         self._wait(timeout, log.name)
 
     def _wait(self, timeout: float, log: str) -> None:
@@ -179,16 +242,25 @@ class MlflowServer:
                           f"see {log}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process is not None and self.process.poll() is None:
+            _stop_group(self.process.pid)
             self.process.wait()
+        self.record.unlink(missing_ok=True)
+
+
+def _stop_group(pgid: int, timeout: float = 20) -> None:
+    """SIGTERM a process group, SIGKILL it if anything is left after `timeout` s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 @dataclass
@@ -211,13 +283,14 @@ class Server:
 def running(root: Path, port: int, pg_port: int | None = None) -> Iterator[Server]:
     """Start (creating on first use) the cluster in `root/postgres` and the server; stop both."""
     pg = Postgres(root / "postgres", pg_port or free_port())
-    pg.init()
-    pg.start()
     srv = Server(pg, MlflowServer(pg.uri, root / "server-artifacts", port))
     try:
+        pg.init()
+        pg.start()
         srv.mlflow.start()
         yield srv
     finally:
+        # Also after a failed or interrupted start: pg_ctl stop answers quickly where nothing runs.
         srv.mlflow.stop()
         pg.stop()
 
@@ -239,23 +312,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.store.server",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 5000))
+    parser.add_argument("--store", type=Path, default=STORE_DIR,
+                        help="folder of the cluster and the artifacts (default: mlruns/)")
     args = parser.parse_args(argv)
-    STORE_DIR.mkdir(exist_ok=True)
+    args.store.mkdir(exist_ok=True)
+    _stop_on_signal()
     try:
-        with running(STORE_DIR, args.port, pg_port=_pg_port()) as srv:
+        with running(args.store, args.port, pg_port=_pg_port(args.store)) as srv:
             print(f"PostgreSQL: {srv.postgres.data} on 127.0.0.1:{srv.postgres.port}\n"
                   f"MLflow server: {srv.url} (artifacts in {srv.mlflow.artifacts})\n\n"
                   f"  export MLFLOW_TRACKING_URI={srv.url}\n\nCtrl-C stops both.", flush=True)
-            _wait_for_signal(srv.mlflow)
+            srv.mlflow.process.wait()
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopping:
+        pass
     return 0
 
 
-def _pg_port() -> int:
+def _pg_port(store: Path) -> int:
     """The project's cluster keeps one port (recorded beside it), so its URI stays stable."""
-    record = STORE_DIR / "postgres" / "port"
+    record = store / "postgres" / "port"
     if record.exists():
         return int(record.read_text())
     port = free_port()
@@ -264,12 +342,25 @@ def _pg_port() -> int:
     return port
 
 
-def _wait_for_signal(srv: MlflowServer) -> None:
-    # Both by hand: a shell starting this in the background leaves SIGINT ignored, and the
-    # `finally` of running() must stop PostgreSQL and the server whichever signal comes.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    srv.process.wait()
+class Stopping(BaseException):
+    """A stop signal arrived: unwinds through running(), whose `finally` stops both servers."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_on_signal() -> None:
+    # Set by hand: a shell starting this in the background leaves SIGINT ignored. The first
+    # signal starts the shutdown and every later one is ignored, or a second SIGTERM (make
+    # forwards the one its process group got) would cut the `finally` short before PostgreSQL
+    # is stopped. Set before anything starts, so that a signal during start-up stops it too.
+    def first(signum, _frame) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopping(signal.Signals(signum).name)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, first)
 
 
 if __name__ == "__main__":

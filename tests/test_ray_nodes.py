@@ -1,0 +1,384 @@
+"""Ray past one process: what a local cluster exposes (every listening port on loopback, the
+token readable by its owner only), then a cluster of three nodes on this machine: cuda cells
+planned from its resources, a study spread over its nodes, and the loss of a whole node."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import RayCluster, free_port
+from tests.test_faults import CELLS, _finished, drivers  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _with_marker(marker: str) -> set[int]:
+    """Pids whose environment holds STUDY_TEST_CLUSTER=`marker` (a cluster's processes)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (f"STUDY_TEST_CLUSTER={marker}".encode()
+                                        in (proc / "environ").read_bytes()):
+                found.add(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _listening(pids: set[int]) -> list[tuple[str, str]]:
+    """(local address, process) of every TCP socket listening in `pids` (from `ss -ltnpH`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            found.append((line.split()[3], line.split("users:")[-1]))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+    return host not in ("*", "0.0.0.0", "::") and ipaddress.ip_address(host).is_loopback
+
+
+@pytest.mark.integration
+def test_the_session_cluster_listens_on_loopback_only(ray_cluster):
+    listening = _listening(_with_marker(ray_cluster.marker))
+    assert listening, "found no listening socket of the cluster"
+    assert [s for s in listening if not _loopback(s[0])] == []
+
+
+@pytest.mark.integration
+def test_a_cluster_the_driver_starts_listens_on_loopback_and_keeps_its_token_private(tmp_path):
+    pytest.importorskip("ray")
+    marker = f"connect-{os.getpid()}"
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "STUDY_TEST_CLUSTER": marker, "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(name, None)
+    # Starts the cluster as `--backend ray` without --address does, runs a task (a worker
+    # process listens too), then reports what listens before shutting down.
+    script = f"""
+import ray, subprocess, sys
+sys.path.insert(0, {str(ROOT)!r})
+from tests.test_ray_nodes import _listening, _with_marker
+from study.engine import backend_ray
+backend_ray.connect()
+ray.get(ray.remote(lambda: 1).remote())
+for address, owner in _listening(_with_marker({marker!r})):
+    print("LISTEN", address, owner)
+ray.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listening = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("LISTEN")]
+    assert len(listening) >= 3, done.stdout  # GCS, raylet and more
+    assert [a for a in listening if not _loopback(a)] == [], done.stdout
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.exists() and stat.S_IMODE(token.stat().st_mode) == 0o600
+
+
+# --- several nodes on this machine ---------------------------------------------------------
+
+NODE_CPUS = 1
+STORE_BYTES = 100 * 1024 * 1024  # each node's object store: the messages are small
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> its child pids, from /proc/*/stat (field 4 after the command's parentheses)."""
+    tree: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            stat_line = (proc / "stat").read_text() if proc.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat_line:
+            ppid = int(stat_line.rsplit(")", 1)[1].split()[1])
+            tree.setdefault(ppid, []).append(int(proc.name))
+    return tree
+
+
+def _tree(root: int) -> set[int]:
+    """`root` and every process below it."""
+    tree, found, todo = _children(), set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(tree.get(pid, []))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """A head and worker nodes on this machine, each a `ray start --block` with its own raylet;
+    a node's processes are its `ray start` and everything below it (raylet, agents, workers).
+    Workers rename themselves (setproctitle), so the process tree, not their environment or
+    command line, says which node they belong to."""
+
+    cluster: RayCluster
+    starts: dict[str, subprocess.Popen]  # node name -> its `ray start --block`
+    temp: Path
+
+    def pids(self, name: str) -> set[int]:
+        start = self.starts[name]
+        return _tree(start.pid) if start.poll() is None else set()
+
+    def node_id(self, name: str) -> str:
+        for pid in self.pids(name):
+            if b"raylet/raylet\0" in _cmdline(pid):
+                return re.search(rb"--node_id=([0-9a-f]+)", _cmdline(pid)).group(1).decode()
+        raise AssertionError(f"node {name} has no raylet")
+
+    def serving(self, name: str) -> list[int]:
+        """The node's Ray workers now running a `_serve` task (Ray titles the process so)."""
+        return [pid for pid in self.pids(name) if _cmdline(pid).startswith(b"ray::_serve")]
+
+    def kill(self, name: str) -> set[int]:
+        """SIGKILL every process of the node at once, as a machine that loses power: the raylet
+        is stopped first so that it starts no worker between the listing and the kill."""
+        raylet = [pid for pid in self.pids(name) if b"raylet/raylet\0" in _cmdline(pid)]
+        for pid in raylet:
+            os.kill(pid, signal.SIGSTOP)
+        pids = self.pids(name)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.starts[name].wait(timeout=30)
+        return pids
+
+    def leftovers(self) -> list[str]:
+        """Ray servers (raylet, GCS) of this cluster still alive: their command lines name its
+        temporary directory."""
+        left = []
+        for proc in Path("/proc").iterdir():
+            line = _cmdline(int(proc.name)) if proc.name.isdigit() else b""
+            if str(self.temp).encode() in line and re.search(rb"raylet/raylet|gcs_server", line):
+                left.append(f"{proc.name} {line[:120]!r}")
+        return left
+
+
+@pytest.fixture(scope="module")
+def ray_nodes():
+    """A head and two worker nodes, each a real raylet with one CPU and a 100 MB object store,
+    started one after another with `ray start --block`; node `b` also declares a GPU it does not
+    have (a resource for the scheduler: nothing trains on it). Not on loopback only: Ray refuses
+    `ray start --address` with LOOPBACK_ONLY off, so the nodes announce the machine's address
+    (study/engine/backend_ray.py). The head's GCS checks each node every second and gives up
+    after 3 misses, so that a killed node is declared dead in seconds (Ray's default: ~30 s).
+    Every process of the cluster is gone after the module, or the teardown fails."""
+    pytest.importorskip("ray")
+    from study.engine.backend_ray import LOOPBACK_ONLY
+
+    port = free_port()
+    cluster = RayCluster(f"127.0.0.1:{port}", f"study-nodes-{os.getpid()}", secrets.token_hex(32))
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths < 108 chars
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STUDY_TEST_CLUSTER": cluster.marker,
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_period_ms": "1000",
+           "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           "RAY_health_check_initial_delay_ms": "1000", **cluster.env}
+    env.pop(LOOPBACK_ONLY, None)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    starts: dict[str, subprocess.Popen] = {}
+    nodes = Nodes(cluster, starts, temp)
+
+    def start(name: str, *role: str) -> None:
+        # Ports that two nodes of one machine would otherwise both try to take.
+        ports = [(flag, str(free_port())) for flag in (
+            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+            "--metrics-export-port", "--runtime-env-agent-port")]
+        log = temp / f"start-{name}.log"
+        with log.open("w") as out:
+            starts[name] = subprocess.Popen(
+                [ray_bin, "start", "--block", "--num-cpus", str(NODE_CPUS), "--object-store-memory",
+                 str(STORE_BYTES), "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+                 *(part for pair in ports for part in pair), *role],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            if starts[name].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Ray node {name} did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    try:
+        start("head", "--head", "--port", str(port), "--include-dashboard", "false",
+              "--temp-dir", str(temp))
+        start("a", "--address", cluster.address)
+        start("b", "--address", cluster.address, "--num-gpus", "1")
+        yield nodes
+    finally:
+        every = set().union(*(nodes.pids(name) for name in starts))
+        for process in reversed(starts.values()):  # worker nodes first, then the head
+            process.terminate()  # --block: stopping it stops every process it started
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for pid in every:  # what a stopped `ray start` left (workers it no longer sees)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (left := nodes.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"Ray processes left after the cluster's teardown: {left}"
+
+
+def _plan(cluster: RayCluster | None, nodes: int = 1) -> dict:
+    """Which devices' cells a fresh driver process (this one must not join a cluster) would
+    train and skip for a cpu+cuda protocol: on this machine, or on `cluster` once `nodes` nodes
+    are alive there. It plans only; nothing trains."""
+    script = f"""
+import json, time
+import torch
+from study import runner
+from study.protocol import plan, schema
+proto = schema.parse({{"name": "devices", "dropout": [[0.0, 0.0], [0.5, 0.5]],
+                      "seeds": {{"count": 1}}, "baseline": [0.5, 0.5], "devices": ["cpu", "cuda"]}})
+where = "local"
+if {cluster is not None}:
+    import ray
+    from study.engine import backend_ray
+    backend_ray.connect({cluster.address if cluster else None!r})
+    deadline = time.monotonic() + 120
+    while sum(n["Alive"] for n in ray.nodes()) < {nodes} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    where = "ray"
+todo, skipped = runner.runnable(proto, plan.expand(proto), where)
+print(json.dumps({{"todo": sorted({{c.device for c in todo}}),
+                  "skipped": sorted({{c.device for c in skipped}}),
+                  "driver_cuda": torch.cuda.is_available()}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(cluster.env if cluster else {})}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+def test_cuda_cells_are_planned_where_the_cluster_has_a_gpu(ray_nodes, ray_cluster):
+    here = _plan(None)
+    if here["driver_cuda"]:
+        pytest.skip("this driver has a GPU: the case is a CPU-only driver")
+    assert here == {"todo": ["cpu"], "skipped": ["cuda"], "driver_cuda": False}
+    # Node b declares a GPU: the cluster can run cuda cells though the driver cannot.
+    assert _plan(ray_nodes.cluster, nodes=3) == {"todo": ["cpu", "cuda"], "skipped": [],
+                                                 "driver_cuda": False}
+    # The session cluster has CPUs only: its cuda cells are skipped.
+    assert _plan(ray_cluster) == {"todo": ["cpu"], "skipped": ["cuda"], "driver_cuda": False}
+
+
+def _portable(tmp_path: Path, name: str) -> Path:
+    """CELLS cells, one Ray task each, in portable mode on one thread (a node has one CPU)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""name: {name}
+model: {{arch: mlp, hidden: [64, 64], init_std: 0.01}}
+training: {{epochs: 2, batch_size: 128, lr: 0.5}}
+data: {{dataset: fashion-mnist, train_subset: 1000}}
+dropout: [[0.0, 0.0], [0.2, 0.5], [0.5, 0.5], [0.8, 0.8]]
+seeds: {{count: 3, start: 0}}
+devices: [cpu]
+determinism: [portable]
+threads: 1
+randomness: portable
+baseline: [0.2, 0.5]
+execution: sequential
+""")
+    return path
+
+
+def _runs(uri: str, name: str) -> list:
+    mlflow = MlflowClient(tracking_uri=uri)
+    exp = mlflow.get_experiment_by_name(name)
+    return mlflow.search_runs([exp.experiment_id], "", max_results=1000) if exp else []
+
+
+def _kill_a_node_while_it_trains(nodes: Nodes, uri: str, name: str, driver,
+                                 timeout: float = 300) -> tuple[str, float, dict[str, str]]:
+    """Once two runs have finished, kill -9 the first worker node found training a cell; its
+    name, when, and the runs FINISHED just before."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert driver.process.poll() is None, driver.finish()[1][-3000:]
+        if len(_finished(uri, name)) >= 2:
+            for node in ("a", "b"):
+                if nodes.serving(node):
+                    before = _finished(uri, name)
+                    nodes.kill(node)
+                    return node, time.time(), before
+        time.sleep(0.2)
+    raise AssertionError(f"no worker node trained a cell of {name} within {timeout} s")
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("real_data")
+def test_a_study_across_nodes_loses_a_node_and_nothing_else(ray_nodes, tmp_path, drivers):
+    name = f"nodes-{time.monotonic_ns()}"
+    proto = _portable(tmp_path, name)
+    local = f"sqlite:///{tmp_path / 'local.db'}"
+    code, out = drivers(proto, local, "--backend", "local").finish()
+    assert code == 0, out[-3000:]
+    uri = f"sqlite:///{tmp_path / 'ray.db'}"
+    ids = {node: ray_nodes.node_id(node) for node in ray_nodes.starts}
+    began = time.time()
+    driver = drivers(proto, uri, *ray_nodes.cluster.args, env=ray_nodes.cluster.env)
+    killed, at, before = _kill_a_node_while_it_trains(ray_nodes, uri, name, driver)
+    code, out = driver.finish()
+    assert code == 0, out[-3000:]
+
+    runs = _runs(uri, name)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    per_cell = Counter(r.data.tags["study.cell"] for r in finished)
+    assert len(per_cell) == CELLS and max(per_cell.values()) == 1, per_cell  # 0 duplicates
+    assert set(before) <= {r.info.run_id for r in finished}  # 0 lost
+    node_of = {r.data.tags["study.cell"]: r.data.tags["study.env.ray_node_id"] for r in finished}
+    assert set(node_of.values()) <= set(ids.values())
+    assert len(set(node_of.values())) > 1, node_of  # spread over nodes
+    # What the lost node had in flight was trained again on a node still alive.
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    for run in failed:
+        assert run.data.tags["study.env.ray_node_id"] == ids[killed]
+        assert node_of[run.data.tags["study.cell"]] != ids[killed]
+    assert f"Ray node {ids[killed]}" in out and " lost: " in out, out[-3000:]
+    # The same bits as on this machine alone.
+    hashes = {r.data.tags["study.cell"]: r.data.tags["study.weights_sha256"]
+              for r in _runs(local, name) if r.info.status == "FINISHED"}
+    assert {cell: r.data.tags["study.weights_sha256"] for r in finished
+            for cell in [r.data.tags["study.cell"]]} == hashes
+
+    retrained = [r.info.end_time / 1000 for r in finished
+                 if r.data.tags["study.cell"] in {f.data.tags["study.cell"] for f in failed}]
+    names = {v: k for k, v in ids.items()}
+    print(f"\nstudy across {len(ids)} nodes, node {killed} ({ids[killed][:12]}) killed "
+          f"{at - began:.1f} s in: cells per node "
+          f"{dict(Counter(names[n] for n in node_of.values()))}, runs lost "
+          f"{len(set(before) - {r.info.run_id for r in finished})}, duplicates "
+          f"{sum(per_cell.values()) - len(per_cell)}, in flight {len(failed)}, recovered "
+          f"{max(retrained, default=at) - at:.1f} s after the kill, study "
+          f"{time.time() - began:.1f} s")
