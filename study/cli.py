@@ -25,17 +25,14 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # Heavy modules (torch, torchvision, MLflow, pandas: seconds to import) are imported inside the
 # commands that need them, so `--help` and a bad protocol answer at once.
 if TYPE_CHECKING:
-    from study.protocol.schema import Analysis, Protocol
-    from study.results import Results
-    from study.analysis.table import RunTable
-    from study.store.tracking import MlflowClient
+    from study.pipeline import Target
+    from study.protocol.schema import Protocol
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 UI_PORT = 5000
@@ -46,22 +43,6 @@ USER_ERRORS = (("study.protocol.schema", "ProtocolError"), ("study.engine.data",
                ("study.runner", "RunnerError"), ("study.store.tracking", "TrackingError"),
                ("study.analysis.comparisons", "AnalysisError"), ("study.engine.backend_ray", "ClusterError"),
                ("study.analysis.frame", "ColumnError"))
-
-
-@dataclass(frozen=True)
-class Target:
-    """What analysis reads: an experiment, its baseline and options, and the protocol file."""
-
-    experiment: str
-    baseline: tuple[Any, ...]  # one value per factor (options.factor)
-    options: Analysis
-    source: str | None = None
-    # The protocol's planned cell keys: analysis reads only their runs (None: every run).
-    cells: frozenset[str] | None = None
-    csv: str | None = None  # a table of runs instead of an MLflow experiment
-    step: str | None = None  # its step column
-    # The user named the runs' columns: a baseline no run has is then an error, not a note.
-    named: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +275,8 @@ def _print_where(exp_id: str) -> None:
 
 
 def _target(args: argparse.Namespace) -> Target:
-    from study.protocol import plan, schema as protocol
+    from study.pipeline import Target, target_of
+    from study.protocol import schema as protocol
 
     csv = getattr(args, "csv", None)
     if args.experiment or csv:
@@ -325,73 +307,13 @@ def _target(args: argparse.Namespace) -> Target:
     if not args.protocol:
         raise protocol.ProtocolError("give a protocol file, --experiment NAME or --csv FILE")
     proto = _load(args)
-    return Target(proto.name, proto.baseline, proto.analysis, source=args.protocol,
-                  cells=frozenset(c.key for c in plan.expand(proto)))
-
-
-@dataclass(frozen=True)
-class Analysed:
-    """What `analyze` and `report` share: the runs, their results and the files written."""
-
-    mlflow: MlflowClient | None  # tracking stays the only module that imports MLflow; None: --csv
-    table: RunTable
-    results: Results
-    out: Path
-    files: list[Path]
-
-    def log(self, extra: list[Path] = ()) -> None:
-        from study.store import tracking
-
-        if self.mlflow is None:
-            return  # a table's analysis has no store to log to
-        tracking.log_analysis(self.mlflow, self.table.experiment_id, [*self.files, *extra],
-                              self.out)
-
-
-def _analyze(target: Target) -> Analysed:
-    from study.analysis import comparisons as analysis  # analysis: scipy, statsmodels
-    from study.analysis import frame
-    from study.report import summary
-
-    o = target.options
-    columns = frame.columns_of(o.factor, o.seed, o.metric, o.lower_is_better)
-    if target.csv:
-        mlflow, table = None, frame.from_frame(frame.read_csv(target.csv), columns,
-                                               target.experiment, target.step)
-    else:
-        from study.store import tracking
-
-        mlflow = tracking.client()
-        _require_runs(mlflow, target)
-        table = tracking.load_runs(mlflow, target.experiment,
-                                   set(target.cells) if target.cells is not None else None,
-                                   columns)
-    if table.unplanned_runs:
-        print(f"left out {table.unplanned_runs} finished runs of cells that "
-              f"{target.source} does not plan (an earlier version of it); they stay in the store",
-              file=sys.stderr)
-    if target.named:
-        analysis.check_baseline(table, target.baseline)
-    results = analysis.analyze(table, target.baseline, target.options)
-    out = REPORTS / target.experiment
-    files = analysis.write(results, table, out)
-    return Analysed(mlflow, table, results, out, [*files, summary.write_summary(results, table, out)])
-
-
-def _require_runs(mlflow: MlflowClient, target: Target) -> None:
-    """Before any run exists, say which command makes some, not just that none are there."""
-    from study.store import tracking
-
-    if tracking.has_finished_runs(mlflow, target.experiment):
-        return
-    then = (f"run `python -m study run {target.source}` first" if target.source else
-            "check the experiment's name in the MLflow UI (make ui)")
-    raise tracking.TrackingError(f"no finished runs of {target.experiment!r} in "
-                                 f"{tracking.tracking_uri()} yet; {then}")
+    return target_of(proto, args.protocol)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    done = _analyze(_target(args))
+    from study import pipeline
+
+    done = pipeline.analyse(_target(args), REPORTS)
     done.log()
     print(f"Results: {done.out / 'results.json'}")
     return 0
@@ -409,7 +331,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             "which writes results.json and summary.md")
     from study import report
 
-    done = _analyze(target)
+    from study import pipeline
+
+    done = pipeline.analyse(target, REPORTS)
     written = report.write_report(done.results, done.table, done.out)
     done.log(written.all())
     print(f"Report: {written.pdf}\nMarkdown: {written.markdown}")

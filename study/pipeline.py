@@ -1,5 +1,8 @@
-"""The lesson's paper: run every protocol of a lesson file, analyse each, write one report.
+"""Load runs, analyse, write: the one path `analyze`, `report`, `--experiment`, `--csv` and the
+paper all take (`analyse`); and the lesson's paper: run every protocol of a lesson file, analyse
+each, write one report.
 
+    python -m study analyze protocols/d2l-dropout.yaml     (analyse)
     python -m study paper protocols/lesson.yaml            (make paper)
     python -m study paper protocols/lesson.yaml --dry-run  (the estimate only)
 
@@ -17,19 +20,104 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import sys
+from typing import TYPE_CHECKING, Any
+
 from study.analysis import comparisons as analysis
-from study.report import figures
-from study import runner
-from study.store import tracking
-from study.engine.data import Dataset
-from study.engine.data import load as load_data
+from study.analysis import frame
+from study.analysis.table import RunTable
 from study.protocol.lesson import Lesson, Part
 from study.protocol.plan import expand
-from study.report import ReportFiles
+from study.protocol.schema import Analysis, Protocol
+from study.report import ReportFiles, figures, summary
 from study.report.context import Inputs
 from study.report.paper import Paper, figure_folder, write_paper
 from study.report.scorecard import Evidence
+from study.results import Results
+from study.store import tracking
 from study.store.tracking import MlflowClient
+
+if TYPE_CHECKING:  # training imports torch: `analyze` should not pay for it
+    from study import runner
+    from study.engine.data import Dataset
+
+
+@dataclass(frozen=True)
+class Target:
+    """What analysis reads: an experiment, its baseline and options, and the protocol file."""
+
+    experiment: str
+    baseline: tuple[Any, ...]  # one value per factor (options.factor)
+    options: Analysis
+    source: str | None = None
+    # The protocol's planned cell keys: analysis reads only their runs (None: every run).
+    cells: frozenset[str] | None = None
+    csv: str | None = None  # a table of runs instead of an MLflow experiment
+    step: str | None = None  # its step column
+    # The user named the runs' columns: a baseline no run has is then an error, not a note.
+    named: bool = False
+
+
+@dataclass(frozen=True)
+class RunsAnalysed:
+    """What one analysis made: the runs, their results and the files written."""
+
+    mlflow: MlflowClient | None  # tracking stays the only module that imports MLflow; None: --csv
+    table: RunTable
+    results: Results
+    out: Path
+    files: list[Path]
+
+    def log(self, extra: list[Path] = ()) -> None:
+        if self.mlflow is None:
+            return  # a table's analysis has no store to log to
+        tracking.log_analysis(self.mlflow, self.table.experiment_id, [*self.files, *extra],
+                              self.out)
+
+
+def target_of(proto: Protocol, source: str) -> Target:
+    """A protocol's analysis: its experiment, baseline and options, only the cells it plans."""
+    return Target(proto.name, proto.baseline, proto.analysis, source=source,
+                  cells=frozenset(c.key for c in expand(proto)))
+
+
+def analyse(target: Target, reports: Path, mlflow: MlflowClient | None = None) -> RunsAnalysed:
+    """Runs (from the store, or `target.csv`) -> results files in reports/<experiment>/."""
+    o = target.options
+    columns = frame.columns_of(o.factor, o.seed, o.metric, o.lower_is_better)
+    if target.csv:
+        mlflow, table = None, frame.from_frame(frame.read_csv(target.csv), columns,
+                                               target.experiment, target.step)
+    else:
+        mlflow = mlflow or tracking.client()
+        require_runs(mlflow, target)
+        table = tracking.load_runs(mlflow, target.experiment,
+                                   set(target.cells) if target.cells is not None else None,
+                                   columns)
+    if table.unplanned_runs:
+        print(f"left out {table.unplanned_runs} finished runs of cells that "
+              f"{target.source} does not plan (an earlier version of it); they stay in the store",
+              file=sys.stderr)
+    if target.named:
+        analysis.check_baseline(table, target.baseline)
+    results = analysis.analyze(table, target.baseline, target.options)
+    out = reports / target.experiment
+    return RunsAnalysed(mlflow, table, results, out, write_results(results, table, out))
+
+
+def write_results(results: Results, table: RunTable, out: Path) -> list[Path]:
+    """results.json, the CSV tables and summary.md in `out`."""
+    return [*analysis.write(results, table, out), summary.write_summary(results, table, out)]
+
+
+def require_runs(mlflow: MlflowClient, target: Target) -> None:
+    """Before any run exists, say which command makes some, not just that none are there."""
+    if tracking.has_finished_runs(mlflow, target.experiment):
+        return
+    then = (f"run `python -m study run {target.source}` first" if target.source else
+            "check the experiment's name in the MLflow UI (make ui)")
+    raise tracking.TrackingError(f"no finished runs of {target.experiment!r} in "
+                                 f"{tracking.tracking_uri()} yet; {then}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +153,8 @@ def _cost(part: Part, mlflow: MlflowClient) -> Cost:
     cells = expand(part.protocol)
     exp_id = tracking.find_experiment(mlflow, part.protocol.name)
     done = tracking.finished_keys(mlflow, exp_id) if exp_id else set()
+    from study import runner
+
     todo, skipped = runner.runnable(part.protocol, [c for c in cells if c.key not in done])
     planned = {c.key for c in cells}
     measured = _measured(mlflow, exp_id, part, planned) if exp_id else None
@@ -108,12 +198,16 @@ def print_estimate(costs: Sequence[Cost], say: Callable[[str], None] = print) ->
         f"vary by about \u00b130%")
 
 
-def run_all(parts: Sequence[Part], load: Callable[[], Dataset] = load_data,
+def run_all(parts: Sequence[Part], load: Callable[[], Dataset] | None = None,
             progress: bool = True) -> list[runner.Summary]:
-    return [runner.run(part.protocol, load=load, progress=progress) for part in parts]
+    from study import runner
+    from study.engine.data import load as load_data
+
+    return [runner.run(part.protocol, load=load or load_data, progress=progress)
+            for part in parts]
 
 
-def analyse(part: Part, mlflow: MlflowClient, out: Path) -> Evidence:
+def evidence_of(part: Part, mlflow: MlflowClient, out: Path) -> Evidence:
     """One protocol's runs analysed: results files under out/<name>/, figures under
     out/figures/<name>/. No finished run: evidence without inputs, which reads "not measured"."""
     proto = part.protocol
@@ -122,17 +216,15 @@ def analyse(part: Part, mlflow: MlflowClient, out: Path) -> Evidence:
     if exp_id is None or not tracking.finished_runs(mlflow, exp_id):
         return Evidence(proto.name, str(part.path), part.entry.claims, None, cuda)
     # Only the runs of the cells the protocol plans now (an edited protocol's old runs stay).
-    table = tracking.load_runs(mlflow, proto.name, {c.key for c in expand(proto)})
-    results = analysis.analyze(table, proto.baseline, proto.analysis)
-    analysis.write(results, table, out / proto.name)
-    figs = figures.make_figures(results, table, out / figure_folder(proto.name))
+    done = analyse(target_of(proto, str(part.path)), out, mlflow)
+    figs = figures.make_figures(done.results, done.table, out / figure_folder(proto.name))
     return Evidence(proto.name, str(part.path), part.entry.claims,
-                    Inputs.of(results, table, figs), cuda)
+                    Inputs.of(done.results, done.table, figs), cuda)
 
 
 def write(lesson: Lesson, lesson_file: str, parts: Sequence[Part], mlflow: MlflowClient,
           out: Path, command: str) -> Written:
-    evidence = tuple(analyse(part, mlflow, out) for part in parts)
+    evidence = tuple(evidence_of(part, mlflow, out) for part in parts)
     files = write_paper(Paper(lesson, lesson_file, evidence, command), out)
     logged = _logged_files(out, files, evidence)
     exp_id = tracking.experiment_id(mlflow, lesson.experiment)

@@ -439,13 +439,13 @@ def test_a_store_another_process_is_writing_says_to_wait(store, tmp_path, capsys
 def test_an_endpoint_longer_than_the_runs_is_one_line(tmp_path, monkeypatch, capsys):
     """The check needs the runs, so it is the analysis that refuses, in one line with the fix."""
     from study.analysis import comparisons as analysis
-    from study import cli
+    from study import cli, pipeline
 
     def refuse(*args, **kwargs):
         raise analysis.AnalysisError("analysis.endpoint 'last:9': the runs have only 6 evaluated "
                                      "epoch(s); choose final or last:K with K <= 6")
 
-    monkeypatch.setattr(cli, "_analyze", refuse)
+    monkeypatch.setattr(pipeline, "analyse", refuse)
     assert cli.main(["analyze", "--experiment", "x", "--endpoint", "last:9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: analysis.endpoint 'last:9': the runs have only 6 evaluated epoch(s); "
