@@ -38,7 +38,7 @@ LEFT_OUT = ["last:5 (only 4 evaluated epoch(s) in the shortest run)"]
 OFF_PRIMARY = {(0.0, 0.0): {("last:3", "t"): "inconclusive", ("last:3", "trimmed"): "inconclusive"},
                (0.9, 0.9): {("final", "rank"): "different"}}
 STRATUM_BASE = {"device": "cpu", "determinism": "default", "execution": "sequential",
-                "randomness": "native", "mask_rng": "torch", "vary": "all", "threads": "2",
+                "randomness": "native", "mask_rng": "torch", "kernels": "torch", "vary": "all", "threads": "2",
                 "train_images": 60_000}
 PROTOCOLS = Path(__file__).resolve().parents[1] / "protocols"
 

@@ -41,7 +41,7 @@ def _row(setting, seed, acc, device="cpu", replicate=0, **extra) -> dict:
         "run_id": f"{device}-{setting}-{seed}-{replicate}", "run_name": f"p{setting}-seed{seed}",
         "dropout1": setting[0], "dropout2": setting[1], "seed": seed, "device": device,
         "determinism": "default", "implementation": "torch", "execution": "sequential",
-        "randomness": "native", "mask_rng": "torch", "vary": "all", "replicate": replicate,
+        "randomness": "native", "mask_rng": "torch", "kernels": "torch", "vary": "all", "replicate": replicate,
         "threads": "2", "train_images": 60_000,
         "status": "diverged" if diverged else ("degenerate" if acc <= 0.11 else "ok"),
         "textbook_check": (not diverged) and acc > 0.7, "weights_sha256": "0" * 64,

@@ -37,7 +37,7 @@ def _row(setting, seed: int, acc: float) -> dict:
     return {"run_id": f"{setting}-{seed}", "run_name": "", "dropout1": setting[0],
             "dropout2": setting[1], "seed": seed, "device": "cpu", "determinism": "default",
             "implementation": "torch", "execution": "sequential", "randomness": "native",
-            "mask_rng": "torch", "vary": "all", "threads": "2", "replicate": 0, "status": "ok",
+            "mask_rng": "torch", "kernels": "torch", "vary": "all", "threads": "2", "replicate": 0, "status": "ok",
             "textbook_check": True, "weights_sha256": "", "epochs_done": 10, "test_acc": acc,
             "train_acc": acc, "train_loss": 0.3, "keep_rate1": math.nan, "keep_rate2": math.nan}
 

@@ -34,7 +34,7 @@ def _row(setting=(0.2, 0.5), seed=0, acc=0.85, *, device="cpu", determinism="def
         "run_id": name, "run_name": name, "dropout1": setting[0], "dropout2": setting[1],
         "seed": seed, "device": device, "determinism": determinism,
         "implementation": implementation, "execution": "sequential", "randomness": "native",
-        "mask_rng": "torch", "threads": "2",
+        "mask_rng": "torch", "kernels": "torch", "threads": "2",
         "vary": vary, "replicate": replicate, "status": "ok", "textbook_check": True,
         "weights_sha256": sha if sha is not None else f"h{setting}{seed}{implementation}{vary}",
         "epochs_done": 10, "test_acc": acc, "train_acc": acc + 0.01, "train_loss": loss,

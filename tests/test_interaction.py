@@ -107,7 +107,7 @@ def _table(gain_of_gap, noise: float = 0.002, seed: int = 0) -> RunTable:
                     "run_id": f"{n}-{r}-{s}", "run_name": f"p{r} seed{s} n{n}", "dropout1": r,
                     "dropout2": r, "seed": s, "device": "cpu", "determinism": "default",
                     "implementation": "torch", "execution": "batched", "randomness": "portable",
-                    "mask_rng": "sfc64", "vary": "all", "replicate": 0, "threads": "2",
+                    "mask_rng": "sfc64", "kernels": "torch", "vary": "all", "replicate": 0, "threads": "2",
                     "train_images": n, "status": "ok", "textbook_check": True,
                     "weights_sha256": "0" * 64, "epochs_done": 10, "test_acc": round(test, 4),
                     "train_acc": train, "train_loss": 0.1, "keep_rate1": 1 - r,

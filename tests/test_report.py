@@ -562,7 +562,7 @@ def _diag_row(setting, seed, acc, *, device="cpu", determinism="default", implem
     return {"run_id": name, "run_name": name, "dropout1": setting[0], "dropout2": setting[1],
             "seed": seed, "device": device, "determinism": determinism,
             "implementation": implementation, "execution": "sequential", "randomness": "native",
-            "mask_rng": "torch", "vary": vary, "replicate": replicate, "status": "ok", "threads": "2",
+            "mask_rng": "torch", "kernels": "torch", "vary": vary, "replicate": replicate, "status": "ok", "threads": "2",
             "textbook_check": True,
             "weights_sha256": sha or f"h{name}", "epochs_done": 10, "test_acc": acc,
             "train_acc": acc + 0.01, "train_loss": 0.4, "keep_rate1": keep[0],

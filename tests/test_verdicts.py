@@ -31,7 +31,7 @@ def _run(setting, seed: int, curve: np.ndarray, diverged: bool = False) -> tuple
     row = {
         "run_id": run_id, "run_name": run_id, "dropout1": setting[0], "dropout2": setting[1],
         "seed": seed, "device": "cpu", "determinism": "default", "implementation": "torch",
-        "execution": "sequential", "randomness": "native", "mask_rng": "torch", "vary": "all", "threads": "2",
+        "execution": "sequential", "randomness": "native", "mask_rng": "torch", "kernels": "torch", "vary": "all", "threads": "2",
         "replicate": 0, "status": "diverged" if diverged else "ok", "textbook_check": not diverged,
         "weights_sha256": "0" * 64, "epochs_done": len(curve), "test_acc": final,
         "train_acc": final + 0.01, "train_loss": 0.4, "keep_rate1": math.nan,
