@@ -54,6 +54,7 @@ class Target:
     source: str | None = None
     # The protocol's planned cell keys: analysis reads only their runs (None: every run).
     cells: frozenset[str] | None = None
+    protocol: Protocol | None = None  # the protocol itself (an adaptive one adds its decisions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,12 +198,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     absent = _absent_devices(proto, cells)
     mlflow = tracking.client()
     found = mlflow.get_experiment_by_name(proto.name)
+    if proto.adaptive is not None:
+        return _plan_rounds(proto, mlflow, found, frozenset(absent))
     done = tracking.finished_keys(mlflow, found.experiment_id) if found else set()
     for cell in cells:
         mark = "done" if cell.key in done else ("skip" if cell.device in absent else "todo")
         print(f"{mark:4}  {cell.key}  {cell.name}")
     finished = sum(c.key in done for c in cells)
     print(f"{len(cells)} cells: {finished} done, {len(cells) - finished} to run")
+    return 0
+
+
+def _plan_rounds(proto: Protocol, mlflow: MlflowClient, found, absent: frozenset[str]) -> int:
+    """An adaptive protocol's plan: the rounds its finished runs give, and the next one."""
+    from study.analysis import rounds
+    from study.store import tracking
+
+    keys = {c.key for c in rounds.universe(proto)}
+    values = (tracking.endpoint_values(mlflow, found.experiment_id, keys, rounds.endpoint_k(proto))
+              if found else {})
+    for line in rounds.plan_lines(rounds.schedule(proto, values, absent)):
+        print(line)
     return 0
 
 
@@ -287,7 +303,15 @@ def _target(args: argparse.Namespace) -> Target:
         raise protocol.ProtocolError("give a protocol file or --experiment NAME")
     proto = _load(args)
     return Target(proto.name, proto.baseline, proto.analysis, source=args.protocol,
-                  cells=frozenset(c.key for c in plan.expand(proto)))
+                  cells=frozenset(c.key for c in _planned(proto)), protocol=proto)
+
+
+def _planned(proto: Protocol) -> list:
+    """The cells whose runs analysis reads: an adaptive protocol's every possible round."""
+    from study.analysis import rounds
+    from study.protocol import plan
+
+    return rounds.universe(proto) if proto.adaptive is not None else plan.expand(proto)
 
 
 @dataclass(frozen=True)
