@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import os
 import sys
@@ -214,10 +215,9 @@ def _plan_rounds(proto: Protocol, mlflow: MlflowClient, found, absent: frozenset
     from study.analysis import rounds
     from study.store import tracking
 
-    keys = {c.key for c in rounds.universe(proto)}
-    values = (tracking.endpoint_values(mlflow, found.experiment_id, keys, rounds.endpoint_k(proto))
-              if found else {})
-    for line in rounds.plan_lines(rounds.schedule(proto, values, absent)):
+    read = (functools.partial(tracking.endpoint_values, mlflow, found.experiment_id) if found
+            else lambda keys, k: {})
+    for line in rounds.plan_lines(rounds.from_store(proto, read, absent)):
         print(line)
     return 0
 
@@ -344,8 +344,22 @@ def _analyze(target: Target) -> Analysed:
               f"{target.source} does not plan (an earlier version of it); they stay in the store",
               file=sys.stderr)
     results = analysis.analyze(table, target.baseline, target.options)
+    if target.protocol is not None and target.protocol.adaptive is not None:
+        results = _decided(mlflow, table.experiment_id, target.protocol, results)
     out = REPORTS / target.experiment
     return Analysed(mlflow, table, results, out, analysis.write(results, table, out))
+
+
+def _decided(mlflow: MlflowClient, exp_id: str, proto: Protocol, results: Results) -> Results:
+    """An adaptive protocol's results with each comparison's anytime-valid decision, from the
+    same schedule `study run` replays from the store."""
+    from study.analysis import rounds
+    from study.store import tracking
+
+    absent = frozenset(_absent_devices(proto, rounds.universe(proto)))
+    plan = rounds.from_store(proto, functools.partial(tracking.endpoint_values, mlflow, exp_id),
+                             absent)
+    return rounds.annotate(results, plan, proto)
 
 
 def _require_runs(mlflow: MlflowClient, target: Target) -> None:

@@ -10,6 +10,7 @@ process is the only MLflow writer.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,9 +84,8 @@ def schedule(mlflow, exp_id: str, protocol: Protocol) -> rounds.Schedule:
     device this machine lacks are left out; a required one is a RunnerError)."""
     runnable(protocol, expand(protocol))  # a RunnerError if a required device is absent
     absent = frozenset(d for d in protocol.devices if not available(d))
-    keys = {c.key for c in rounds.universe(protocol)}
-    values = tracking.endpoint_values(mlflow, exp_id, keys, rounds.endpoint_k(protocol))
-    return rounds.schedule(protocol, values, absent)
+    return rounds.from_store(protocol, functools.partial(tracking.endpoint_values, mlflow, exp_id),
+                             absent)
 
 
 def run_rounds(mlflow, exp_id: str, protocol: Protocol, load: Callable[[], Dataset],

@@ -7,12 +7,16 @@ its round, and a rerun (or the batched engine) plans the same rounds from the st
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from study import runner
+from study import cli, runner
 from study.analysis import rounds
+from study.results import Comparison
+from study.results.diagnostics import from_json
 from study.engine import data
 from study.protocol import schema
 from study.store import tracking
@@ -60,6 +64,36 @@ def test_rounds_run_tagged_and_a_rerun_adds_none(store, loader, capsys):
     assert out.count("runs to add") == len(plan.rounds)
     second = runner.run(proto, load=loader, progress=False)
     assert second.ran == 0 and second.already_done == first.planned
+
+
+ADAPTIVE_FIELDS = ("cs95", "p_anytime", "stopped_at", "stop_reason", "seeds_fixed_equivalent")
+
+
+def test_plan_and_analyze_read_the_rounds_from_the_store(store, loader, tmp_path, monkeypatch,
+                                                         capsys):
+    proto = schema.parse(PROTO)
+    runner.run(proto, load=loader, progress=False)
+    path = tmp_path / "adaptive.yaml"
+    path.write_text(yaml.safe_dump(PROTO))
+    capsys.readouterr()
+    assert cli.main(["plan", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "round 0:" in shown and "(done)" in shown and "adaptive study done" in shown
+    monkeypatch.setattr(cli, "REPORTS", tmp_path / "reports")
+    assert cli.main(["analyze", str(path)]) == 0
+    data = json.loads((tmp_path / "reports" / proto.name / "results.json").read_text())
+    plan = runner.schedule(store, store.get_experiment_by_name(proto.name).experiment_id, proto)
+    decided = {(k.setting, k.reference): d for k, d in plan.decisions}
+    assert data["adaptive"]["study_stop"] == plan.stop and data["adaptive"]["round"] == 2
+    assert len(data["comparisons"]) == 2
+    for c in data["comparisons"]:
+        assert all(c[f] is not None for f in ADAPTIVE_FIELDS if f != "seeds_fixed_equivalent")
+        d = decided[((c["dropout1"], c["dropout2"]), tuple(c["baseline"]))]
+        assert (c["verdict"], c["stopped_at"], c["stop_reason"]) == (d.verdict, d.stopped_at,
+                                                                       d.stop_reason)
+        assert c["cs95"] == list(d.cs95) and c["p_anytime"] == d.p_anytime
+        back = from_json(Comparison, c)
+        assert back.adaptive and back.cs95 == d.cs95
 
 
 @pytest.mark.slow  # two adaptive studies, a worker per round: ~2 minutes on 2 cores

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from study.analysis import sequential as sq
 from study.analysis.settings import Setting, setting_of
 from study.protocol.plan import Cell, expand
 from study.protocol.schema import Adaptive, Protocol
+from study.results import AdaptiveDesign, Comparison as Compared, Results
 
 ROUND_TAG = "study.round"
 
@@ -233,6 +234,44 @@ def _fixed(d: sq.Decision, design: sq.Design, power: float) -> int | None:
     if d.mean_diff is None or d.sd is None or not math.isfinite(d.sd):
         return None
     return sq.fixed_seeds(d.verdict, d.mean_diff, d.sd, design, power)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def from_store(protocol: Protocol, read: Callable[[set[str], int], Mapping[str, float]],
+               absent_devices: frozenset[str] = frozenset()) -> Schedule:
+    """The schedule of `protocol` from a store: read(cell keys, K) -> endpoint values (bind
+    `tracking.endpoint_values` to a client and experiment); the one place callers plan from."""
+    values = read({c.key for c in universe(protocol)}, endpoint_k(protocol))
+    return schedule(protocol, values, absent_devices)
+
+
+def annotate(results: Results, plan: Schedule, protocol: Protocol) -> Results:
+    """Results with each adaptive comparison's decision: `verdict` becomes the anytime-valid
+    one and the cs95 / p_anytime / stopped_at / stop_reason / seeds_fixed_equivalent fields are
+    filled; `adaptive` records the design. Comparisons the schedule does not decide (another
+    endpoint's strata, runs of no planned stratum) are left as they are."""
+    block = protocol.adaptive or Adaptive()
+    design = AdaptiveDesign(start=plan.design.start, round=plan.design.round,
+                            max_seeds=plan.design.max_seeds, max_runs=block.max_runs,
+                            stop=plan.design.stop,
+                            mixture_precision=plan.design.mixture_precision,
+                            rounds=len(plan.rounds), runs=len(plan.cells), study_stop=plan.stop)
+    return dataclasses.replace(results, adaptive=design,
+                               comparisons=[_decided(c, plan) for c in results.comparisons],
+                               contrasts=[_decided(c, plan) for c in results.contrasts])
+
+
+def _decided(c: Compared, plan: Schedule) -> Compared:
+    found = [d for k, d in plan.decisions
+             if k.matches(c.stratum, (c.dropout1, c.dropout2), tuple(c.baseline))]
+    if len(found) != 1:
+        return c
+    d = found[0]
+    return dataclasses.replace(c, verdict=d.verdict, cs95=d.cs95, p_anytime=d.p_anytime,
+                               stopped_at=d.stopped_at, stop_reason=d.stop_reason,
+                               seeds_fixed_equivalent=d.seeds_fixed_equivalent)
 
 
 # ----------------------------------------------------------------------------- what is printed
