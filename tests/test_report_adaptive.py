@@ -60,3 +60,15 @@ def test_a_fixed_design_report_is_unchanged(table):
     md = markdown(make_results(table), table)
     assert "anytime-valid" not in md and "The study was adaptive" not in md
     assert "95% CS" not in md
+
+
+def test_the_scorecard_says_where_each_adaptive_comparison_stopped(table):
+    from study.report import scorecard
+
+    def decided(reason: str, n: int):
+        return next(c for c in adaptive(make_results(table), reason, n).comparisons if c.adaptive)
+
+    capped = decided("max_seeds", 60)
+    assert scorecard.settle_text(decided("settled", 25)) == "settled at 25 seeds"
+    assert scorecard.settle_text(capped).startswith("cap reached at 60 seeds; CS [\u22123.11, ")
+    assert scorecard.robust_text(capped).endswith("descriptive)")
