@@ -6,7 +6,6 @@ its round, and a rerun (or the batched engine) plans the same rounds from the st
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -17,27 +16,13 @@ from study import cli, runner
 from study.analysis import rounds
 from study.results import Comparison
 from study.results.diagnostics import from_json
-from study.engine import data
 from study.protocol import schema
-from study.store import tracking
+from tests.test_runner import loader, store  # noqa: F401 (fixtures: a temporary store, tiny data)
 
 PROTO = dict(name="adaptive-e2e", dropout=[[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]],
              seeds={"count": 3}, baseline=[0.5, 0.5], training={"epochs": 1, "batch_size": 100},
              analysis={"equivalence_margin": 0.02},
              adaptive={"round": 2, "max_seeds": 7, "max_runs": 40})
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(tracking, "STORE_DIR", tmp_path)
-    return tracking.client()
-
-
-@pytest.fixture
-def loader(tiny_files, tmp_path):
-    folder, checksums = tiny_files
-    return functools.partial(data.load, folder, cache=tmp_path / "cache", checksums=checksums)
 
 
 def _rounds_logged(store: MlflowClient, name: str) -> dict[tuple, str]:
