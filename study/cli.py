@@ -286,7 +286,8 @@ def _print_where(exp_id: str) -> None:
 
 
 def _target(args: argparse.Namespace) -> Target:
-    from study.protocol import plan, schema as protocol
+    from study.analysis import rounds
+    from study.protocol import schema as protocol
 
     if args.experiment:
         try:
@@ -303,15 +304,7 @@ def _target(args: argparse.Namespace) -> Target:
         raise protocol.ProtocolError("give a protocol file or --experiment NAME")
     proto = _load(args)
     return Target(proto.name, proto.baseline, proto.analysis, source=args.protocol,
-                  cells=frozenset(c.key for c in _planned(proto)), protocol=proto)
-
-
-def _planned(proto: Protocol) -> list:
-    """The cells whose runs analysis reads: an adaptive protocol's every possible round."""
-    from study.analysis import rounds
-    from study.protocol import plan
-
-    return rounds.universe(proto) if proto.adaptive is not None else plan.expand(proto)
+                  cells=frozenset(c.key for c in rounds.planned_cells(proto)), protocol=proto)
 
 
 @dataclass(frozen=True)
@@ -332,7 +325,8 @@ class Analysed:
 
 
 def _analyze(target: Target) -> Analysed:
-    from study.analysis import comparisons as analysis
+    from study.analysis import comparisons as analysis, rounds
+    from study.protocol import plan
     from study.store import tracking  # analysis: scipy, statsmodels
 
     mlflow = tracking.client()
@@ -344,22 +338,12 @@ def _analyze(target: Target) -> Analysed:
               f"{target.source} does not plan (an earlier version of it); they stay in the store",
               file=sys.stderr)
     results = analysis.analyze(table, target.baseline, target.options)
-    if target.protocol is not None and target.protocol.adaptive is not None:
-        results = _decided(mlflow, table.experiment_id, target.protocol, results)
+    if target.protocol is not None:
+        read = functools.partial(tracking.endpoint_values, mlflow, table.experiment_id)
+        absent = _absent_devices(target.protocol, plan.expand(target.protocol))
+        results = rounds.with_decisions(results, target.protocol, read, frozenset(absent))
     out = REPORTS / target.experiment
     return Analysed(mlflow, table, results, out, analysis.write(results, table, out))
-
-
-def _decided(mlflow: MlflowClient, exp_id: str, proto: Protocol, results: Results) -> Results:
-    """An adaptive protocol's results with each comparison's anytime-valid decision, from the
-    same schedule `study run` replays from the store."""
-    from study.analysis import rounds
-    from study.store import tracking
-
-    absent = frozenset(_absent_devices(proto, rounds.universe(proto)))
-    plan = rounds.from_store(proto, functools.partial(tracking.endpoint_values, mlflow, exp_id),
-                             absent)
-    return rounds.annotate(results, plan, proto)
 
 
 def _require_runs(mlflow: MlflowClient, target: Target) -> None:

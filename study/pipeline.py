@@ -11,13 +11,14 @@ The paper and everything it read are logged to one `analysis` run of the experim
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.analysis import comparisons as analysis
+from study.analysis import comparisons as analysis, rounds
 from study.report import figures
 from study import runner
 from study.store import tracking
@@ -122,8 +123,11 @@ def analyse(part: Part, mlflow: MlflowClient, out: Path) -> Evidence:
     if found is None or not tracking.finished_runs(mlflow, found.experiment_id):
         return Evidence(proto.name, str(part.path), part.entry.claims, None, cuda)
     # Only the runs of the cells the protocol plans now (an edited protocol's old runs stay).
-    table = tracking.load_runs(mlflow, proto.name, {c.key for c in expand(proto)})
-    results = analysis.analyze(table, proto.baseline, proto.analysis)
+    table = tracking.load_runs(mlflow, proto.name, {c.key for c in rounds.planned_cells(proto)})
+    absent = frozenset(d for d in proto.devices if not runner.available(d))
+    results = rounds.with_decisions(analysis.analyze(table, proto.baseline, proto.analysis), proto,
+                                    functools.partial(tracking.endpoint_values, mlflow,
+                                                      found.experiment_id), absent)
     analysis.write(results, table, out / proto.name)
     figs = figures.make_figures(results, table, out / figure_folder(proto.name))
     return Evidence(proto.name, str(part.path), part.entry.claims,

@@ -123,6 +123,9 @@ def test_looks_follow_the_design():
     assert sq.Design(start=10, round=5, max_seeds=10).looks() == (10,)
     with pytest.raises(ValueError, match="start"):
         sq.Design(start=12, max_seeds=10)
+    # one seed at the first look: no SD, so it never stops there and asks for a round
+    one = sq.decide(np.array([0.01]), sq.Design(start=1, max_seeds=10))
+    assert one.open and one.stopped_at == 1 and one.cs95 is None
 
 
 def test_a_stopped_comparison_never_reopens():

@@ -247,6 +247,22 @@ def from_store(protocol: Protocol, read: Callable[[set[str], int], Mapping[str, 
     return schedule(protocol, values, absent_devices)
 
 
+def planned_cells(protocol: Protocol) -> list[Cell]:
+    """The cells whose runs analysis reads: an adaptive protocol's every possible round, a
+    fixed protocol's plan."""
+    return universe(protocol) if protocol.adaptive is not None else expand(protocol)
+
+
+def with_decisions(results: Results, protocol: Protocol,
+                   read: Callable[[set[str], int], Mapping[str, float]],
+                   absent_devices: frozenset[str] = frozenset()) -> Results:
+    """`results` of an adaptive protocol annotated from the schedule the store gives (see
+    `from_store`, `annotate`); a fixed protocol's results unchanged."""
+    if protocol.adaptive is None:
+        return results
+    return annotate(results, from_store(protocol, read, absent_devices), protocol)
+
+
 def annotate(results: Results, plan: Schedule, protocol: Protocol) -> Results:
     """Results with each adaptive comparison's decision: `verdict` becomes the anytime-valid
     one and the cs95 / p_anytime / stopped_at / stop_reason / seeds_fixed_equivalent fields are

@@ -99,8 +99,9 @@ class Design:
     precision: float | None = None  # None: precision_for(EQUIVALENCE_TARGET, alpha)
 
     def __post_init__(self) -> None:
-        if not 2 <= self.start <= self.max_seeds or self.round < 1:
-            raise ValueError(f"adaptive design needs 2 <= start <= max_seeds and round >= 1, "
+        # start 1 is allowed: a look at one seed has no SD, so it only ever asks for more.
+        if not 1 <= self.start <= self.max_seeds or self.round < 1:
+            raise ValueError(f"adaptive design needs 1 <= start <= max_seeds and round >= 1, "
                              f"got start={self.start}, round={self.round}, "
                              f"max_seeds={self.max_seeds}")
         if self.stop not in ("settled", "first"):

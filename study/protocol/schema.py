@@ -281,9 +281,6 @@ class Protocol:
         if self.seeds.count is None:
             raise ValueError(f"adaptive: needs seeds.count (rounds add seeds after "
                              f"start + count), got seeds.list {list(self.seeds.list)}")
-        if self.seeds.count < 2:
-            raise ValueError(f"adaptive: needs seeds.count >= 2 (an SD before the first look), "
-                             f"got {self.seeds.count}")
         if self.adaptive.max_seeds < self.seeds.count:
             raise ValueError(f"adaptive.max_seeds: {self.adaptive.max_seeds} is below "
                              f"seeds.count {self.seeds.count}")
