@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import os
 import sys
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 # commands that need them, so `--help` and a bad protocol answer at once.
 if TYPE_CHECKING:
     from study.pipeline import Target
+    from study.store.tracking import MlflowClient
     from study.protocol.schema import Protocol
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
@@ -203,12 +205,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cells = plan.expand(proto)
     absent = _absent_devices(proto, cells)
-    done = tracking.finished_keys_of(tracking.client(), proto.name)
+    mlflow = tracking.client()
+    if proto.adaptive is not None:
+        return _plan_rounds(proto, mlflow, tracking.find_experiment(mlflow, proto.name),
+                            frozenset(absent))
+    done = tracking.finished_keys_of(mlflow, proto.name)
     for cell in cells:
         mark = "done" if cell.key in done else ("skip" if cell.device in absent else "todo")
         print(f"{mark:4}  {cell.key}  {cell.name}")
     finished = sum(c.key in done for c in cells)
     print(f"{len(cells)} cells: {finished} done, {len(cells) - finished} to run")
+    return 0
+
+
+def _plan_rounds(proto: Protocol, mlflow: MlflowClient, exp_id: str | None,
+                 absent: frozenset[str]) -> int:
+    """An adaptive protocol's plan: the rounds its finished runs give, and the next one."""
+    from study.analysis import rounds
+    from study.store import tracking
+
+    read = (functools.partial(tracking.endpoint_values, mlflow, exp_id) if exp_id
+            else lambda keys, k: {})
+    for line in rounds.plan_lines(rounds.from_store(proto, read, absent)):
+        print(line)
     return 0
 
 

@@ -14,6 +14,7 @@ The paper and everything it read are logged to one `analysis` run of the experim
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import statistics
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from study.analysis import comparisons as analysis
-from study.analysis import frame
+from study.analysis import frame, rounds
 from study.analysis.table import RunTable
 from study.protocol.lesson import Lesson, Part
 from study.protocol.plan import expand
@@ -56,6 +57,7 @@ class Target:
     step: str | None = None  # its step column
     # The user named the runs' columns: a baseline no run has is then an error, not a note.
     named: bool = False
+    protocol: Protocol | None = None  # the protocol itself (an adaptive one adds its decisions)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,16 @@ class RunsAnalysed:
 def target_of(proto: Protocol, source: str) -> Target:
     """A protocol's analysis: its experiment, baseline and options, only the cells it plans."""
     return Target(proto.name, proto.baseline, proto.analysis, source=source,
-                  cells=frozenset(c.key for c in expand(proto)))
+                  cells=frozenset(c.key for c in rounds.planned_cells(proto)), protocol=proto)
+
+
+def absent_devices(proto: Protocol) -> frozenset[str]:
+    """Devices of the protocol this machine lacks (the CPU is always there: no torch import)."""
+    if set(proto.devices) <= {"cpu"}:
+        return frozenset()
+    from study.engine import workers
+
+    return frozenset(d for d in proto.devices if not workers.has_device("local", d))
 
 
 def analyse(target: Target, reports: Path, mlflow: MlflowClient | None = None) -> RunsAnalysed:
@@ -101,6 +112,11 @@ def analyse(target: Target, reports: Path, mlflow: MlflowClient | None = None) -
     if target.named:
         analysis.check_baseline(table, target.baseline)
     results = analysis.analyze(table, target.baseline, target.options)
+    if target.protocol is not None and mlflow is not None:
+        # An adaptive protocol's comparisons are decided by its rounds (a fixed one: unchanged).
+        read = functools.partial(tracking.endpoint_values, mlflow, table.experiment_id)
+        results = rounds.with_decisions(results, target.protocol, read,
+                                        absent_devices(target.protocol))
     out = reports / target.experiment
     return RunsAnalysed(mlflow, table, results, out, write_results(results, table, out))
 

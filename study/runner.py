@@ -10,12 +10,14 @@ process is the only MLflow writer.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from study.analysis import rounds
 from study.store import tracking
 from study.engine import workers
 from study.engine.data import Dataset
@@ -60,11 +62,14 @@ def _machine(where: str) -> str:
 def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
         progress: bool = True, where: str = "local") -> Summary:
     """Run the cells not yet FINISHED, each (device, mode, threads) group in a worker of the
-    `where` backend. `load` runs in the worker, so it must pickle (module-level or a partial)."""
+    `where` backend. `load` runs in the worker, so it must pickle (module-level or a partial).
+    An adaptive protocol runs in rounds (`run_rounds`)."""
     with tracking.writer_lock(protocol.name):
         mlflow = tracking.client()
         exp_id = tracking.experiment_id(mlflow, protocol.name)
         interrupted = tracking.mark_interrupted(mlflow, exp_id)
+        if protocol.adaptive is not None:
+            return run_rounds(mlflow, exp_id, protocol, load, progress, where, interrupted)
         cells = expand(protocol)
         done = tracking.finished_keys(mlflow, exp_id)
         todo, skipped = runnable(protocol, [c for c in cells if c.key not in done], where)
@@ -76,8 +81,36 @@ def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
                    len(skipped), interrupted, tuple(results))
 
 
+def schedule(mlflow, exp_id: str, protocol: Protocol, where: str = "local") -> rounds.Schedule:
+    """An adaptive protocol's rounds, replayed from its FINISHED runs in the store (cells on a
+    device the `where` backend lacks are left out; a required one is a RunnerError)."""
+    runnable(protocol, expand(protocol), where)  # a RunnerError if a required device is absent
+    absent = frozenset(d for d in protocol.devices if not workers.has_device(where, d))
+    return rounds.from_store(protocol, functools.partial(tracking.endpoint_values, mlflow, exp_id),
+                             absent)
+
+
+def run_rounds(mlflow, exp_id: str, protocol: Protocol, load: Callable[[], Dataset],
+               progress: bool, where: str, interrupted: int) -> Summary:
+    """Round after round: replay the schedule from the store, run what it still lacks, each run
+    tagged with its round; one line per round. Killed and rerun, it resumes the same round."""
+    results: list[Result] = []
+    while (plan := schedule(mlflow, exp_id, protocol, where)).stop is None:
+        now = plan.rounds[-1]
+        print(rounds.round_line(now, len(plan.todo)), flush=True)
+        tags = {c.key: {rounds.ROUND_TAG: str(now.index)} for c in plan.todo}
+        results += _run_cells(mlflow, exp_id, protocol, list(plan.todo), load, progress, where,
+                              tags)
+    print(rounds.stop_line(plan), flush=True)
+    planned = len(plan.cells)
+    skipped = len(runnable(protocol, expand(protocol), where)[1])  # round 0's, as `run` counts
+    return Summary(exp_id, planned, planned - len(results), len(results), skipped, interrupted,
+                   tuple(results))
+
+
 def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
-               load: Callable[[], Dataset], progress: bool, where: str) -> list[Result]:
+               load: Callable[[], Dataset], progress: bool, where: str,
+               tags: dict[str, dict[str, str]] | None = None) -> list[Result]:
     """Train and log `todo`. The bar counts run-epochs (`_weight`), so a batched chunk moves it
     per member and epoch and its ETA follows; runs that report no epochs (sequential) count
     theirs when they finish."""
@@ -85,7 +118,7 @@ def _run_cells(mlflow, exp_id: str, protocol: Protocol, todo: list[Cell],
     counted: dict[str, int] = {}  # cell key -> epochs on the bar
     cells = {c.key: c for c in todo}
     weight, unit = _weight(todo)
-    log = _Log(mlflow, exp_id, protocol, cells)
+    log = _Log(mlflow, exp_id, protocol, cells, tags or {})
     messages = workers.stream(where, workers.groups(todo, load))
     with tqdm(total=sum(c.config.training.epochs * weight(c) for c in todo), unit=unit,
               unit_scale=unit != "epoch", desc=protocol.name, disable=not progress,
@@ -134,8 +167,10 @@ class _Log:
     environment tags come from the stream's latest Ready: the worker that trained.
     """
 
-    def __init__(self, mlflow, exp_id: str, protocol: Protocol, cells: dict[str, Cell]) -> None:
+    def __init__(self, mlflow, exp_id: str, protocol: Protocol, cells: dict[str, Cell],
+                 tags: dict[str, dict[str, str]]) -> None:
         self.mlflow, self.exp_id, self.protocol, self.cells = mlflow, exp_id, protocol, cells
+        self.tags = tags  # cell key -> extra tags of its run (an adaptive study's round)
         self.env: dict[int, dict[str, str]] = {}
         self.open: dict[int, dict[str, str]] = {}  # stream -> cell key -> run id
 
@@ -168,4 +203,4 @@ class _Log:
 
     def _start(self, stream: int, cell: Cell, began: float | None) -> str:
         return tracking.start(self.mlflow, self.exp_id, cell, self.protocol,
-                              self.env.get(stream, {}), began)
+                              self.env.get(stream, {}), began, self.tags.get(cell.key))

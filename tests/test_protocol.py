@@ -102,7 +102,7 @@ def test_override_errors():
 
 
 def test_seed_list_form():
-    proto = protocol.load(D2L, ["seeds={list: [5, 7]}"])
+    proto = protocol.load(D2L, ["seeds={list: [5, 7]}", "adaptive=null"])  # rounds need a count
     assert proto.seeds.values() == (5, 7)
 
 

@@ -917,17 +917,21 @@ def _power(effect: float, n1: int, n2: int, alpha: float, paired: bool) -> float
     return (1.0 - nct_cdf(crit, df, nc)) + nct_cdf(-crit, df, nc)
 
 
-def _tost_power(margin_effect: float, n1: int, n2: int, alpha: float, paired: bool) -> float:
+def _tost_power(margin_effect: float, n1: int, n2: int, alpha: float, paired: bool,
+                gap_effect: float = 0.0) -> float:
     """Probability that the TOST at `alpha` shows equivalence within +-margin when the true gap
-    is 0 (margin in SD units). It passes when |mean diff| < margin - t_{1-alpha} * se, so
-    power = E_V[max(0, 2 Phi(delta - t sqrt(V/df)) - 1)], delta = margin / (sd / root)."""
+    is `gap_effect` (0 by default; both in SD units). It passes when |mean diff| < margin -
+    t_{1-alpha} * se, so power = E_V[max(0, Phi(delta - g - w) - Phi(-delta - g + w))] with
+    delta = margin / (sd / root), g = gap / (sd / root), w = t sqrt(V/df)."""
     df, root = _t_design(n1, n2, paired)
-    delta, crit = margin_effect * root, float(special.stdtrit(df, 1 - alpha))
+    delta, crit, g = margin_effect * root, float(special.stdtrit(df, 1 - alpha)), gap_effect * root
     v_max = df * (delta / crit) ** 2  # beyond it the margin minus the critical width is < 0
     lo, hi = _chi2_range(df)
     if v_max <= lo:
         return 0.0
-    f = lambda v: (2 * special.ndtr(delta - crit * math.sqrt(v / df)) - 1) * _chi2_pdf(v, df)  # noqa: E731
+    def f(v: float) -> float:
+        w = crit * math.sqrt(v / df)
+        return (special.ndtr(delta - g - w) - special.ndtr(-delta - g + w)) * _chi2_pdf(v, df)
     points = [df] if lo < df < min(hi, v_max) else None
     return float(integrate.quad(f, lo, min(hi, v_max), points=points, epsabs=1e-13, limit=200)[0])
 
@@ -940,10 +944,11 @@ def power_at(diff: float, sd: float, n: int, alpha: float, paired: bool) -> floa
     return _power(abs(diff) / sd, n, n, alpha, paired)
 
 
-def tost_power_at(margin: float, sd: float, n: int, alpha: float, paired: bool) -> float:
-    """Predicted probability that the TOST within +-margin passes when the true gap is 0;
-    sd and n as in `power_at`."""
-    return _tost_power(margin / sd, n, n, alpha, paired)
+def tost_power_at(margin: float, sd: float, n: int, alpha: float, paired: bool,
+                  gap: float = 0.0) -> float:
+    """Predicted probability that the TOST within +-margin passes when the true gap is `gap`
+    (0 by default); sd and n as in `power_at`."""
+    return _tost_power(margin / sd, n, n, alpha, paired, gap / sd)
 
 
 def _min_effect(n1: int, n2: int, alpha: float, power: float, paired: bool) -> float | None:

@@ -195,6 +195,22 @@ class Inference:
 
 
 @dataclass(frozen=True, config=STRICT)
+class Adaptive:
+    """Seeds added in rounds until each comparison's anytime-valid verdict settles
+    (`study.analysis.sequential`, docs/statistics.md "Adaptive studies"). Every setting starts
+    with `seeds.count` seeds; each round adds `round` to the settings of the open comparisons."""
+
+    round: Annotated[int, Field(gt=0, strict=True)] = 5
+    # Seeds per setting at which a comparison stops, settled or not.
+    max_seeds: Annotated[int, Field(ge=2, strict=True)] = 60
+    # Training runs the whole study may hold (replicates included); no round starts past it.
+    max_runs: Annotated[int, Field(gt=0, strict=True)] = 400
+    # settled: stop once no later seed can change what the report says; first: at the first
+    # verdict other than inconclusive (fewer seeds, "different" for some gaps inside the margin).
+    stop: Literal["settled", "first"] = "settled"
+
+
+@dataclass(frozen=True, config=STRICT)
 class Protocol:
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     dropout: tuple[Setting, ...]
@@ -224,6 +240,8 @@ class Protocol:
     threads: Threads | tuple[Threads, ...] | None = None
     analysis: Analysis = Analysis()
     inference: Inference = Inference()
+    # null: every setting runs seeds.count seeds (a fixed design).
+    adaptive: Adaptive | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Protocol:
@@ -243,6 +261,7 @@ class Protocol:
             if a == b:
                 raise ValueError(f"analysis.contrasts: {list(a)} against itself")
         self._check_budgets()
+        self._check_adaptive()
         if missing := set(self.required_devices) - set(self.devices):
             raise ValueError(f"required_devices: {sorted(missing)} not listed in devices")
         if isinstance(self.threads, tuple):
@@ -269,6 +288,16 @@ class Protocol:
         if len(set(named)) != len(named):
             raise ValueError(f"training.by_size: a train_subset given twice (value: "
                              f"{_size_text(named)})")
+
+    def _check_adaptive(self) -> None:
+        if self.adaptive is None:
+            return
+        if self.seeds.count is None:
+            raise ValueError(f"adaptive: needs seeds.count (rounds add seeds after "
+                             f"start + count), got seeds.list {list(self.seeds.list)}")
+        if self.adaptive.max_seeds < self.seeds.count:
+            raise ValueError(f"adaptive.max_seeds: {self.adaptive.max_seeds} is below "
+                             f"seeds.count {self.seeds.count}")
 
     def thread_counts(self) -> tuple[int | None, ...]:
         return self.threads if isinstance(self.threads, tuple) else (self.threads,)

@@ -16,6 +16,7 @@ from study.report.diagnostics import (applicable, claim_repeatability, diag_sect
 from study.report.document import Block, Bullets, Fig, Heading, Strong, Table, para
 from study.report.inference import claim_inference
 from study.report.wording import (NA, capitalised, divergence_phrase, endpoint_text,
+                                   gap_interval, method_text,
                                   finite, fmt_ci_num, fmt_ci_pct, fmt_ci_pp, fmt_mean_sd,
                                   fmt_pct, fmt_pp, fmt_num, fmt_p, fmt_setting, p_rel,
                                   robustness_phrase, verdict_phrase)
@@ -57,9 +58,9 @@ def claim_no_dropout(inputs: Inputs) -> list[Block]:
 def primary_verdict(c: Comparison, inputs: Inputs) -> str:
     """The primary analysis named, its verdict, whether it is robust, and divergence if any."""
     r = inputs.results
-    text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, t test) the gap of "
-            f"{fmt_setting(c)} to the baseline is {fmt_pp(c.mean_diff)} "
-            f"{fmt_ci_pp(c.mean_diff_ci95)}: {verdict_phrase(c, r)}. This verdict is "
+    text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, {method_text(c)}) the gap "
+            f"of {fmt_setting(c)} to the baseline is {fmt_pp(c.mean_diff)} "
+            f"{fmt_ci_pp(gap_interval(c))}: {verdict_phrase(c, r)}. This verdict is "
             f"{robustness_phrase(c)}.")
     diverged = divergence_phrase(c, r)
     return text + (f" {capitalised(diverged)}." if diverged else "")
@@ -141,7 +142,7 @@ def _first_layer_text(c: Comparison, inputs: Inputs) -> str:
     r = inputs.results
     text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, t test, a Holm family of "
             f"the declared contrasts) {fmt_setting(c)} against {fmt_setting(c.baseline)} is "
-            f"{fmt_pp(c.mean_diff)} {fmt_ci_pp(c.mean_diff_ci95)} over {c.n_pairs or c.n} "
+            f"{fmt_pp(c.mean_diff)} {fmt_ci_pp(gap_interval(c))} over {c.n_pairs or c.n} "
             f"{'paired seeds' if c.paired else 'runs'}: {verdict_phrase(c, r)}. This verdict is "
             f"{robustness_phrase(c)}.")
     if c.verdict == "different" and (c.mean_diff or 0) < 0:

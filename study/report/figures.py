@@ -251,7 +251,7 @@ class ForestRow:
     def of(cls, c: Comparison) -> ForestRow:
         tost = c.tost_ci or c.tost_ci90
         return cls(setting_label(c.dropout1, c.dropout2), _pp(c.mean_diff),
-                   _pp_pair(c.mean_diff_ci95),
+                   _pp_pair(c.cs95 if c.adaptive else c.mean_diff_ci95),
                    _pp_pair(tost) if c.verdict in TOST_VERDICTS else None, c.verdict)
 
     def reach(self) -> float | None:

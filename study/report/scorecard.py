@@ -21,7 +21,7 @@ from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostics import applicable, diag_section
 from study.report.wording import (NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
-                                  fmt_pct, fmt_pp, fmt_setting, finite, verdict_cell)
+                                  fmt_pct, fmt_pp, fmt_setting, finite, stop_text, verdict_cell)
 from study.results import Comparison, Paired, Results
 from study.results.diagnostics import PairedRecord
 
@@ -84,12 +84,18 @@ HEADER = ("claim", "the lesson's words", "protocol", "runs", "verdict", "robust"
 def robust_text(c: Comparison) -> str:
     if c.robust is None:
         return "not assessed"
+    descriptive = ", descriptive" if c.adaptive else ""
     if c.robust:
-        return f"robust ({len(c.multiverse)} analyses)"
-    return f"not robust ({len(c.disagreeing)} of {len(c.multiverse) - 1} others disagree)"
+        return f"robust ({len(c.multiverse)} analyses{descriptive})"
+    return (f"not robust ({len(c.disagreeing)} of {len(c.multiverse) - 1} others "
+            f"disagree{descriptive})")
 
 
 def settle_text(c: Comparison) -> str:
+    """An adaptive comparison: where it stopped ("settled at N seeds", "cap reached at N
+    seeds; CS [a, b]"); a fixed one: the seeds an inconclusive verdict would need."""
+    if c.adaptive:
+        return stop_text(c)
     if c.verdict != "inconclusive":
         return DASH
     n = next((x for x in (c.seeds_needed, c.seeds_needed_margin) if finite(x)), None)

@@ -19,6 +19,7 @@ from study.report.document import (Abstract, Appendix, Block, Bullets, Code, Cod
                                    Heading, Para, Table, para)
 from study.report.tables import stratum_results
 from study.report.wording import (COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, approximate,
+                                   gap_interval,
                                   count, coverage, endpoint_text, finite, fmt_ci_pp, fmt_mean_sd,
                                   fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text,
                                   short_verdict)
@@ -80,7 +81,7 @@ def _stratum_abstract(inputs: Inputs, stratum: Stratum) -> str:
     comps = in_stratum(r.comparisons, key)
     if comps:
         text += " Against it: " + "; ".join(
-            f"{fmt_setting(c)} {fmt_pp(c.mean_diff)} {fmt_ci_pp(c.mean_diff_ci95)}, "
+            f"{fmt_setting(c)} {fmt_pp(c.mean_diff)} {fmt_ci_pp(gap_interval(c))}, "
             f"{short_verdict(c, r)}" for c in comps) + "."
     return text
 
@@ -225,7 +226,29 @@ def statistics_blocks(r: Results) -> list[Block]:
                  f"by the SD ratio (setting / baseline) with Brown\u2013Forsythe and "
                  f"Fligner\u2013Killeen tests."),
             para(bootstrap_text(r)),
+            *([para(adaptive_text(r))] if r.adaptive is not None else []),
             *_diagnostics_method(r)]
+
+
+def adaptive_text(r: Results) -> str:
+    """The adaptive design in words: what decided the verdicts and what is only descriptive."""
+    a = r.adaptive
+    stop = ("stops once no later seed can change what the report says (the CS wholly inside "
+            "the margin, or wholly beyond it)" if a.stop == "settled" else
+            "stops at its first verdict other than inconclusive")
+    done = {"settled": "every comparison has stopped", "max_runs": "the run budget stopped it",
+            None: "rounds remain"}[a.study_stop]
+    return (f"The study was adaptive: every setting started with {a.start} seeds, and after "
+            f"each round the settings of every comparison still open (and the baseline where "
+            f"it pairs) got {a.round} more, up to {a.max_seeds} seeds per setting and "
+            f"{a.max_runs} runs in all ({a.rounds} rounds, {a.runs} runs; {done}). Each "
+            f"comparison is decided by an anytime-valid test, the t-mixture (precision "
+            f"{a.mixture_precision:.2f}), whose 95% confidence sequence (CS) keeps its "
+            f"coverage under this optional stopping; a comparison {stop}, or at the cap. Its "
+            f"interval is the CS at the stop, never a t interval, which early stopping would "
+            f"bias; its p-value is anytime-valid. The other analyses (endpoints \u00d7 tests) "
+            f"ran at the sample size the rule chose: their p-values and the robustness they "
+            f"give are descriptive.")
 
 
 def _endpoint_text(r: Results) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from study.report.context import in_stratum
 from study.report.document import Block, Bullets, Heading, Table, para
 from study.report.wording import (CORRECTION, NA, approx_label, endpoint_text, finite,
+                                  gap_interval,
                                   fmt_ci_num, fmt_ci_pct, fmt_ci_pp, fmt_int, fmt_num, fmt_p,
                                   fmt_pct, fmt_pp, fmt_setting, margin_text, p_rel,
                                   tost_interval_cell, variance_phrase, verdict_cell)
@@ -61,19 +62,28 @@ def _pairs(c: Comparison) -> str:
 
 
 def comparison_table(r: Results, stratum: Stratum, comps: list[Comparison]) -> Table:
-    rows = tuple((fmt_setting(c), fmt_pp(c.mean_diff, unit=False), fmt_ci_pp(c.mean_diff_ci95),
+    rows = tuple((fmt_setting(c), fmt_pp(c.mean_diff, unit=False), fmt_ci_pp(gap_interval(c)),
                   _pairs(c), fmt_p(c.p_adjusted), fmt_p(c.rank_p_adjusted), fmt_num(c.hedges_g),
                   fmt_p(c.tost_p_adjusted), tost_interval_cell(c, r.alpha),
                   c.verdict + (" (by construction)" if c.settled_by_construction else ""),
                   {True: "yes", False: "no"}.get(c.robust, NA)) for c in comps)
-    header = ("setting", "\u0394 (pp)", "95% CI", "pairs", "p adj.", "rank p adj.", "g",
+    header = ("setting", "\u0394 (pp)", "95% CS" if r.adaptive else "95% CI", "pairs", "p adj.",
+              "rank p adj.", "g",
               "TOST p adj.", "TOST interval", "verdict", "robust")
     return Table(header, rows,
                  f"Primary analysis ({endpoint_text(r.endpoint)}, t test) vs baseline "
                  f"{fmt_setting(r.baseline)}, {stratum.label}; p-values {CORRECTION}-adjusted. "
                  f"TOST interval: the CI whose lying inside {margin_text(r)} is the TOST decision, "
                  f"at the level shown (* = {CORRECTION}-adjusted level; "
-                 f"{fmt_num((1 - 2 * r.alpha) * 100, 0)}% unadjusted).", "lrrrrrrrrll")
+                 f"{fmt_num((1 - 2 * r.alpha) * 100, 0)}% unadjusted)." + _adaptive_note(r),
+                 "lrrrrrrrrll")
+
+
+def _adaptive_note(r: Results) -> str:
+    if r.adaptive is None:
+        return ""
+    return (" Adaptive design: the verdict and the 95% CS come from the anytime-valid rule at "
+            "each comparison's stop; the p-values and TOST columns are descriptive.")
 
 
 def multiverse_columns(r: Results) -> list[tuple[str, str]]:

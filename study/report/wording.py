@@ -199,6 +199,8 @@ def verdict_phrase(c: Comparison, results: Results) -> str:
     """How a mean comparison under the primary analysis reads."""
     margin = margin_text(results)
     interval = tost_interval_text(c, results)
+    if c.adaptive:
+        return anytime_phrase(c, margin)
     if c.settled_by_construction:
         return settled_phrase(c, margin)
     if c.verdict == "different":
@@ -213,6 +215,18 @@ def verdict_phrase(c: Comparison, results: Results) -> str:
         text = (f"not shown different ({_adjusted(c.p_adjusted)}) and not shown equivalent "
                 f"within {margin} ({interval}); needs more seeds: {seeds_needed_text(c, results)}")
     return text
+
+
+def anytime_phrase(c: Comparison, margin: str) -> str:
+    """An adaptive comparison's verdict, read off its 95% confidence sequence."""
+    p = f"anytime-valid p {p_rel(c.p_anytime)}"
+    head = {"different": f"different: the 95% CS excludes 0 and is not inside {margin} ({p})",
+            "negligible": f"negligible: a real gap ({p}), its 95% CS inside {margin}",
+            "equivalent": f"no real difference: equivalent within {margin} (the 95% CS lies "
+                          f"inside it)",
+            }.get(c.verdict, f"inconclusive: the 95% CS neither excludes 0 nor lies inside "
+                             f"{margin} ({p})")
+    return head
 
 
 def settled_phrase(c: Comparison, margin: str) -> str:
@@ -242,15 +256,45 @@ def short_verdict(c: Comparison, results: Results) -> str:
 
 
 def robustness_phrase(c: Comparison) -> str:
-    """'robust: ...' or 'not robust: it changes under ...'."""
+    """'robust: ...' or 'not robust: it changes under ...'; labelled descriptive for an
+    adaptive comparison, whose multiverse ran at the sample size the stopping rule chose."""
     n = len(c.multiverse)
+    descriptive = (" (descriptive: the fixed-n analyses ran at the seeds the adaptive rule "
+                   "chose, so their p-values carry no error guarantee)" if c.adaptive else "")
     if c.robust is None:
         return "robustness not assessed (too few analyses ran)"
     if c.robust:
-        return f"robust: all {n} analyses (endpoints \u00d7 tests) give this verdict"
+        return f"robust: all {n} analyses (endpoints \u00d7 tests) give this verdict{descriptive}"
     changes = "; ".join(analysis_name(d.partition(": ")[0]) + f" gives {d.partition(': ')[2]}"
                         for d in c.disagreeing)
-    return f"not robust: {len(c.disagreeing)} of {n - 1} other analyses disagree ({changes})"
+    return (f"not robust: {len(c.disagreeing)} of {n - 1} other analyses disagree "
+            f"({changes}){descriptive}")
+
+
+def gap_interval(c: Comparison) -> Any:
+    """The interval to show beside a comparison's gap: its 95% confidence sequence when it was
+    decided adaptively (a fixed-n t interval after early stopping is biased and too narrow),
+    else its 95% t interval."""
+    return c.cs95 if c.adaptive else c.mean_diff_ci95
+
+
+def interval_name(c: Comparison) -> str:
+    return "95% CS" if c.adaptive else "95% CI"
+
+
+def stop_text(c: Comparison) -> str:
+    """'settled at N seeds', 'cap reached at N seeds; CS [a, b]', ... for an adaptive comparison."""
+    n = c.stopped_at
+    if c.stop_reason == "settled":
+        return f"settled at {n} seeds"
+    where = {"max_seeds": "cap reached", "max_runs": "run budget reached"}.get(
+        c.stop_reason or "", "still open")
+    return f"{where} at {n} seeds; CS {fmt_ci_pp(c.cs95)}"
+
+
+def method_text(c: Comparison) -> str:
+    """How the primary verdict was decided: the t test, or the anytime-valid rule and its stop."""
+    return f"anytime-valid t-mixture, {stop_text(c)}" if c.adaptive else "t test"
 
 
 def divergence_phrase(c: Comparison, results: Results) -> str:

@@ -182,6 +182,39 @@ class Comparison:
     divergence_verdict: str
     reason: str | None
     setting: list[Any] = field(default_factory=list)  # as Group.setting; `baseline` likewise
+    # Adaptive protocols only (None otherwise): the anytime-valid decision that `verdict` then
+    # is (study/analysis/sequential.py). cs95: the confidence sequence at the stop, the interval
+    # to report (never mean_diff_ci95, a fixed-n interval biased by early stopping); p_anytime:
+    # valid at any stopping time; stopped_at: seeds per setting at the stop (or at the latest
+    # look while open); stop_reason: settled | max_seeds | max_runs, None while open;
+    # seeds_fixed_equivalent: seeds a fixed paired design needs for the protocol's power.
+    cs95: Interval | None = None
+    p_anytime: float | None = None
+    stopped_at: int | None = None
+    stop_reason: str | None = None
+    seeds_fixed_equivalent: int | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.stopped_at is not None
+
+
+@dataclass(frozen=True)
+class AdaptiveDesign:
+    """The adaptive design the comparisons were decided under (protocol `adaptive:`): seeds at
+    the first look, per round and at most; the run budget; the stop rule; the t-mixture's
+    precision; rounds and runs so far, and why the study stopped (settled | max_runs; None
+    while rounds remain). Under it the multiverse's p-values and `robust` are descriptive."""
+
+    start: int
+    round: int
+    max_seeds: int
+    max_runs: int
+    stop: str
+    mixture_precision: float
+    rounds: int
+    runs: int
+    study_stop: str | None
 
 
 # The overfitting regime the C6 protocol must reach at its smallest size (issue 13): (0, 0)'s final
@@ -322,6 +355,8 @@ class Results:
     factors: list[str] = field(default_factory=lambda: ["dropout1", "dropout2"])
     seed_param: str = "seed"
     lower_is_better: bool = False
+    # None: a fixed design (every comparison at seeds.count seeds).
+    adaptive: AdaptiveDesign | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form: plain JSON types, no NaN. `variance_ratio` (and its interval)

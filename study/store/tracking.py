@@ -293,6 +293,30 @@ def has_finished_runs(mlflow: MlflowClient, name: str) -> bool:
         mlflow.search_runs([exp_id], "attributes.status = 'FINISHED'", max_results=1))
 
 
+def endpoint_values(mlflow: MlflowClient, exp_id: str, cells: set[str],
+                    last: int = 1) -> dict[str, float]:
+    """Cell key -> the primary endpoint of its FINISHED run, for the keys in `cells`: the final
+    test accuracy (last=1) or the mean of the last `last` evaluated epochs, as analysis
+    computes it; NaN for a diverged run. What an adaptive study's rounds are planned from."""
+    records = [r for r in _finished_records(mlflow, exp_id) if r.tags.get("study.cell") in cells]
+    curves = _curves(mlflow, exp_id, [r.run_id for r in records]) if last > 1 and records else None
+    if curves is not None:
+        acc = curves[curves["metric"] == "test_acc"].sort_values(["run_id", "epoch"])
+        means = acc.groupby("run_id").tail(last).groupby("run_id")["value"].mean()
+    out: dict[str, float] = {}
+    for r in records:  # newest first: a cell run twice counts its latest run
+        key = r.tags["study.cell"]
+        if key in out:
+            continue
+        if r.tags.get("study.status") == "diverged":
+            out[key] = math.nan
+        elif curves is None:
+            out[key] = float(r.metrics.get("test_acc", math.nan))
+        else:
+            out[key] = float(means.get(r.run_id, math.nan))
+    return out
+
+
 def mark_interrupted(mlflow: MlflowClient, exp_id: str) -> int:
     """Runs left RUNNING by a killed invocation become KILLED, so their cells are redone."""
     stale = _training_runs(mlflow, exp_id, "RUNNING")
@@ -315,12 +339,14 @@ def flatten(tree: Any, prefix: str) -> dict[str, str]:
 
 
 def start(mlflow: MlflowClient, exp_id: str, cell: Cell, protocol: Protocol,
-          environment: dict[str, str], started: float | None = None) -> str:
+          environment: dict[str, str], started: float | None = None,
+          extra_tags: dict[str, str] | None = None) -> str:
     """Open a RUNNING run for `cell` with everything known before training; `started` (Unix
-    time) backdates its start to when training began, for runs opened after the fact."""
+    time) backdates its start to when training began, for runs opened after the fact;
+    `extra_tags` (an adaptive study's `study.round`) join its tags."""
     _may_write()
     tags = {"study.kind": "train", "study.protocol": protocol.name, "study.cell": cell.key,
-            **{f"study.env.{k}": v for k, v in environment.items()}}
+            **{f"study.env.{k}": v for k, v in environment.items()}, **(extra_tags or {})}
     run = mlflow.create_run(exp_id, run_name=cell.name, tags=tags,
                             start_time=None if started is None else int(started * 1000))
     params = {**{k: str(v) for k, v in cell.labels().items()},
