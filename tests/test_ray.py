@@ -42,7 +42,7 @@ def test_task_options_carry_the_groups_environment_and_resources(worker_ray):
     strict = worker_ray.options(_group("strict", 2))
     env = strict["runtime_env"]["env_vars"]
     assert env["MKL_CBWR"] == "AUTO" and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
-    assert env["STUDY_UNSET"] == "ATEN_CPU_CAPABILITY,ONEDNN_MAX_CPU_ISA"
+    assert env["STUDY_UNSET"] == "ATEN_CPU_CAPABILITY,ONEDNN_MAX_CPU_ISA,OPENBLAS_CORETYPE,OPENBLAS_NUM_THREADS"
     assert env["STUDY_GROUP"] == "cpu/strict/threads=2"  # one worker pool per group
     assert (strict["num_cpus"], strict["num_gpus"], strict["max_retries"]) == (2, 0, 0)
     default = worker_ray.options(_group("default", None, "cuda"))
