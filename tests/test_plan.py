@@ -3,6 +3,13 @@ from pathlib import Path
 from study.protocol import plan, schema as protocol
 
 D2L = Path(__file__).resolve().parents[1] / "protocols" / "d2l-dropout.yaml"
+# The d2l protocol as it ran before it became portable: its keys are pinned below, as old stores
+# hold them (the portable study's own keys are new cells, pinned in test_portable_keys_are_new).
+CLASSIC = ["determinism=[default]", "threads=null"]
+
+
+def _d2l(*overrides: str) -> protocol.Protocol:
+    return protocol.load(D2L, [*CLASSIC, *overrides])
 
 
 def test_expansion_covers_every_combination():
@@ -24,36 +31,44 @@ def test_first_seed_of_every_setting_comes_first():
 
 
 def test_keys_are_stable_and_track_what_defines_a_run():
-    keys = [c.key for c in plan.expand(protocol.load(D2L))]
-    assert keys == [c.key for c in plan.expand(protocol.load(D2L))]
+    keys = [c.key for c in plan.expand(_d2l())]
+    assert keys == [c.key for c in plan.expand(_d2l())]
     # Pinned: a key that silently changed would make every store re-run its whole study.
     # (With the protocol's 25 inference passes; without them, see the test below.)
     assert keys[0] == "a6be97688f40bfb4"
     # Native masks: the key these cells had before SFC64 masks entered the key (old stores).
-    assert plan.expand(protocol.load(D2L, ["randomness=native", "execution=sequential",
+    assert plan.expand(_d2l(*["randomness=native", "execution=sequential",
                                            "inference.mc_passes=0"]))[0].key == "8917af3013e2a368"
-    other_epochs = [c.key for c in plan.expand(protocol.load(D2L, ["training.epochs=3"]))]
+    other_epochs = [c.key for c in plan.expand(_d2l(*["training.epochs=3"]))]
     assert not set(keys) & set(other_epochs)
-    wider_batches = [c.key for c in plan.expand(protocol.load(D2L, ["batch_members=7"]))]
+    wider_batches = [c.key for c in plan.expand(_d2l(*["batch_members=7"]))]
     assert keys == wider_batches  # how cells are grouped for speed is not what they are
-    renamed = [c.key for c in plan.expand(protocol.load(D2L, ["description=other"]))]
+    renamed = [c.key for c in plan.expand(_d2l(*["description=other"]))]
     assert keys == renamed
 
 
 def test_passes_enter_the_key_only_when_asked_for():
     # Pinned before `inference` existed: without passes, keys (and stores) stay as they were.
-    off = plan.expand(protocol.load(D2L, ["inference.mc_passes=0"]))
+    off = plan.expand(_d2l(*["inference.mc_passes=0"]))
     assert (off[0].key, off[1].key) == ("653cea852cdd5e4b", "5dc4690eda47c54c")
     assert "mc_passes" not in off[0].labels()
-    on = plan.expand(protocol.load(D2L, ["inference.mc_passes=8"]))
-    more = plan.expand(protocol.load(D2L, ["inference.mc_passes=16"]))
+    on = plan.expand(_d2l(*["inference.mc_passes=8"]))
+    more = plan.expand(_d2l(*["inference.mc_passes=16"]))
     assert len({c.key for c in off + on + more}) == 3 * len(off)
     assert on[0].labels()["mc_passes"] == 8
 
 
 def test_run_names_are_readable():
-    cell = plan.expand(protocol.load(D2L))[1]
+    cell = plan.expand(_d2l())[1]
     assert cell.name == "p0.2-0.5 seed0 cpu default torch"
+
+
+def test_portable_keys_are_new():
+    # The shipped study runs portable on OpenBLAS: new cells, never mistaken for the default ones.
+    portable = [c.key for c in plan.expand(protocol.load(D2L))]
+    assert {c.kernels for c in plan.expand(protocol.load(D2L))} == {"openblas-haswell"}
+    assert not set(portable) & {c.key for c in plan.expand(_d2l())}
+    assert plan.expand(protocol.load(D2L))[1].name == "p0.2-0.5 seed0 cpu portable torch t2"
 
 
 def test_a_thread_list_is_an_axis_and_keeps_single_count_keys():
@@ -68,7 +83,7 @@ def test_a_thread_list_is_an_axis_and_keeps_single_count_keys():
 
 def test_the_kernel_path_enters_the_key_only_where_it_runs_and_is_new():
     def cells(*overrides: str) -> list[plan.Cell]:
-        return plan.expand(protocol.load(D2L, ["seeds.count=1", "threads=1", *overrides]))
+        return plan.expand(_d2l("seeds.count=1", "threads=1", *overrides))
 
     default = cells()
     # Default mode ignores the knob: its keys (and every store of it) stay as they were.
