@@ -23,3 +23,11 @@ def failing_on(n: int, how: str, folder, cache, checksums) -> data.Dataset:
 
     workers.train = flaky
     return data.load(folder, cache=cache, checksums=checksums)
+
+
+def counting(log, folder, cache, checksums) -> data.Dataset:
+    """Load the tiny data and append this process's pid to `log`: one line per load, a count
+    the test reads across processes."""
+    with open(log, "a") as out:
+        out.write(f"{os.getpid()}\n")
+    return data.load(folder, cache=cache, checksums=checksums)
