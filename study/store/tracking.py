@@ -273,6 +273,16 @@ def finished_keys(mlflow: MlflowClient, exp_id: str) -> set[str]:
     return {r.tags.get("study.cell") for r in _finished_records(mlflow, exp_id)}
 
 
+def runs_in(mlflow: MlflowClient, name: str, status: str) -> dict[str, str]:
+    """Run id -> cell key of the experiment's training runs in `status` ({} before it exists):
+    what a fault campaign judges loss and duplicates by."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        return {}
+    return {r.info.run_id: r.data.tags.get("study.cell", "")
+            for r in _training_runs(mlflow, found.experiment_id, status)}
+
+
 def mark_interrupted(mlflow: MlflowClient, exp_id: str) -> int:
     """Runs left RUNNING by a killed invocation become KILLED, so their cells are redone."""
     stale = _training_runs(mlflow, exp_id, "RUNNING")
