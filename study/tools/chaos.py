@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -251,7 +252,8 @@ def campaign_store(fault: str, store: str | None, folder: Path) -> Iterator[tupl
 
 
 def run(protocol: Path, overrides: list[str], fault: str, tries: int, seed: int, backend: str,
-        store: str | None, lease_ttl: float, say: Callable[[str], None] = print) -> list[Outcome]:
+        store: str | None, lease_ttl: float,
+        say: Callable[[str], None] = functools.partial(print, flush=True)) -> list[Outcome]:
     proto = schema.load(protocol, overrides)
     planned = {c.key for c in runner.runnable(proto, plan.expand(proto))[0]}
     logs = Path(tempfile.mkdtemp(prefix="study-chaos-"))
