@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
+import time
 import pytest
 
 from study.store import server
@@ -88,3 +92,39 @@ def test_a_short_campaign_loses_duplicates_and_strands_nothing(fault, backend, t
     assert outcome.hit_at is not None, report  # the fixed moment lands inside the study
     assert outcome.clean, report
     assert outcome.exits[-1] == 0 and outcome.planned == 6, report
+
+
+# A driver whose one worker never answers: its loader sleeps for ten minutes.
+_SILENT_DRIVER = """
+import functools, time
+from study.engine import backend_process, workers
+from study.protocol import plan, schema
+proto = schema.parse({"name": "silent", "dropout": [[0.0, 0.0]], "seeds": {"count": 1},
+                      "baseline": [0.0, 0.0]})
+(group,) = workers.groups(plan.expand(proto), functools.partial(time.sleep, 600))
+for message in backend_process.run(group):
+    pass
+"""
+
+
+@pytest.mark.integration
+def test_a_local_worker_dies_with_its_killed_driver(tmp_path):
+    marker = f"silent-{os.getpid()}-{time.monotonic_ns()}"
+    driver = subprocess.Popen([sys.executable, "-c", _SILENT_DRIVER], cwd=chaos.ROOT,
+                              env={**os.environ, "PYTHONPATH": str(chaos.ROOT),
+                                   chaos.MARKER: marker})
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := [p for p in chaos.marked(marker) if p != driver.pid]):
+            assert time.monotonic() < deadline and driver.poll() is None, "no worker started"
+            time.sleep(0.1)
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while (left := chaos.marked(marker)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"worker {left} outlived its driver {driver.pid}"
+    finally:
+        driver.kill()
+        for pid in chaos.marked(marker):
+            os.kill(pid, signal.SIGKILL)
