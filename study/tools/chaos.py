@@ -150,31 +150,33 @@ def program(pid: int) -> str:
 
 # --- faults: each hits the running driver's study once; a new kind is one function here ------
 
-def kill_driver(campaign: Campaign, driver: subprocess.Popen, marker: str) -> bool:
+def kill_driver(campaign: Campaign, driver: subprocess.Popen, marker: str) -> float | None:
     driver.send_signal(signal.SIGKILL)
-    return True
+    return time.monotonic()
 
 
-def kill_worker(campaign: Campaign, driver: subprocess.Popen, marker: str) -> bool:
+def kill_worker(campaign: Campaign, driver: subprocess.Popen, marker: str) -> float | None:
     """SIGKILL one process training a chunk (the lowest pid), waiting for one to exist."""
     kind = WORKERS[campaign.backend]
     while driver.poll() is None:
         if pids := sorted(p for p in marked(marker) if kind in command_of(p)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pids[0], signal.SIGKILL)
-            return True
+            return time.monotonic()
         time.sleep(0.05)
-    return False
+    return None
 
 
-def restart_server(campaign: Campaign, driver: subprocess.Popen, marker: str) -> bool:
+def restart_server(campaign: Campaign, driver: subprocess.Popen, marker: str) -> float | None:
+    struck = time.monotonic()
     campaign.server.mlflow.stop()
     time.sleep(2)  # down long enough for writes to fail, not just to queue
     campaign.server.mlflow.start()
-    return True
+    return struck
 
 
-FAULTS: dict[str, Callable[[Campaign, subprocess.Popen, str], bool]] = {
+# Each returns when it struck (time.monotonic()), or None if the study ended first.
+FAULTS: dict[str, Callable[[Campaign, subprocess.Popen, str], float | None]] = {
     "driver": kill_driver, "worker": kill_worker, "server": restart_server}
 
 
@@ -186,8 +188,8 @@ def one_try(campaign: Campaign, fault: str, moment: Moment, name: str, planned: 
     driver = campaign.driver(name, first)
     began = time.monotonic()
     before = _wait_for(campaign, name, moment, driver)
-    hit = FAULTS[fault](campaign, driver, first) if before is not None else False
-    hit_at = time.monotonic() - began if hit else None
+    struck = FAULTS[fault](campaign, driver, first) if before is not None else None
+    hit_at = None if struck is None else struck - began
     exits = [driver.wait(timeout)]
     done_at = time.monotonic() if exits[0] == 0 else None
     orphans = _orphans(first)
