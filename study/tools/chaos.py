@@ -311,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.tries < 1:
         print(f"error: --tries {args.tries}: expected at least 1", file=sys.stderr)
         return 2
-    # SIGTERM too (a background job ignores Ctrl-C's SIGINT): through `finally`, so the drivers
-    # and the server the campaign started are stopped with it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         outcomes = run(args.protocol, args.set, args.fault, args.tries, args.seed, args.backend,
                        args.store, args.lease_ttl)
@@ -324,4 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM too (a background job ignores Ctrl-C's SIGINT): through `finally`, so the drivers
+    # and the server the campaign started are stopped with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise SystemExit(main())
