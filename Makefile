@@ -5,7 +5,7 @@
 # make server  PostgreSQL + MLflow tracking server on http://127.0.0.1:$(PORT), one at a time with ui
 # make gpu-check  determinism modes on cuda, CPU vs GPU, batched throughput: one table, also in
 #              $(GPU_CHECK_OUT)/ (no GPU: the CPU parts run, the rest is named as skipped);
-#              on a lent GPU machine: make gpu-pack here, then README "GPU check" has the call
+#              on a lent GPU machine: make gpu-pack here, then docs/gpu-check.md has the call
 # make chaos   fault campaign on the smoke protocol: FAULT=driver|worker|server, BACKEND=local|ray,
 #              TRIES=10; one line per try, exit 1 on any run lost or duplicated, or process left
 SHELL := /bin/bash

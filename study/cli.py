@@ -195,9 +195,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cells = plan.expand(proto)
     absent = _absent_devices(proto, cells)
-    mlflow = tracking.client()
-    found = mlflow.get_experiment_by_name(proto.name)
-    done = tracking.finished_keys(mlflow, found.experiment_id) if found else set()
+    done = tracking.finished_keys_of(tracking.client(), proto.name)
     for cell in cells:
         mark = "done" if cell.key in done else ("skip" if cell.device in absent else "todo")
         print(f"{mark:4}  {cell.key}  {cell.name}")
@@ -246,13 +244,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     proto = _load(args)
     from study.store import tracking
 
-    found = tracking.client().get_experiment_by_name(proto.name)
-    if found is None:
+    exp_id = tracking.find_experiment(tracking.client(), proto.name)
+    if exp_id is None:
         print(f"No runs of {proto.name} yet (python -m study run {args.protocol}); "
               f"all experiments: http://127.0.0.1:{args.port}/", flush=True)
     else:
-        print(f"Runs of {proto.name}: {tracking.runs_url(found.experiment_id, port=args.port)}",
-              flush=True)
+        print(f"Runs of {proto.name}: {tracking.runs_url(exp_id, port=args.port)}", flush=True)
     # MLflow 3's server also starts seven job-runner processes (GenAI judges, trace roll-ups)
     # that this harness never uses; they slow start-up and outlive a SIGTERM to the server.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -328,9 +325,7 @@ def _require_runs(mlflow: MlflowClient, target: Target) -> None:
     """Before any run exists, say which command makes some, not just that none are there."""
     from study.store import tracking
 
-    found = mlflow.get_experiment_by_name(target.experiment)
-    if found is not None and mlflow.search_runs([found.experiment_id],
-                                                "attributes.status = 'FINISHED'", max_results=1):
+    if tracking.has_finished_runs(mlflow, target.experiment):
         return
     then = (f"run `python -m study run {target.source}` first" if target.source else
             "check the experiment's name in the MLflow UI (make ui)")

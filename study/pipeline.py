@@ -63,11 +63,11 @@ def estimate(parts: Sequence[Part], mlflow: MlflowClient) -> list[Cost]:
 
 def _cost(part: Part, mlflow: MlflowClient) -> Cost:
     cells = expand(part.protocol)
-    found = mlflow.get_experiment_by_name(part.protocol.name)
-    done = tracking.finished_keys(mlflow, found.experiment_id) if found else set()
+    exp_id = tracking.find_experiment(mlflow, part.protocol.name)
+    done = tracking.finished_keys(mlflow, exp_id) if exp_id else set()
     todo, skipped = runner.runnable(part.protocol, [c for c in cells if c.key not in done])
     planned = {c.key for c in cells}
-    measured = _measured(mlflow, found.experiment_id, part, planned) if found else None
+    measured = _measured(mlflow, exp_id, part, planned) if exp_id else None
     per_run, source = measured or (part.entry.seconds_per_run, "recorded in the lesson file")
     return Cost(part.protocol.name, len(cells), len(cells) - len(todo) - len(skipped),
                 len(todo), len(skipped), per_run, source)
@@ -118,8 +118,8 @@ def analyse(part: Part, mlflow: MlflowClient, out: Path) -> Evidence:
     out/figures/<name>/. No finished run: evidence without inputs, which reads "not measured"."""
     proto = part.protocol
     cuda = "cuda" in proto.devices
-    found = mlflow.get_experiment_by_name(proto.name)
-    if found is None or not tracking.finished_runs(mlflow, found.experiment_id):
+    exp_id = tracking.find_experiment(mlflow, proto.name)
+    if exp_id is None or not tracking.finished_runs(mlflow, exp_id):
         return Evidence(proto.name, str(part.path), part.entry.claims, None, cuda)
     # Only the runs of the cells the protocol plans now (an edited protocol's old runs stay).
     table = tracking.load_runs(mlflow, proto.name, {c.key for c in expand(proto)})

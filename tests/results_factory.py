@@ -17,7 +17,7 @@ import pandas as pd
 from study.protocol import schema as protocol_module
 from study.analysis.comparisons import learning_curves
 from study.results import Analysed, Comparison, Group, Omnibus, Results, Stratum
-from study.analysis.table import RunTable
+from study.analysis.table import RunTable, stratum_label
 
 SETTINGS = [(0.0, 0.0), (0.2, 0.5), (0.6, 0.8), (0.9, 0.9), (1.0, 1.0)]
 BASELINE = (0.2, 0.5)
@@ -178,7 +178,7 @@ def make_results(table: RunTable) -> Results:
     first = table.runs[table.runs.replicate == 0]
     for impl, runs in first.groupby("implementation", sort=False):
         stratum = {**STRATUM_BASE, "implementation": impl}
-        strata.append(Stratum(stratum=stratum, label=f"cpu / default / {impl}", paired=True,
+        strata.append(Stratum(stratum=stratum, label=stratum_label(stratum, ["implementation"]), paired=True,
                               n_seeds=5, settings=[list(s) for s in SETTINGS],
                               omnibus=Omnibus("friedman", 17.4, 0.0016, None), notes=[]))
         by_setting = {s: make_group(stratum, runs, *s) for s in SETTINGS}

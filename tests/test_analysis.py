@@ -16,7 +16,7 @@ from scipy import stats as sps
 from scipy.stats import mstats
 from statsmodels.stats.multitest import multipletests
 
-from study.analysis import comparisons as analysis, stats
+from study.analysis import comparisons as analysis, stats, table
 from study.protocol.schema import Analysis
 from study.analysis.table import CURVE_COLUMNS, RUN_COLUMNS, RunTable
 
@@ -172,7 +172,8 @@ def test_two_devices_make_two_strata():
             + _runs({BASE: base - 0.002, (0.2, 0.5): base + rng.normal(0, 0.003, 6)}, device="cuda"))
     results = _analyze(_table(rows), BASE, OPTIONS)
     assert [s["stratum"]["device"] for s in results["strata"]] == ["cpu", "cuda"]
-    assert results["strata"][0]["label"] == "cpu / default / torch / sequential / native / torch / all / 2 / 60000"
+    # Named by the one column that varies, in words; the constant ones are said once elsewhere.
+    assert [s["label"] for s in results["strata"]] == ["CPU", "GPU (CUDA)"]
     assert results["stratified_by"] == ["device"]
     assert len(results["groups"]) == 4 and len(results["comparisons"]) == 2
     assert {c["stratum"]["device"] for c in results["comparisons"]} == {"cpu", "cuda"}
@@ -408,3 +409,15 @@ def test_learning_curves_are_per_epoch_means_with_scipys_t_interval():
     lone = next(c for c in results.curves if (c.dropout1, c.dropout2) == (1.0, 1.0))
     assert all(p.n == 1 and p.ci95 is None for p in lone.points)
     json.dumps(results.to_json(), allow_nan=False)
+
+
+def test_strata_are_named_in_words_by_the_columns_that_vary():
+    assert table.stratum_label({"device": "cpu", "train_images": 1000, "threads": 2},
+                               ["train_images", "threads"]) == "1,000 training images, 2 threads"
+    assert table.stratum_label({"device": "cpu"}, []) == "all runs"
+    assert table.stratum_words("implementation", "scratch-randn").startswith("hand-written dropout (randn")
+    assert table.stratum_words("determinism", "portable") == "portable mode"
+    assert table.stratum_words("threads", 1) == "1 thread"
+    assert table.stratum_words("train_images", float("nan")) == "train_images not recorded"
+    assert table.stratum_words("execution", "unheard-of") == "execution unheard-of"
+

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from study.analysis import comparisons as analysis, stats
+from study.analysis import comparisons as analysis, interaction, stats
 from study.report import figures
 from study.protocol.schema import Analysis
 from study.report import claims
@@ -197,3 +197,20 @@ def test_c6_section_and_figure_render(tmp_path):
                                       table.curves), (0.0, 0.0), OPTIONS)
     (note,) = claims.claim_overfitting(Inputs.of(empty, table))
     assert "one training-set size" in render_markdown([note], "x")
+
+
+def test_one_seeds_late_spike_does_not_move_the_regime():
+    # 8 seeds of (0, 0) at a small size: 7 fit the training set (99.5%), one spiked in its last
+    # epoch to 80%. The mean (97.1%) would read "does not overfit"; the median and the count
+    # per seed say it does, as 7 of the 8 runs do.
+    train = [0.995] * 7 + [0.80]
+    test = [0.80] * 7 + [0.70]
+    frame = pd.DataFrame({"dropout1": 0.0, "dropout2": 0.0, "seed": range(8),
+                          "train_acc": train, "test_acc": test})
+    r = interaction.regime(frame, (0.0, 0.0))
+    assert r.train_acc == pytest.approx(np.mean(train)) and r.train_acc < 0.98
+    assert r.median_train_acc == pytest.approx(0.995)
+    assert r.seeds_overfitting == 7 and r.overfits
+    # Half the seeds short of the threshold: the median no longer passes.
+    frame["train_acc"] = [0.995] * 4 + [0.95] * 4
+    assert not interaction.regime(frame, (0.0, 0.0)).overfits

@@ -463,6 +463,9 @@ def test_strata_are_reported_separately(md: str, two_strata) -> None:
     # 6 per stratum (groups, comparisons, multiverse verdicts and estimates, power, spread)
     # + protocol, C4, environment
     assert md.count("**Table") == 2 * 6 + 3
+    # What every run shares is said once, in the method section, in words.
+    method = md[md.index("Method"):md.index("Hardware and software")]
+    assert "Every run shares:" in method and "1 thread" not in method.split("Every run shares:")[0]
 
 
 def test_without_diagnostics_c5_says_what_was_not_measured(md: str) -> None:

@@ -2,7 +2,7 @@
 
     python -m study analyze protocols/d2l-dropout.yaml
 
-`analyze` turns a `RunTable` into `results.Results` (the contract: README "Results"); `write`
+`analyze` turns a `RunTable` into `results.Results` (the contract: docs/results.md); `write`
 saves its JSON form as `results.json` plus flat CSV tables. Only first runs of a cell
 (`replicate == 0`) enter the statistics: replicates repeat a seed exactly and measure
 determinism, not seed-to-seed spread.
@@ -43,7 +43,7 @@ from study.analysis.settings import METRIC, Setting, by_seed, rows_of, setting_o
 from study.protocol.schema import Analysis
 from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Curve,
                            CurvePoint, Endpoint, Group, Omnibus, Results, Stratum)
-from study.analysis.table import STRATUM_COLUMNS, RunTable, scalar
+from study.analysis.table import STRATUM_COLUMNS, RunTable, scalar, stratum_label
 
 class AnalysisError(ValueError):
     """The runs cannot be analysed as asked (e.g. an endpoint longer than the runs)."""
@@ -60,8 +60,10 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
     endpoints, left_out = _endpoints(runs, table.curves, primary)
     runs = _with_endpoints(runs, table.curves, endpoints)
     strata, groups, comparisons, contrasts, curves = [], [], [], [], []
+    varying = _varying_columns(runs)
     for stratum, frame in _strata(runs):
-        s, g, c, k = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed)
+        s, g, c, k = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed,
+                                      stratum_label(stratum, varying))
         strata.append(s)
         groups.extend(g)
         comparisons.extend(c)
@@ -72,7 +74,7 @@ def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
         equivalence_margin=options.equivalence_margin, power=options.power,
         bootstrap=options.bootstrap, seed=seed, metric=METRIC, endpoint=primary.name,
         robustness_endpoints=[e.name for e in endpoints], robustness_tests=list(ROBUSTNESS_TESTS),
-        endpoints_left_out=left_out, stratified_by=_varying_columns(runs),
+        endpoints_left_out=left_out, stratified_by=varying,
         n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
         strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
         diagnostics=diagnostics.analyze(table, options, seed), curves=curves,
@@ -168,10 +170,6 @@ def _strata(runs: pd.DataFrame) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     return out
 
 
-def _label(stratum: dict[str, Any]) -> str:
-    return " / ".join(str(stratum[c]) for c in STRATUM_COLUMNS)
-
-
 def _pairs_by_seed(frame: pd.DataFrame, settings: list[Setting]) -> bool:
     seed_sets = {frozenset(rows_of(frame, s)["seed"]) for s in settings}
     return len(seed_sets) == 1
@@ -265,7 +263,8 @@ def _curve_point(epoch: int, x: np.ndarray) -> CurvePoint:
 
 def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting,
                      primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
-                     seed: int) -> tuple[Stratum, list[Group], list[Comparison], list[Comparison]]:
+                     seed: int, label: str,
+                     ) -> tuple[Stratum, list[Group], list[Comparison], list[Comparison]]:
     settings = settings_in(frame)
     column = _column(primary)
     groups = [_group(frame, s, stratum, column, options, seed) for s in settings]
@@ -280,7 +279,7 @@ def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting
               for a, b in declared if (a, b) not in present]
     contrasts = _comparisons(frame, present, stratum, primary, endpoints, options, seed)
     complete = _pairs_by_seed(frame, settings)
-    summary = Stratum(stratum=stratum, label=_label(stratum), paired=complete,
+    summary = Stratum(stratum=stratum, label=label, paired=complete,
                       n_seeds=int(frame["seed"].nunique()), settings=[list(s) for s in settings],
                       omnibus=_omnibus(frame, settings, complete, column), notes=notes)
     return summary, groups, comparisons, contrasts

@@ -29,7 +29,7 @@ from study.analysis import stats
 from study.analysis.settings import METRIC, Setting, by_seed, rows_of, setting_of
 from study.results import (OVERFIT_GAP, OVERFIT_TRAIN_ACC, Comparison, DosePoint, Group,
                            Interaction, Regime, SizeEffect)
-from study.analysis.table import STRATUM_COLUMNS, scalar
+from study.analysis.table import STRATUM_COLUMNS, scalar, stratum_label
 
 SIZE = "train_images"
 OTHERS = tuple(c for c in STRATUM_COLUMNS if c != SIZE)
@@ -42,6 +42,7 @@ def analyze(runs: pd.DataFrame, groups: list[Group], comparisons: list[Compariso
     `runs`: first runs with the endpoint column `column`; `groups`, `comparisons`: the per-size
     results `analysis` already computed (so verdicts are the report's own)."""
     out = []
+    varying = [c for c in OTHERS if runs[c].nunique(dropna=False) > 1]
     for values, frame in runs.groupby(list(OTHERS), dropna=False, sort=True):
         sizes = sorted(int(n) for n in frame[SIZE].dropna().unique())
         if len(sizes) < 2:
@@ -49,12 +50,14 @@ def analyze(runs: pd.DataFrame, groups: list[Group], comparisons: list[Compariso
         others = {c: scalar(v) for c, v in zip(OTHERS, values)}
         effects = [_size_effect(frame[frame[SIZE] == n], {**others, SIZE: n}, groups,
                                 comparisons, base, column) for n in sizes]
-        out.append(_interaction(frame, others, effects, base, column, endpoint))
+        out.append(_interaction(frame, others, stratum_label(others, varying), effects, base,
+                                column, endpoint))
     return out
 
 
-def _interaction(frame: pd.DataFrame, others: dict[str, Any], effects: list[SizeEffect],
-                 base: Setting, column: str, endpoint: str) -> Interaction:
+def _interaction(frame: pd.DataFrame, others: dict[str, Any], label: str,
+                 effects: list[SizeEffect], base: Setting, column: str,
+                 endpoint: str) -> Interaction:
     gap, gain, seed = _points(frame, effects, base, column)
     trend = stats.cluster_slope(gap, gain, seed)
     per_seed = stats.per_cluster_slope(gap, gain, seed)
@@ -63,7 +66,7 @@ def _interaction(frame: pd.DataFrame, others: dict[str, Any], effects: list[Size
     if base != (0.0, 0.0):
         notes.append(f"the baseline is {list(base)}, not (0, 0): gains are over that setting")
     holds, why = verdict(effects, trend)
-    return Interaction(stratum=others, label=" / ".join(str(others[c]) for c in OTHERS),
+    return Interaction(stratum=others, label=label,
                        baseline=list(base), endpoint=endpoint, sizes=effects, trend=trend,
                        trend_per_seed=per_seed, n_points=int(np.isfinite(gain).sum()),
                        holds=holds, holds_reason=why, notes=notes)
@@ -134,7 +137,8 @@ def choose_best(comps: list[Comparison]) -> tuple[Comparison | None, str]:
 
 
 def regime(frame: pd.DataFrame, base: Setting) -> Regime:
-    """The baseline's fit at one size, from each seed's final epoch."""
+    """The baseline's fit at one size, from each seed's final epoch; overfitting is decided on
+    the medians over seeds (see `Regime`), robust to one seed's late spike."""
     rows = rows_of(frame, base)
     train, test = (rows[c].to_numpy(dtype=float) for c in ("train_acc", METRIC))
     ok = np.isfinite(train) & np.isfinite(test)
@@ -142,9 +146,11 @@ def regime(frame: pd.DataFrame, base: Setting) -> Regime:
     if not train.size:
         return Regime(0, None, None, None, None, False)
     gap = train - test
-    mean_train, mean_gap = float(train.mean()), float(gap.mean())
-    return Regime(int(train.size), mean_train, float(test.mean()), mean_gap, stats.mean_ci(gap),
-                  mean_train >= OVERFIT_TRAIN_ACC and mean_gap >= OVERFIT_GAP)
+    med_train, med_gap = float(np.median(train)), float(np.median(gap))
+    each = int(((train >= OVERFIT_TRAIN_ACC) & (gap >= OVERFIT_GAP)).sum())
+    return Regime(int(train.size), float(train.mean()), float(test.mean()), float(gap.mean()),
+                  stats.mean_ci(gap), med_train >= OVERFIT_TRAIN_ACC and med_gap >= OVERFIT_GAP,
+                  med_train, med_gap, each)
 
 
 def _dose_point(g: Group, c: Comparison | None) -> DosePoint:

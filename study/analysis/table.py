@@ -1,7 +1,7 @@
 """The tidy table that analysis reads: what `tracking.load_runs` returns from an MLflow experiment.
 
 Analysis, figures and the report take a `RunTable` and nothing else from the store, so a user's
-own runs (logged with the schema in README.md) are analysed the same way as ours.
+own runs (logged with the schema in docs/run-schema.md) are analysed the same way as ours.
 """
 
 from __future__ import annotations
@@ -63,6 +63,43 @@ INFERENCE_COLUMNS = {
 # Columns that split runs into strata analysed separately (never pooled).
 STRATUM_COLUMNS = ("device", "determinism", "implementation", "execution", "randomness", "mask_rng",
                    "vary", "threads", "train_images")
+
+# How a stratum value reads to a person: a table heading says "CPU, nn.Dropout, batched", not
+# "cpu / default / torch / batched / ...". Values not listed read as "column value".
+_WORDS: dict[str, dict[Any, str]] = {
+    "device": {"cpu": "CPU", "cuda": "GPU (CUDA)"},
+    "implementation": {"torch": "nn.Dropout", "scratch": "hand-written dropout (rand)",
+                       "scratch-randn": "hand-written dropout (randn, as printed in the lesson)"},
+    "execution": {"sequential": "sequential engine", "batched": "batched engine"},
+    "mask_rng": {"torch": "masks from torch's generator", "sfc64": "masks from numpy's SFC64"},
+    "vary": {"all": "every random source varied", "init": "only the initialisation varied",
+             "data": "only the data order varied", "dropout": "only the dropout masks varied",
+             "bitflip": "one bit of the initial weights flipped"},
+}
+_FORMS = {"determinism": "{} mode", "randomness": "{} randomness",
+          "train_images": "{:,} training images"}
+
+
+def stratum_words(column: str, value: Any) -> str:
+    """One stratum value in words, e.g. ("train_images", 1000) -> "1,000 training images"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{column} not recorded"
+    if value in _WORDS.get(column, {}):
+        return _WORDS[column][value]
+    if column == "threads":
+        return f"{value} thread" + ("" if int(value) == 1 else "s")
+    if column in _FORMS:
+        try:
+            return _FORMS[column].format(int(value) if column == "train_images" else value)
+        except (TypeError, ValueError):
+            pass
+    return f"{column} {value}"
+
+
+def stratum_label(stratum: dict[str, Any], varying: list[str]) -> str:
+    """A stratum named by the columns that vary in the study; "all runs" when none does."""
+    named = [stratum_words(c, stratum[c]) for c in varying if c in stratum]
+    return ", ".join(named) if named else "all runs"
 
 # Columns of RunTable.curves, one row per run, epoch and metric.
 CURVE_COLUMNS = {"run_id": str, "epoch": int, "metric": str, "value": float}

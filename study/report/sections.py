@@ -23,7 +23,7 @@ from study.report.wording import (COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, app
                                   fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text,
                                   short_verdict)
 from study.results import TEST_NAMES, Results, Stratum
-from study.analysis.table import RunTable
+from study.analysis.table import STRATUM_COLUMNS, RunTable, stratum_words
 
 
 
@@ -119,7 +119,19 @@ def compact_ints(values: list[int]) -> str:
 
 
 def _protocol_blocks(inputs: Inputs) -> list[Block]:
-    return [Heading(2, "Protocol"), *protocol_table(inputs)]
+    return [Heading(2, "Protocol"), *protocol_table(inputs), *strata_blocks(inputs.results)]
+
+
+def strata_blocks(r: Results) -> list[Block]:
+    """Say once what every run shares, and which columns split the runs into strata."""
+    if not r.strata:
+        return []
+    shared = [stratum_words(c, r.strata[0].stratum.get(c)) for c in STRATUM_COLUMNS
+              if c not in r.stratified_by]
+    split = (f"The runs are analysed separately (never pooled) by {', '.join(r.stratified_by)}; "
+             f"each table names its stratum by those columns. ") if r.stratified_by else \
+        "All runs form one stratum. "
+    return [para(split + "Every run shares: " + "; ".join(shared) + ".")]
 
 
 def protocol_table(inputs: Inputs) -> list[Block]:

@@ -1,7 +1,7 @@
 """The only module that talks to MLflow: log results, list finished cells, load runs as a table.
 
 Store: `mlruns/mlflow.db` (SQLite) with artifacts in `mlruns/artifacts`, unless
-`MLFLOW_TRACKING_URI` names another. The run schema is documented in README.md ("Run schema").
+`MLFLOW_TRACKING_URI` names another. The run schema is documented in docs/run-schema.md.
 """
 
 from __future__ import annotations
@@ -273,14 +273,33 @@ def finished_keys(mlflow: MlflowClient, exp_id: str) -> set[str]:
     return {r.tags.get("study.cell") for r in _finished_records(mlflow, exp_id)}
 
 
+def find_experiment(mlflow: MlflowClient, name: str) -> str | None:
+    """The id of the experiment named `name`, or None where there is none (nothing is created)."""
+    found = mlflow.get_experiment_by_name(name)
+    return None if found is None else found.experiment_id
+
+
+def finished_keys_of(mlflow: MlflowClient, name: str) -> set[str]:
+    """The cell keys of the FINISHED runs of the experiment named `name` (empty: no experiment)."""
+    exp_id = find_experiment(mlflow, name)
+    return finished_keys(mlflow, exp_id) if exp_id else set()
+
+
+def has_finished_runs(mlflow: MlflowClient, name: str) -> bool:
+    """Whether the experiment named `name` holds any FINISHED run (training or not)."""
+    exp_id = find_experiment(mlflow, name)
+    return exp_id is not None and bool(
+        mlflow.search_runs([exp_id], "attributes.status = 'FINISHED'", max_results=1))
+
+
 def runs_in(mlflow: MlflowClient, name: str, status: str) -> dict[str, str]:
     """Run id -> cell key of the experiment's training runs in `status` ({} before it exists):
     what a fault campaign judges loss and duplicates by."""
-    found = mlflow.get_experiment_by_name(name)
-    if found is None:
+    exp_id = find_experiment(mlflow, name)
+    if exp_id is None:
         return {}
     return {r.info.run_id: r.data.tags.get("study.cell", "")
-            for r in _training_runs(mlflow, found.experiment_id, status)}
+            for r in _training_runs(mlflow, exp_id, status)}
 
 
 def mark_interrupted(mlflow: MlflowClient, exp_id: str) -> int:

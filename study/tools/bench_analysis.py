@@ -3,7 +3,7 @@
     python -m study.tools.bench --analysis                       # 1k and 10k runs, SQLite
     python -m study.tools.bench --analysis --runs 1000 5000 10000 --server
 
-Each experiment follows the README's run schema (params from the protocol's own cells, the
+Each experiment follows the run schema (docs/run-schema.md) (params from the protocol's own cells, the
 study.* tags, 10 epochs x 3 metrics) and is written straight into the store's tables
 (`tracking.insert_runs`): the API would take most of an hour for 10,000 runs. Then
 `python -m study analyze --experiment NAME` runs in a subprocess, as a user would, and its wall

@@ -516,7 +516,7 @@ def markdown(rows: Sequence[Row], about: dict[str, Any]) -> str:
         lines += ["", "Not run:", *(f"- {s}" for s in skipped)]
     lines += ["", "Bitwise identity holds for these cells, this machine, driver and library "
               "versions only (see gpu-check.json: environment per mode). A cpu-gpu interval "
-              "that covers 0 shows no difference, not an equivalence."]
+              "that covers 0 has not shown a difference; it does not show the devices agree."]
     return "\n".join(lines) + "\n"
 
 
