@@ -3,6 +3,9 @@
     python -m study plan    protocols/d2l-dropout.yaml [--set training.epochs=1 ...]
     python -m study run     protocols/d2l-dropout.yaml [--backend ray [--address HEAD:6379]]
     python -m study analyze protocols/d2l-dropout.yaml     (or --experiment NAME --baseline 0.2,0.5)
+    python -m study analyze --experiment byo --factor dropout --metric val_accuracy --baseline 0.5
+    python -m study analyze --csv runs.csv --factor optimizer --metric val_loss --lower-is-better \
+        --baseline sgd                                     (a table of your own runs)
     python -m study report  protocols/d2l-dropout.yaml
     python -m study paper   protocols/lesson.yaml          (every protocol of the lesson, one paper)
     python -m study data
@@ -24,7 +27,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Heavy modules (torch, torchvision, MLflow, pandas: seconds to import) are imported inside the
 # commands that need them, so `--help` and a bad protocol answer at once.
@@ -41,7 +44,8 @@ UI_PORT = 5000
 # they are looked up in sys.modules rather than imported here.
 USER_ERRORS = (("study.protocol.schema", "ProtocolError"), ("study.engine.data", "DataError"),
                ("study.runner", "RunnerError"), ("study.store.tracking", "TrackingError"),
-               ("study.analysis.comparisons", "AnalysisError"), ("study.engine.backend_ray", "ClusterError"))
+               ("study.analysis.comparisons", "AnalysisError"), ("study.engine.backend_ray", "ClusterError"),
+               ("study.analysis.frame", "ColumnError"))
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,15 @@ class Target:
     """What analysis reads: an experiment, its baseline and options, and the protocol file."""
 
     experiment: str
-    baseline: tuple[float, float]
+    baseline: tuple[Any, ...]  # one value per factor (options.factor)
     options: Analysis
     source: str | None = None
     # The protocol's planned cell keys: analysis reads only their runs (None: every run).
     cells: frozenset[str] | None = None
+    csv: str | None = None  # a table of runs instead of an MLflow experiment
+    step: str | None = None  # its step column
+    # The user named the runs' columns: a baseline no run has is then an error, not a note.
+    named: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +160,27 @@ def _parser() -> argparse.ArgumentParser:
                              ("report", cmd_report, "statistics, figures and the PDF report")]:
         p = sub.add_parser(name, help=text)
         _protocol_args(p, optional=True)
-        p.add_argument("--experiment", help="analyse any MLflow experiment with the run schema")
-        p.add_argument("--baseline", default="0.2,0.5", help="D1,D2 (with --experiment)")
+        p.add_argument("--experiment", help="analyse any MLflow experiment by name")
+        if name == "analyze":
+            p.add_argument("--csv", metavar="FILE", help="analyse a table of runs (one row per "
+                           "run, or per run and step); writes reports/<--experiment or FILE's "
+                           "name>/")
+            p.add_argument("--step", help="with --csv: the step column (default: 'step' if "
+                                          "there, else one row per run)")
+        p.add_argument("--factor", default="dropout1,dropout2", metavar="PARAM[,PARAM...]",
+                       help="the params whose values make a setting (default dropout1,dropout2)")
+        p.add_argument("--seed", default="seed", metavar="PARAM",
+                       help="the param that pairs runs across settings (default seed)")
+        p.add_argument("--metric", default="test_acc",
+                       help="the outcome, read at its final step or over its last K steps "
+                            "(default test_acc)")
+        p.add_argument("--lower-is-better", action="store_true",
+                       help="for a loss or an error: lower values read as better")
+        p.add_argument("--margin", type=float,
+                       help="equivalence margin in the metric's units (default 0.005)")
+        p.add_argument("--baseline", metavar="VALUE[,VALUE...]",
+                       help="one value per factor, e.g. 0.5 or sgd (default 0.2,0.5 for "
+                            "dropout1,dropout2)")
         p.add_argument("--endpoint", default="final",
                        help="primary endpoint with --experiment: final or last:K")
         p.set_defaults(func=func)
@@ -269,19 +296,34 @@ def _print_where(exp_id: str) -> None:
 def _target(args: argparse.Namespace) -> Target:
     from study.protocol import plan, schema as protocol
 
-    if args.experiment:
+    csv = getattr(args, "csv", None)
+    if args.experiment or csv:
+        factors = tuple(f.strip() for f in args.factor.split(","))
+        if not all(factors):
+            raise protocol.ProtocolError(f"--factor {args.factor!r}: expected PARAM[,PARAM...]")
+        named = (factors, args.seed, args.metric) != (("dropout1", "dropout2"), "seed", "test_acc")
+        if args.baseline is None and factors != ("dropout1", "dropout2"):
+            raise protocol.ProtocolError(f"--baseline: give one value per factor "
+                                         f"({','.join(factors)}), e.g. --baseline "
+                                         f"{','.join('VALUE' for _ in factors)}")
+        baseline = tuple(v.strip() for v in (args.baseline or "0.2,0.5").split(","))
+        if len(baseline) != len(factors):
+            raise protocol.ProtocolError(f"--baseline {args.baseline!r}: expected one value per "
+                                         f"factor ({','.join(factors)})")
+        margin = {} if args.margin is None else {"equivalence_margin": args.margin}
         try:
-            d1, d2 = (float(v) for v in args.baseline.split(","))
+            options = protocol.Analysis(endpoint=args.endpoint, factor=factors, seed=args.seed,
+                                        metric=args.metric, lower_is_better=args.lower_is_better,
+                                        **margin)
         except ValueError:
-            raise protocol.ProtocolError(f"--baseline {args.baseline!r}: expected D1,D2") from None
-        try:
-            options = protocol.Analysis(endpoint=args.endpoint)
-        except ValueError:
-            raise protocol.ProtocolError(f"--endpoint {args.endpoint!r}: expected final or "
-                                         "last:K with K >= 1") from None
-        return Target(args.experiment, (d1, d2), options)
+            raise protocol.ProtocolError(
+                f"--endpoint {args.endpoint!r} or --margin {args.margin!r}: expected final or "
+                "last:K with K >= 1, and a margin > 0") from None
+        name = args.experiment or Path(csv).stem
+        return Target(name, baseline, options, csv=csv, step=getattr(args, "step", None),
+                      named=named or args.baseline is not None)
     if not args.protocol:
-        raise protocol.ProtocolError("give a protocol file or --experiment NAME")
+        raise protocol.ProtocolError("give a protocol file, --experiment NAME or --csv FILE")
     proto = _load(args)
     return Target(proto.name, proto.baseline, proto.analysis, source=args.protocol,
                   cells=frozenset(c.key for c in plan.expand(proto)))
@@ -291,7 +333,7 @@ def _target(args: argparse.Namespace) -> Target:
 class Analysed:
     """What `analyze` and `report` share: the runs, their results and the files written."""
 
-    mlflow: MlflowClient  # tracking stays the only module that imports MLflow
+    mlflow: MlflowClient | None  # tracking stays the only module that imports MLflow; None: --csv
     table: RunTable
     results: Results
     out: Path
@@ -300,25 +342,40 @@ class Analysed:
     def log(self, extra: list[Path] = ()) -> None:
         from study.store import tracking
 
+        if self.mlflow is None:
+            return  # a table's analysis has no store to log to
         tracking.log_analysis(self.mlflow, self.table.experiment_id, [*self.files, *extra],
                               self.out)
 
 
 def _analyze(target: Target) -> Analysed:
-    from study.analysis import comparisons as analysis
-    from study.store import tracking  # analysis: scipy, statsmodels
+    from study.analysis import comparisons as analysis  # analysis: scipy, statsmodels
+    from study.analysis import frame
+    from study.report import summary
 
-    mlflow = tracking.client()
-    _require_runs(mlflow, target)
-    table = tracking.load_runs(mlflow, target.experiment,
-                               set(target.cells) if target.cells is not None else None)
+    o = target.options
+    columns = frame.columns_of(o.factor, o.seed, o.metric, o.lower_is_better)
+    if target.csv:
+        mlflow, table = None, frame.from_frame(frame.read_csv(target.csv), columns,
+                                               target.experiment, target.step)
+    else:
+        from study.store import tracking
+
+        mlflow = tracking.client()
+        _require_runs(mlflow, target)
+        table = tracking.load_runs(mlflow, target.experiment,
+                                   set(target.cells) if target.cells is not None else None,
+                                   columns)
     if table.unplanned_runs:
         print(f"left out {table.unplanned_runs} finished runs of cells that "
               f"{target.source} does not plan (an earlier version of it); they stay in the store",
               file=sys.stderr)
+    if target.named:
+        analysis.check_baseline(table, target.baseline)
     results = analysis.analyze(table, target.baseline, target.options)
     out = REPORTS / target.experiment
-    return Analysed(mlflow, table, results, out, analysis.write(results, table, out))
+    files = analysis.write(results, table, out)
+    return Analysed(mlflow, table, results, out, [*files, summary.write_summary(results, table, out)])
 
 
 def _require_runs(mlflow: MlflowClient, target: Target) -> None:
@@ -342,6 +399,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     target = _target(args)
+    o = target.options
+    if (tuple(o.factor), o.metric) != (("dropout1", "dropout2"), "test_acc"):
+        from study.protocol import schema as protocol
+
+        raise protocol.ProtocolError(
+            "report draws the d2l study's figures and claims, which read dropout1,dropout2 and "
+            f"test_acc; for --factor {','.join(o.factor)} --metric {o.metric} run `analyze`, "
+            "which writes results.json and summary.md")
     from study import report
 
     done = _analyze(target)

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from study.analysis import comparisons as analysis, interaction, stats
+from study.analysis.settings import with_settings
 from study.report import figures
 from study.protocol.schema import Analysis
 from study.report import claims
@@ -205,8 +206,9 @@ def test_one_seeds_late_spike_does_not_move_the_regime():
     # per seed say it does, as 7 of the 8 runs do.
     train = [0.995] * 7 + [0.80]
     test = [0.80] * 7 + [0.70]
-    frame = pd.DataFrame({"dropout1": 0.0, "dropout2": 0.0, "seed": range(8),
-                          "train_acc": train, "test_acc": test})
+    frame = with_settings(pd.DataFrame({"dropout1": 0.0, "dropout2": 0.0, "seed": range(8),
+                                        "train_acc": train, "test_acc": test}),
+                          ("dropout1", "dropout2"))
     r = interaction.regime(frame, (0.0, 0.0))
     assert r.train_acc == pytest.approx(np.mean(train)) and r.train_acc < 0.98
     assert r.median_train_acc == pytest.approx(0.995)

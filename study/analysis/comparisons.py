@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,47 +40,95 @@ import numpy as np
 import pandas as pd
 
 from study.analysis import diagnostics, inference as mc_analysis, interaction, stats
-from study.analysis.settings import METRIC, Setting, by_seed, rows_of, setting_of, settings_in
+from study.analysis.settings import (SETTING, Setting, by_seed, rows_of, setting_of,
+                                     settings_in, with_settings)
 from study.protocol.schema import Analysis
 from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Curve,
                            CurvePoint, Endpoint, Group, Omnibus, Results, Stratum)
-from study.analysis.table import STRATUM_COLUMNS, RunTable, scalar, stratum_label
+from study.analysis.table import D2L_FACTORS, STRATUM_COLUMNS, Columns, RunTable, scalar, stratum_label
 
 class AnalysisError(ValueError):
     """The runs cannot be analysed as asked (e.g. an endpoint longer than the runs)."""
 # ----------------------------------------------------------------------------- entry points
 
 
-def analyze(table: RunTable, baseline: tuple[float, float], options: Analysis,
+def analyze(table: RunTable, baseline: Sequence[Any], options: Analysis,
             seed: int = 0) -> Results:
-    """RunTable -> Results (JSON form: `Results.to_json()`). `seed` drives every bootstrap."""
-    base = setting_of(*baseline)
-    runs = table.runs[table.runs["replicate"] == 0]
-    _check_unique(runs)
+    """RunTable -> Results (JSON form: `Results.to_json()`). `seed` drives every bootstrap.
+
+    `baseline`: one value per factor of `table.columns` (for the d2l study (dropout1,
+    dropout2)). A stratum without it gets a note and no comparisons; `check_baseline` refuses
+    a baseline that no run has at all."""
+    cols = table.columns
+    runs = with_settings(table.runs[table.runs["replicate"] == 0], cols.factors)
+    base = _typed(runs, baseline, cols)
+    strata_by = [*STRATUM_COLUMNS, *cols.strata]
+    _check_unique(runs, strata_by)
     primary = Endpoint.parse(options.endpoint)
-    endpoints, left_out = _endpoints(runs, table.curves, primary)
-    runs = _with_endpoints(runs, table.curves, endpoints)
+    endpoints, left_out = _endpoints(runs, table.curves, primary, cols.metric)
+    runs = _with_endpoints(runs, table.curves, endpoints, cols.metric)
     strata, groups, comparisons, contrasts, curves = [], [], [], [], []
-    varying = _varying_columns(runs)
-    for stratum, frame in _strata(runs):
+    varying = _varying_columns(runs, strata_by)
+    for stratum, frame in _strata(runs, strata_by):
         s, g, c, k = _analyze_stratum(stratum, frame, base, primary, endpoints, options, seed,
-                                      stratum_label(stratum, varying))
+                                      stratum_label(stratum, varying), cols)
         strata.append(s)
         groups.extend(g)
         comparisons.extend(c)
         contrasts.extend(k)
-        curves.extend(learning_curves(stratum, frame, table.curves))
+        curves.extend(learning_curves(stratum, frame, table.curves, cols))
+    # The diagnostics, C6 and C7 read the d2l study's own columns (the two rates, test
+    # accuracy): under other names they are not analysed, and results.json says so ({}, [], null).
+    d2l = cols.d2l
     return Results(
         experiment=table.experiment_name, baseline=list(base), alpha=options.alpha,
         equivalence_margin=options.equivalence_margin, power=options.power,
-        bootstrap=options.bootstrap, seed=seed, metric=METRIC, endpoint=primary.name,
+        bootstrap=options.bootstrap, seed=seed, metric=cols.metric, endpoint=primary.name,
         robustness_endpoints=[e.name for e in endpoints], robustness_tests=list(ROBUSTNESS_TESTS),
         endpoints_left_out=left_out, stratified_by=varying,
         n_runs=int(len(runs)), n_replicate_runs_ignored=int(len(table.runs) - len(runs)),
         strata=strata, groups=groups, comparisons=comparisons, contrasts=contrasts,
-        diagnostics=diagnostics.analyze(table, options, seed), curves=curves,
-        inference=mc_analysis.analyze(_strata(runs), options),
-        interactions=_interactions(runs, groups, comparisons, base, primary))
+        diagnostics=diagnostics.analyze(table, options, seed) if d2l else None, curves=curves,
+        inference=mc_analysis.analyze(_strata(runs, strata_by), options) if d2l else None,
+        interactions=_interactions(runs, groups, comparisons, base, primary) if d2l else [],
+        factors=list(cols.factors), seed_param=cols.seed, lower_is_better=cols.lower_is_better)
+
+
+def check_baseline(table: RunTable, baseline: Sequence[Any]) -> None:
+    """An AnalysisError naming the values present unless some first run has the baseline: a
+    user's baseline that matches nothing is a wrong name, not a stratum without it."""
+    cols = table.columns
+    runs = with_settings(table.runs[table.runs["replicate"] == 0], cols.factors)
+    base, present = _typed(runs, baseline, cols), settings_in(runs)
+    for i, factor in enumerate(cols.factors):
+        seen = sorted({s[i] for s in present})
+        if base[i] not in seen:
+            raise AnalysisError(f"baseline {factor}={baseline[i]}: no run has it; {factor} is "
+                                f"{', '.join(map(_show, seen))} in these runs")
+    if base not in present:
+        raise AnalysisError(f"baseline {', '.join(map(_show, base))}: no run has this "
+                            f"combination of {', '.join(cols.factors)}; settings with runs: "
+                            + "; ".join(", ".join(map(_show, s)) for s in present))
+
+
+def _typed(runs: pd.DataFrame, baseline: Sequence[Any], cols: Columns) -> Setting:
+    """The baseline as a Setting of the runs' factor types (numbers or strings)."""
+    if len(baseline) != len(cols.factors):
+        raise AnalysisError(f"baseline {','.join(map(str, baseline))}: expected one value per "
+                            f"factor ({','.join(cols.factors)})")
+    values = []
+    for factor, value in zip(cols.factors, baseline):
+        numeric = pd.api.types.is_numeric_dtype(runs[factor])
+        try:
+            values.append(float(value) if numeric else str(value))
+        except (TypeError, ValueError):
+            raise AnalysisError(f"baseline {factor}={value!r}: {factor} is a number in these "
+                                "runs") from None
+    return setting_of(*values)
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _interactions(runs: pd.DataFrame, groups: list[Group], comparisons: list[Comparison],
@@ -106,13 +155,15 @@ def write(results: Results, table: RunTable, out_dir: Path) -> list[Path]:
                                  for r in records]), path)
     rows = _multiverse_rows(data["comparisons"] + data["contrasts"])
     # Named columns, so an empty multiverse still writes its header; the stratum first.
-    _write_csv(pd.DataFrame(rows, columns=[*STRATUM_COLUMNS, *_MULTIVERSE_COLUMNS]), paths[4])
-    _write_csv(_sorted_runs(table.runs), paths[5])
+    strata_by = [*STRATUM_COLUMNS, *table.columns.strata]
+    _write_csv(pd.DataFrame(rows, columns=[*strata_by, *_MULTIVERSE_COLUMNS]), paths[4])
+    _write_csv(_sorted_runs(table.runs, [*strata_by, *table.columns.factors]), paths[5])
     # Returned, not only written: the caller logs exactly this list to the MLflow analysis run.
     return paths + write_diagnostics(data.get("diagnostics") or {}, out_dir)
 
 
-_MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "baseline_dropout1", "baseline_dropout2",
+_MULTIVERSE_COLUMNS = ["setting", "dropout1", "dropout2", "baseline_dropout1",
+                       "baseline_dropout2", "baseline",
                        "endpoint", "test", "verdict", "mean_diff", "ci95_lo", "ci95_hi",
                        "tost_ci90_lo", "tost_ci90_hi", "p_adjusted", "tost_p_adjusted", "paired",
                        "n_pairs"]
@@ -121,7 +172,8 @@ _MULTIVERSE_COLUMNS = ["dropout1", "dropout2", "baseline_dropout1", "baseline_dr
 def _multiverse_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per comparison and robustness analysis, the stratum in its own columns."""
     return [{**c["stratum"], **{k: c[k] for k in ("dropout1", "dropout2")},
-             "baseline_dropout1": c["baseline"][0], "baseline_dropout2": c["baseline"][1],
+             "setting": setting_text(c["setting"]),
+             **_baseline_columns(c["baseline"], c["dropout1"] is not None),
              **{k: v for k, v in flatten(m).items() if k in _MULTIVERSE_COLUMNS}}
             for c in comparisons for m in c["multiverse"]]
 
@@ -147,26 +199,28 @@ def write_diagnostics(diag: dict[str, Any], out_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- strata
 
 
-def _check_unique(runs: pd.DataFrame) -> None:
-    keys = [*STRATUM_COLUMNS, "dropout1", "dropout2", "seed"]
+def _check_unique(runs: pd.DataFrame, strata_by: list[str]) -> None:
+    keys = [*strata_by, SETTING, "seed"]
     dup = runs[runs.duplicated(keys, keep=False)]
     if len(dup):
         first = dup.iloc[0]
-        raise ValueError(f"{len(dup)} runs share a cell with replicate 0, e.g. "
-                         f"{ {k: first[k] for k in keys} }; the run table should hold one per cell")
+        raise AnalysisError(f"{len(dup)} runs share a setting and seed (and stratum), e.g. "
+                            f"{ {k: first[k] for k in keys} }; each seed of a setting needs one "
+                            "run (a param that tells them apart belongs in --factor)")
 
 
-def _varying_columns(runs: pd.DataFrame) -> list[str]:
-    return [c for c in STRATUM_COLUMNS if runs[c].nunique(dropna=False) > 1]
+def _varying_columns(runs: pd.DataFrame, strata_by: list[str]) -> list[str]:
+    return [c for c in strata_by if runs[c].nunique(dropna=False) > 1]
 
 
-def _strata(runs: pd.DataFrame) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+def _strata(runs: pd.DataFrame,
+            strata_by: list[str] = list(STRATUM_COLUMNS)) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """Split by every stratum column (constant ones split nothing but are recorded)."""
     if runs.empty:
         return []
     out = []
-    for values, frame in runs.groupby(list(STRATUM_COLUMNS), dropna=False, sort=True):
-        out.append(({c: scalar(v) for c, v in zip(STRATUM_COLUMNS, values)}, frame))
+    for values, frame in runs.groupby(strata_by, dropna=False, sort=True):
+        out.append(({c: scalar(v) for c, v in zip(strata_by, values)}, frame))
     return out
 
 
@@ -187,19 +241,20 @@ def _column(endpoint: Endpoint) -> str:
     return f"endpoint:{endpoint.name}"
 
 
-def _evaluated_epochs(runs: pd.DataFrame, curves: pd.DataFrame) -> int:
-    """The fewest evaluated epochs of any finite run: how far back `last:K` can look."""
-    finite = runs.loc[np.isfinite(runs[METRIC].to_numpy(dtype=float)), "run_id"]
-    acc = curves[(curves["metric"] == METRIC) & curves["run_id"].isin(finite)]
+def _evaluated_epochs(runs: pd.DataFrame, curves: pd.DataFrame, metric: str) -> int:
+    """The fewest evaluated epochs (steps of `metric`) of any finite run: how far back
+    `last:K` can look."""
+    finite = runs.loc[np.isfinite(runs[metric].to_numpy(dtype=float)), "run_id"]
+    acc = curves[(curves["metric"] == metric) & curves["run_id"].isin(finite)]
     counts = acc.groupby("run_id")["epoch"].nunique()
     return int(counts.reindex(finite, fill_value=0).min()) if len(finite) else 0
 
 
-def _endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
-               primary: Endpoint) -> tuple[list[Endpoint], list[str]]:
+def _endpoints(runs: pd.DataFrame, curves: pd.DataFrame, primary: Endpoint,
+               metric: str) -> tuple[list[Endpoint], list[str]]:
     """The primary endpoint and the robustness set, minus those the runs are too short for."""
     wanted = sorted({primary, *(Endpoint.parse(e) for e in ROBUSTNESS_ENDPOINTS)})
-    epochs = _evaluated_epochs(runs, curves)
+    epochs = _evaluated_epochs(runs, curves, metric)
     kept = [e for e in wanted if e.k == 1 or e.k <= epochs]
     left_out = [f"{e.name} (only {epochs} evaluated epoch(s) in the shortest run)"
                 for e in wanted if e not in kept]
@@ -210,16 +265,16 @@ def _endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
     return kept, left_out
 
 
-def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
-                    endpoints: list[Endpoint]) -> pd.DataFrame:
-    """runs plus one column per endpoint. Diverged runs (NaN final accuracy) stay NaN under
-    every endpoint: their earlier epochs are not an outcome of the run."""
+def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame, endpoints: list[Endpoint],
+                    metric: str) -> pd.DataFrame:
+    """runs plus one column per endpoint, read from `metric`'s steps. Diverged runs (non-finite
+    final value) stay NaN under every endpoint: their earlier epochs are not an outcome."""
     out = runs.copy()
-    acc = curves[curves["metric"] == METRIC].sort_values(["run_id", "epoch"], kind="stable")
-    finite = np.isfinite(out[METRIC].to_numpy(dtype=float))
+    acc = curves[curves["metric"] == metric].sort_values(["run_id", "epoch"], kind="stable")
+    finite = np.isfinite(out[metric].to_numpy(dtype=float))
     for e in endpoints:
         if e.k == 1:
-            out[_column(e)] = out[METRIC].to_numpy(dtype=float)
+            out[_column(e)] = np.where(finite, out[metric].to_numpy(dtype=float), np.nan)
             continue
         means = acc.groupby("run_id").tail(e.k).groupby("run_id")["value"].mean()
         out[_column(e)] = np.where(finite, out["run_id"].map(means).to_numpy(dtype=float), np.nan)
@@ -232,26 +287,32 @@ def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame,
 CURVE_METRICS = ("test_acc", "train_loss")  # the per-epoch metrics the figures draw
 
 
-def learning_curves(stratum: dict[str, Any], frame: pd.DataFrame,
-                    curves: pd.DataFrame) -> list[Curve]:
-    """frame: one stratum's first runs; curves: `RunTable.curves` -> per setting and metric,
-    the mean across runs at each epoch with its 95% t interval (`stats.mean_ci`)."""
-    values = curves[curves["metric"].isin(CURVE_METRICS)]
+def learning_curves(stratum: dict[str, Any], frame: pd.DataFrame, curves: pd.DataFrame,
+                    cols: Columns = Columns()) -> list[Curve]:
+    """frame: one stratum's first runs (with their settings); curves: `RunTable.curves` -> per
+    setting and metric, the mean across runs at each epoch with its 95% t interval
+    (`stats.mean_ci`). The d2l study's CURVE_METRICS, else the analysed metric's."""
+    values = curves[curves["metric"].isin(CURVE_METRICS if cols.d2l else (cols.metric,))]
     if values.empty:  # the common case in simulations: skip the join
         return []
-    keyed = frame[["run_id", "dropout1", "dropout2"]]
-    values = values.merge(keyed, on="run_id")
+    if SETTING not in frame:  # a caller's own frame of runs (analyze adds it once for all)
+        frame = with_settings(frame, cols.factors)
+    values = values.merge(frame[["run_id", SETTING]], on="run_id")
     values = values[np.isfinite(values["value"].to_numpy(dtype=float))]
-    # Rounded as `_setting` rounds, so 0.2 read back as 0.20000000001 is the same setting.
-    values = values.assign(dropout1=values["dropout1"].astype(float).round(6),
-                           dropout2=values["dropout2"].astype(float).round(6))
     out = []
-    for (d1, d2, metric), rows in values.groupby(["dropout1", "dropout2", "metric"], sort=True):
-        points = [_curve_point(int(epoch), v.to_numpy(dtype=float))
-                  for epoch, v in rows.groupby("epoch", sort=True)["value"]]
-        out.append(Curve(stratum=stratum, dropout1=float(d1), dropout2=float(d2), metric=metric,
-                         points=points))
+    for setting in sorted(set(values[SETTING])):
+        for metric, rows in rows_of(values, setting).groupby("metric", sort=True):
+            points = [_curve_point(int(epoch), v.to_numpy(dtype=float))
+                      for epoch, v in rows.groupby("epoch", sort=True)["value"]]
+            out.append(Curve(stratum=stratum, **_pair(setting, cols), metric=metric,
+                             points=points, setting=list(setting)))
     return out
+
+
+def _pair(setting: Setting, cols: Columns) -> dict[str, float | None]:
+    """dropout1 and dropout2 of a record: the setting's values in the d2l study, else None."""
+    d2l = cols.factors == D2L_FACTORS
+    return {"dropout1": setting[0] if d2l else None, "dropout2": setting[1] if d2l else None}
 
 
 def _curve_point(epoch: int, x: np.ndarray) -> CurvePoint:
@@ -263,21 +324,21 @@ def _curve_point(epoch: int, x: np.ndarray) -> CurvePoint:
 
 def _analyze_stratum(stratum: dict[str, Any], frame: pd.DataFrame, base: Setting,
                      primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
-                     seed: int, label: str,
+                     seed: int, label: str, cols: Columns = Columns(),
                      ) -> tuple[Stratum, list[Group], list[Comparison], list[Comparison]]:
     settings = settings_in(frame)
     column = _column(primary)
-    groups = [_group(frame, s, stratum, column, options, seed) for s in settings]
+    groups = [_group(frame, s, stratum, column, options, seed, cols) for s in settings]
     notes = []
     if base not in settings:
         notes.append(f"baseline {list(base)} has no runs in this stratum: no comparisons")
     pairs = [(s, base) for s in settings if s != base and base in settings]
-    comparisons = _comparisons(frame, pairs, stratum, primary, endpoints, options, seed)
+    comparisons = _comparisons(frame, pairs, stratum, primary, endpoints, options, seed, cols)
     declared = [(setting_of(*a), setting_of(*b)) for a, b in options.contrasts]
     present = [(a, b) for a, b in declared if a in settings and b in settings]
     notes += [f"contrast {list(a)} against {list(b)}: a setting has no runs in this stratum"
               for a, b in declared if (a, b) not in present]
-    contrasts = _comparisons(frame, present, stratum, primary, endpoints, options, seed)
+    contrasts = _comparisons(frame, present, stratum, primary, endpoints, options, seed, cols)
     complete = _pairs_by_seed(frame, settings)
     summary = Stratum(stratum=stratum, label=label, paired=complete,
                       n_seeds=int(frame["seed"].nunique()), settings=[list(s) for s in settings],
@@ -298,18 +359,20 @@ def _omnibus(frame: pd.DataFrame, settings: list[Setting], paired: bool, column:
 
 
 def _group(frame: pd.DataFrame, setting: Setting, stratum: dict[str, Any], column: str,
-           options: Analysis, seed: int) -> Group:
+           options: Analysis, seed: int, cols: Columns = Columns()) -> Group:
     rows = rows_of(frame, setting)
     acc = rows[column].to_numpy(dtype=float)
     desc = stats.describe(acc, _rng(seed, "group", stratum, setting), options.bootstrap)
-    gap = (rows["train_acc"].to_numpy(dtype=float) - rows[METRIC].to_numpy(dtype=float))
+    # The generalisation gap is train minus test accuracy: only where the metric is test_acc.
+    gap = (rows["train_acc"].to_numpy(dtype=float) - rows["test_acc"].to_numpy(dtype=float)
+           if cols.metric == "test_acc" else np.array([]))
     gap = gap[np.isfinite(gap)]
     reason = desc.reason
     if desc.n_dropped:
-        excluded = f"{desc.n_dropped} diverged run(s) (non-finite {METRIC}) excluded"
+        excluded = f"{desc.n_dropped} diverged run(s) (non-finite {cols.metric}) excluded"
         reason = stats.join_reasons(excluded, reason)
     return Group(
-        stratum=stratum, dropout1=setting[0], dropout2=setting[1], n=desc.n,
+        stratum=stratum, **_pair(setting, cols), setting=list(setting), n=desc.n,
         n_diverged=desc.n_dropped, mean=desc.mean, sd=desc.sd,
         sd_ci95=stats.sd_ci(acc[np.isfinite(acc)], _rng(seed, "sd", stratum, setting),
                             options.bootstrap),
@@ -379,9 +442,9 @@ class Family:
 
 
 def _family(frame: pd.DataFrame, pairs: list[Pair], stratum: dict[str, Any], primary: Endpoint,
-            endpoints: list[Endpoint], options: Analysis, seed: int) -> Family:
+            endpoints: list[Endpoint], options: Analysis, seed: int, cols: Columns) -> Family:
     samples = {e: [_sample(frame, s, ref, _column(e)) for s, ref in pairs] for e in endpoints}
-    verse = _multiverse(samples, options)
+    verse = _multiverse(samples, options, on_test_grid=cols.metric == "test_acc")
     main = [_primary(sample, options, _rng(seed, "comparison", stratum, s, ref))
             for sample, (s, ref) in zip(samples[primary], pairs)]
     divergence = [_divergence(frame, s, ref) for s, ref in pairs]
@@ -393,15 +456,15 @@ def _family(frame: pd.DataFrame, pairs: list[Pair], stratum: dict[str, Any], pri
 
 def _comparisons(frame: pd.DataFrame, pairs: list[Pair], stratum: dict[str, Any],
                  primary: Endpoint, endpoints: list[Endpoint], options: Analysis,
-                 seed: int) -> list[Comparison]:
+                 seed: int, cols: Columns = Columns()) -> list[Comparison]:
     if not pairs:
         return []
-    fam = _family(frame, pairs, stratum, primary, endpoints, options, seed)
-    return [_record(fam, i, stratum, primary, options) for i in range(len(pairs))]
+    fam = _family(frame, pairs, stratum, primary, endpoints, options, seed, cols)
+    return [_record(fam, i, stratum, primary, options, cols) for i in range(len(pairs))]
 
 
 def _record(fam: Family, i: int, stratum: dict[str, Any], primary: Endpoint,
-            options: Analysis) -> Comparison:
+            options: Analysis, cols: Columns) -> Comparison:
     (s, ref), sample, c, div = fam.pairs[i], fam.samples[primary][i], fam.main[i], fam.divergence[i]
     first, rank = fam.verse[(primary.name, "t")][i], fam.verse[(primary.name, "rank")][i]
     robust, disagreeing = _robustness({k: v[i].entry for k, v in fam.verse.items()},
@@ -414,7 +477,7 @@ def _record(fam: Family, i: int, stratum: dict[str, Any], primary: Endpoint,
                                          sample.x.size, sample.y.size, sample.paired,
                                          options.alpha, options.power, options.equivalence_margin)
     return Comparison(
-        stratum=stratum, dropout1=s[0], dropout2=s[1], baseline=list(ref),
+        stratum=stratum, **_pair(s, cols), setting=list(s), baseline=list(ref),
         endpoint=primary.name, n=c.n, n_setting=c.n_setting, n_baseline=c.n_baseline,
         n_dropped=div.n_setting_diverged + div.n_base_diverged,
         paired=sample.paired, n_pairs=sample.n_pairs,
@@ -487,14 +550,17 @@ class Cell:
     entry: Analysed
 
 
-def _multiverse(samples: dict[Endpoint, list[Sample]],
-                options: Analysis) -> dict[tuple[str, str], list[Cell]]:
-    """Every (endpoint, test) analysis of every comparison, each its own Holm family."""
+def _multiverse(samples: dict[Endpoint, list[Sample]], options: Analysis,
+                on_test_grid: bool = True) -> dict[tuple[str, str], list[Cell]]:
+    """Every (endpoint, test) analysis of every comparison, each its own Holm family.
+    on_test_grid: the values are test accuracies on the 10,000-image test set (`Endpoint.grid`);
+    another metric's resolution is unknown, so its rank tests round nothing."""
     out = {}
     for endpoint, row in samples.items():
+        grid = endpoint.grid if on_test_grid else None
         for test in ROBUSTNESS_TESTS:
             locs = [stats.location(test, s.x, s.y, paired=s.paired,
-                                   margin=options.equivalence_margin, grid=endpoint.grid)
+                                   margin=options.equivalence_margin, grid=grid)
                     if min(s.x.size, s.y.size) >= stats.MIN_N else None for s in row]
             p_adj = stats.holm([loc.p if loc else None for loc in locs])
             t_adj = stats.holm([loc.tost_p if loc else None for loc in locs])
@@ -544,15 +610,30 @@ def _holm_multipliers(p: list[float | None]) -> list[int | None]:
 # ----------------------------------------------------------------------------- output helpers
 
 
+def setting_text(values: list[Any]) -> str:
+    """A setting in one CSV cell: its factor values joined by ' / '."""
+    return " / ".join(str(v) for v in values)
+
+
+def _baseline_columns(baseline: list[Any], d2l: bool) -> dict[str, Any]:
+    """The d2l pair as baseline_dropout1/2 (as before); any other baseline as one cell."""
+    if d2l:
+        return {"baseline_dropout1": baseline[0], "baseline_dropout2": baseline[1]}
+    return {"baseline": setting_text(baseline)}
+
+
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
     """One results record -> one CSV row: stratum dict into its columns, [lo, hi] lists into
-    `_lo`/`_hi`, the baseline into `baseline_dropout1/2`, other dicts into `key_sub`."""
+    `_lo`/`_hi`, the baseline into `baseline_dropout1/2` (other baselines and every setting
+    into one ' / '-joined cell), other dicts into `key_sub`."""
     row: dict[str, Any] = {}
     for key, value in record.items():
         if key == "stratum":
             row.update(value)
         elif key == "baseline":
-            row["baseline_dropout1"], row["baseline_dropout2"] = value
+            row.update(_baseline_columns(value, record.get("dropout1") is not None))
+        elif key == "setting":
+            row[key] = setting_text(value)
         elif isinstance(value, dict):
             row.update({f"{key}_{k}": v for k, v in value.items()})
         elif isinstance(value, (list, tuple)) and len(value) == 2:
@@ -578,8 +659,8 @@ def _counts_as_int(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _sorted_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    keys = [*STRATUM_COLUMNS, "dropout1", "dropout2", "seed", "replicate"]
+def _sorted_runs(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    keys = [*keys, "seed", "replicate"]
     return runs.sort_values(keys, kind="stable").reset_index(drop=True)
 
 

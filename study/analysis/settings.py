@@ -1,32 +1,53 @@
 """Settings and their runs in a tidy run table: the lookups every analysis module shares.
 
-A setting is the pair (dropout1, dropout2), rounded so a value read back from MLflow as
-0.20000000001 still names the same setting.
+A setting is the tuple of the factors' values (`table.Columns.factors`; for the d2l study the
+pair (dropout1, dropout2)). Numbers are rounded so a value read back from MLflow as
+0.20000000001 still names the same setting; other values (an optimizer's name) stay strings.
+`with_settings` stores each run's setting in the column "setting", which the lookups read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 import pandas as pd
 
 METRIC = "test_acc"
+SETTING = "setting"  # the column `with_settings` adds
 
-Setting = tuple[float, float]
+Setting = tuple[Any, ...]
 
 
-def setting_of(d1: float, d2: float) -> Setting:
+def value_of(value: Any) -> Any:
+    """One factor value as a setting holds it: a rounded float, or a string."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return round(float(value), 6)
+    return str(value)
+
+
+def setting_of(*values: Any) -> Setting:
     # Rounded so 0.2 read back from MLflow as 0.20000000001 still names the same setting.
-    return (round(float(d1), 6), round(float(d2), 6))
+    return tuple(value_of(v) for v in values)
+
+
+def with_settings(frame: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
+    """frame plus the column "setting": each run's factor values as a `Setting`."""
+    values = zip(*(frame[f].tolist() for f in factors)) if len(frame) else []
+    return frame.assign(**{SETTING: [setting_of(*v) for v in values]})
 
 
 def settings_in(frame: pd.DataFrame) -> list[Setting]:
-    pairs = {setting_of(a, b) for a, b in zip(frame["dropout1"], frame["dropout2"])}
-    return sorted(pairs)
+    return sorted(set(frame[SETTING]))
 
 
 def rows_of(frame: pd.DataFrame, setting: Setting) -> pd.DataFrame:
-    # Rounded as `setting_of` rounds, vectorised: this runs for every group, endpoint and test.
-    d1, d2 = (frame[c].to_numpy(dtype=float).round(6) for c in ("dropout1", "dropout2"))
-    return frame[(d1 == setting[0]) & (d2 == setting[1])]
+    # Compared as whole tuples: this runs for every group, endpoint and test.
+    mask = np.fromiter((s == setting for s in frame[SETTING]), dtype=bool, count=len(frame))
+    return frame[mask]
 
 
 def by_seed(frame: pd.DataFrame, setting: Setting, column: str = METRIC) -> pd.Series:

@@ -104,6 +104,36 @@ def stratum_label(stratum: dict[str, Any], varying: list[str]) -> str:
 # Columns of RunTable.curves, one row per run, epoch and metric.
 CURVE_COLUMNS = {"run_id": str, "epoch": int, "metric": str, "value": float}
 
+# The d2l study's names: the setting is the pair of rates, the outcome final test accuracy.
+D2L_FACTORS = ("dropout1", "dropout2")
+D2L_METRIC = "test_acc"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which recorded names the analysis reads (`study analyze --factor/--seed/--metric`).
+
+    A setting is the tuple of the `factors`' values; seeds pair runs across settings; `metric`
+    is the outcome, read at its final step or averaged over its last K steps. `strata` are the
+    other params that vary across runs (besides STRATUM_COLUMNS): runs are split by them too.
+    In RunTable.runs the seed param is always the column "seed"; `seed` keeps the user's name."""
+
+    factors: tuple[str, ...] = D2L_FACTORS
+    seed: str = "seed"
+    metric: str = D2L_METRIC
+    lower_is_better: bool = False
+    strata: tuple[str, ...] = ()
+
+    @property
+    def d2l(self) -> bool:
+        """The d2l study's own names: the lesson's diagnostics and claims apply."""
+        return self.factors == D2L_FACTORS and self.metric == D2L_METRIC
+
+    def required(self) -> set[str]:
+        """Columns RunTable.runs must hold under these names."""
+        return (set(RUN_COLUMNS) - set(D2L_FACTORS) - {D2L_METRIC}) | set(self.factors) | {
+            self.metric, *self.strata}
+
 
 @dataclass
 class RunTable:
@@ -119,9 +149,10 @@ class RunTable:
     verification: dict[str, str] | None = None
     # Finished runs left out because the protocol no longer plans their cells.
     unplanned_runs: int = 0
+    columns: Columns = field(default_factory=Columns)
 
     def __post_init__(self) -> None:
-        missing = set(RUN_COLUMNS) - set(self.runs.columns)
+        missing = self.columns.required() - set(self.runs.columns)
         if missing:
             raise ValueError(f"run table lacks columns {sorted(missing)}")
         missing = set(CURVE_COLUMNS) - set(self.curves.columns)

@@ -157,8 +157,8 @@ class Seeds:
 @dataclass(frozen=True, config=STRICT)
 class Analysis:
     alpha: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.05
-    # Equivalence margin for TOST, in accuracy units (0.005 = 0.5 percentage points).
-    equivalence_margin: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.005
+    # Equivalence margin for TOST, in the metric's units (for accuracy 0.005 = 0.5 points).
+    equivalence_margin: Annotated[float, Field(gt=0, strict=True)] = 0.005
     bootstrap: Annotated[int, Field(ge=100, strict=True)] = 10_000
     power: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.8
     # The primary endpoint: `final` (the last epoch's test accuracy) or `last:K` (the mean of the
@@ -167,6 +167,13 @@ class Analysis:
     # Pairs of settings compared with each other, [setting, reference] (gap = setting - reference),
     # beside the comparisons with the baseline and in a Holm family of their own.
     contrasts: tuple[tuple[Setting, Setting], ...] = ()
+    # The names the runs were logged under (`study analyze --factor/--seed/--metric`), for an
+    # experiment logged outside the harness: a setting is the tuple of the `factor` params'
+    # values; `lower_is_better` for a loss or an error, so "better" reads the right way round.
+    factor: tuple[Annotated[str, Field(min_length=1, strict=True)], ...] = ("dropout1", "dropout2")
+    seed: Annotated[str, Field(min_length=1, strict=True)] = "seed"
+    metric: Annotated[str, Field(min_length=1, strict=True)] = "test_acc"
+    lower_is_better: Annotated[bool, Field(strict=True)] = False
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -74,7 +74,7 @@ class Stratum:
     label: str
     paired: bool  # every setting has the same seeds (the omnibus test is then Friedman)
     n_seeds: int
-    settings: list[list[float]]
+    settings: list[list[Any]]  # each a setting (Results.factors' values)
     omnibus: Omnibus
     notes: list[str]
 
@@ -82,8 +82,8 @@ class Stratum:
 @dataclass(frozen=True)
 class Group:
     stratum: dict[str, Any]
-    dropout1: float
-    dropout2: float
+    dropout1: float | None
+    dropout2: float | None
     n: int  # finite runs that enter the statistics
     n_diverged: int
     mean: float | None
@@ -101,6 +101,9 @@ class Group:
     textbook_check_passed: int
     n_excluded: int  # every run left out of the statistics, diverged ones included
     reason: str | None
+    # The factors' values (`Results.factors`); dropout1/dropout2 repeat them in the d2l study
+    # and are None under other factors.
+    setting: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,9 @@ class Comparison:
     (endpoint, t test); `multiverse` holds every robustness analysis, the primary included."""
 
     stratum: dict[str, Any]
-    dropout1: float
-    dropout2: float
-    baseline: list[float]
+    dropout1: float | None
+    dropout2: float | None
+    baseline: list[Any]
     endpoint: str
     n: int
     n_setting: int
@@ -178,6 +181,7 @@ class Comparison:
     divergence_p_adjusted: float | None
     divergence_verdict: str
     reason: str | None
+    setting: list[Any] = field(default_factory=list)  # as Group.setting; `baseline` likewise
 
 
 # The overfitting regime the C6 protocol must reach at its smallest size (issue 13): (0, 0)'s final
@@ -280,12 +284,13 @@ class Curve:
     dropout2: float
     metric: str  # test_acc (eval mode, after each evaluated epoch) | train_loss
     points: list[CurvePoint]
+    setting: list[Any] = field(default_factory=list)  # as Group.setting
 
 
 @dataclass(frozen=True)
 class Results:
     experiment: str
-    baseline: list[float]
+    baseline: list[Any]
     alpha: float
     equivalence_margin: float
     power: float
@@ -311,6 +316,12 @@ class Results:
     inference: Inference | None = None
     # C6: the gain of dropout against the training-set size, where train_images varies.
     interactions: list[Interaction] = field(default_factory=list)
+    # The names analysed (`table.Columns`): a setting is the tuple of the `factors`' values
+    # (`baseline`, every record's `setting`), seeds are the param `seed_param`, the outcome is
+    # `metric`; with `lower_is_better` a negative mean_diff is the better direction.
+    factors: list[str] = field(default_factory=lambda: ["dropout1", "dropout2"])
+    seed_param: str = "seed"
+    lower_is_better: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form: plain JSON types, no NaN. `variance_ratio` (and its interval)

@@ -27,7 +27,8 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 
 from study.protocol.plan import TRAIN_IMAGES
 from study.results import ECE_BINS
-from study.analysis.table import CURVE_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS, RunTable
+from study.analysis.frame import Source, run_table
+from study.analysis.table import CURVE_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS, Columns, RunTable
 
 if TYPE_CHECKING:  # annotations only: importing plan and train (torch) makes `analyze` slower
     from study.protocol.plan import Cell
@@ -478,23 +479,17 @@ def log_once(mlflow: MlflowClient, exp_id: str, files: list[Path], root: Path, d
 
 # --- loading runs for analysis -----------------------------------------------------------------
 
-# Columns a user's own runs may omit, with the value that means "the usual".
-DEFAULTS: dict[str, Any] = {
-    "device": "cpu", "determinism": "default", "implementation": "torch",
-    "execution": "sequential", "randomness": "native", "mask_rng": "torch", "vary": "all",
-    "replicate": 0, "threads": "unrecorded", "train_images": TRAIN_IMAGES["fashion-mnist"],
-    "status": "ok", "textbook_check": None, "weights_sha256": "", "epochs_done": None,
-}
-REQUIRED_PARAMS = ("dropout1", "dropout2", "seed")
 # Runs from before the size axis carry no `train_images` param; their protocol's single
 # `data.train_subset` says it ("None": the whole set).
 SUBSET_PARAMS = ("protocol.data.train_subset", "protocol.data.dataset")
 
 
-def load_runs(mlflow: MlflowClient, experiment: str, cells: set[str] | None = None) -> RunTable:
-    """Every FINISHED training run of `experiment` as a RunTable (replicates included); with
-    `cells`, only the runs of those cell keys (a protocol's plan: runs of an earlier version of
-    it, e.g. before a new key, stay in the store but are left out and counted).
+def load_runs(mlflow: MlflowClient, experiment: str, cells: set[str] | None = None,
+              columns: Columns = Columns()) -> RunTable:
+    """Every FINISHED training run of `experiment` as a RunTable (replicates included), read
+    under `columns`' names; with `cells`, only the runs of those cell keys (a protocol's plan:
+    runs of an earlier version of it, e.g. before a new key, stay in the store but are left out
+    and counted). A name missing from any run is a `frame.ColumnError` listing what is logged.
 
     Read in bulk: straight from the tables of a SQL store (SQLite, PostgreSQL), else through a
     tracking server's search and bulk metric-history endpoints; one call per run and metric
@@ -507,65 +502,39 @@ def load_runs(mlflow: MlflowClient, experiment: str, cells: set[str] | None = No
         raise TrackingError(f"experiment {experiment!r} has no finished runs to analyse"
                             + (f" ({left_out} are of cells the protocol does not plan)"
                                if left_out else ""))
-    rows = [_row(record, experiment) for record in records]
-    table = pd.DataFrame(rows).sort_values(["dropout1", "dropout2", "seed", "replicate"],
-                                           kind="stable", ignore_index=True)
-    curves = _curves(mlflow, exp_id, [r.run_id for r in records])
-    return RunTable(experiment_id=exp_id, experiment_name=experiment, runs=table,
-                    curves=curves, protocol=_protocol(mlflow, records[0].run_id),
-                    environment=_environment(records), verification=latest_verify(mlflow, exp_id),
-                    unplanned_runs=left_out)
+    raw = pd.DataFrame([_raw_row(record) for record in records])
+    metrics = tuple(sorted({*METRICS, columns.metric}))
+    curves = _curves(mlflow, exp_id, [r.run_id for r in records], metrics)
+    source = Source(f"experiment {experiment!r}",
+                    tuple(sorted({k for r in records for k in r.params
+                                  if not k.startswith("protocol.")})),
+                    tuple(sorted({k for r in records for k in r.metrics})))
+    return run_table(raw, curves, columns, source, experiment_id=exp_id,
+                     experiment_name=experiment, protocol=_protocol(mlflow, records[0].run_id),
+                     environment=_environment(records), verification=latest_verify(mlflow, exp_id),
+                     unplanned_runs=left_out)
 
 
-def _row(run: RunRecord, experiment: str) -> dict[str, Any]:
-    params, tags, metrics = run.params, run.tags, run.metrics
-    for key in REQUIRED_PARAMS:
-        if key not in params:
-            raise TrackingError(f"experiment {experiment!r}, run {run.run_id} "
-                                f"({run.run_name}): param {key!r} is missing")
-    row: dict[str, Any] = {"run_id": run.run_id, "run_name": run.run_name or ""}
-    def recorded(column: str) -> Any:  # a param, else a study.* tag, else a metric
-        return params.get(column, tags.get(f"study.{column}", metrics.get(column)))
-
-    for column, kind in RUN_COLUMNS.items():
-        if column in row:
-            continue
-        raw = recorded(column)
-        if column == "train_images" and raw is None:
-            raw = _recorded_subset(params)
-        row[column] = _convert(raw, kind, DEFAULTS.get(column), column, run, experiment)
-    if row["status"] == "diverged":
-        # Its last finite metrics are from before the blow-up, not an outcome of the run:
-        # NaN makes the analysis exclude the run and count it, instead of scoring it.
-        row.update(test_acc=float("nan"), train_acc=float("nan"), train_loss=float("nan"))
-    if row["textbook_check"] is None:
-        row["textbook_check"] = bool(row["train_loss"] < 0.5 and row["train_acc"] > 0.7
-                                     and row["test_acc"] > 0.7)
-    if "mc_passes" in params:  # only runs with passes: other stores' tables keep their columns
-        row.update({column: _convert(recorded(column), kind, None, column, run, experiment)
-                    for column, kind in INFERENCE_COLUMNS.items()})
+def _raw_row(run: RunRecord) -> dict[str, Any]:
+    """What a run recorded, one name each: a param, else a study.* tag, else a metric's last
+    value (the order in which the harness's own runs record the table's columns)."""
+    known = {*RUN_COLUMNS, *INFERENCE_COLUMNS}
+    tags = {k.removeprefix("study."): v for k, v in run.tags.items()
+            if k.removeprefix("study.") in known}
+    row: dict[str, Any] = {**run.metrics, **tags, **run.params,
+                           "run_id": run.run_id, "run_name": run.run_name or ""}
+    if "train_images" not in row:
+        row["train_images"] = _recorded_subset(run.params)
     return row
 
 
 def _recorded_subset(params: dict[str, str]) -> str | None:
-    """Training images of a run logged before `train_images` was a param, from its protocol."""
+    """Training images of a run logged before `train_images` was a param, from its protocol;
+    None for a user's run without one (not recorded, and said so)."""
     subset = params.get("protocol.data.train_subset")
     if subset == "None":
         return str(TRAIN_IMAGES.get(params.get("protocol.data.dataset", ""), "")) or None
-    return subset  # a count, or None (a user's run without a protocol: the default)
-
-
-def _convert(raw: Any, kind: type, default: Any, column: str, run: RunRecord,
-             experiment: str) -> Any:
-    if raw is None or (kind is float and raw == "none"):
-        return default if column in DEFAULTS else float("nan")
-    try:
-        if kind is bool:
-            return str(raw).lower() == "true"
-        return kind(float(raw)) if kind is int else kind(raw)
-    except ValueError:
-        raise TrackingError(f"experiment {experiment!r}, run {run.run_id}: {column}={raw!r} "
-                            f"is not a {kind.__name__}") from None
+    return subset
 
 
 def _protocol(mlflow: MlflowClient, run_id: str) -> dict[str, Any] | None:
@@ -630,7 +599,7 @@ def _finished_ids(exp_id: str):
 
 def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
-    from sqlalchemy import select
+    from sqlalchemy import case, or_, select, true
 
     ids = _finished_ids(exp_id).subquery()
     with store.engine.connect() as conn:
@@ -638,12 +607,15 @@ def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
                             .where(SqlRun.run_uuid.in_(select(ids)))
                             .order_by(SqlRun.start_time.desc(), SqlRun.run_uuid)).all()
         found = {run_id: ({}, {}, {}) for run_id, _ in runs}
-        # Only what _row and _environment read: the protocol.* params are 3/4 of all rows.
-        columns = [*RUN_COLUMNS, *INFERENCE_COLUMNS]
-        wanted = (SqlParam.key.in_([*columns, *SUBSET_PARAMS]), SqlTag.key.like("study.%"),
-                  SqlLatestMetric.key.in_(columns))
+        # Every param but the protocol.* ones (3/4 of all rows; the analysis reads two), every
+        # metric: a user's names can be any, and a missing one is reported with what exists.
+        wanted = (or_(~SqlParam.key.like("protocol.%"), SqlParam.key.in_(SUBSET_PARAMS)),
+                  SqlTag.key.like("study.%"), true())
         for slot, model in enumerate((SqlParam, SqlTag, SqlLatestMetric)):
-            query = select(model.run_uuid, model.key, model.value).where(
+            # MLflow stores a NaN metric as 0 with is_nan set.
+            value = (case((model.is_nan, float("nan")), else_=model.value)
+                     if model is SqlLatestMetric else model.value)
+            query = select(model.run_uuid, model.key, value).where(
                 model.run_uuid.in_(select(ids)), wanted[slot])
             for run_id, key, val in _plain_rows(conn, query):
                 found[run_id][slot][key] = val
@@ -651,30 +623,35 @@ def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
     return [r for r in records if r.tags.get("study.kind") not in NOT_TRAINING]
 
 
-def _curves(mlflow: MlflowClient, exp_id: str, run_ids: list[str]) -> pd.DataFrame:
-    """Per-epoch METRICS of `run_ids`: one query on a SQL store, else 100 runs per request."""
+def _curves(mlflow: MlflowClient, exp_id: str, run_ids: list[str],
+            metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+    """Per-step `metrics` of `run_ids`: one query on a SQL store, else 100 runs per request."""
     store = _sql_store(mlflow)
     if store is not None:
-        frame = _sql_curves(store, exp_id, set(run_ids))
+        frame = _sql_curves(store, exp_id, set(run_ids), metrics)
     else:
         frame = pd.DataFrame([{"run_id": m.run_id, "epoch": m.step, "metric": m.key,
-                               "value": m.value} for m in _rest_histories(mlflow, run_ids)],
+                               "value": m.value}
+                              for m in _rest_histories(mlflow, run_ids, metrics)],
                              columns=list(CURVE_COLUMNS))
     return frame.sort_values(["run_id", "metric", "epoch"], kind="stable", ignore_index=True)
 
 
-def _sql_curves(store: Any, exp_id: str, run_ids: set[str]) -> pd.DataFrame:
+def _sql_curves(store: Any, exp_id: str, run_ids: set[str],
+                metrics: tuple[str, ...]) -> pd.DataFrame:
     from mlflow.store.tracking.dbmodels.models import SqlMetric
-    from sqlalchemy import select
+    from sqlalchemy import case, select
 
     # No key filter in SQL: SQLite would then walk the (key, ...) primary key across every
     # experiment's metrics instead of this experiment's runs through the run_uuid index.
-    query = (select(SqlMetric.run_uuid, SqlMetric.step, SqlMetric.key, SqlMetric.value)
+    # MLflow stores a NaN metric as 0 with is_nan set.
+    value = case((SqlMetric.is_nan, float("nan")), else_=SqlMetric.value)
+    query = (select(SqlMetric.run_uuid, SqlMetric.step, SqlMetric.key, value)
              .where(SqlMetric.run_uuid.in_(select(_finished_ids(exp_id).subquery()))))
     with store.engine.connect() as conn:
         rows = _plain_rows(conn, query)
     frame = pd.DataFrame.from_records(rows, columns=list(CURVE_COLUMNS))
-    return frame[frame["metric"].isin(METRICS) & frame["run_id"].isin(run_ids)]
+    return frame[frame["metric"].isin(metrics) & frame["run_id"].isin(run_ids)]
 
 
 def _plain_rows(conn: Any, query: Any) -> list[tuple]:
@@ -695,12 +672,13 @@ class _Point:
 BULK_RUNS, BULK_POINTS = 100, 25_000
 
 
-def _rest_histories(mlflow: MlflowClient, run_ids: list[str]) -> Iterator[_Point]:
+def _rest_histories(mlflow: MlflowClient, run_ids: list[str],
+                    metrics: tuple[str, ...] = METRICS) -> Iterator[_Point]:
     """Metric histories through a tracking server's bulk route (the one its UI charts use);
     one `get_metric_history` per run and metric where the server has no such route."""
     for i in range(0, len(run_ids), BULK_RUNS):
         chunk = run_ids[i:i + BULK_RUNS]
-        for metric in METRICS:
+        for metric in metrics:
             try:
                 yield from _bulk_history(mlflow, chunk, metric)
             except _NoBulkRoute:
