@@ -31,7 +31,8 @@ CLEAN = chaos.Outcome("driver", 3.0, 2, 4, lost=0, duplicated=0, left_running=1,
 
 
 @pytest.mark.parametrize("change", [{"lost": 1}, {"duplicated": 1}, {"stuck": 1},
-                                    {"orphans": ("raylet[42]",)}, {"recovered_in": None}])
+                                    {"orphans": ("raylet[42]",)}, {"recovered_in": None},
+                                    {"exits": (-9, 2, 2)}])
 def test_any_loss_duplicate_stuck_run_orphan_or_no_recovery_fails_a_try(change):
     assert CLEAN.clean  # a run left RUNNING by the fault is expected: the rerun redoes it
     assert not dataclasses.replace(CLEAN, **change).clean
@@ -43,8 +44,9 @@ def test_a_try_line_names_what_the_campaign_judges():
                  "left RUNNING 1", "stuck 0", "recovered in 9.5 s", "orphans raylet[42]",
                  "exits -9,0"):
         assert part in line, line
-    missed = dataclasses.replace(CLEAN, hit_at=None).line()
-    assert "missed (the study ended first)" in missed
+    missed = dataclasses.replace(CLEAN, hit_at=None, recovered_in=None, exits=(0, 0))
+    assert "missed (the study ended first)" in missed.line()
+    assert missed.clean  # tested nothing, broke nothing; the summary counts it apart
 
 
 def test_bad_arguments_are_one_line_errors(capsys, tmp_path):

@@ -81,8 +81,12 @@ class Outcome:
 
     @property
     def clean(self) -> bool:
+        """Nothing lost, duplicated or stranded, and the study completed. A missed try (the study
+        ended before its moment: under Ray the last cells run side by side) tested nothing but
+        broke nothing: clean, and counted apart in the summary."""
         return not (self.lost or self.duplicated or self.stuck or self.orphans
-                    or self.recovered_in is None)
+                    or (self.hit_at is not None and self.recovered_in is None)
+                    or self.exits[-1] != 0)
 
     def line(self) -> str:
         hit = ("missed (the study ended first)" if self.hit_at is None else
