@@ -98,12 +98,13 @@ def test_a_short_campaign_loses_duplicates_and_strands_nothing(fault, backend, t
 
 # A driver whose one worker never answers: its loader sleeps for ten minutes.
 _SILENT_DRIVER = """
-import functools, time
+import functools, sys
 from study.engine import backend_process, workers
 from study.protocol import plan, schema
+from tests import worker_hooks
 proto = schema.parse({"name": "silent", "dropout": [[0.0, 0.0]], "seeds": {"count": 1},
                       "baseline": [0.0, 0.0]})
-(group,) = workers.groups(plan.expand(proto), functools.partial(time.sleep, 600))
+(group,) = workers.groups(plan.expand(proto), functools.partial(worker_hooks.asleep, sys.argv[1], 600))
 for message in backend_process.run(group):
     pass
 """
@@ -111,13 +112,15 @@ for message in backend_process.run(group):
 
 @pytest.mark.integration
 def test_a_local_worker_dies_with_its_killed_driver(tmp_path):
-    marker = f"silent-{os.getpid()}-{time.monotonic_ns()}"
-    driver = subprocess.Popen([sys.executable, "-c", _SILENT_DRIVER], cwd=chaos.ROOT,
+    marker, ready = f"silent-{os.getpid()}-{time.monotonic_ns()}", tmp_path / "ready"
+    driver = subprocess.Popen([sys.executable, "-c", _SILENT_DRIVER, str(ready)], cwd=chaos.ROOT,
                               env={**os.environ, "PYTHONPATH": str(chaos.ROOT),
                                    chaos.MARKER: marker})
     try:
-        deadline = time.monotonic() + 120
-        while not (workers := [p for p in chaos.marked(marker) if p != driver.pid]):
+        # Killed once the worker is past its start-up (imports: seconds on a busy machine), as
+        # a worker is for nearly all of its life; one killed before dies once its imports end.
+        deadline = time.monotonic() + 300
+        while not ready.exists():
             assert time.monotonic() < deadline and driver.poll() is None, "no worker started"
             time.sleep(0.1)
         driver.kill()

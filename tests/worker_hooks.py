@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import time
 
 from study.engine import data, workers
 
@@ -31,3 +32,11 @@ def counting(log, folder, cache, checksums) -> data.Dataset:
     with open(log, "a") as out:
         out.write(f"{os.getpid()}\n")
     return data.load(folder, cache=cache, checksums=checksums)
+
+
+def asleep(ready, seconds: float) -> data.Dataset:
+    """Never load: write `ready` (the worker is past its start-up), then sleep."""
+    with open(ready, "w") as out:
+        out.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    raise RuntimeError(f"slept {seconds} s")
