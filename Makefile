@@ -6,6 +6,8 @@
 # make gpu-check  determinism modes on cuda, CPU vs GPU, batched throughput: one table, also in
 #              $(GPU_CHECK_OUT)/ (no GPU: the CPU parts run, the rest is named as skipped);
 #              on a lent GPU machine: make gpu-pack here, then docs/gpu-check.md has the call
+# make chaos   fault campaign on the smoke protocol: FAULT=driver|worker|server, BACKEND=local|ray,
+#              TRIES=10; one line per try, exit 1 on any run lost or duplicated, or process left
 SHELL := /bin/bash
 # An offline research harness has nothing to report to MLflow's telemetry service.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -22,7 +24,7 @@ SERVER_STORE ?= mlruns
 GPU_CHECK_OUT ?= reports/gpu-check
 
 .PHONY: setup data browser study paper run report test bench gpu-check gpu-pack ui server postgres \
-	clean-store
+	clean-store chaos
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +70,13 @@ report: $(STAMP)
 # local Ray cluster (Ray comes with requirements.txt).
 test: setup browser postgres
 	$(BIN)/python -m pytest -q
+
+FAULT ?= driver
+BACKEND ?= local
+TRIES ?= 10
+chaos: setup postgres
+	$(BIN)/python -m study.tools.chaos protocols/smoke.yaml --fault $(FAULT) --backend $(BACKEND) \
+	  --tries $(TRIES) --set data.train_subset=1000 --set training.epochs=1
 
 bench: setup
 	$(BIN)/python -m study.tools.bench

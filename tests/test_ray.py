@@ -6,8 +6,11 @@ and a worker killed mid-task."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +20,7 @@ from mlflow import MlflowClient
 
 from study.protocol import plan, schema as protocol
 from study.engine import workers
+from tests import worker_hooks
 from tests.conftest import free_port
 from tests.test_faults import CELLS, _complete_and_unique, _protocol, drivers  # noqa: F401
 
@@ -72,6 +76,55 @@ def test_a_retry_redoes_only_unfinished_cells_and_attempts_are_bounded(worker_ra
     last = worker_ray._Task(stream=0, group=group, attempt=worker_ray.ATTEMPTS)
     with pytest.raises(workers.WorkerError, match="attempt 3 of 3; cells it was training"):
         worker_ray._lost(last, crash)
+
+
+def test_a_process_loads_the_data_once_per_loader(tiny_files, tmp_path):
+    folder, checksums = tiny_files
+    log = tmp_path / "loads.txt"
+
+    def loader(cache: str) -> functools.partial:  # a new partial per call, as each task gets
+        return functools.partial(worker_hooks.counting, log, folder, tmp_path / cache, checksums)
+
+    first = workers.loaded(loader("a"))
+    assert workers.loaded(loader("a")) is first and log.read_text().count("\n") == 1
+    workers.loaded(loader("b"))  # another loader: loaded, and the first one's data let go
+    assert log.read_text().count("\n") == 2 and len(workers._LOADED) == 1
+
+
+# Run in a fresh driver process: Ray reads its token mode when imported, not when connecting.
+_SERVE_ONCE = """
+import functools, sys
+from pathlib import Path
+from study.engine import backend_ray, workers
+from study.protocol import plan, schema
+from tests import worker_hooks
+log, folder, cache, checksums = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), eval(sys.argv[4])
+proto = schema.parse({"name": "once", "dropout": [[0.0, 0.0], [0.5, 0.5]], "seeds": {"count": 4},
+                      "baseline": [0.5, 0.5], "model": {"arch": "mlp", "hidden": [16, 16]},
+                      "training": {"epochs": 1, "batch_size": 128}, "execution": "sequential"})
+load = functools.partial(worker_hooks.counting, log, folder, cache, checksums)
+(group,) = workers.groups(plan.expand(proto), load)
+backend_ray.connect(sys.argv[5])
+messages = list(backend_ray.run_many([group]))
+print(sum(isinstance(m, workers.Finished) for _, m in messages))
+"""
+
+
+@pytest.mark.integration
+def test_each_ray_worker_process_loads_the_data_once_across_its_tasks(
+        worker_ray, ray_cluster, tiny_files, tmp_path):
+    folder, checksums = tiny_files
+    log = tmp_path / "loads.txt"
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_ONCE, str(log), str(folder), str(tmp_path / "cache"),
+         repr(checksums), ray_cluster.address],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **ray_cluster.env}, cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "8"  # one Ray task per sequential cell
+    loads = Counter(log.read_text().split())
+    # Every process that served tasks loaded once, and fewer processes than tasks served them.
+    assert set(loads.values()) == {1} and len(loads) < 8, loads
 
 
 def _runs(uri: str, name: str, status: str | None = None) -> list:

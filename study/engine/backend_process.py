@@ -10,6 +10,7 @@ worker never re-imports the driver's `__main__` (the CLI, MLflow).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
@@ -51,7 +52,8 @@ def run(group: Group) -> Iterator[Message]:
     no state worth keeping, and its cells in flight are redone on the next run.
     """
     ours, theirs = Pipe(duplex=True)
-    proc = subprocess.Popen([sys.executable, "-m", "study.engine.backend_process", str(theirs.fileno())],
+    proc = subprocess.Popen([sys.executable, "-m", "study.engine.backend_process",
+                             str(theirs.fileno()), str(os.getpid())],
                             env=_environ(group), pass_fds=[theirs.fileno()])
     theirs.close()
     try:
@@ -95,9 +97,24 @@ def _receive(conn: Connection, proc: subprocess.Popen, group: Group) -> Message 
 
 # --- the worker process ---------------------------------------------------------------------------
 
-def main(fd: int) -> int:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with(driver: int) -> None:
+    """SIGKILL this worker when its driver dies (Linux). A driver killed with -9 cannot stop
+    its worker, which would train on, unheard, until its next message fails (at the end of a
+    cell or of a batched epoch), holding the cores its rerun needs."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != driver:  # it died before the line above: no signal will come
+        os._exit(1)
+
+
+def main(fd: int, driver: int) -> int:
     # Ctrl-C reaches the whole process group; the driver decides, and kills this worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with(driver)
     conn = Connection(fd)
     sys.path[:] = conn.recv()
     group = conn.recv()
@@ -123,4 +140,4 @@ if __name__ == "__main__":
     # Through the module's own name: messages pickled here must name `study.engine.backend_process`,
     # not `__main__`, for the driver to read them.
     from study.engine.backend_process import main as _main
-    sys.exit(_main(int(sys.argv[1])))
+    sys.exit(_main(int(sys.argv[1]), int(sys.argv[2])))

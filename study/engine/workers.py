@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import itertools
+import pickle
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
@@ -199,7 +200,7 @@ def serve(group: Group) -> Iterator[Message]:
     """Train a group in this process, which must have started with `group.env()` in place."""
     arithmetic = started_in_mode(group)
     with threads(group.threads) as n_threads, determinism(group.mode) as flags:
-        data = group.load().subset(group.train_subset).to(group.device)
+        data = loaded(group.load).subset(group.train_subset).to(group.device)
         yield Ready(environment.describe(group.device))
         how = engine(list(group.cells))
         for chunk in how.chunks(list(group.cells)):
@@ -211,6 +212,23 @@ def serve(group: Group) -> Iterator[Message]:
                 else:
                     yield Finished(replace(event, flags=flags, arithmetic=arithmetic,
                                            threads=n_threads))
+
+
+# The dataset this process last loaded, under its loader's pickled bytes. A Ray worker serves
+# every task of its group (one runtime_env) and a group's chunks are many tasks (one per cell
+# when sequential): without this each task reloaded and re-checked Fashion-MNIST. One entry,
+# so an idle worker holds one dataset, never one per loader it has seen.
+_LOADED: dict[bytes, Dataset] = {}
+
+
+def loaded(load: Callable[[], Dataset]) -> Dataset:
+    """`load()`, called once per process for equal loaders (same function, same arguments):
+    the bytes of its pickle name it, since each task unpickles a new, unequal partial."""
+    key = pickle.dumps(load)
+    if key not in _LOADED:
+        _LOADED.clear()  # before loading: never two datasets in memory at once
+        _LOADED[key] = load()
+    return _LOADED[key]
 
 
 def started_in_mode(group: Group) -> Arithmetic:

@@ -317,6 +317,16 @@ def endpoint_values(mlflow: MlflowClient, exp_id: str, cells: set[str],
     return out
 
 
+def runs_in(mlflow: MlflowClient, name: str, status: str) -> dict[str, str]:
+    """Run id -> cell key of the experiment's training runs in `status` ({} before it exists):
+    what a fault campaign judges loss and duplicates by."""
+    exp_id = find_experiment(mlflow, name)
+    if exp_id is None:
+        return {}
+    return {r.info.run_id: r.data.tags.get("study.cell", "")
+            for r in _training_runs(mlflow, exp_id, status)}
+
+
 def mark_interrupted(mlflow: MlflowClient, exp_id: str) -> int:
     """Runs left RUNNING by a killed invocation become KILLED, so their cells are redone."""
     stale = _training_runs(mlflow, exp_id, "RUNNING")
