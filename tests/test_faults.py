@@ -22,7 +22,11 @@ TTL = "20"  # a killed driver's lease blocks the rerun this long; a silent holde
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_data")]
 
 
-def _protocol(tmp_path: Path, name: str) -> Path:
+DEFAULT_MODE = "determinism: [default]\nimplementations: [torch]"
+
+
+def small_protocol(tmp_path: Path, name: str, mode: str = DEFAULT_MODE) -> Path:
+    """12 sequential cells on 1,000 images x 2 epochs; `mode`: the protocol's arithmetic lines."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""name: {name}
 model: {{arch: mlp, hidden: [64, 64], init_std: 0.01}}
@@ -31,8 +35,7 @@ data: {{dataset: fashion-mnist, train_subset: 1000}}
 dropout: [[0.0, 0.0], [0.2, 0.5], [0.5, 0.5], [0.8, 0.8]]
 seeds: {{count: 3, start: 0}}
 devices: [cpu]
-determinism: [default]
-implementations: [torch]
+{mode}
 baseline: [0.2, 0.5]
 execution: sequential
 """)
@@ -112,7 +115,7 @@ def _complete_and_unique(uri: str, name: str, before: dict[str, str]) -> None:
 
 def test_driver_killed_mid_study_then_rerun(uri, tmp_path, drivers):
     name = f"kill-{time.monotonic_ns()}"
-    proto = _protocol(tmp_path, name)
+    proto = small_protocol(tmp_path, name)
     first = drivers(proto, uri)
     before = _wait_for(uri, name, 3, first)
     first.kill()
@@ -129,7 +132,7 @@ def test_driver_killed_mid_study_then_rerun(uri, tmp_path, drivers):
 
 def test_two_drivers_at_once_one_refuses(uri, tmp_path, drivers):
     name = f"two-{time.monotonic_ns()}"
-    proto = _protocol(tmp_path, name)
+    proto = small_protocol(tmp_path, name)
     a, b = drivers(proto, uri), drivers(proto, uri)
     (code_a, out_a), (code_b, out_b) = a.finish(), b.finish()
     assert sorted([code_a, code_b]) == [0, 2], out_a[-2000:] + out_b[-2000:]
@@ -142,7 +145,7 @@ def test_two_drivers_at_once_one_refuses(uri, tmp_path, drivers):
 def test_tracking_server_restarted_mid_study(tracking_server, tmp_path, drivers):
     uri = tracking_server.url
     name = f"restart-{time.monotonic_ns()}"
-    proto = _protocol(tmp_path, name)
+    proto = small_protocol(tmp_path, name)
     driver = drivers(proto, uri)
     _wait_for(uri, name, 3, driver)
     tracking_server.mlflow.stop()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.test_faults import small_protocol
 from mlflow import MlflowClient
 
 from tests.conftest import RayCluster, free_port
@@ -295,23 +297,8 @@ def test_cuda_cells_are_planned_where_the_cluster_has_a_gpu(ray_nodes, ray_clust
 
 
 def _portable(tmp_path: Path, name: str) -> Path:
-    """CELLS cells, one Ray task each, in portable mode on one thread (a node has one CPU)."""
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"""name: {name}
-model: {{arch: mlp, hidden: [64, 64], init_std: 0.01}}
-training: {{epochs: 2, batch_size: 128, lr: 0.5}}
-data: {{dataset: fashion-mnist, train_subset: 1000}}
-dropout: [[0.0, 0.0], [0.2, 0.5], [0.5, 0.5], [0.8, 0.8]]
-seeds: {{count: 3, start: 0}}
-devices: [cpu]
-determinism: [portable]
-threads: 1
-randomness: portable
-baseline: [0.2, 0.5]
-execution: sequential
-""")
-    return path
-
+    """The fault tests' 12 cells, one Ray task each, portable on one thread (a node has one CPU)."""
+    return small_protocol(tmp_path, name, "determinism: [portable]\nthreads: 1\nrandomness: portable")
 
 def _runs(uri: str, name: str) -> list:
     mlflow = MlflowClient(tracking_uri=uri)
