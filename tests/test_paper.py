@@ -163,7 +163,7 @@ def test_c1_row_reads_the_primary_comparison_and_its_robustness(card) -> None:
     assert row.verdict.startswith("(0, 0) \u2212 (0.2, 0.5) +")
     assert row.verdict.endswith("different (+)") and f"{gap * 100:.2f}" in row.verdict
     # The factory plants 2 disagreeing analyses of 6 for (0, 0).
-    assert row.robust == "not robust (2 of 5 others disagree)"
+    assert row.robust == "not robust (2 of 5 others: 2 inconclusive)"
     assert row.settle == "\u2013"
 
 

@@ -272,9 +272,10 @@ def test_c1_states_primary_verdict_robustness_and_the_disagreeing_analyses(md: s
     c1 = _section(md, "C1: no dropout", "C2: (1, 1)")
     assert "Under the primary analysis (final-epoch test accuracy, t test) the gap of (0, 0) " \
            "to the baseline is +" in c1
+    # How they disagree is said (inconclusive), never just "disagree", which reads as "opposite".
     assert ": different after Holm correction (p = 0.004). This verdict is not robust: 2 of 5 " \
-           "other analyses disagree (last:3 / t test gives inconclusive; last:3 / 20%-trimmed " \
-           "(Yuen) gives inconclusive)." in c1
+           "other analyses give another verdict (2 inconclusive: last:3 / t test gives " \
+           "inconclusive; last:3 / 20%-trimmed (Yuen) gives inconclusive)." in c1
     assert c1.count("not robust") == 2  # one line per stratum
 
 

@@ -20,7 +20,7 @@ from study.protocol.lesson import CLAIM_KEYS, Lesson
 from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostics import applicable, diag_section
-from study.report.wording import (NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
+from study.report.wording import (other_verdicts, NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
                                   fmt_pct, fmt_pp, fmt_setting, finite, stop_text, verdict_cell)
 from study.results import Comparison, Paired, Results
 from study.results.diagnostics import PairedRecord
@@ -87,8 +87,8 @@ def robust_text(c: Comparison) -> str:
     descriptive = ", descriptive" if c.adaptive else ""
     if c.robust:
         return f"robust ({len(c.multiverse)} analyses{descriptive})"
-    return (f"not robust ({len(c.disagreeing)} of {len(c.multiverse) - 1} others "
-            f"disagree{descriptive})")
+    return (f"not robust ({len(c.disagreeing)} of {len(c.multiverse) - 1} others: "
+            f"{other_verdicts(c)}{descriptive})")
 
 
 def settle_text(c: Comparison) -> str:

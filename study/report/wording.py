@@ -255,6 +255,16 @@ def short_verdict(c: Comparison, results: Results) -> str:
     return f"{text}, {robust}"
 
 
+def other_verdicts(c: Comparison) -> str:
+    """How the disagreeing analyses disagree, by the verdict they give instead: "6 inconclusive,
+    1 negligible" (never just "disagree", which reads as "opposite")."""
+    counts: dict[str, int] = {}
+    for d in c.disagreeing:
+        verdict_ = d.partition(": ")[2] or "no verdict"
+        counts[verdict_] = counts.get(verdict_, 0) + 1
+    return ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def robustness_phrase(c: Comparison) -> str:
     """'robust: ...' or 'not robust: it changes under ...'; labelled descriptive for an
     adaptive comparison, whose multiverse ran at the sample size the stopping rule chose."""
@@ -267,8 +277,8 @@ def robustness_phrase(c: Comparison) -> str:
         return f"robust: all {n} analyses (endpoints \u00d7 tests) give this verdict{descriptive}"
     changes = "; ".join(analysis_name(d.partition(": ")[0]) + f" gives {d.partition(': ')[2]}"
                         for d in c.disagreeing)
-    return (f"not robust: {len(c.disagreeing)} of {n - 1} other analyses disagree "
-            f"({changes}){descriptive}")
+    return (f"not robust: {len(c.disagreeing)} of {n - 1} other analyses give another verdict "
+            f"({other_verdicts(c)}: {changes}){descriptive}")
 
 
 def gap_interval(c: Comparison) -> Any:
