@@ -160,7 +160,6 @@ def spread_table(r: Results, stratum: Stratum, comps: list[Comparison]) -> Table
     return Table(header, tuple(rows), f"Seed-to-seed spread vs baseline, {stratum.label} (ratio "
                  f"of SDs, setting / baseline; CI: bootstrap{approx_label('sd_ratio')}). The "
                  f"verdict is the Brown\u2013Forsythe test (Holm-adjusted), not the interval: "
-                 f"the test compares absolute deviations from the medians, robust to one "
-                 f"collapsed seed, while the bootstrap interval of the SD ratio follows such a "
-                 f"seed, so an interval that excludes 1 can sit beside \u201cnot shown "
-                 f"different\u201d.", "lrrrrrl")
+                 f"the test compares absolute deviations from each group's median, which one far "
+                 f"seed sways less than it sways the SD the interval resamples, so an interval "
+                 f"that excludes 1 can sit beside \u201cnot shown different\u201d.", "lrrrrrl")
