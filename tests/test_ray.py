@@ -22,7 +22,7 @@ from study.protocol import plan, schema as protocol
 from study.engine import workers
 from tests import worker_hooks
 from tests.conftest import free_port
-from tests.test_faults import CELLS, _complete_and_unique, _protocol, drivers  # noqa: F401
+from tests.test_faults import CELLS, _complete_and_unique, drivers, small_protocol  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_a_ray_worker_killed_mid_task_is_retried_without_duplicates(ray_cluster,
                                                                     drivers):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     name = f"raykill-{time.monotonic_ns()}"
-    driver = drivers(_protocol(tmp_path, name), uri, *ray_cluster.args, env=ray_cluster.env)
+    driver = drivers(small_protocol(tmp_path, name), uri, *ray_cluster.args, env=ray_cluster.env)
     killed = _kill_a_training_worker(uri, name, ray_cluster.marker, driver)
     code, out = driver.finish()
     assert code == 0, out[-3000:]
