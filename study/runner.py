@@ -84,8 +84,9 @@ def run(protocol: Protocol, load: Callable[[], Dataset] = load_data,
 def schedule(mlflow, exp_id: str, protocol: Protocol, where: str = "local") -> rounds.Schedule:
     """An adaptive protocol's rounds, replayed from its FINISHED runs in the store (cells on a
     device the `where` backend lacks are left out; a required one is a RunnerError)."""
-    runnable(protocol, expand(protocol), where)  # a RunnerError if a required device is absent
-    absent = frozenset(d for d in protocol.devices if not workers.has_device(where, d))
+    # One device query (a cluster's resources under Ray): a RunnerError if a required device
+    # is absent, else the devices whose cells are skipped.
+    absent = frozenset(c.device for c in runnable(protocol, expand(protocol), where)[1])
     return rounds.from_store(protocol, functools.partial(tracking.endpoint_values, mlflow, exp_id),
                              absent)
 
