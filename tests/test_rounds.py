@@ -48,13 +48,16 @@ def mc_gap(cell) -> float:
     return MC_GAPS[setting] + noise
 
 
-def run_to_end(proto, values=None, kill_every=None):
-    """Drive the study as `study run` does: run the todo cells, re-plan; with `kill_every`,
-    each round is interrupted after that many runs (a killed driver) and resumed."""
+def run_to_end(proto, values=None, kill_every=None, outcome=outcome, mc_gap=mc_gap):
+    """Drive the study as `study run` does: run the todo cells, re-plan from the finished runs
+    (`outcome` of each, and its `mc_gap` unless None); with `kill_every`, each round is
+    interrupted after that many runs (a killed driver) and resumed."""
     values = dict(values or {})
     history = []
     for _ in range(100):
-        sched = rounds.schedule(proto, values, mc_gaps=mc_of(values, proto))
+        mc = None if mc_gap is None else {c.key: mc_gap(c) for c in rounds.universe(proto)
+                                          if c.key in values}
+        sched = rounds.schedule(proto, values, mc_gaps=mc)
         history.append(sched)
         if sched.stop is not None:
             return sched, values, history

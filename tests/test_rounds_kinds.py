@@ -19,6 +19,7 @@ import yaml
 from study import cli, runner
 from study.analysis import rounds
 from study.protocol import schema
+from tests.test_rounds import run_to_end
 from tests.test_runner import loader, store  # noqa: F401 (fixtures: a temporary store, tiny data)
 
 IMPLEMENTATIONS = "protocols/implementations.yaml"
@@ -37,20 +38,8 @@ def impl_outcome(cell) -> float:
 
 
 def drive(proto, outcome, mc_gap=None, kill_every=None):
-    """Run the study as `study run` does (optionally killed every `kill_every` runs), each
-    schedule replayed from the finished runs alone; returns (final, values, every schedule)."""
-    values: dict = {}
-    history = []
-    for _ in range(100):
-        mc = None if mc_gap is None else {c.key: mc_gap(c) for c in rounds.universe(proto)
-                                          if c.key in values}
-        sched = rounds.schedule(proto, values, mc_gaps=mc)
-        history.append(sched)
-        if sched.stop is not None:
-            return sched, values, history
-        todo = sched.todo[:kill_every] if kill_every else sched.todo
-        values.update({c.key: outcome(c) for c in todo})
-    raise AssertionError("no stop after 100 schedules")
+    """tests.test_rounds.run_to_end with this file's outcomes: (final, values, schedules)."""
+    return run_to_end(proto, kill_every=kill_every, outcome=outcome, mc_gap=mc_gap)
 
 
 def never_reopens(history) -> None:
