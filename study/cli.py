@@ -225,7 +225,7 @@ def _plan_rounds(proto: Protocol, mlflow: MlflowClient, exp_id: str | None,
     from study.store import tracking
 
     read = (functools.partial(tracking.endpoint_values, mlflow, exp_id) if exp_id
-            else lambda keys, k: {})
+            else lambda keys, k, metric=None: {})
     for line in rounds.plan_lines(rounds.from_store(proto, read, absent)):
         print(line)
     return 0

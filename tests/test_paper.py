@@ -108,7 +108,13 @@ def test_dry_run_prints_the_estimate_and_runs_nothing(store, capsys, monkeypatch
     assert ("implementations      60 cells: 0 done, 60 to run \u00d7 1.6 s (recorded in the "
             "lesson file) = 1.6 min") in out
     assert "determinism          72 cells: 0 done, 36 to run, 36 skipped (no device)" in out
-    assert "total: 410 runs, about 30 min of training" in out
+    assert "total: 410 runs, about 30 min of training (up to 580 runs, about 39 min, with " \
+        "adaptive rounds)" in out
+    # Adaptive protocols: round 0 now, and what their later rounds may add (max_runs).
+    assert "adaptive: 60 to run now, up to 110 with its later rounds (max_runs) = up to " \
+        "13.4 min" in out
+    assert "adaptive: 60 to run now, up to 180 with its later rounds (max_runs)" in out
+    assert out.count("adaptive:") == 2  # the fixed protocols have no such line
     assert [e.name for e in store.search_experiments()] == ["Default"]
 
 
@@ -364,3 +370,16 @@ def test_a_second_paper_runs_nothing_logs_nothing_and_writes_the_same_bytes(
     (analysis,) = store.search_runs([second.experiment_id], "tags.`study.kind` = 'analysis'")
     logged = {a.path for a in store.list_artifacts(analysis.info.run_id)}
     assert {"paper.pdf", "paper.md", "tiny-d2l", "figures"} <= logged
+
+
+def test_the_adaptive_ceiling_counts_finished_runs_once() -> None:
+    from study.analysis import rounds
+    from study.protocol import schema
+
+    proto = schema.load("protocols/d2l-dropout.yaml")
+    assert paper.more_runs(proto, set(), 60) == 50
+    # 30 of round 0 and 20 of a later round finished: 30 to run now, 110 - 80 more at most.
+    later = [c.key for c in rounds.universe(proto) if c.seed >= 10][:20]
+    done = {c.key for c in rounds.universe(proto) if c.seed < 5} | set(later)
+    assert paper.more_runs(proto, done, 30) == 110 - 50 - 30
+    assert paper.more_runs(schema.load("protocols/overfitting.yaml"), set(), 192) is None

@@ -399,6 +399,14 @@ class Paired:
     # margin in their own units, so never equivalent; identical only where every run agrees)
     verdict: str
     reason: str | None
+    # Accuracy under an adaptive protocol whose rounds these comparisons drive (adaptive.
+    # compare has mc): the anytime-valid decision that `verdict` then is, as Comparison's fields
+    # of the name (ci95 stays the fixed-n interval; cs95 is the one to report).
+    cs95: Interval | None = None
+    p_anytime: float | None = None
+    stopped_at: int | None = None
+    stop_reason: str | None = None
+    seeds_fixed_equivalent: int | None = None
 
 
 @dataclass(frozen=True)

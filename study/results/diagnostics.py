@@ -106,6 +106,13 @@ class ImplementationRecord(PairedRecord):  # implementation - reference (torch)
     dropout2: float
     implementation: str
     reference: str
+    # Where these comparisons drive an adaptive protocol's rounds (adaptive.compare), the
+    # anytime-valid decision that `verdict` then is, as results.Comparison's fields of the name.
+    cs95: Interval | None = None
+    p_anytime: float | None = None
+    stopped_at: int | None = None
+    stop_reason: str | None = None
+    seeds_fixed_equivalent: int | None = None
 
 
 @dataclass(frozen=True)
