@@ -282,9 +282,12 @@ def annotate(results: Results, plan: Schedule, protocol: Protocol) -> Results:
 def _decided(c: Compared, plan: Schedule) -> Compared:
     found = [d for k, d in plan.decisions
              if k.matches(c.stratum, (c.dropout1, c.dropout2), tuple(c.baseline))]
-    if len(found) != 1:
-        return c
-    d = found[0]
+    return with_decision(c, found[0]) if len(found) == 1 else c
+
+
+def with_decision(c: Compared, d: sq.Decision) -> Compared:
+    """A results comparison decided by `d`: the anytime-valid verdict and its fields (a
+    protocol's rounds and an own experiment's looks, study.analysis.looks, both write them here)."""
     return dataclasses.replace(c, verdict=d.verdict, cs95=d.cs95, p_anytime=d.p_anytime,
                                stopped_at=d.stopped_at, stop_reason=d.stop_reason,
                                seeds_fixed_equivalent=d.seeds_fixed_equivalent)
