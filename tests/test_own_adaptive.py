@@ -194,7 +194,8 @@ def test_a_comparison_still_open_when_the_runs_end_says_so():
     ("start=3,start=4,round=2,max=9", ["start is given twice"]),
     ("start=3,round", ["'round' is not KEY=VALUE"]),
 ])
-def test_a_bad_adaptive_value_is_one_line_and_exit_2(store, capsys, value, fragments):
+def test_a_bad_adaptive_value_is_one_line_and_exit_2(capsys, value, fragments):
+    # Refused before any store is opened or file read.
     for source in (["--experiment", "anything"], ["--csv", "runs.csv"]):
         assert cli.main(["analyze", *source, "--adaptive", value]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
@@ -202,7 +203,27 @@ def test_a_bad_adaptive_value_is_one_line_and_exit_2(store, capsys, value, fragm
         assert all(f in line for f in fragments), line
 
 
-def test_adaptive_with_a_protocol_file_points_to_its_block(store, capsys):
+def test_adaptive_with_a_protocol_file_points_to_its_block(capsys):
     assert cli.main(["analyze", "protocols/smoke.yaml", "--adaptive", ADAPTIVE]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: --adaptive is for --experiment or --csv")
+
+
+def test_each_stratum_is_decided_on_its_own_runs():
+    """A param the user also varied (lr) splits the runs: each stratum has its own looks."""
+    proto, plan = protocol_study()
+    expected = {k.setting: (d.verdict, d.stopped_at, d.stop_reason, d.cs95)
+                for k, d in plan.decisions}
+    one = table(seeds_of(plan))
+    shifted = one.assign(lr=0.2, val_accuracy=one["val_accuracy"] + 0.01)  # same gaps
+    r = analyze_frame(pd.concat([one.assign(lr=0.1), shifted]), factor="p_in,p_out",
+                      seed="trial", metric="val_accuracy", baseline=(0.5, 0.5), margin=0.02,
+                      adaptive=ADAPTIVE)
+    assert r.stratified_by == ["lr"] and len(r.comparisons) == 6
+    for lr in (0.1, 0.2):
+        got = {tuple(c.setting): (c.verdict, c.stopped_at, c.stop_reason, c.cs95)
+               for c in r.comparisons if c.stratum["lr"] == lr}
+        assert got.keys() == expected.keys()
+        for setting, (verdict, at, reason, cs) in got.items():
+            assert (verdict, at, reason) == expected[setting][:3]
+            assert cs == pytest.approx(expected[setting][3], abs=1e-12)
