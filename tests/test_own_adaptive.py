@@ -129,6 +129,17 @@ def test_own_runs_in_rounds_are_decided_as_the_adaptive_protocol(store, tmp_path
     assert any("12 run(s) past the 9th seed" in n for n in everything["strata"][0]["notes"])
 
 
+def test_summary_names_a_seed_without_a_pair(tmp_path):
+    frame = table({s: list(range(9)) for s in GAPS})
+    frame = frame[~((frame["p_in"] == 0.8) & (frame["trial"] == 1))]
+    analyze_frame(frame, factor="p_in,p_out", seed="trial", metric="val_accuracy",
+                  baseline=(0.5, 0.5), margin=0.02, adaptive=ADAPTIVE, out_dir=tmp_path)
+    line = next(l for l in (tmp_path / "summary.md").read_text().splitlines()
+                if l.startswith("- p_in=0.8, p_out=0.8: val_accuracy"))
+    assert "95% CS at the stop" in line and "Note: " in line
+    assert "seed(s) 1 have a run in only one of the two settings" in line
+
+
 def table(seeds: dict[tuple[float, float], list[int]]) -> pd.DataFrame:
     return pd.DataFrame([{"p_in": s[0], "p_out": s[1], "trial": t, "val_accuracy": accuracy(s, t)}
                          for s, trials in seeds.items() for t in trials])

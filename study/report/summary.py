@@ -59,7 +59,8 @@ def comparison_line(c: Comparison, r: Results) -> str:
                 f"stop {_ci(c.cs95)}: {direction(c, r.lower_is_better)}. Verdict {c.verdict} "
                 f"(anytime-valid t-mixture, {_stop(c)}; anytime p {_num(c.p_anytime)}; a fixed "
                 f"design would need {_num(c.seeds_fixed_equivalent)} seeds; the "
-                f"{len(c.multiverse)} fixed-n analyses are descriptive).")
+                f"{len(c.multiverse)} fixed-n analyses are descriptive)."
+                + (f" Note: {c.reason}." if c.reason else ""))
     return (f"{setting_text(r.factors, c.setting)}: {r.metric} {_num(abs(c.mean_diff or 0))} "
             f"{way} than the baseline (difference {_num(c.mean_diff)}, 95% CI "
             f"{_ci(c.mean_diff_ci95)}; {rule}): {direction(c, r.lower_is_better)}. Verdict "
