@@ -114,7 +114,8 @@ def check_baseline(table: RunTable, baseline: Sequence[Any]) -> None:
 PRIMARY = "endpoint:primary"  # the column `primary_strata` gives each run's primary endpoint in
 
 
-def primary_strata(table: RunTable, options: Analysis) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+def primary_strata(table: RunTable,
+                   options: Analysis) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """Each stratum (the same dicts `analyze` gives its records) and its first runs, with their
     setting and primary endpoint (column PRIMARY; NaN for a diverged run): what a reader that
     decides on the primary endpoint by seed needs (study.analysis.looks)."""
