@@ -25,7 +25,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from study.analysis import comparisons as analysis
-from study.analysis import frame, rounds
+from study.analysis import frame, looks, rounds, sequential
 from study.analysis.table import RunTable
 from study.protocol.lesson import Lesson, Part
 from study.protocol.plan import expand
@@ -58,6 +58,9 @@ class Target:
     # The user named the runs' columns: a baseline no run has is then an error, not a note.
     named: bool = False
     protocol: Protocol | None = None  # the protocol itself (an adaptive one adds its decisions)
+    # An own experiment's looks (`--adaptive`): its seeds in ascending order, decided as a
+    # protocol's adaptive rounds are (study.analysis.looks).
+    adaptive: sequential.Design | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,13 @@ def analyse(target: Target, reports: Path, mlflow: MlflowClient | None = None) -
               file=sys.stderr)
     if target.named:
         analysis.check_baseline(table, target.baseline)
-    results = analysis.analyze(table, target.baseline, target.options)
+    if target.adaptive is not None:
+        looked = looks.analyze(table, target.baseline, target.options, target.adaptive)
+        table, results = looked.table, looked.results
+        if looked.left_out:
+            print(looked.left_out, file=sys.stderr)
+    else:
+        results = analysis.analyze(table, target.baseline, target.options)
     if target.protocol is not None and mlflow is not None:
         # An adaptive protocol's comparisons are decided by its rounds (a fixed one: unchanged).
         read = functools.partial(tracking.endpoint_values, mlflow, table.experiment_id)

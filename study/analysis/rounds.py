@@ -380,9 +380,13 @@ def _decided(record: T, plan: Schedule, kind: str, stratum: Mapping[str, Any],
     one scheduled comparison of `kind` it is; unchanged when the schedule decides none."""
     found = [d for k, d in plan.decisions
              if k.kind == kind and k.matches(stratum, setting, reference)]
-    if len(found) != 1:
-        return record
-    d = found[0]
+    return with_decision(record, found[0]) if len(found) == 1 else record
+
+
+def with_decision(record: T, d: sq.Decision) -> T:
+    """A results record (Comparison, ImplementationRecord or Paired) decided by `d`: the
+    anytime-valid verdict and its fields (a protocol's rounds and an own experiment's looks,
+    study.analysis.looks, both write them here)."""
     return dataclasses.replace(record, verdict=d.verdict, cs95=d.cs95, p_anytime=d.p_anytime,
                                stopped_at=d.stopped_at, stop_reason=d.stop_reason,
                                seeds_fixed_equivalent=d.seeds_fixed_equivalent)

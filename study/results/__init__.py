@@ -209,7 +209,7 @@ class AdaptiveDesign:
     start: int
     round: int
     max_seeds: int
-    max_runs: int
+    max_runs: int | None  # None: an own experiment's looks (`analyze --adaptive`), no budget
     stop: str
     mixture_precision: float
     rounds: int
