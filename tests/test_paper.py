@@ -23,7 +23,7 @@ from study.store import tracking
 from study.protocol.schema import ProtocolError
 from study.report.claims import CLAIMS, claim_implementations
 from study.report.context import Inputs
-from study.report.document import Heading, Table, text_of
+from study.report.document import Heading, Strong, Table, para, text_of
 from study.report.paper import Paper, document, write_paper
 from study.report import wording
 from study.report.render_markdown import render_markdown
@@ -276,7 +276,10 @@ def test_claim_sections_come_from_the_report_builders(planted, paper_md) -> None
     built = claim_implementations(impl.inputs)  # the per-protocol report's C4 section
     doc = document(Paper(lesson.load(LESSON), "protocols/lesson.yaml", planted, COMMAND))
     start = doc.index(Heading(2, "C4: hand-written and nn.Dropout perform the same"))
-    assert doc[start + 2:start + 2 + len(built)] == built  # after the "From protocol" line
+    # The bottom line first, then the "From protocol" line, then the report's own section.
+    c4 = next(c for c in CLAIMS if c.key == "C4")
+    assert doc[start + 1] == para(Strong(c4.bottom_line(impl.inputs)))
+    assert doc[start + 3:start + 3 + len(built)] == built
     section = paper_md[paper_md.index("C4: hand-written"):paper_md.index("C5: a fixed seed")]
     assert "From protocol `implementations` (30 runs, protocols/implementations.yaml)" in section
 

@@ -21,7 +21,7 @@ from study.report import ReportFiles
 from study.report.claims import Claim, question_bullets
 from study.report.diagnostics import sources_section
 from study.report.document import (Abstract, Appendix, Block, Code, CodeBlock, Fig,
-                                   Heading, Para, Table, para)
+                                   Heading, Para, Strong, Table, para)
 from study.report.render_markdown import render_markdown
 from study.report.render_typst import compile_pdf, install_style, render_typst
 from study.report.scorecard import (DASH, HEADER, Evidence, Row, lesson_claims, rows)
@@ -138,9 +138,19 @@ def claims_section(paper: Paper, card: Sequence[Row]) -> list[Block]:
             row = by_key[claim.key]
             blocks.append(para(f"{row.verdict[:1].upper()}{row.verdict[1:]}. To measure it: ",
                                Code(row.settle), "."))
+        blocks += bottom_lines(claim, mine)
         for e in mine:
             blocks += _claim_from(e, claim)
     return blocks
+
+
+def bottom_lines(claim: Claim, mine: Sequence[Evidence]) -> list[Block]:
+    """The claim's bottom-line sentence from each protocol that answers it (named when several),
+    ahead of the numbers."""
+    done = [e for e in mine if e.inputs is not None]
+    if len(done) == 1:
+        return [para(Strong(claim.bottom_line(done[0].inputs)))]
+    return [para(Strong(f"From {e.name}: {claim.bottom_line(e.inputs)}")) for e in done]
 
 
 def _claim_from(e: Evidence, claim: Claim) -> list[Block]:
