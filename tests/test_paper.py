@@ -284,10 +284,14 @@ def test_claim_sections_come_from_the_report_builders(planted, paper_md) -> None
     assert "From protocol `implementations` (30 runs, protocols/implementations.yaml)" in section
 
 
-def test_environments_that_differ_between_protocols_are_named(paper_md) -> None:
-    assert "The protocols' environments differ in git\\_commit, threads" in paper_md
-    assert "| threads | determinism | 1 |" in paper_md
-    assert "| threads | d2l-dropout | 2 |" in paper_md
+def test_environments_that_differ_between_protocols_are_named(planted, paper_md,
+                                                              tmp_path) -> None:
+    made = Paper(lesson.load(LESSON), "protocols/lesson.yaml", planted, COMMAND)
+    env = write_paper(made, tmp_path).environment.read_text()
+    assert "the protocols' environments differ in git_commit, threads" in env
+    assert "## determinism" in env and "| threads | 1 |" in env and "| threads | 2 |" in env
+    # Kept out of the PDF: its bytes must not depend on the machine.
+    assert "abc1234" not in paper_md and "environment.md" in paper_md
 
 
 def test_written_paper_is_byte_identical(planted, tmp_path) -> None:

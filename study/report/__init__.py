@@ -67,6 +67,6 @@ def write_report(results: Results, table: RunTable, out_dir: Path,
     md.write_text(render_markdown(blocks, doc_title), encoding="utf-8")
     style = install_style(out_dir)
     compile_pdf(typ, pdf)
-    env = environment.write(table, out_dir, pdf.name)
+    env = environment.write(out_dir, pdf.name, {table.experiment_name: table})
     return ReportFiles(pdf=pdf, markdown=md, typst=typ, style=style, figures=figs,
                        environment=env)

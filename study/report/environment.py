@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from study.analysis.table import RunTable
@@ -53,32 +53,38 @@ def portable_promise(table: RunTable, protocol_file: str) -> str | None:
             f"checks it on this machine.")
 
 
-def markdown(table: RunTable, document: str, when: dt.datetime | None = None,
-             host: str | None = None) -> str:
-    """environment.md: where and when `document` was written, and what the runs recorded."""
+def markdown(document: str, tables: Mapping[str, RunTable], notes: Sequence[str] = (),
+             when: dt.datetime | None = None, host: str | None = None) -> str:
+    """environment.md: where and when `document` was written, and what each protocol's runs
+    (`tables`, by name) recorded."""
     when = when or dt.datetime.now(dt.timezone.utc)
     host = host or socket.gethostname()
-    commits = (table.environment or {}).get("git_commit", "(not recorded)")
     lines = [f"# Environment of {document}", "",
              f"Kept out of {document} so that its bytes do not depend on the machine, the time "
              f"or the store.", "",
              f"- written: {when.isoformat(timespec='seconds')} on host {host}",
-             f"- MLflow experiment: {table.experiment_name} (id {table.experiment_id})",
-             f"- git commit of the runs: {commits}", ""]
-    lines += _table("Environment tags recorded with the runs", table.environment or {})
-    verify = getattr(table, "verification", None)
-    if verify:
-        lines += ["", *_table("The newest `study verify` run", verify)]
-    return "\n".join(lines) + "\n"
+             *(f"- {n}" for n in notes), ""]
+    for name, table in tables.items():
+        commits = (table.environment or {}).get("git_commit", "(not recorded)")
+        lines += [f"## {name}", "",
+                  f"- MLflow experiment: {table.experiment_name} (id {table.experiment_id})",
+                  f"- git commit of the runs: {commits}", "",
+                  *_table("Environment tags recorded with the runs", table.environment or {})]
+        verify = getattr(table, "verification", None)
+        if verify:
+            lines += ["", *_table("The newest `study verify` run", verify)]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _table(title: str, values: Mapping[str, object]) -> list[str]:
     rows = [f"| {k} | {str(v).replace('|', '/')} |" for k, v in sorted(values.items())]
-    return [f"## {title}", "", "| key | value |", "|---|---|",
+    return [f"### {title}", "", "| key | value |", "|---|---|",
             *(rows or ["| (none recorded) | |"])]
 
 
-def write(table: RunTable, out_dir: Path, document: str) -> Path:
+def write(out_dir: Path, document: str, tables: Mapping[str, RunTable],
+          notes: Sequence[str] = ()) -> Path:
     path = Path(out_dir) / FILE
-    path.write_text(markdown(table, document), encoding="utf-8")
+    path.write_text(markdown(document, tables, notes), encoding="utf-8")
     return path

@@ -9,6 +9,7 @@ Intervals are `(lo, hi)` tuples in accuracy units; "not computable" is `None` pl
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,21 @@ class Analysed:
 
 
 @dataclass(frozen=True)
+class Look:
+    """An adaptive comparison's 95% confidence sequence at one look: seeds per setting, and its
+    bounds (None while unbounded, before the SD is known)."""
+
+    seeds: int
+    lo: float | None
+    hi: float | None
+
+    @classmethod
+    def of(cls, seeds: int, lo: float, hi: float) -> Look:
+        """From the analysis's floats, an infinite bound read as None (JSON has no inf)."""
+        return cls(int(seeds), lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None)
+
+
+@dataclass(frozen=True)
 class Comparison:
     """One setting against the baseline in one stratum, under the declared primary analysis
     (endpoint, t test); `multiverse` holds every robustness analysis, the primary included."""
@@ -193,6 +209,8 @@ class Comparison:
     stopped_at: int | None = None
     stop_reason: str | None = None
     seeds_fixed_equivalent: int | None = None
+    # The CS at every look up to the stop (the figure of its narrowing); None: not adaptive.
+    cs_looks: list[Look] | None = None
 
     @property
     def adaptive(self) -> bool:
