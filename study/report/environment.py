@@ -1,4 +1,4 @@
-"""What a report says about where and when: kept out of the PDF, in `environment.md` beside it.
+"""What a report says about the machine and the store: kept out of the PDF, in `environment.md`.
 
 The same runs give the same report.pdf bytes on any machine (issue 22): so the PDF holds
 nothing that depends on the machine that ran or analysed them (CPU model, ISA, threads, host
@@ -9,7 +9,6 @@ the same on every machine and stay in the PDF.
 
 from __future__ import annotations
 
-import datetime as dt
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,15 +53,15 @@ def portable_promise(table: RunTable, protocol_file: str) -> str | None:
 
 
 def markdown(document: str, tables: Mapping[str, RunTable], notes: Sequence[str] = (),
-             when: dt.datetime | None = None, host: str | None = None) -> str:
-    """environment.md: where and when `document` was written, and what each protocol's runs
-    (`tables`, by name) recorded."""
-    when = when or dt.datetime.now(dt.timezone.utc)
+             host: str | None = None) -> str:
+    """environment.md: where `document` was written, and what each protocol's runs (`tables`,
+    by name) recorded. No clock time: a rerun on the same machine writes the same file, so
+    it is not logged again (the analysis run in MLflow has its own start time)."""
     host = host or socket.gethostname()
     lines = [f"# Environment of {document}", "",
              f"Kept out of {document} so that its bytes do not depend on the machine, the time "
              f"or the store.", "",
-             f"- written: {when.isoformat(timespec='seconds')} on host {host}",
+             f"- written on host {host}",
              *(f"- {n}" for n in notes), ""]
     for name, table in tables.items():
         commits = (table.environment or {}).get("git_commit", "(not recorded)")
