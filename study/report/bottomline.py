@@ -2,8 +2,9 @@
 claim itself, before the numbers. "C1 not supported: (0, 0) was never shown better than
 (0.2, 0.5); it was worse by -1.84 pp (95% CS [-3.61, -0.08])."
 
-The status words are fixed: supported, partly supported, not supported, not settled, not
-tested. "Not settled" is what a comparison neither shown different nor equivalent gives: it
+The status words are: supported, partly supported, not supported, not settled, not tested
+(C6 keeps those of its own analysis, `Interaction.holds`; strata that disagree read "mixed
+across strata", each with its own). "Not settled" is what a comparison neither shown different nor equivalent gives: it
 reads "not shown different", never "no difference". An adaptive comparison shows its 95%
 confidence sequence (`wording.gap_interval`), never a fixed-n interval.
 """
@@ -18,7 +19,7 @@ from study.report.diagnostics import applicable, diag_section
 from study.report.wording import (count, fmt_ci_pct, fmt_ci_pp, fmt_pct, fmt_pp, fmt_setting,
                                   gap_interval, interval_name, margin_text, verdict_counts,
                                   verdict_word)
-from study.results import Comparison, Results
+from study.results import Comparison, Group, Results
 
 SUPPORTED, PARTLY, NOT_SUPPORTED, NOT_SETTLED, NOT_TESTED = (
     "supported", "partly supported", "not supported", "not settled", "not tested")
@@ -117,7 +118,7 @@ def degenerate(setting: tuple[float, float]) -> Callable[[Inputs], BottomLine]:
     return line
 
 
-def degenerate_in(g, c: Comparison | None, r: Results) -> BottomLine:
+def degenerate_in(g: Group, c: Comparison | None, r: Results) -> BottomLine:
     """The lesson saw the textbook's end-of-training assertion fail: count those runs, and read
     the comparison with the baseline where there is one."""
     n = g.n + g.n_excluded
