@@ -39,9 +39,10 @@ from tests.results_factory import (BASELINE, LEFT_OUT, comparison_at, make_resul
                                    with_passes, with_protocol)
 
 # C7's figure is drawn only where runs made stochastic passes (test_c7_... below), C6's only
-# where training-set sizes vary (tests/test_interaction.py).
+# where training-set sizes vary (tests/test_interaction.py), the CS one only for an adaptive
+# study (tests/test_report_adaptive.py).
 STRATUM_FIGURES = [n for n in figures.CAPTIONS
-                   if n not in figures.DIAGNOSTIC_FIGURES + figures.CLAIM_FIGURES]
+                   if n not in figures.DIAGNOSTIC_FIGURES + figures.CLAIM_FIGURES + ("cs_looks",)]
 
 
 @pytest.fixture(scope="module")

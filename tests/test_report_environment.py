@@ -86,3 +86,21 @@ def test_the_portable_promise_is_stated_only_for_portable_runs():
     assert "to the bit" not in _reproducibility(mixed)  # two torch versions: no one promise
     cuda = dataclasses.replace(portable, runs=portable.runs.assign(device="cuda"))
     assert "to the bit" not in _reproducibility(cuda)
+
+
+def test_the_paper_states_the_promise_of_each_portable_protocol():
+    from study.protocol import lesson
+    from study.report.paper import Paper, promises
+    from study.report.scorecard import Evidence
+
+    table = make_table(("torch",), name="d2l-dropout")
+    portable = dataclasses.replace(table, runs=table.runs.assign(determinism="portable"))
+    results = make_results(table)
+    evidence = (Evidence("d2l-dropout", "protocols/d2l-dropout.yaml", ("C1",),
+                         Inputs.of(results, portable), False),
+                Evidence("determinism", "protocols/determinism.yaml", ("C5",),
+                         Inputs.of(results, table), False))
+    paper = Paper(lesson.load("protocols/lesson.yaml"), "protocols/lesson.yaml", evidence, "x")
+    md = render_markdown(promises(paper), "x").replace("\\", "")
+    assert "python -m study verify protocols/d2l-dropout.yaml --golden" in md
+    assert "determinism" not in md

@@ -20,7 +20,7 @@ from study.protocol.lesson import Lesson
 from study.report import ReportFiles, environment
 from study.report.claims import Claim, question_bullets
 from study.report.diagnostics import sources_section
-from study.report.document import (Abstract, Appendix, Block, Code, CodeBlock, Fig,
+from study.report.document import (Abstract, Appendix, Block, Bullets, Code, CodeBlock, Fig,
                                    Heading, Para, Strong, Table, para)
 from study.report.render_markdown import render_markdown
 from study.report.render_typst import compile_pdf, install_style, render_typst
@@ -195,7 +195,15 @@ def reproducibility_section(paper: Paper) -> list[Block]:
                  "every cell not yet finished (finished ones are never rerun), analyses each "
                  "protocol and rewrites this paper; run twice, it runs nothing and writes the "
                  "same bytes on any machine. Experiments per protocol are in Appendix D."),
-            CodeBlock(f"make paper\n{paper.command}", "sh")]
+            *promises(paper), CodeBlock(f"make paper\n{paper.command}", "sh")]
+
+
+def promises(paper: Paper) -> list[Block]:
+    """The portable promise of each protocol whose runs make it (`environment`)."""
+    found = [(e.name, text) for e in paper.analysed
+             if (text := environment.portable_promise(e.inputs.table, e.file))]
+    return [Bullets(tuple(para(Code(name), f": {text}") for name, text in found))] if found \
+        else []
 
 
 # --- appendices: what the protocols ran, merged ------------------------------------------------
