@@ -23,7 +23,7 @@ from study.store import tracking
 from study.protocol.schema import ProtocolError
 from study.report.claims import CLAIMS, claim_implementations
 from study.report.context import Inputs
-from study.report.document import Heading, Table, text_of
+from study.report.document import Heading, Strong, Table, para, text_of
 from study.report.paper import Paper, document, write_paper
 from study.report import wording
 from study.report.render_markdown import render_markdown
@@ -282,15 +282,22 @@ def test_claim_sections_come_from_the_report_builders(planted, paper_md) -> None
     built = claim_implementations(impl.inputs)  # the per-protocol report's C4 section
     doc = document(Paper(lesson.load(LESSON), "protocols/lesson.yaml", planted, COMMAND))
     start = doc.index(Heading(2, "C4: hand-written and nn.Dropout perform the same"))
-    assert doc[start + 2:start + 2 + len(built)] == built  # after the "From protocol" line
+    # The bottom line first, then the "From protocol" line, then the report's own section.
+    c4 = next(c for c in CLAIMS if c.key == "C4")
+    assert doc[start + 1] == para(Strong(c4.bottom_line(impl.inputs)))
+    assert doc[start + 3:start + 3 + len(built)] == built
     section = paper_md[paper_md.index("C4: hand-written"):paper_md.index("C5: a fixed seed")]
     assert "From protocol `implementations` (30 runs, protocols/implementations.yaml)" in section
 
 
-def test_environments_that_differ_between_protocols_are_named(paper_md) -> None:
-    assert "The protocols' environments differ in git\\_commit, threads" in paper_md
-    assert "| threads | determinism | 1 |" in paper_md
-    assert "| threads | d2l-dropout | 2 |" in paper_md
+def test_environments_that_differ_between_protocols_are_named(planted, paper_md,
+                                                              tmp_path) -> None:
+    made = Paper(lesson.load(LESSON), "protocols/lesson.yaml", planted, COMMAND)
+    env = write_paper(made, tmp_path).environment.read_text()
+    assert "the protocols' environments differ in git_commit, threads" in env
+    assert "## determinism" in env and "| threads | 1 |" in env and "| threads | 2 |" in env
+    # Kept out of the PDF: its bytes must not depend on the machine.
+    assert "abc1234" not in paper_md and "environment.md" in paper_md
 
 
 def test_written_paper_is_byte_identical(planted, tmp_path) -> None:

@@ -31,7 +31,7 @@ from study.analysis import sequential as sq
 from study.analysis.settings import Setting, setting_of
 from study.protocol.plan import Cell, expand
 from study.protocol.schema import Adaptive, Protocol
-from study.results import AdaptiveDesign, Inference, Results
+from study.results import AdaptiveDesign, Inference, Look, Results
 from study.results.diagnostics import Diagnostics
 
 T = TypeVar("T")
@@ -389,7 +389,8 @@ def with_decision(record: T, d: sq.Decision) -> T:
     study.analysis.looks, both write them here)."""
     return dataclasses.replace(record, verdict=d.verdict, cs95=d.cs95, p_anytime=d.p_anytime,
                                stopped_at=d.stopped_at, stop_reason=d.stop_reason,
-                               seeds_fixed_equivalent=d.seeds_fixed_equivalent)
+                               seeds_fixed_equivalent=d.seeds_fixed_equivalent,
+                               cs_looks=[Look.of(*x) for x in d.looks])
 
 
 # ----------------------------------------------------------------------------- what is printed

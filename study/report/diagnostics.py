@@ -187,8 +187,9 @@ def verify_blocks(table: RunTable) -> list[Block]:
         return [para("No verify run (python -m study verify) is recorded for these runs, so "
                      "reproduction in a later process or on another machine was not checked "
                      "here; the golden test (pytest -k golden) checks portable mode.")]
-    return [para(f"Re-trained by python -m study verify on {v.get('cpu_model', NA)} "
-                 f"({v.get('cpu_isa', NA)}): {v.get('n_identical', NA)} of "
+    # The verifying machine is named in environment.md, not here (the PDF's bytes stay the same).
+    return [para(f"Re-trained by python -m study verify (its machine: environment.md): "
+                 f"{v.get('n_identical', NA)} of "
                  f"{v.get('n_checked', NA)} sampled cells gave the recorded weights; "
                  f"{v.get('n_env_differs', NA)} ran where a key that decides the bits differs; "
                  f"{v.get('n_broken', NA)} broke the promise of a strict or portable mode.")]
