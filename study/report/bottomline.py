@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostics import applicable, diag_section
 from study.report.wording import (count, fmt_ci_pct, fmt_ci_pp, fmt_pct, fmt_pp, fmt_setting,
-                                  gap_interval, interval_name, margin_text, verdict_counts,
-                                  verdict_word)
-from study.results import Comparison, Group, Results
+                                  gap_interval, interval_name, margin_text, stops_clause,
+                                  verdict_counts, verdict_word)
+from study.results import Comparison, Group, Inference, McSetting, Results
 
 SUPPORTED, PARTLY, NOT_SUPPORTED, NOT_SETTLED, NOT_TESTED = (
     "supported", "partly supported", "not supported", "not settled", "not tested")
@@ -182,7 +182,8 @@ def implementations(inputs: Inputs) -> BottomLine:
     lines = []
     for impl in sorted({x.implementation for x in recs}):
         mine = [x for x in recs if x.implementation == impl]
-        text = f"{impl} against torch, {verdict_counts(mine, m)}"
+        text = f"{impl} against torch, {verdict_counts(mine, m)}" + \
+            stops_clause([(fmt_setting(x), x) for x in mine])
         if all(x.verdict in ("equivalent", "negligible") for x in mine):
             lines.append((impl, BottomLine(SUPPORTED, text)))
         elif any(x.verdict == "different" for x in mine):
@@ -241,6 +242,11 @@ def inference(inputs: Inputs) -> BottomLine:
     rated = [s for s in mc.settings if s.flip_rate.mean is not None]
     if not rated:
         return BottomLine(NOT_TESTED, "no flip rate could be computed")
+    line = _flips(rated)
+    return BottomLine(line.status, line.because + _mc_accuracy(mc))
+
+
+def _flips(rated: Sequence[McSetting]) -> BottomLine:
     top = max(rated, key=lambda s: s.flip_rate.mean)
     ci = top.flip_rate.ci95
     where = fmt_setting((top.dropout1, top.dropout2))
@@ -254,4 +260,15 @@ def inference(inputs: Inputs) -> BottomLine:
     return BottomLine(NOT_SETTLED, f"passes disagree on {fmt_pct(top.flip_rate.mean)} of test "
                                    f"images at {where}, but its 95% CI "
                                    f"{fmt_ci_pct(ci)} does not exclude 0")
+
+
+def _mc_accuracy(mc: Inference) -> str:
+    """Where the MC-minus-eval accuracy comparisons drove adaptive rounds, their verdicts and
+    stops (the flip rate decides the claim; these say what averaging the passes buys)."""
+    labelled = [(fmt_setting((s.dropout1, s.dropout2)), s.accuracy) for s in mc.settings]
+    clause = stops_clause(labelled)
+    if not clause:
+        return ""
+    return (f"; MC-averaged against eval-mode accuracy, "
+            f"{verdict_counts([a for _, a in labelled], mc.equivalence_margin)}{clause}")
 

@@ -147,8 +147,10 @@ def claim_first_layer(inputs: Inputs) -> list[Block]:
 
 def _first_layer_text(c: Comparison, inputs: Inputs) -> str:
     r = inputs.results
-    text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, t test, a Holm family of "
-            f"the declared contrasts) {fmt_setting(c)} against {fmt_setting(c.baseline)} is "
+    # A Holm family only for the fixed-n test; an adaptive verdict is its own CS's.
+    family = "" if c.adaptive else ", a Holm family of the declared contrasts"
+    text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, {method_text(c)}{family}) "
+            f"{fmt_setting(c)} against {fmt_setting(c.baseline)} is "
             f"{fmt_pp(c.mean_diff)} {fmt_ci_pp(gap_interval(c))} over {c.n_pairs or c.n} "
             f"{'paired seeds' if c.paired else 'runs'}: {verdict_phrase(c, r)}. This verdict is "
             f"{robustness_phrase(c)}.")

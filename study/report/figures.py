@@ -29,6 +29,7 @@ from scipy import stats
 
 from study.results import (Comparison, Curve, Endpoint, Group, Interaction, McSetting, Results,
                            SizeEffect, Stratum)
+from study.results.anytime import Anytime
 from study.results.diagnostics import Diagnostics, KeepRecord, SourceRecord
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
@@ -303,16 +304,57 @@ STOP_WORDS = {"settled": "settled", "max_seeds": "cap", "max_runs": "budget", No
 CS_FOCUS_MARGINS = 6
 
 
+@dataclass(frozen=True)
+class CsTrack:
+    """A C4 or C7 record in the CS figure: its legend label, the palette key of its setting
+    (its colour) and its line style, which tells the kind of comparison apart."""
+
+    label: str
+    setting: str
+    style: str
+    record: Anytime
+
+
+# Line styles of the CS figure: a comparison with the baseline or a contrast solid, C4's
+# implementation - torch dashed, C7's MC - eval accuracy dotted.
+CS_STYLES = {"C4": ("--", "C4: implementation \u2212 torch"),
+             "C7": (":", "C7: MC \u2212 eval accuracy")}
+
+
+def cs_tracks(results: Results, stratum: Stratum) -> list[CsTrack]:
+    """The C4 and C7 records of `stratum` still open after their first look. A C4 record
+    belongs to its implementation's stratum (its own stratum lacks that key)."""
+    tracks = []
+    diag = results.diagnostics
+    for r in (diag.implementations.records if diag is not None else ()):
+        key = {**r.stratum, "implementation": r.implementation}
+        if was_open(r) and all(str(stratum.stratum.get(k)) == str(v) for k, v in key.items()):
+            here = setting_label(r.dropout1, r.dropout2)
+            tracks.append(CsTrack(f"{r.implementation} \u2212 torch {here}", here,
+                                  CS_STYLES["C4"][0], r))
+    for m in (results.inference.settings if results.inference is not None else ()):
+        if was_open(m.accuracy) and m.stratum == stratum.stratum:
+            here = setting_label(m.dropout1, m.dropout2)
+            tracks.append(CsTrack(f"MC \u2212 eval {here}", here, CS_STYLES["C7"][0],
+                                  m.accuracy))
+    return tracks
+
+
 def plot_cs_looks(comparisons: Sequence[Comparison], margin: float, *,
-                  contrasts: Sequence[Comparison] = (), palette: dict[str, Any] | None = None,
-                  ax: Axes | None = None) -> Axes:
+                  contrasts: Sequence[Comparison] = (), tracks: Sequence[CsTrack] = (),
+                  palette: dict[str, Any] | None = None, ax: Axes | None = None) -> Axes:
     """Each adaptive comparison still open after its first look: its 95% confidence sequence
     (pp) at every look, against the seeds
     per setting: its bounds narrowing as seeds are added, over the ±margin band, the stop
-    marked with its reason. The CS is read from `Comparison.cs_looks` (the analysis's own)."""
+    marked with its reason. The CS is read from `cs_looks` (the analysis's own); C4 and C7
+    records come as `tracks` (`cs_tracks`)."""
     ax = _new_axes(ax)
-    drawn = [(cs_label(c), c) for c in comparisons if was_open(c)] + \
-        [(cs_label(c, contrast=True), c) for c in contrasts if was_open(c)]
+    colour = (palette or {}).get
+    drawn = [(cs_label(c), colour(cs_label(c), "#333333"), "-", c) for c in comparisons
+             if was_open(c)] + \
+        [(cs_label(c, contrast=True), "#333333", "-", c) for c in contrasts if was_open(c)] + \
+        [(t.label, colour(t.setting, "#333333"), t.style, t.record) for t in tracks
+         if was_open(t.record)]
     if not drawn:
         ax.text(0.5, 0.5, "every comparison stopped at its first look", ha="center", va="center",
                 transform=ax.transAxes, fontsize=7)
@@ -321,14 +363,13 @@ def plot_cs_looks(comparisons: Sequence[Comparison], margin: float, *,
     limit = CS_FOCUS_MARGINS * margin * 100
     ax.axhspan(-margin * 100, margin * 100, color="#0072B2", alpha=0.12, linewidth=0)
     ax.axhline(0, color="black", linewidth=0.7)
-    for label, c in drawn:
-        colour = (palette or {}).get(label, "#333333")
+    for label, colour, style, c in drawn:
         seeds = [look.seeds for look in c.cs_looks]
         lo = [-limit if look.lo is None else max(look.lo * 100, -limit) for look in c.cs_looks]
         hi = [limit if look.hi is None else min(look.hi * 100, limit) for look in c.cs_looks]
         ax.fill_between(seeds, lo, hi, color=colour, alpha=0.15, linewidth=0, step=None)
-        ax.plot(seeds, lo, color=colour, linewidth=1.2, marker="_", label=label)
-        ax.plot(seeds, hi, color=colour, linewidth=1.2, marker="_")
+        ax.plot(seeds, lo, color=colour, linewidth=1.2, marker="_", label=label, linestyle=style)
+        ax.plot(seeds, hi, color=colour, linewidth=1.2, marker="_", linestyle=style)
         ax.plot([seeds[-1], seeds[-1]], [lo[-1], hi[-1]], color=colour, linewidth=2.2)
         ax.annotate(STOP_WORDS.get(c.stop_reason, c.stop_reason or "open"),
                     (seeds[-1], hi[-1]), xytext=(2, 2), textcoords="offset points",
@@ -340,7 +381,7 @@ def plot_cs_looks(comparisons: Sequence[Comparison], margin: float, *,
     return ax
 
 
-def was_open(c: Comparison) -> bool:
+def was_open(c: Anytime) -> bool:
     """Whether an adaptive comparison was still open after its first look (so asked for seeds):
     the ones whose narrowing there is to show."""
     return len(c.cs_looks or ()) > 1
@@ -635,7 +676,10 @@ CAPTIONS = {
                 "bar and the word mark the stop (settled, cap: max_seeds, budget: max_runs, "
                 "open: rounds remain). The sequence only narrows (a running intersection); the "
                 "shaded band is the equivalence margin, and bounds beyond the axis are clipped "
-                "to its edge. A verdict is read off the CS at the stop.",
+                "to its edge. A verdict is read off the CS at the stop. Where C4 or C7 "
+                "comparisons drove rounds, dashed lines are an implementation against torch "
+                "and dotted ones MC-averaged against eval-mode accuracy, each in its "
+                "setting's colour.",
     "keep_rates": "Share of units each dropout layer kept in training, per implementation "
                   "(mean over first runs; one marker per setting and layer, dodged sideways so "
                   "implementations do not hide each other). Solid: the nominal 1 \u2212 p; "
@@ -723,6 +767,12 @@ def _cs_handles(results: Results, palette: dict[str, Any], margin: float) -> dic
     handles = {s: h for s, h in _setting_handles(palette).items() if s in drawn}
     handles.update({cs_label(c, contrast=True): mpl.lines.Line2D([], [], color="#333333")
                     for c in results.contrasts if was_open(c)})
+    tracks = [t for s in results.strata for t in cs_tracks(results, s)]
+    handles.update({s: h for s, h in _setting_handles(palette).items()
+                    if s in {t.setting for t in tracks}})
+    handles.update({words: mpl.lines.Line2D([], [], color="#333333", linestyle=style)
+                    for style, words in CS_STYLES.values()
+                    if any(t.style == style for t in tracks)})
     band = mpl.patches.Patch(color="#0072B2", alpha=0.12, linewidth=0)
     return {**handles, f"±{margin * 100:g} pp equivalence margin": band}
 
@@ -770,11 +820,13 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
         # One column: the numbers printed right of each panel need the full width.
         per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,
                                            _verdict_handles(margin), columns=1))
-    if results.adaptive is not None and any(map(was_open, (*results.comparisons,
-                                                           *results.contrasts))):
+    tracks = [t for s in results.strata for t in cs_tracks(results, s)]
+    if results.adaptive is not None and (tracks or any(map(was_open, (*results.comparisons,
+                                                                     *results.contrasts)))):
         def narrowing(s, runs, ax):
             plot_cs_looks(_in_stratum(results.comparisons, s), margin,
-                          contrasts=_in_stratum(results.contrasts, s), palette=palette, ax=ax)
+                          contrasts=_in_stratum(results.contrasts, s),
+                          tracks=cs_tracks(results, s), palette=palette, ax=ax)
         per_stratum.append(_draw_facets("cs_looks", results, table, out_dir, narrowing,
                                         _cs_handles(results, palette, margin), columns=1,
                                         legend_width=4.0))

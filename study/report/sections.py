@@ -16,7 +16,7 @@ from study.report.diagnostics import diagnostics_abstract, sources_section
 from study.report.document import (Abstract, Appendix, Block, Bullets, Code, CodeBlock, Fig,
                                    Heading, Para, Table, para)
 from study.report.tables import stratum_results
-from study.report.wording import (COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, approximate,
+from study.report.wording import (ANYTIME_BASIS, COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, approximate,
                                    gap_interval,
                                   count, coverage, endpoint_text, finite, fmt_ci_pp, fmt_mean_sd,
                                   fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text,
@@ -224,7 +224,9 @@ def adaptive_text(r: Results) -> str:
             f"{a.mixture_precision:.2f}), whose 95% confidence sequence (CS) keeps its "
             f"coverage under this optional stopping; a comparison {stop}, or at the cap. Its "
             f"interval is the CS at the stop, never a t interval, which early stopping would "
-            f"bias; its p-value is anytime-valid. The other analyses (endpoints \u00d7 tests) "
+            f"bias; its p-value is anytime-valid. Here {ANYTIME_BASIS}; the {CORRECTION} "
+            f"adjustment above applies to the fixed-n analyses only. The other analyses "
+            f"(endpoints \u00d7 tests) "
             f"ran at the sample size the rule chose: their p-values and the robustness they "
             f"give are descriptive.")
 

@@ -185,10 +185,6 @@ class Comparison(Anytime):
     reason: str | None
     setting: list[Any] = field(default_factory=list)  # as Group.setting; `baseline` likewise
 
-    @property
-    def adaptive(self) -> bool:
-        return self.stopped_at is not None
-
 
 @dataclass(frozen=True)
 class AdaptiveDesign:

@@ -43,3 +43,8 @@ class Anytime:
     stop_reason: str | None = None
     seeds_fixed_equivalent: int | None = None
     cs_looks: list[Look] | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether an adaptive protocol's rounds decided this record."""
+        return self.stopped_at is not None
