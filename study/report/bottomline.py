@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostics import applicable, diag_section
+from study.report.inference import accuracy_records
 from study.report.wording import (count, fmt_ci_pct, fmt_ci_pp, fmt_pct, fmt_pp, fmt_setting,
                                   gap_interval, interval_name, margin_text, stops_clause,
                                   verdict_counts, verdict_word)
@@ -265,7 +266,7 @@ def _flips(rated: Sequence[McSetting]) -> BottomLine:
 def _mc_accuracy(mc: Inference) -> str:
     """Where the MC-minus-eval accuracy comparisons drove adaptive rounds, their verdicts and
     stops (the flip rate decides the claim; these say what averaging the passes buys)."""
-    labelled = [(fmt_setting((s.dropout1, s.dropout2)), s.accuracy) for s in mc.settings]
+    labelled = accuracy_records(mc)
     clause = stops_clause(labelled)
     if not clause:
         return ""

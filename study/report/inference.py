@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from study.report.figures import setting_label
 from study.report.context import Inputs
-from study.report.diagnostics import figures_named
+from study.report.diagnostics import figures_named, varying_keys, where
 from study.report.document import Block, Table, para
 from study.report.wording import (ANYTIME_BASIS, CORRECTION, NA, anytime_phrase, count,
                                   fmt_ci_num, fmt_ci_pct, fmt_ci_pp, fmt_num, fmt_pct, fmt_pp,
@@ -49,6 +49,16 @@ def method_text(mc: Inference) -> str:
             f"calibration error (ECE, {mc.ece_bins} equal-width confidence bins). NLL and ECE "
             f"have no margin in their own units, so no equivalence is claimed for them: a "
             f"difference is shown or not shown.{_adaptive_text(mc)}")
+
+
+def accuracy_records(mc: Inference) -> list[tuple[str, Paired]]:
+    """Each setting's MC-minus-eval accuracy record, named by its setting (and the stratum
+    values that tell it apart, where there are several), as the scorecard and the bottom line
+    list their stops."""
+    keys = varying_keys(mc.settings)
+    return [(setting_label(s.dropout1, s.dropout2)
+             + (f" in {where(s.stratum, keys)}" if keys else ""), s.accuracy)
+            for s in mc.settings]
 
 
 def _adaptive_text(mc: Inference) -> str:

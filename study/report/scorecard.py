@@ -20,6 +20,7 @@ from study.protocol.lesson import CLAIM_KEYS, Lesson
 from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostics import applicable, diag_section
+from study.report.inference import accuracy_records
 from study.report.wording import (other_verdicts, NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
                                   fmt_pct, fmt_pp, fmt_setting, finite, stop_text, stops_text,
                                   verdict_cell)
@@ -288,8 +289,7 @@ def score_inference(inputs: Inputs) -> Score | None:
     need = [fmt_setting([s.dropout1, s.dropout2]) for s in found.settings
             if s.accuracy.verdict == "inconclusive" and not s.accuracy.adaptive]
     fixed = f"more seeds at {', '.join(need)}" if need else DASH
-    stops = stops_text([(fmt_setting([s.dropout1, s.dropout2]), s.accuracy)
-                        for s in found.settings])
+    stops = stops_text(accuracy_records(found))
     return Score("; ".join(parts), "not assessed (one paired analysis per setting)",
                  _joined([stops or DASH, fixed]))
 
