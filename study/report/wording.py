@@ -319,18 +319,19 @@ def stop_text(c: Anytime) -> str:
     return f"{where} at {n} seeds; CS {fmt_ci_pp(c.cs95)}"
 
 
-def stops_text(labelled: Sequence[tuple[str, Anytime]]) -> str:
+def stops_text(labelled: Sequence[tuple[str, Any]]) -> str:
     """Where adaptive records stopped, records that stopped alike named together: 'settled at
     15 seeds (scratch (0.2, 0.5), scratch (0.5, 0.5)); cap reached at 60 seeds; CS [a, b]
-    (scratch (0.9, 0.9))'; '' when none was decided adaptively."""
+    (scratch (0.9, 0.9))'; '' when none was decided adaptively (or the records, such as C5's
+    device records, are never adaptive)."""
     by_stop: dict[str, list[str]] = {}
     for label, r in labelled:
-        if r.adaptive:
+        if decided_adaptively(r):
             by_stop.setdefault(stop_text(r), []).append(label)
     return "; ".join(f"{stop} ({', '.join(labels)})" for stop, labels in by_stop.items())
 
 
-def stops_clause(labelled: Sequence[tuple[str, Anytime]]) -> str:
+def stops_clause(labelled: Sequence[tuple[str, Any]]) -> str:
     """' (verdicts read off each 95% CS at its stop: settled at ...)', or '' when no record of
     `labelled` was decided adaptively."""
     stops = stops_text(labelled)
