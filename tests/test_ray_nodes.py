@@ -21,7 +21,7 @@ from tests.test_faults import small_protocol
 from mlflow import MlflowClient
 
 from tests.conftest import RayCluster
-from tests.test_faults import CELLS, _finished, drivers  # noqa: F401
+from tests.test_faults import CELLS, _finished, _wait_for, drivers  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,21 +168,20 @@ def _runs(uri: str, name: str) -> list:
     return mlflow.search_runs([exp.experiment_id], "", max_results=1000) if exp else []
 
 
-def _kill_a_node_while_it_trains(nodes, uri: str, name: str, driver,
-                                 timeout: float = 300) -> tuple[str, float, dict[str, str]]:
-    """Once two runs have finished, kill -9 the first worker node found training a cell; its
-    name, when, and the runs FINISHED just before."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert driver.process.poll() is None, driver.finish()[1][-3000:]
-        if len(_finished(uri, name)) >= 2:
-            for node in ("a", "b"):
-                if nodes.serving(node):
-                    before = _finished(uri, name)
-                    nodes.kill(node)
-                    return node, time.time(), before
-        time.sleep(0.2)
-    raise AssertionError(f"no worker node trained a cell of {name} within {timeout} s")
+def _kill_a_node_while_it_trains(nodes, uri: str, name: str, driver):
+    """Once two runs have finished, kill -9 the first worker node found with a RUNNING run of
+    the study (the campaign's node fault, study/tools/chaos.py): what it struck, and the runs
+    FINISHED just before."""
+    from study.store import tracking
+    from study.tools import chaos
+
+    _wait_for(uri, name, 2, driver)
+    before = _finished(uri, name)
+    strike = chaos.hit_a_node(
+        nodes, lambda: tracking.runs_in(tracking.client(uri), name, "RUNNING"),
+        lambda: driver.process.poll() is None)
+    assert strike is not None, driver.finish()[1][-3000:]
+    return strike, before
 
 
 @pytest.mark.integration
@@ -198,7 +197,8 @@ def test_a_study_across_nodes_loses_a_node_and_nothing_else(ray_nodes, tmp_path,
     began = time.time()
     cluster = _joining(ray_nodes)
     driver = drivers(proto, uri, *cluster.args, env=cluster.env)
-    killed, at, before = _kill_a_node_while_it_trains(ray_nodes, uri, name, driver)
+    strike, before = _kill_a_node_while_it_trains(ray_nodes, uri, name, driver)
+    killed, at = strike.target.split()[0], strike.wall
     code, out = driver.finish()
     assert code == 0, out[-3000:]
 
@@ -210,12 +210,16 @@ def test_a_study_across_nodes_loses_a_node_and_nothing_else(ray_nodes, tmp_path,
     node_of = {r.data.tags["study.cell"]: r.data.tags["study.env.ray_node_id"] for r in finished}
     assert set(node_of.values()) <= set(ids.values())
     assert len(set(node_of.values())) > 1, node_of  # spread over nodes
-    # What the lost node had in flight was trained again on a node still alive.
+    # The kill hit a run in flight on the node; it failed and its cell was trained again on a
+    # node still alive, as was anything else the node had.
     failed = [r for r in runs if r.info.status == "FAILED"]
+    assert set(strike.running) <= {r.info.run_id for r in failed}, (strike, failed)
+    assert strike.running and strike.node_id == ids[killed]
     for run in failed:
         assert run.data.tags["study.env.ray_node_id"] == ids[killed]
         assert node_of[run.data.tags["study.cell"]] != ids[killed]
-    assert f"Ray node {ids[killed]}" in out and " lost: " in out, out[-3000:]
+    said = [line for line in out.splitlines() if f"Ray node {ids[killed]}" in line]
+    assert len(said) == len(failed) and all(" lost: " in line for line in said), out[-3000:]
     # The same bits as on this machine alone.
     hashes = {r.data.tags["study.cell"]: r.data.tags["study.weights_sha256"]
               for r in _runs(local, name) if r.info.status == "FINISHED"}
@@ -223,12 +227,13 @@ def test_a_study_across_nodes_loses_a_node_and_nothing_else(ray_nodes, tmp_path,
             for cell in [r.data.tags["study.cell"]]} == hashes
 
     retrained = [r.info.end_time / 1000 for r in finished
-                 if r.data.tags["study.cell"] in {f.data.tags["study.cell"] for f in failed}]
+                 if r.data.tags["study.cell"] in set(strike.running.values())]
     names = {v: k for k, v in ids.items()}
     print(f"\nstudy across {len(ids)} nodes, node {killed} ({ids[killed][:12]}) killed "
           f"{at - began:.1f} s in: cells per node "
           f"{dict(Counter(names[n] for n in node_of.values()))}, runs lost "
           f"{len(set(before) - {r.info.run_id for r in finished})}, duplicates "
           f"{sum(per_cell.values()) - len(per_cell)}, in flight {len(failed)}, recovered "
-          f"{max(retrained, default=at) - at:.1f} s after the kill, study "
+          f"{max(retrained) - at:.1f} s after the kill (its runs in flight FINISHED again), "
+          f"study "
           f"{time.time() - began:.1f} s")

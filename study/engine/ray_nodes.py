@@ -170,19 +170,32 @@ class Nodes:
         """The node's Ray workers now running a `_serve` task (Ray titles the process so)."""
         return [pid for pid in self.pids(name) if cmdline(pid).startswith(b"ray::_serve")]
 
-    def kill(self, name: str) -> set[int]:
-        """SIGKILL every process of the node at once, as a machine that loses power: the raylet
-        is stopped first so that it starts no worker between the listing and the kill. The pids
-        killed, to check that none outlives it."""
+    def freeze(self, name: str) -> set[int]:
+        """SIGSTOP every process of the node, the raylet first so that it starts no worker
+        between the listing and the stop; the pids stopped."""
         for pid in self.pids(name):
             if b"raylet/raylet\0" in cmdline(pid):
                 os.kill(pid, signal.SIGSTOP)
         pids = self.pids(name)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        self._signal(pids, signal.SIGSTOP)
+        return pids
+
+    def thaw(self, name: str) -> None:
+        self._signal(self.pids(name), signal.SIGCONT)
+
+    def kill(self, name: str) -> set[int]:
+        """SIGKILL every process of the node at once, as a machine that loses power (frozen
+        first: none moves in between). The pids killed, to check that none outlives it."""
+        pids = self.freeze(name)
+        self._signal(pids, signal.SIGKILL)
         self.starts[name].wait(timeout=30)
         return pids
+
+    @staticmethod
+    def _signal(pids: set[int], signum: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def leftovers(self) -> list[str]:
         """Ray servers (raylet, GCS) of this cluster alive: their command lines name its

@@ -54,6 +54,9 @@ from study.store import server, tracking
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "STUDY_CHAOS"  # in the environment of every process an invocation starts
 GRACE = 10.0  # seconds an ended invocation's processes get to go before they count as orphans
+# A frozen node's last messages reach the driver's store in this time; well under the 3 s in
+# which the head's health checks give up on it (ray_nodes.FAST_HEALTH_CHECKS).
+FREEZE = 0.3
 WORKERS = {"local": b"study.engine.backend_process", "ray": b"ray::_serve"}
 
 
@@ -225,21 +228,36 @@ def restart_server(campaign: Campaign, driver: subprocess.Popen, marker: str,
 
 def kill_node(campaign: Campaign, driver: subprocess.Popen, marker: str,
               name: str) -> Strike | None:
+    return hit_a_node(campaign.nodes, functools.partial(campaign.runs, name, "RUNNING"),
+                      lambda: driver.poll() is None)
+
+
+def hit_a_node(nodes: ray_nodes.Nodes, running: Callable[[], dict[str, tracking.Seen]],
+               going: Callable[[], bool]) -> Strike | None:
     """SIGKILL every process of the first worker node (by name) found with a RUNNING run of the
-    study, waiting for one: the fault hits work in flight, never an idle node."""
-    nodes = campaign.nodes
+    study, waiting for one while `going()`: the fault hits work in flight, never an idle node.
+    The node is frozen (SIGSTOP) and its runs read again before the kill, so that a run that
+    finished in between is not counted in flight; if none is left, it runs on and we wait on."""
     ids = {nodes.node_id(node): node for node in nodes.workers}
-    while driver.poll() is None:
-        with contextlib.suppress(Exception):  # a store not yet created or not answering
-            running = campaign.runs(name, "RUNNING")
-            if on := sorted((ids[r.node], r.node) for r in running.values() if r.node in ids):
-                node, node_id = on[0]
-                there = {run_id: r for run_id, r in running.items() if r.node == node_id}
+    while going():
+        if on := sorted((ids[r.node], r.node) for r in _quietly(running).values() if r.node in ids):
+            node, node_id = on[0]
+            nodes.freeze(node)
+            time.sleep(FREEZE)
+            if there := {run_id: r for run_id, r in _quietly(running).items() if r.node == node_id}:
                 killed = nodes.kill(node)
                 return struck(there, target=f"{node} {node_id[:12]}", node_id=node_id,
                               killed=frozenset(killed))
+            nodes.thaw(node)
         time.sleep(0.1)
     return None
+
+
+def _quietly(running: Callable[[], dict[str, tracking.Seen]]) -> dict[str, tracking.Seen]:
+    """The runs, or none while the store is not there or not answering."""
+    with contextlib.suppress(Exception):
+        return running()
+    return {}
 
 
 # Each returns what it struck, or None if the study ended first.
@@ -283,13 +301,13 @@ def one_try(campaign: Campaign, fault: str, moment: Moment, name: str, planned: 
         fault, None if strike is None else strike.at - began, len(before or {}), len(planned),
         lost, sum(n - 1 for n in per_cell.values()), left_running,
         len(campaign.runs(name, "RUNNING")),
-        _recovery(strike, cut, finished, done_at), orphans, tuple(exits), len(cut),
+        recovery_time(strike, cut, finished, done_at), orphans, tuple(exits), len(cut),
         "" if strike is None else strike.target, named,
         tuple(sorted(Counter(where.get(r.node, "?") for r in finished.values()).items())
               if where else ()))
 
 
-def _recovery(strike: Strike | None, cut: dict[str, str], finished: dict[str, tracking.Seen],
+def recovery_time(strike: Strike | None, cut: dict[str, str], finished: dict[str, tracking.Seen],
               done_at: float | None) -> float | None:
     """Seconds from the fault until the cells it cut (run id -> cell) had FINISHED again, the
     last of them; with none cut, until an invocation completed the study (`done_at`,
