@@ -276,6 +276,10 @@ def one_try(campaign: Campaign, fault: str, moment: Moment, name: str, planned: 
     began = time.monotonic()
     before = _wait_for(campaign, name, moment, driver)
     strike = FAULTS[fault](campaign, driver, first, name) if before is not None else None
+    if strike is not None:  # a fault may wait past its moment (`node`: for a run on a node)
+        before = {run_id: seen for run_id, seen in _quietly(
+            functools.partial(campaign.runs, name, "FINISHED")).items()
+            if seen.ended is not None and seen.ended <= strike.wall} or before
     exits = [driver.wait(timeout)]
     done_at = time.monotonic() if exits[0] == 0 else None
     orphans = _orphans(first)
