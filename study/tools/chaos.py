@@ -21,7 +21,8 @@ fault that no longer is. Duplicated: FINISHED runs beyond one per cell. Left RUN
 faulted invocation left open (the rerun marks them KILLED and redoes their cells); stuck: runs
 still RUNNING at the end. Orphans: processes of an invocation (found by a marker in their
 environment) alive 10 s after it ended, and for `node` any process of the killed node alive
-10 s after its kill; they are reported, then killed. In flight: runs RUNNING just before the
+10 s after its kill and any Ray worker of the cluster still running a `_serve` task 10 s after
+the last invocation; they are reported, then killed. In flight: runs RUNNING just before the
 fault (for `node`: on the killed node) that never FINISHED. Recovery: from the fault to the end
 of the last FINISHED run of the cells in flight, i.e. until the work the fault cut was done
 again; with nothing in flight (a fault between two cells), to the end of the first invocation
@@ -295,6 +296,8 @@ def one_try(campaign: Campaign, fault: str, moment: Moment, name: str, planned: 
     per_cell = Counter(r.cell for r in finished.values())
     lost = len(planned - set(per_cell)) + len(set(before or {}) - set(finished))
     named = None
+    if nodes:  # Ray workers still training for the study's ended drivers, on any node
+        orphans += _reap(lambda: sorted(p for node in nodes.starts for p in nodes.serving(node)))
     if strike and strike.node_id:
         orphans += _survivors(strike.killed)
         named = _named(campaign.logs / f"{first}.log", strike.node_id)
