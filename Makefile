@@ -6,8 +6,9 @@
 # make gpu-check  determinism modes on cuda, CPU vs GPU, batched throughput: one table, also in
 #              $(GPU_CHECK_OUT)/ (no GPU: the CPU parts run, the rest is named as skipped);
 #              on a lent GPU machine: make gpu-pack here, then docs/gpu-check.md has the call
-# make chaos   fault campaign on the smoke protocol: FAULT=driver|worker|server, BACKEND=local|ray,
-#              TRIES=10; one line per try, exit 1 on any run lost or duplicated, or process left
+# make chaos   fault campaign on the smoke protocol: FAULT=driver|worker|server|node, BACKEND=local|ray,
+#              TRIES=10 (node: BACKEND=ray); one line per try, exit 1 on any run lost or
+#              duplicated, or process left behind
 SHELL := /bin/bash
 # An offline research harness has nothing to report to MLflow's telemetry service.
 export MLFLOW_DISABLE_TELEMETRY := true

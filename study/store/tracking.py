@@ -320,13 +320,24 @@ def endpoint_values(mlflow: MlflowClient, exp_id: str, cells: set[str],
     return out
 
 
-def runs_in(mlflow: MlflowClient, name: str, status: str) -> dict[str, str]:
-    """Run id -> cell key of the experiment's training runs in `status` ({} before it exists):
-    what a fault campaign judges loss and duplicates by."""
+@dataclass(frozen=True)
+class Seen:
+    """A training run as a fault campaign judges it."""
+
+    cell: str  # study.cell
+    node: str  # study.env.ray_node_id: the Ray node that trained it ("" off Ray)
+    ended: float | None  # Unix time; None while RUNNING
+
+
+def runs_in(mlflow: MlflowClient, name: str, status: str) -> dict[str, Seen]:
+    """Run id -> what a fault campaign needs of each of the experiment's training runs in
+    `status` ({} before it exists): it judges loss, duplicates and recovery by them."""
     exp_id = find_experiment(mlflow, name)
     if exp_id is None:
         return {}
-    return {r.info.run_id: r.data.tags.get("study.cell", "")
+    return {r.info.run_id: Seen(r.data.tags.get("study.cell", ""),
+                                r.data.tags.get("study.env.ray_node_id", ""),
+                                None if r.info.end_time is None else r.info.end_time / 1000)
             for r in _training_runs(mlflow, exp_id, status)}
 
 
