@@ -89,8 +89,8 @@ def test_plan_lists_every_cell(store, capsys):
 def _costs(path: Path, ratio: float, cpu: str, date: str = "2026-12-04") -> None:
     costs = [{"engine": "sequential", "variant": "strict", "paired_median": 1.04},
              {"engine": "batched", "variant": "portable", "paired_median": ratio}]
-    path.write_text(json.dumps(mode_cost.record(costs, {"cpu": cpu}, "python -m study.tools.bench",
-                                                date)))
+    path.write_text(json.dumps(mode_cost.record(costs, {"cpu_model": cpu},
+                                                "python -m study.tools.bench", date)))
 
 
 def test_the_mode_line_follows_the_measured_costs_file(store, capsys, tmp_path, monkeypatch):
@@ -116,7 +116,8 @@ def test_the_mode_line_follows_the_measured_costs_file(store, capsys, tmp_path, 
     assert "cost not measured" in lines()[1]
     _costs(path, 0.96, mode_cost.this_cpu())
     argv += ["--set", "execution=sequential"]  # measured for strict only on that engine
-    assert "cost not measured" in lines()[1]
+    assert lines()[1] == ("mode portable (sequential): cost not measured (the bench of "
+                          "2026-12-04 timed no portable here)")
 
 
 @pytest.mark.parametrize("command", ["plan", "run", "analyze", "report", "verify"])

@@ -43,8 +43,8 @@ def read(path: Path | None = None) -> Measured | None:
         raw = json.loads((path or PATH).read_text(encoding="utf-8"))
         ratios = {(str(c["engine"]), str(c["variant"])): float(c["paired_median"])
                   for c in raw["costs"]}
-        return Measured(str(raw["date"]), str(raw["command"]), str(raw["machine"]["cpu"]),
-                        ratios)
+        return Measured(str(raw["date"]), str(raw["command"]),
+                        str(raw["machine"]["cpu_model"]), ratios)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -56,12 +56,20 @@ def variant(mode: str, kernels: str) -> str:
 
 
 def this_cpu() -> str:
-    """This machine's CPU as the bench names it (/proc/cpuinfo's model name)."""
+    """This machine's CPU as the bench records it (`environment.cpu_model()`: vendors reuse
+    names like "AMD EPYC", so with family, model and stepping), read without importing torch."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
         return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if "model name" in line), "")
+    info: dict[str, str] = {}
+    for row in first.splitlines():
+        key, sep, value = row.partition(":")
+        if sep:
+            info.setdefault(key.strip(), value.strip())
+    ids = [f"{key} {info[key]}" for key in ("cpu family", "model", "stepping") if key in info]
+    name = info.get("model name", "unknown")
+    return f"{name} ({', '.join(ids)})" if ids else name
 
 
 def line(mode: str, engine: str, kernels: str, measured: Measured | None, cpu: str) -> str:
@@ -70,7 +78,9 @@ def line(mode: str, engine: str, kernels: str, measured: Measured | None, cpu: s
     head = f"mode {name} ({engine})"
     if mode == "default":
         return f"{head}: the reference (native kernels: its bits follow the CPU)"
-    if measured is None or (ratio := measured.ratios.get((engine, name))) is None:
+    if measured is None:
         return f"{head}: cost not measured on this machine (make bench measures it)"
+    if (ratio := measured.ratios.get((engine, name))) is None:
+        return f"{head}: cost not measured (the bench of {measured.date} timed no {name} here)"
     where = measured.cpu if measured.cpu == cpu else f"{measured.cpu}, not this machine's CPU"
     return f"{head}: {ratio:.2f}x default's CPU time (make bench, {measured.date}, {where})"
