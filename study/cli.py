@@ -6,6 +6,8 @@
     python -m study analyze --experiment byo --factor dropout --metric val_accuracy --baseline 0.5
     python -m study analyze --csv runs.csv --factor optimizer --metric val_loss --lower-is-better \
         --baseline sgd                                     (a table of your own runs)
+    python -m study analyze --experiment byo ... --adaptive start=10,round=5,max=100
+                                                           (your runs made in rounds of seeds)
     python -m study report  protocols/d2l-dropout.yaml
     python -m study paper   protocols/lesson.yaml          (every protocol of the lesson, one paper)
     python -m study data
@@ -150,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
                            "name>/")
             p.add_argument("--step", help="with --csv: the step column (default: 'step' if "
                                           "there, else one row per run)")
+            p.add_argument("--adaptive", metavar="start=N,round=N,max=N[,stop=settled|first]",
+                           help="with --experiment or --csv: runs made in rounds; each "
+                           "setting's seeds in ascending order are the looks (at start, "
+                           "start+round, ... up to max seeds; later seeds are left out), each "
+                           "comparison decided by the anytime-valid rule of adaptive protocols "
+                           "(docs/own-experiments.md)")
         p.add_argument("--factor", default="dropout1,dropout2", metavar="PARAM[,PARAM...]",
                        help="the params whose values make a setting (default dropout1,dropout2)")
         p.add_argument("--seed", default="seed", metavar="PARAM",
@@ -241,7 +249,7 @@ def _plan_rounds(proto: Protocol, mlflow: MlflowClient, exp_id: str | None,
     from study.store import tracking
 
     read = (functools.partial(tracking.endpoint_values, mlflow, exp_id) if exp_id
-            else lambda keys, k: {})
+            else lambda keys, k, metric=None: {})
     schedule = rounds.from_store(proto, read, absent)
     for line in rounds.plan_lines(schedule):
         print(line)
@@ -342,10 +350,19 @@ def _target(args: argparse.Namespace) -> Target:
                 f"--endpoint {args.endpoint!r} or --margin {args.margin!r}: expected final or "
                 "last:K with K >= 1, and a margin > 0") from None
         name = args.experiment or Path(csv).stem
+        adaptive = getattr(args, "adaptive", None)
+        if adaptive is not None:
+            from study.analysis import looks
+
+            adaptive = looks.parse(adaptive, options)
         return Target(name, baseline, options, csv=csv, step=getattr(args, "step", None),
-                      named=named or args.baseline is not None)
+                      named=named or args.baseline is not None, adaptive=adaptive)
     if not args.protocol:
         raise protocol.ProtocolError("give a protocol file, --experiment NAME or --csv FILE")
+    if getattr(args, "adaptive", None) is not None:
+        raise protocol.ProtocolError("--adaptive is for --experiment or --csv; a protocol's "
+                                     "rounds come from its adaptive block (--set "
+                                     "\"adaptive={round: 5, max_seeds: 60}\")")
     proto = _load(args)
     return target_of(proto, args.protocol)
 

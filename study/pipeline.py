@@ -25,7 +25,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from study.analysis import comparisons as analysis
-from study.analysis import frame, rounds
+from study.analysis import frame, looks, rounds, sequential
 from study.analysis.table import RunTable
 from study.protocol.lesson import Lesson, Part
 from study.protocol.plan import expand
@@ -58,6 +58,9 @@ class Target:
     # The user named the runs' columns: a baseline no run has is then an error, not a note.
     named: bool = False
     protocol: Protocol | None = None  # the protocol itself (an adaptive one adds its decisions)
+    # An own experiment's looks (`--adaptive`): its seeds in ascending order, decided as a
+    # protocol's adaptive rounds are (study.analysis.looks).
+    adaptive: sequential.Design | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,13 @@ def analyse(target: Target, reports: Path, mlflow: MlflowClient | None = None) -
               file=sys.stderr)
     if target.named:
         analysis.check_baseline(table, target.baseline)
-    results = analysis.analyze(table, target.baseline, target.options)
+    if target.adaptive is not None:
+        looked = looks.analyze(table, target.baseline, target.options, target.adaptive)
+        table, results = looked.table, looked.results
+        if looked.left_out:
+            print(looked.left_out, file=sys.stderr)
+    else:
+        results = analysis.analyze(table, target.baseline, target.options)
     if target.protocol is not None and mlflow is not None:
         # An adaptive protocol's comparisons are decided by its rounds (a fixed one: unchanged).
         read = functools.partial(tracking.endpoint_values, mlflow, table.experiment_id)
@@ -147,10 +156,17 @@ class Cost:
     skipped: int  # cells for a device this machine lacks
     seconds_per_run: float
     source: str  # how seconds_per_run was found
+    # Adaptive protocols: runs the later rounds may still add on top of `todo`, up to the
+    # protocol's adaptive.max_runs (None: a fixed protocol, nothing beyond `todo`).
+    more: int | None = None
 
     @property
     def seconds(self) -> float:
         return self.todo * self.seconds_per_run
+
+    @property
+    def ceiling_seconds(self) -> float:
+        return (self.todo + (self.more or 0)) * self.seconds_per_run
 
 
 @dataclass(frozen=True)
@@ -176,7 +192,21 @@ def _cost(part: Part, mlflow: MlflowClient) -> Cost:
     measured = _measured(mlflow, exp_id, part, planned) if exp_id else None
     per_run, source = measured or (part.entry.seconds_per_run, "recorded in the lesson file")
     return Cost(part.protocol.name, len(cells), len(cells) - len(todo) - len(skipped),
-                len(todo), len(skipped), per_run, source)
+                len(todo), len(skipped), per_run, source, more_runs(part.protocol, done, len(todo)))
+
+
+def more_runs(protocol: Protocol, done: set[str], todo: int) -> int | None:
+    """Runs an adaptive protocol's later rounds may add beyond round 0's `todo`: up to
+    adaptive.max_runs in all (every possible cell this machine can run, if fewer), less those
+    already FINISHED. An upper bound; which run depends on the verdicts (study.analysis.rounds)."""
+    if protocol.adaptive is None:
+        return None
+    from study import runner
+
+    possible = [c.key for c in runner.runnable(protocol, rounds.universe(protocol))[0]]
+    ceiling = min(protocol.adaptive.max_runs, len(possible))
+    finished = sum(key in done for key in possible)
+    return max(0, ceiling - finished - todo)
 
 
 def _measured(mlflow: MlflowClient, exp_id: str, part: Part,
@@ -208,10 +238,18 @@ def print_estimate(costs: Sequence[Cost], say: Callable[[str], None] = print) ->
         skipped = f", {c.skipped} skipped (no device)" if c.skipped else ""
         say(f"  {c.name:<{width}}  {c.cells:4} cells: {c.done} done, {c.todo} to run{skipped}"
             f" \u00d7 {c.seconds_per_run:.1f} s ({c.source}) = {c.seconds / 60:.1f} min")
+        if c.more is not None:
+            say(f"  {'':<{width}}  adaptive: {c.todo} to run now, up to {c.todo + c.more} "
+                f"with its later rounds (max_runs) = up to {c.ceiling_seconds / 60:.1f} min")
     total = sum(c.seconds for c in costs)
-    say(f"  total: {sum(c.todo for c in costs)} runs, about {total / 60:.0f} min of training "
-        f"on this machine, plus the analysis and the paper; single timings on a shared machine "
-        f"vary by about \u00b130%")
+    ceiling = ""
+    if any(c.more for c in costs):
+        runs = sum(c.todo + (c.more or 0) for c in costs)
+        most = sum(c.ceiling_seconds for c in costs)
+        ceiling = f" (up to {runs} runs, about {most / 60:.0f} min, with adaptive rounds)"
+    say(f"  total: {sum(c.todo for c in costs)} runs, about {total / 60:.0f} min of training"
+        f"{ceiling} on this machine, plus the analysis and the paper; single timings on a "
+        f"shared machine vary by about \u00b130%")
 
 
 def run_all(parts: Sequence[Part], load: Callable[[], Dataset] | None = None,

@@ -159,11 +159,15 @@ def test_determinism_and_pairing_parts_on_the_cpu(tiny_files, tmp_path):
     """The cuda parts' own code with the CPU in cuda's place: replicates and the two devices'
     twins are trained in fresh workers at the same thread count, so every hash must agree."""
     ctx = _context(tiny_files, tmp_path / "cache")
-    modes = [("determinism", "default"), ("determinism-portable", "portable")]
+    modes = [("determinism", "default"), ("determinism-portable", "portable"),
+             ("determinism-lenet", "strict")]
     rows, first = gpu_check.determinism_rows(ctx, "cpu", modes)
-    assert [r.status for r in rows] == ["ran", "ran"], [r.reason for r in rows]
+    assert [r.status for r in rows] == ["ran"] * 3, [r.reason for r in rows]
+    assert [r.name for r in rows] == ["default", "portable", "lenet strict"]
+    # MLP: 2 settings x 2 seeds; LeNet: 1 setting x 2 seeds, each with 2 replicates.
+    assert [r.values["pairs"] for r in rows] == [4, 4, 2]
     for row in rows:
-        assert row.values["pairs"] == 4 and row.values["identical"] == 4  # 2 settings x 2 seeds
+        assert row.values["identical"] == row.values["pairs"]
         assert row.values["max_abs_test_acc_diff"] == 0.0
         assert row.values["environment"]["threads.intra_op"] != "absent"
     assert rows[1].values["flags"]["deterministic_algorithms"] is True
@@ -216,7 +220,8 @@ def test_cpu_only_run_with_only_torch_numpy_and_the_standard_library(blocked_env
     cuda = [r for r in rows if "cuda" in r["device"]]
     assert {r["part"] for r in cuda} == {"determinism", "cpu-gpu", "throughput"}
     assert {r["name"] for r in cuda if r["part"] == "determinism"} == {
-        "default", "benchmark", "strict", "portable"}
+        "default", "benchmark", "strict", "portable", "lenet default", "lenet benchmark",
+        "lenet strict"}
     assert all(r["status"] == "skipped" and r["reason"] == "no CUDA device" for r in cuda)
     (cpu_runs,) = [r for r in rows if r["name"] == "cpu runs"]
     assert cpu_runs["status"] == "ran", cpu_runs["reason"]

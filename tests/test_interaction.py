@@ -188,7 +188,8 @@ def test_c6_section_and_figure_render(tmp_path):
     figs = [figures.interaction_figure(results, tmp_path)]
     assert figs[0].png.stat().st_size > 0 and figs[0].svg.stat().st_size > 0
     md = render_markdown(claims.claim_overfitting(Inputs.of(results, table, figs)), "x")
-    assert "**C6 supported**" in md
+    c6 = next(c for c in claims.CLAIMS if c.key == "C6")
+    assert c6.bottom_line(Inputs.of(results, table)) == f"C6 supported: {results.interactions[0].holds_reason}."
     assert "| 1,000 | 8 |" in md and "| yes |" in md  # the regime table, overfitting at 1k
     assert "(0.3, 0.3)" in md and "Trend: regressing each seed's gain" in md
     assert "interaction.png" in md

@@ -23,7 +23,7 @@ from study.store import tracking
 from study.protocol.schema import ProtocolError
 from study.report.claims import CLAIMS, claim_implementations
 from study.report.context import Inputs
-from study.report.document import Heading, Table, text_of
+from study.report.document import Heading, Strong, Table, para, text_of
 from study.report.paper import Paper, document, write_paper
 from study.report import wording
 from study.report.render_markdown import render_markdown
@@ -108,7 +108,13 @@ def test_dry_run_prints_the_estimate_and_runs_nothing(store, capsys, monkeypatch
     assert ("implementations      60 cells: 0 done, 60 to run \u00d7 1.6 s (recorded in the "
             "lesson file) = 1.6 min") in out
     assert "determinism          72 cells: 0 done, 36 to run, 36 skipped (no device)" in out
-    assert "total: 410 runs, about 30 min of training" in out
+    assert "total: 410 runs, about 30 min of training (up to 580 runs, about 39 min, with " \
+        "adaptive rounds)" in out
+    # Adaptive protocols: round 0 now, and what their later rounds may add (max_runs).
+    assert "adaptive: 60 to run now, up to 110 with its later rounds (max_runs) = up to " \
+        "13.4 min" in out
+    assert "adaptive: 60 to run now, up to 180 with its later rounds (max_runs)" in out
+    assert out.count("adaptive:") == 2  # the fixed protocols have no such line
     assert [e.name for e in store.search_experiments()] == ["Default"]
 
 
@@ -276,15 +282,22 @@ def test_claim_sections_come_from_the_report_builders(planted, paper_md) -> None
     built = claim_implementations(impl.inputs)  # the per-protocol report's C4 section
     doc = document(Paper(lesson.load(LESSON), "protocols/lesson.yaml", planted, COMMAND))
     start = doc.index(Heading(2, "C4: hand-written and nn.Dropout perform the same"))
-    assert doc[start + 2:start + 2 + len(built)] == built  # after the "From protocol" line
+    # The bottom line first, then the "From protocol" line, then the report's own section.
+    c4 = next(c for c in CLAIMS if c.key == "C4")
+    assert doc[start + 1] == para(Strong(c4.bottom_line(impl.inputs)))
+    assert doc[start + 3:start + 3 + len(built)] == built
     section = paper_md[paper_md.index("C4: hand-written"):paper_md.index("C5: a fixed seed")]
     assert "From protocol `implementations` (30 runs, protocols/implementations.yaml)" in section
 
 
-def test_environments_that_differ_between_protocols_are_named(paper_md) -> None:
-    assert "The protocols' environments differ in git\\_commit, threads" in paper_md
-    assert "| threads | determinism | 1 |" in paper_md
-    assert "| threads | d2l-dropout | 2 |" in paper_md
+def test_environments_that_differ_between_protocols_are_named(planted, paper_md,
+                                                              tmp_path) -> None:
+    made = Paper(lesson.load(LESSON), "protocols/lesson.yaml", planted, COMMAND)
+    env = write_paper(made, tmp_path).environment.read_text()
+    assert "the protocols' environments differ in git_commit, threads" in env
+    assert "## determinism" in env and "| threads | 1 |" in env and "| threads | 2 |" in env
+    # Kept out of the PDF: its bytes must not depend on the machine.
+    assert "abc1234" not in paper_md and "environment.md" in paper_md
 
 
 def test_written_paper_is_byte_identical(planted, tmp_path) -> None:
@@ -364,3 +377,16 @@ def test_a_second_paper_runs_nothing_logs_nothing_and_writes_the_same_bytes(
     (analysis,) = store.search_runs([second.experiment_id], "tags.`study.kind` = 'analysis'")
     logged = {a.path for a in store.list_artifacts(analysis.info.run_id)}
     assert {"paper.pdf", "paper.md", "tiny-d2l", "figures"} <= logged
+
+
+def test_the_adaptive_ceiling_counts_finished_runs_once() -> None:
+    from study.analysis import rounds
+    from study.protocol import schema
+
+    proto = schema.load("protocols/d2l-dropout.yaml")
+    assert paper.more_runs(proto, set(), 60) == 50
+    # 30 of round 0 and 20 of a later round finished: 30 to run now, 110 - 80 more at most.
+    later = [c.key for c in rounds.universe(proto) if c.seed >= 10][:20]
+    done = {c.key for c in rounds.universe(proto) if c.seed < 5} | set(later)
+    assert paper.more_runs(proto, done, 30) == 110 - 50 - 30
+    assert paper.more_runs(schema.load("protocols/overfitting.yaml"), set(), 192) is None

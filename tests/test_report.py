@@ -26,6 +26,7 @@ from study.report import figures
 from study import report
 from study.protocol.schema import Analysis
 from study.report import claims, describe, inference, sections, tables, wording
+from study.report.bottomline import BottomLine
 from study.report.context import Inputs, find_comparison, find_group
 from study.report.diagnostics import claim_repeatability, sources_section
 from study.report.document import Code, Strong, para, text_of
@@ -38,9 +39,10 @@ from tests.results_factory import (BASELINE, LEFT_OUT, comparison_at, make_resul
                                    with_passes, with_protocol)
 
 # C7's figure is drawn only where runs made stochastic passes (test_c7_... below), C6's only
-# where training-set sizes vary (tests/test_interaction.py).
+# where training-set sizes vary (tests/test_interaction.py), the CS one only for an adaptive
+# study (tests/test_report_adaptive.py).
 STRATUM_FIGURES = [n for n in figures.CAPTIONS
-                   if n not in figures.DIAGNOSTIC_FIGURES + figures.CLAIM_FIGURES]
+                   if n not in figures.DIAGNOSTIC_FIGURES + figures.CLAIM_FIGURES + ("cs_looks",)]
 
 
 @pytest.fixture(scope="module")
@@ -428,11 +430,13 @@ def test_cudnn_expectation_follows_the_model() -> None:
 def test_a_new_claim_is_one_entry(monkeypatch, two_strata) -> None:
     results, table = two_strata
     extra = claims.Claim("C6", "dropout makes training slower;", "dropout costs time",
-                         lambda inputs: [para(f"{len(inputs.results.groups)} groups seen.")])
+                         lambda inputs: [para(f"{len(inputs.results.groups)} groups seen.")],
+                         lambda inputs: BottomLine("not tested", "no timings were recorded"))
     monkeypatch.setattr(claims, "CLAIMS", (*claims.CLAIMS, extra))
     md = _markdown(results, table)
     assert "- **C6** dropout makes training slower;" in md
-    assert f"### 4.{len(claims.CLAIMS)} C6: dropout costs time\n\n10 groups seen." in md
+    assert (f"### 4.{len(claims.CLAIMS)} C6: dropout costs time\n\n**C6 not tested: no timings "
+            f"were recorded.**\n\n10 groups seen.") in md
 
 
 def test_typst_escaping_keeps_user_strings_literal(tmp_path: Path) -> None:
@@ -453,7 +457,9 @@ def test_report_names_experiment_protocol_and_environment(md: str) -> None:
     assert "d2l\\#drop\\_out\\*\\[x\\]\\$" in md  # Markdown escaped, so it shows literally
     assert "python -m study report protocols/d2l#drop_out*[x]$.yaml" in md
     assert "make study" in md
-    assert "PyTorch 2.14.1" in md and "296de8c" in md
+    # The machine and the commit are in environment.md, which the report names.
+    assert "environment.md beside this report" in md
+    assert "Test CPU" not in md and "296de8c" not in md
     assert "Appendix A" in md and "equivalence_margin: 0.005" in md
 
 

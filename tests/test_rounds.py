@@ -18,6 +18,10 @@ PROTOCOL = "protocols/d2l-dropout.yaml"
 # True gaps to the baseline (0.2, 0.5): clear, equivalent, inside the margin, and two collapses.
 GAPS = {(0.0, 0.0): -0.02, (0.6, 0.8): 0.0, (0.8, 0.6): 0.002, (0.9, 0.9): -0.05,
         (1.0, 1.0): -0.75, (0.2, 0.5): 0.0}
+# True MC-averaged minus eval-mode accuracy (C7): none without dropout or with every unit
+# dropped (the passes are then the eval pass), small elsewhere, one clearly positive.
+MC_GAPS = {(0.0, 0.0): 0.0, (0.2, 0.5): 0.001, (0.6, 0.8): 0.004, (0.8, 0.6): 0.002,
+           (0.9, 0.9): 0.02, (1.0, 1.0): 0.0}
 
 
 def protocol(**adaptive) -> schema.Protocol:
@@ -34,19 +38,37 @@ def outcome(cell) -> float:
     return 0.85 + GAPS[(cell.dropout1, cell.dropout2)] + shared + own
 
 
-def run_to_end(proto, values=None, kill_every=None):
-    """Drive the study as `study run` does: run the todo cells, re-plan; with `kill_every`,
-    each round is interrupted after that many runs (a killed driver) and resumed."""
+def mc_gap(cell) -> float:
+    """A run's MC-minus-eval accuracy, a pure function of the cell (exactly 0 where no unit
+    is random: the passes repeat the eval pass)."""
+    setting = (cell.dropout1, cell.dropout2)
+    if setting in ((0.0, 0.0), (1.0, 1.0)):
+        return 0.0
+    noise = np.random.default_rng([cell.seed, 7, zlib.crc32(cell.key.encode())]).normal(0, 0.002)
+    return MC_GAPS[setting] + noise
+
+
+def run_to_end(proto, values=None, kill_every=None, outcome=outcome, mc_gap=mc_gap):
+    """Drive the study as `study run` does: run the todo cells, re-plan from the finished runs
+    (`outcome` of each, and its `mc_gap` unless None); with `kill_every`, each round is
+    interrupted after that many runs (a killed driver) and resumed."""
     values = dict(values or {})
     history = []
     for _ in range(100):
-        sched = rounds.schedule(proto, values)
+        mc = None if mc_gap is None else {c.key: mc_gap(c) for c in rounds.universe(proto)
+                                          if c.key in values}
+        sched = rounds.schedule(proto, values, mc_gaps=mc)
         history.append(sched)
         if sched.stop is not None:
             return sched, values, history
         todo = sched.todo[:kill_every] if kill_every else sched.todo
         values.update({c.key: outcome(c) for c in todo})
     raise AssertionError("no stop after 100 schedules")
+
+
+def mc_of(values, proto) -> dict:
+    """The MC gaps of the finished runs (`values`' keys): what the store would hold."""
+    return {c.key: mc_gap(c) for c in rounds.universe(proto) if c.key in values}
 
 
 def test_round_zero_is_every_setting_at_seeds_count():
@@ -59,7 +81,7 @@ def test_round_zero_is_every_setting_at_seeds_count():
 def test_the_study_settles_and_rounds_add_seeds_to_open_comparisons_and_their_baseline():
     final, values, history = run_to_end(protocol())
     assert final.stop == "settled" and not final.open
-    verdicts = {k.setting: d for k, d in final.decisions if not k.contrast}
+    verdicts = {k.setting: d for k, d in final.decisions if k.kind == "baseline"}
     assert verdicts[(0.0, 0.0)].verdict == "different"
     assert verdicts[(1.0, 1.0)].stopped_at == 10 and verdicts[(1.0, 1.0)].stop_reason == "settled"
     assert verdicts[(0.6, 0.8)].verdict in ("equivalent", "negligible")
@@ -80,13 +102,13 @@ def test_the_next_round_is_a_function_of_the_store_alone():
     assert killed.round_of() == final.round_of() and values_killed == values
     # The same runs in another order (another backend, the batched engine) plan the same.
     shuffled = dict(sorted(values.items(), key=lambda kv: zlib.crc32(kv[0].encode())))
-    again = rounds.schedule(protocol(), shuffled)
+    again = rounds.schedule(protocol(), shuffled, mc_gaps=mc_of(shuffled, protocol()))
     assert again.round_of() == final.round_of() and again.decisions == final.decisions
     # A store holding every run but some of round 2: round 2 is next, with exactly those cells.
     if len(final.rounds) > 2:
         missing = {c.key for c in final.rounds[2].cells[::3]}
-        partial = rounds.schedule(protocol(), {k: v for k, v in values.items()
-                                               if k not in missing})
+        kept = {k: v for k, v in values.items() if k not in missing}
+        partial = rounds.schedule(protocol(), kept, mc_gaps=mc_of(kept, protocol()))
         assert len(partial.rounds) == 3 and {c.key for c in partial.todo} == missing
 
 
@@ -120,7 +142,7 @@ def test_the_cap_stops_with_max_seeds():
 
 def test_fixed_design_seeds_are_given_once_settled():
     final, _, _ = run_to_end(protocol())
-    d = {k.setting: d for k, d in final.decisions if not k.contrast}[(0.0, 0.0)]
+    d = {k.setting: d for k, d in final.decisions if k.kind == "baseline"}[(0.0, 0.0)]
     assert d.seeds_fixed_equivalent == sq.fixed_seeds(d.verdict, d.mean_diff, d.sd,
                                                       final.design, 0.8)
 

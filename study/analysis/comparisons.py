@@ -111,6 +111,22 @@ def check_baseline(table: RunTable, baseline: Sequence[Any]) -> None:
                             + "; ".join(", ".join(map(_show, s)) for s in present))
 
 
+PRIMARY = "endpoint:primary"  # the column `primary_strata` gives each run's primary endpoint in
+
+
+def primary_strata(table: RunTable,
+                   options: Analysis) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """Each stratum (the same dicts `analyze` gives its records) and its first runs, with their
+    setting and primary endpoint (column PRIMARY; NaN for a diverged run): what a reader that
+    decides on the primary endpoint by seed needs (study.analysis.looks)."""
+    cols = table.columns
+    runs = with_settings(table.runs[table.runs["replicate"] == 0], cols.factors)
+    primary = Endpoint.parse(options.endpoint)
+    runs = _with_endpoints(runs, table.curves, [primary], cols.metric)
+    runs = runs.rename(columns={_column(primary): PRIMARY})
+    return _strata(runs, [*STRATUM_COLUMNS, *cols.strata])
+
+
 def _typed(runs: pd.DataFrame, baseline: Sequence[Any], cols: Columns) -> Setting:
     """The baseline as a Setting of the runs' factor types (numbers or strings)."""
     if len(baseline) != len(cols.factors):

@@ -293,7 +293,7 @@ def analyze_frame(frame: pd.DataFrame, factor: str | Sequence[str] = D2L_FACTORS
                   baseline: Sequence[Any] | Any = (0.2, 0.5), *, lower_is_better: bool = False,
                   margin: float | None = None, endpoint: str = "final",
                   step: str | None = None, name: str = "table", random_state: int = 0,
-                  out_dir: str | Path | None = None) -> Results:
+                  out_dir: str | Path | None = None, adaptive: str | None = None) -> Results:
     """A table of runs -> the typed `Results` that `study analyze` writes as results.json.
 
         from study import analyze_frame
@@ -303,7 +303,9 @@ def analyze_frame(frame: pd.DataFrame, factor: str | Sequence[str] = D2L_FACTORS
     factor: the column(s) whose values make a setting; seed: the column that pairs runs across
     settings; metric: the outcome (`lower_is_better` for a loss); baseline: one value per
     factor; margin: the equivalence margin in the metric's units (default 0.005); endpoint:
-    "final" or "last:K" (K steps); random_state: the bootstrap's seed. Other columns that vary
+    "final" or "last:K" (K steps); random_state: the bootstrap's seed; adaptive: runs made in
+    rounds, "start=10,round=5,max=100[,stop=settled|first]" as `analyze --adaptive` takes it
+    (each setting's seeds in ascending order are the looks). Other columns that vary
     across runs become strata. A missing name is a ColumnError; a baseline no run has, an
     AnalysisError. With `out_dir`, results.json, the CSVs and summary.md are written there."""
     # Imported here: the loader (store/tracking) imports this module and needs no scipy.
@@ -317,7 +319,13 @@ def analyze_frame(frame: pd.DataFrame, factor: str | Sequence[str] = D2L_FACTORS
     options = Analysis(endpoint=endpoint, factor=columns.factors, seed=seed, metric=metric,
                        lower_is_better=lower_is_better,
                        **({} if margin is None else {"equivalence_margin": float(margin)}))
-    results = comparisons.analyze(table, base, options, random_state)
+    if adaptive is None:
+        results = comparisons.analyze(table, base, options, random_state)
+    else:
+        from study.analysis import looks
+
+        looked = looks.analyze(table, base, options, looks.parse(adaptive, options), random_state)
+        table, results = looked.table, looked.results
     if out_dir is not None:
         from study.report.summary import write_summary
 

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,9 +31,15 @@ from study.analysis import sequential as sq
 from study.analysis.settings import Setting, setting_of
 from study.protocol.plan import Cell, expand
 from study.protocol.schema import Adaptive, Protocol
-from study.results import AdaptiveDesign, Comparison as Compared, Results
+from study.results import AdaptiveDesign, Inference, Look, Results
+from study.results.diagnostics import Diagnostics
+
+T = TypeVar("T")
 
 ROUND_TAG = "study.round"
+# read(cell keys, K) -> primary endpoint per FINISHED cell (mean of the last K evaluations);
+# read(cell keys, 1, metric) -> that metric's final value (`tracking.endpoint_values`).
+Read = Callable[..., Mapping[str, float]]
 
 
 def design_for(protocol: Protocol) -> sq.Design:
@@ -62,28 +68,56 @@ def universe(protocol: Protocol) -> list[Cell]:
 # ----------------------------------------------------------------------------- comparisons
 
 
+KINDS = ("baseline", "contrasts", "implementations", "mc")
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """One adaptive comparison: `setting` - `reference` in one stratum (cells that differ only
-    in setting, seed and replicate). `labels`: the stratum as the cells name it."""
+    """One adaptive comparison in one stratum (cells that differ only in setting, seed and
+    replicate). `labels`: the stratum as the cells name it. The gap per seed is, by `kind`:
+
+    - baseline, contrasts: `setting` - `reference`, both in `stratum`;
+    - implementations: `setting` in `stratum` (a hand-written dropout) - the same setting in
+      `reference_stratum` (the same cells with torch's nn.Dropout);
+    - mc: MC-averaged - eval-mode test accuracy of each run of `setting` (reference = setting)."""
 
     stratum: str
     labels: tuple[tuple[str, Any], ...]
     setting: Setting
     reference: Setting
-    contrast: bool
+    kind: str = "baseline"
+    reference_stratum: str | None = None  # implementations only: torch's stratum
     stratum_sizes: int = 1  # training-set sizes in the protocol: named only when several
 
     @property
+    def contrast(self) -> bool:
+        return self.kind == "contrasts"
+
+    def arms(self) -> tuple[tuple[str, Setting], ...]:
+        """(stratum, setting) of each side whose seeds the comparison pairs (one for mc)."""
+        if self.kind == "mc":
+            return ((self.stratum, self.setting),)
+        return ((self.stratum, self.setting),
+                (self.reference_stratum or self.stratum, self.reference))
+
+    @property
     def name(self) -> str:
-        where = " ".join(str(v) for k, v in self.labels if k in ("device", "determinism",
-                                                                  "implementation"))
-        size = dict(self.labels).get("train_images")
-        return (f"{_text(self.setting)} vs {_text(self.reference)} ({where}"
-                + (f", n={size}" if size is not None and self.stratum_sizes > 1 else "") + ")")
+        labels = dict(self.labels)
+        size = labels.get("train_images")
+        where = " ".join(str(labels[k]) for k in ("device", "determinism", "implementation")
+                         if k in labels and not (k == "implementation" and self.kind ==
+                                                 "implementations"))
+        where += f", n={size}" if size is not None and self.stratum_sizes > 1 else ""
+        if self.kind == "implementations":
+            return f"{labels['implementation']} vs torch at {_text(self.setting)} ({where})"
+        if self.kind == "mc":
+            return f"MC vs eval at {_text(self.setting)} ({where})"
+        return f"{_text(self.setting)} vs {_text(self.reference)} ({where})"
 
     def matches(self, stratum: Mapping[str, Any], setting: Setting, reference: Setting) -> bool:
-        """Whether a results comparison (its stratum dict and settings) is this one."""
+        """Whether a results comparison (its stratum dict and settings) is this one: a results
+        `Comparison` or contrast (setting, baseline), an `ImplementationRecord` (its stratum
+        with its implementation, setting twice) or a `McSetting` (setting twice)."""
         if (setting_of(*setting), setting_of(*reference)) != (self.setting, self.reference):
             return False
         return all(str(stratum.get(k)) == str(v) for k, v in self.labels)
@@ -107,17 +141,34 @@ def _labels(cell: Cell) -> tuple[tuple[str, Any], ...]:
     return tuple(labels.items())
 
 
-def comparisons_of(protocol: Protocol, cells: list[Cell]) -> list[Comparison]:
-    """Every setting against the baseline and each declared contrast, in every stratum."""
-    firsts = {}
+def comparisons_of(protocol: Protocol, cells: list[Cell],
+                   kinds: tuple[str, ...] | None = None) -> list[Comparison]:
+    """The comparisons of `kinds` (default: those that drive the protocol's rounds,
+    `Protocol.driving_kinds`) in every stratum of `cells`."""
+    kinds = protocol.driving_kinds() if kinds is None else kinds
+    firsts: dict[str, Cell] = {}
     for cell in cells:
         firsts.setdefault(stratum_of(cell), cell)
     base = setting_of(*protocol.baseline)
-    pairs = [(setting_of(*s), base, False) for s in protocol.dropout if setting_of(*s) != base]
-    pairs += [(setting_of(*a), setting_of(*b), True) for a, b in protocol.analysis.contrasts]
+    settings = [setting_of(*s) for s in protocol.dropout]
+    pairs = []
+    if "baseline" in kinds:
+        pairs += [(s, base, "baseline") for s in settings if s != base]
+    if "contrasts" in kinds:
+        pairs += [(setting_of(*a), setting_of(*b), "contrasts")
+                  for a, b in protocol.analysis.contrasts]
     sizes = len(protocol.data.sizes())
-    return [Comparison(sid, _labels(cell), s, ref, contrast, sizes)
-            for sid, cell in firsts.items() for s, ref, contrast in pairs]
+    out = [Comparison(sid, _labels(cell), s, ref, kind, None, sizes)
+           for sid, cell in firsts.items() for s, ref, kind in pairs]
+    if "implementations" in kinds:
+        out += [Comparison(sid, _labels(cell), s, s, "implementations",
+                           stratum_of(dataclasses.replace(cell, implementation="torch")), sizes)
+                for sid, cell in firsts.items() if cell.implementation != "torch"
+                for s in settings]
+    if "mc" in kinds:
+        out += [Comparison(sid, _labels(cell), s, s, "mc", None, sizes)
+                for sid, cell in firsts.items() for s in settings]
+    return out
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -170,9 +221,12 @@ class Slot:
 
 
 def schedule(protocol: Protocol, values: Mapping[str, float],
-             absent_devices: frozenset[str] = frozenset()) -> Schedule:
+             absent_devices: frozenset[str] = frozenset(),
+             mc_gaps: Mapping[str, float] | None = None) -> Schedule:
     """protocol: adaptive; values: cell key -> primary endpoint of its FINISHED run (NaN for a
-    diverged run); cells on `absent_devices` are neither planned nor waited for."""
+    diverged run); cells on `absent_devices` are neither planned nor waited for; mc_gaps: cell
+    key -> MC-averaged minus eval-mode test accuracy of its run (`mc` comparisons; a FINISHED
+    run missing here counts as a diverged pair)."""
     design = design_for(protocol)
     budget = (protocol.adaptive or Adaptive()).max_runs
     cells = [c for c in universe(protocol) if c.device not in absent_devices]
@@ -188,7 +242,8 @@ def schedule(protocol: Protocol, values: Mapping[str, float],
         todo = tuple(s.cell for s in planned if s.key not in values)
         if todo:
             return Schedule(design, tuple(rounds), todo, tuple(decisions), None)
-        decisions = [(k, sq.decide(_gaps(k, seeds, firsts, values), design)) for k in comparisons]
+        decisions = [(k, sq.decide(_gaps(k, seeds, firsts, values, mc_gaps or {}), design))
+                     for k in comparisons]
         still = [(k, d) for k, d in decisions if d.open]
         if not still:
             return _final(protocol, design, rounds, decisions, "settled")
@@ -203,11 +258,15 @@ def schedule(protocol: Protocol, values: Mapping[str, float],
                             tuple(k.name for k, _ in still)))
 
 
-def _gaps(k: Comparison, seeds: dict, firsts: dict, values: Mapping[str, float]) -> np.ndarray:
-    """Paired gaps setting - reference by seed, over the seeds both have (replicate 0)."""
-    n = min(seeds[(k.stratum, k.setting)], seeds[(k.stratum, k.reference)])
-    return np.array([values[firsts[(k.stratum, k.setting, i)]]
-                     - values[firsts[(k.stratum, k.reference, i)]] for i in range(n)], dtype=float)
+def _gaps(k: Comparison, seeds: dict, firsts: dict, values: Mapping[str, float],
+          mc_gaps: Mapping[str, float]) -> np.ndarray:
+    """The comparison's gaps by seed, over the seeds its arms all have (replicate 0): the MC
+    gap of each run for `mc`, else the paired difference of the two arms' endpoints."""
+    n = min(seeds[arm] for arm in k.arms())
+    keys = [[firsts[(*arm, i)] for i in range(n)] for arm in k.arms()]
+    if k.kind == "mc":
+        return np.array([mc_gaps.get(key, math.nan) for key in keys[0]], dtype=float)
+    return np.array([values[a] - values[b] for a, b in zip(*keys)], dtype=float)
 
 
 def _grow(seeds: dict, still: list[tuple[Comparison, sq.Decision]], design: sq.Design) -> dict:
@@ -215,8 +274,8 @@ def _grow(seeds: dict, still: list[tuple[Comparison, sq.Decision]], design: sq.D
     out = dict(seeds)
     for k, d in still:
         target = min(d.stopped_at + design.round, design.max_seeds)
-        for side in (k.setting, k.reference):
-            out[(k.stratum, side)] = max(out[(k.stratum, side)], target)
+        for arm in k.arms():
+            out[arm] = max(out[arm], target)
     return out
 
 
@@ -239,12 +298,19 @@ def _fixed(d: sq.Decision, design: sq.Design, power: float) -> int | None:
 # ----------------------------------------------------------------------------- results
 
 
-def from_store(protocol: Protocol, read: Callable[[set[str], int], Mapping[str, float]],
+def from_store(protocol: Protocol, read: Read,
                absent_devices: frozenset[str] = frozenset()) -> Schedule:
-    """The schedule of `protocol` from a store: read(cell keys, K) -> endpoint values (bind
-    `tracking.endpoint_values` to a client and experiment); the one place callers plan from."""
-    values = read({c.key for c in universe(protocol)}, endpoint_k(protocol))
-    return schedule(protocol, values, absent_devices)
+    """The schedule of `protocol` from a store: read(cell keys, K[, metric]) -> values (bind
+    `tracking.endpoint_values` to a client and experiment); the one place callers plan from.
+    `mc` comparisons read each run's final `test_acc` and `mc_test_acc` besides the endpoint."""
+    keys = {c.key for c in universe(protocol)}
+    values = read(keys, endpoint_k(protocol))
+    mc = None
+    if "mc" in protocol.driving_kinds():
+        final = values if endpoint_k(protocol) == 1 else read(keys, 1)
+        averaged = read(keys, 1, "mc_test_acc")
+        mc = {key: v - final[key] for key, v in averaged.items() if key in final}
+    return schedule(protocol, values, absent_devices, mc)
 
 
 def planned_cells(protocol: Protocol) -> list[Cell]:
@@ -253,8 +319,7 @@ def planned_cells(protocol: Protocol) -> list[Cell]:
     return universe(protocol) if protocol.adaptive is not None else expand(protocol)
 
 
-def with_decisions(results: Results, protocol: Protocol,
-                   read: Callable[[set[str], int], Mapping[str, float]],
+def with_decisions(results: Results, protocol: Protocol, read: Read,
                    absent_devices: frozenset[str] = frozenset()) -> Results:
     """`results` of an adaptive protocol annotated from the schedule the store gives (see
     `from_store`, `annotate`); a fixed protocol's results unchanged."""
@@ -274,20 +339,58 @@ def annotate(results: Results, plan: Schedule, protocol: Protocol) -> Results:
                             stop=plan.design.stop,
                             mixture_precision=plan.design.mixture_precision,
                             rounds=len(plan.rounds), runs=len(plan.cells), study_stop=plan.stop)
+
+    def base(c, kind: str):  # a results Comparison: its setting against its baseline
+        return _decided(c, plan, kind, c.stratum, (c.dropout1, c.dropout2), tuple(c.baseline))
+
     return dataclasses.replace(results, adaptive=design,
-                               comparisons=[_decided(c, plan) for c in results.comparisons],
-                               contrasts=[_decided(c, plan) for c in results.contrasts])
+                               comparisons=[base(c, "baseline") for c in results.comparisons],
+                               contrasts=[base(c, "contrasts") for c in results.contrasts],
+                               diagnostics=_implementations(results.diagnostics, plan),
+                               inference=_mc(results.inference, plan))
 
 
-def _decided(c: Compared, plan: Schedule) -> Compared:
+def _implementations(diagnostics: Diagnostics | None, plan: Schedule) -> Diagnostics | None:
+    """The C4 section with each hand-written dropout's decision against torch."""
+    if diagnostics is None or not diagnostics.implementations.records:
+        return diagnostics
+    section = diagnostics.implementations
+    records = [_decided(r, plan, "implementations", {**r.stratum, "implementation":
+                                                     r.implementation},
+                        (r.dropout1, r.dropout2), (r.dropout1, r.dropout2))
+               for r in section.records]
+    return dataclasses.replace(diagnostics,
+                               implementations=dataclasses.replace(section, records=records))
+
+
+def _mc(inference: Inference | None, plan: Schedule) -> Inference | None:
+    """C7 with each setting's MC-minus-eval accuracy decision (NLL and ECE stay fixed-n)."""
+    if inference is None:
+        return None
+    settings = [dataclasses.replace(m, accuracy=_decided(m.accuracy, plan, "mc", m.stratum,
+                                                        (m.dropout1, m.dropout2),
+                                                        (m.dropout1, m.dropout2)))
+                for m in inference.settings]
+    return dataclasses.replace(inference, settings=settings)
+
+
+def _decided(record: T, plan: Schedule, kind: str, stratum: Mapping[str, Any],
+             setting: Setting, reference: Setting) -> T:
+    """`record` (a results Comparison, ImplementationRecord or Paired) with the decision of the
+    one scheduled comparison of `kind` it is; unchanged when the schedule decides none."""
     found = [d for k, d in plan.decisions
-             if k.matches(c.stratum, (c.dropout1, c.dropout2), tuple(c.baseline))]
-    if len(found) != 1:
-        return c
-    d = found[0]
-    return dataclasses.replace(c, verdict=d.verdict, cs95=d.cs95, p_anytime=d.p_anytime,
+             if k.kind == kind and k.matches(stratum, setting, reference)]
+    return with_decision(record, found[0]) if len(found) == 1 else record
+
+
+def with_decision(record: T, d: sq.Decision) -> T:
+    """A results record (Comparison, ImplementationRecord or Paired) decided by `d`: the
+    anytime-valid verdict and its fields (a protocol's rounds and an own experiment's looks,
+    study.analysis.looks, both write them here)."""
+    return dataclasses.replace(record, verdict=d.verdict, cs95=d.cs95, p_anytime=d.p_anytime,
                                stopped_at=d.stopped_at, stop_reason=d.stop_reason,
-                               seeds_fixed_equivalent=d.seeds_fixed_equivalent)
+                               seeds_fixed_equivalent=d.seeds_fixed_equivalent,
+                               cs_looks=[Look.of(*x) for x in d.looks])
 
 
 # ----------------------------------------------------------------------------- what is printed

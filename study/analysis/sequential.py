@@ -60,6 +60,7 @@ Any fixed precision keeps the guarantee; it only moves where the interval is tig
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -279,10 +280,22 @@ class Decision:
     sd: float | None
     seeds_fixed_equivalent: int | None = None
     reason: str | None = None
+    # The CS at every look up to the stop, (seeds, lo, hi): how it narrowed as seeds came in.
+    looks: tuple[tuple[int, float, float], ...] = ()
 
     @property
     def open(self) -> bool:
         return self.stop_reason is None
+
+
+def cs_at_looks(gaps: np.ndarray, design: Design, upto: int) -> tuple[tuple[int, float, float], ...]:
+    """The running-intersection CS at each look of `design` up to `upto` seeds, from the same
+    `path` that `run_design` decides on; a bound not yet finite is ±inf."""
+    x = np.asarray(gaps, dtype=float)[:upto]
+    if upto < 1 or x.size < upto:
+        return ()
+    p = path(x, design.mixture_precision, design.alpha)
+    return tuple((k, float(p.lo[k - 1]), float(p.hi[k - 1])) for k in design.looks() if k <= upto)
 
 
 def decide(gaps: np.ndarray, design: Design, power: float | None = None) -> Decision:
@@ -305,16 +318,15 @@ def decide(gaps: np.ndarray, design: Design, power: float | None = None) -> Deci
     fixed = fixed_seeds(verdict, mean, sd, design, power) if power is not None else None
     return Decision(verdict, seeds, None if code == OPEN else REASONS[code], cs,
                     float(out.p_anytime[0]), mean if math.isfinite(mean) else None,
-                    sd if math.isfinite(sd) else None, fixed, stats.join_reasons(*notes))
+                    sd if math.isfinite(sd) else None, fixed, stats.join_reasons(*notes),
+                    cs_at_looks(gaps, design, seeds))
 
 
 def stop_for_budget(decision: Decision) -> Decision:
     """An open decision closed because the study's run budget (max_runs) is spent."""
     if not decision.open:
         return decision
-    return Decision(decision.verdict, decision.stopped_at, REASONS[MAX_RUNS], decision.cs95,
-                    decision.p_anytime, decision.mean_diff, decision.sd,
-                    decision.seeds_fixed_equivalent, decision.reason)
+    return dataclasses.replace(decision, stop_reason=REASONS[MAX_RUNS])
 
 
 def fixed_seeds(verdict: str, gap: float, sd: float, design: Design, power: float) -> int | None:

@@ -208,6 +208,11 @@ class Adaptive:
     # settled: stop once no later seed can change what the report says; first: at the first
     # verdict other than inconclusive (fewer seeds, "different" for some gaps inside the margin).
     stop: Literal["settled", "first"] = "settled"
+    # Which comparisons decide the rounds (docs/statistics.md "Which comparisons drive the
+    # rounds"): baseline (every setting against the baseline), contrasts (the declared ones),
+    # implementations (each hand-written dropout against torch at the same setting), mc (MC-
+    # averaged against eval-mode accuracy, within each run). None: every kind the protocol has.
+    compare: tuple[Literal["baseline", "contrasts", "implementations", "mc"], ...] | None = None
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -298,6 +303,30 @@ class Protocol:
         if self.adaptive.max_seeds < self.seeds.count:
             raise ValueError(f"adaptive.max_seeds: {self.adaptive.max_seeds} is below "
                              f"seeds.count {self.seeds.count}")
+        compare = self.adaptive.compare
+        if compare is not None and (missing := [k for k in compare
+                                                if k not in self.comparison_kinds()]):
+            raise ValueError(f"adaptive.compare: {missing} not in this protocol, which has "
+                             f"{list(self.comparison_kinds())} (value: {list(compare)})")
+        if compare is not None and not compare:
+            raise ValueError("adaptive.compare: must name at least one kind (value: [])")
+
+    def comparison_kinds(self) -> tuple[str, ...]:
+        """The kinds of comparison this protocol's analysis makes that can drive adaptive
+        rounds (`Adaptive.compare`): baseline always; the others where the protocol has them."""
+        kinds = ["baseline"]
+        if self.analysis.contrasts:
+            kinds.append("contrasts")
+        if "torch" in self.implementations and len(self.implementations) > 1:
+            kinds.append("implementations")
+        if self.inference.mc_passes > 0:
+            kinds.append("mc")
+        return tuple(kinds)
+
+    def driving_kinds(self) -> tuple[str, ...]:
+        """The kinds that decide an adaptive protocol's rounds: `adaptive.compare`, or all."""
+        chosen = self.adaptive.compare if self.adaptive is not None else None
+        return chosen if chosen is not None else self.comparison_kinds()
 
     def thread_counts(self) -> tuple[int | None, ...]:
         return self.threads if isinstance(self.threads, tuple) else (self.threads,)

@@ -21,7 +21,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from study.report import figures
+from study.report import environment, figures
 from study.report.figures import FigureFile
 from study.report.context import Inputs
 from study.report.render_markdown import render_markdown
@@ -40,10 +40,13 @@ class ReportFiles:
     typst: Path
     style: Path  # the Typst style report.typ imports; needed to recompile it
     figures: list[FigureFile] = field(default_factory=list)
+    # Where and when, kept out of the PDF so its bytes are the same on every machine.
+    environment: Path | None = None
 
     def all(self) -> list[Path]:
         """Every file written, for logging to the analysis run."""
         return [self.pdf, self.markdown, self.typst, self.style,
+                *([self.environment] if self.environment else []),
                 *(path for f in self.figures for path in (f.png, f.svg))]
 
 
@@ -51,8 +54,9 @@ def write_report(results: Results, table: RunTable, out_dir: Path,
                  date: dt.date | None = None) -> ReportFiles:
     """Write figures, report.typ (+ style.typ), report.pdf and report.md under `out_dir`.
 
-    `date` goes into the PDF metadata when given; by default the PDF carries no date, so the
-    same inputs give the same bytes."""
+    `date` goes into the PDF metadata when given; by default the PDF carries no date, and the
+    machine, time and store go to environment.md beside it, so the same runs give the same
+    bytes on any machine."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures.make_figures(results, table, out_dir / "figures")
@@ -63,4 +67,6 @@ def write_report(results: Results, table: RunTable, out_dir: Path,
     md.write_text(render_markdown(blocks, doc_title), encoding="utf-8")
     style = install_style(out_dir)
     compile_pdf(typ, pdf)
-    return ReportFiles(pdf=pdf, markdown=md, typst=typ, style=style, figures=figs)
+    env = environment.write(out_dir, pdf.name, {table.experiment_name: table})
+    return ReportFiles(pdf=pdf, markdown=md, typst=typ, style=style, figures=figs,
+                       environment=env)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from study.report import bottomline
+from study.report.bottomline import BottomLine
 from study.report.figures import setting_label
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostics import (applicable, claim_repeatability, diag_section,
@@ -31,6 +33,10 @@ class Claim:
     lesson: str  # what the lesson concludes from one run per setting
     heading: str
     build: Callable[[Inputs], list[Block]]
+    bottom: Callable[[Inputs], BottomLine]  # the one sentence the claim's section opens with
+
+    def bottom_line(self, inputs: Inputs) -> str:
+        return self.bottom(inputs).sentence(self.key)
 
 
 def verdicts_section(inputs: Inputs) -> list[Block]:
@@ -39,7 +45,8 @@ def verdicts_section(inputs: Inputs) -> list[Block]:
         para("Each claim of the lesson against the data, stratum by stratum. \u201cNo real "
              "difference\u201d is said only where equivalence within the margin was shown.")]
     for claim in CLAIMS:
-        blocks += [Heading(2, f"{claim.key}: {claim.heading}"), *claim.build(inputs)]
+        blocks += [Heading(2, f"{claim.key}: {claim.heading}"),
+                   para(Strong(claim.bottom_line(inputs))), *claim.build(inputs)]
     return blocks
 
 
@@ -140,8 +147,10 @@ def claim_first_layer(inputs: Inputs) -> list[Block]:
 
 def _first_layer_text(c: Comparison, inputs: Inputs) -> str:
     r = inputs.results
-    text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, t test, a Holm family of "
-            f"the declared contrasts) {fmt_setting(c)} against {fmt_setting(c.baseline)} is "
+    # A Holm family only for the fixed-n test; an adaptive verdict is its own CS's.
+    family = "" if c.adaptive else ", a Holm family of the declared contrasts"
+    text = (f"under the primary analysis ({endpoint_text(c.endpoint)}, {method_text(c)}{family}) "
+            f"{fmt_setting(c)} against {fmt_setting(c.baseline)} is "
             f"{fmt_pp(c.mean_diff)} {fmt_ci_pp(gap_interval(c))} over {c.n_pairs or c.n} "
             f"{'paired seeds' if c.paired else 'runs'}: {verdict_phrase(c, r)}. This verdict is "
             f"{robustness_phrase(c)}.")
@@ -208,8 +217,8 @@ def claim_overfitting(inputs: Inputs) -> list[Block]:
                      "(protocols/overfitting.yaml crosses the size with the dropout rate).")]
     blocks: list[Block] = []
     for i in r.interactions:
-        lead = f"{i.label}: " if len(r.interactions) > 1 else ""
-        blocks += [para(lead, Strong(f"C6 {i.holds}"), f": {i.holds_reason}."),
+        # The bottom line above states whether C6 holds; several strata are named here.
+        blocks += [*([para(Strong(i.label))] if len(r.interactions) > 1 else []),
                    _regime_table(i), _gain_table(i, r), para(_trend_text(i)),
                    para(_dose_text(i))]
     return blocks + [Fig(f) for f in inputs.figs if f.name == "interaction"]
@@ -293,26 +302,31 @@ def _dose_text(i: Interaction) -> str:
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("C1", "no dropout, (0, 0), beats every dropout setting;",
-          "no dropout beats every dropout setting", claim_no_dropout),
+          "no dropout beats every dropout setting", claim_no_dropout, bottomline.no_dropout),
     Claim("C2", "(1, 1) \u201cerrors\u201d (cannot be run);", "(1, 1) errors",
-          claim_degenerate((1.0, 1.0))),
+          claim_degenerate((1.0, 1.0)), bottomline.degenerate((1.0, 1.0))),
     Claim("C3", "(0.9, 0.9) \u201chas problems\u201d;", "(0.9, 0.9) has problems",
-          claim_degenerate((0.9, 0.9))),
+          claim_degenerate((0.9, 0.9)), bottomline.degenerate((0.9, 0.9))),
     Claim("C3\u2032", "the (0.9, 0.9) trouble comes from dropping too much in the first layer "
                      "((0.8, 0.6) against (0.6, 0.8));",
-          "too much dropout in the first layer is what hurts", claim_first_layer),
+          "too much dropout in the first layer is what hurts", claim_first_layer,
+          bottomline.first_layer(*FIRST_LAYER)),
     Claim("C4", "the hand-written dropout and nn.Dropout perform about the same;",
-          "hand-written and nn.Dropout perform the same", claim_implementations),
+          "hand-written and nn.Dropout perform the same", claim_implementations,
+          bottomline.implementations),
     Claim("C5", "fixing the random seed makes training repeatable, but cuDNN on CUDA may still "
                 "differ (parallel sums in a different order);",
-          "a fixed seed makes training repeatable; cuDNN may not", claim_repeatable),
+          "a fixed seed makes training repeatable; cuDNN may not", claim_repeatable,
+          bottomline.repeatable),
     Claim("C6", "however the rates are tuned, no dropout wins; maybe the model is not big "
                 "enough, and dropout only pays off once it overfits;",
-          "dropout pays off only once the model overfits", claim_overfitting),
+          "dropout pays off only once the model overfits", claim_overfitting,
+          bottomline.overfitting),
     Claim("C7", "at inference dropout is not needed; left on, it adds randomness and must be "
                 "computed several times (“the first pass says cat, the second may say "
                 "dog”).",
-          "dropout left on at inference flips predictions", claim_inference),
+          "dropout left on at inference flips predictions", claim_inference,
+          bottomline.inference),
 )
 
 

@@ -13,13 +13,15 @@ from typing import Any
 from study.report.figures import FigureFile
 from study.report.describe import Setup
 from study.report.document import Block, Bullets, Fig, Heading, Para, Table, para
-from study.report.wording import (NA, VERDICT_ORDER, finite, fmt_ci_pct, fmt_ci_pp, fmt_int,
+from study.report.wording import (ANYTIME_BASIS, NA, VERDICT_ORDER, decided_adaptively,
+                                  finite, fmt_ci_pct, fmt_ci_pp, fmt_int,
                                   fmt_num, fmt_p, fmt_pct, fmt_pp, fmt_ratio_ci, fmt_setting,
-                                  p_rel, record_verdict_phrase, verdict_counts, verdict_lists,
-                                  verdict_word)
+                                  gap_interval, p_rel, record_verdict_phrase, stop_text,
+                                  stops_clause, verdict_counts, verdict_lists, verdict_word)
 from study.results import Results
-from study.results.diagnostics import (KeepRecord, ModeRecord, PairedRecord, ReplicateRecord,
-                                       Section, SourceRecord, SourceSummary)
+from study.results.diagnostics import (ImplementationRecord, KeepRecord, ModeRecord,
+                                       PairedRecord, ReplicateRecord, Section, SourceRecord,
+                                       SourceSummary)
 from study.analysis.table import RunTable
 
 
@@ -69,9 +71,11 @@ def records_by_verdict(records: Sequence[PairedRecord], results: Results) -> str
         return fmt_setting(r) + (f" in {where(r.stratum, keys)}" if keys else "")
 
     names = {v: [name(r) for r in records if r.verdict == v] for v in VERDICT_ORDER}
-    need = [r.seeds_needed for r in records
-            if r.verdict == "inconclusive" and finite(r.seeds_needed)]
-    return verdict_lists(names, results.equivalence_margin, need)
+    # An adaptive record's own stop says what is left; a fixed-n count would not apply to it.
+    need = [r.seeds_needed for r in records if r.verdict == "inconclusive"
+            and finite(r.seeds_needed) and not decided_adaptively(r)]
+    return verdict_lists(names, results.equivalence_margin, need) + \
+        stops_clause([(name(r), r) for r in records])
 
 
 # C5 -------------------------------------------------------------------------------------------
@@ -187,8 +191,9 @@ def verify_blocks(table: RunTable) -> list[Block]:
         return [para("No verify run (python -m study verify) is recorded for these runs, so "
                      "reproduction in a later process or on another machine was not checked "
                      "here; the golden test (pytest -k golden) checks portable mode.")]
-    return [para(f"Re-trained by python -m study verify on {v.get('cpu_model', NA)} "
-                 f"({v.get('cpu_isa', NA)}): {v.get('n_identical', NA)} of "
+    # The verifying machine is named in environment.md, not here (the PDF's bytes stay the same).
+    return [para(f"Re-trained by python -m study verify (its machine: environment.md): "
+                 f"{v.get('n_identical', NA)} of "
                  f"{v.get('n_checked', NA)} sampled cells gave the recorded weights; "
                  f"{v.get('n_env_differs', NA)} ran where a key that decides the bits differs; "
                  f"{v.get('n_broken', NA)} broke the promise of a strict or portable mode.")]
@@ -284,25 +289,60 @@ def equivalence_blocks(results: Results) -> list[Block]:
         return [not_measured("a paired test between implementations", section)]
     recs = section.records
     keys = varying_keys(recs, ("device",))
+    adaptive = [r for r in recs if r.adaptive]
     rows = tuple((r.implementation, fmt_setting(r), where(r.stratum, keys),
                   str(r.n_pairs), fmt_pp(r.mean_diff, unit=False),
-                  fmt_ci_pp(r.mean_diff_ci95), fmt_p(r.p_adjusted),
-                  fmt_p(r.tost_p_adjusted), r.verdict,
-                  # Only an open question needs more seeds; a settled one is shown as a dash.
-                  fmt_int(r.seeds_needed) if r.verdict == "inconclusive"
-                  else "\u2013") for r in recs)
-    header = ("implementation", "setting", " / ".join(keys), "pairs", "\u0394 (pp)", "95% CI",
-              "p adj.", "TOST p adj.", "verdict", "seeds needed")
+                  fmt_ci_pp(gap_interval(r)), fmt_p(r.p_adjusted),
+                  fmt_p(r.tost_p_adjusted), *([fmt_p(r.p_anytime)] if adaptive else []),
+                  r.verdict, _settle_cell(r)) for r in recs)
+    header = ("implementation", "setting", " / ".join(keys), "pairs", "\u0394 (pp)",
+              _interval_header(recs), "p adj.", "TOST p adj.",
+              *(["anytime p"] if adaptive else []), "verdict",
+              "stop" if len(adaptive) == len(recs) else "seeds needed" if not adaptive
+              else "seeds needed / stop")
     impls = sorted({r.implementation for r in recs})
     summary = [para(f"{impl} vs torch: ",
                     records_by_verdict([r for r in recs if r.implementation == impl], results), ".")
                for impl in impls]
     return [para(f"Each implementation against nn.Dropout (torch), paired by seed, with a "
                  f"t-test and TOST at ±{fmt_pp(section.margin, sign=False)}, "
-                 f"Holm-adjusted within each stratum."),
+                 f"Holm-adjusted within each stratum.", _adaptive_c4_text(adaptive, recs)),
             Bullets(tuple(summary)),
             Table(header, rows, "Final test accuracy, implementation minus torch, paired by "
-                  "seed.", "lllrrrrrlr")]
+                  "seed." + _adaptive_c4_note(adaptive), "lllrrrrr" + "r" * bool(adaptive)
+                  + "lr")]
+
+
+def _settle_cell(r: ImplementationRecord) -> str:
+    """An adaptive record's stop; a fixed one's seeds needed when open (a dash when settled)."""
+    if r.adaptive:
+        return stop_text(r)
+    return fmt_int(r.seeds_needed) if r.verdict == "inconclusive" else "\u2013"
+
+
+def _interval_header(recs: Sequence[ImplementationRecord]) -> str:
+    adaptive = sum(r.adaptive for r in recs)
+    return "95% CS" if adaptive == len(recs) else "95% CI" if not adaptive else \
+        "95% CS (adaptive) / CI"
+
+
+def _adaptive_c4_text(adaptive: Sequence[ImplementationRecord],
+                      recs: Sequence[ImplementationRecord]) -> str:
+    """What decides the adaptive records: their CS, not the Holm-adjusted tests."""
+    if not adaptive:
+        return ""
+    which = "Every comparison" if len(adaptive) == len(recs) else \
+        f"{len(adaptive)} of {len(recs)} comparisons"
+    return (f" {which} drove the protocol's adaptive rounds: its verdict is read off the "
+            f"t-mixture's 95% confidence sequence (CS) at its stop, and the fixed-n p-values "
+            f"and TOST beside it are descriptive; {ANYTIME_BASIS}.")
+
+
+def _adaptive_c4_note(adaptive: Sequence[ImplementationRecord]) -> str:
+    if not adaptive:
+        return ""
+    return (" Adaptive rows: the interval is the 95% CS at the stop, the verdict is read off "
+            "it, anytime p is unadjusted, and the p adj. and TOST columns are descriptive.")
 
 
 # Sources of variance ----------------------------------------------------------------------------

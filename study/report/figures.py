@@ -29,6 +29,7 @@ from scipy import stats
 
 from study.results import (Comparison, Curve, Endpoint, Group, Interaction, McSetting, Results,
                            SizeEffect, Stratum)
+from study.results.anytime import Anytime
 from study.results.diagnostics import Diagnostics, KeepRecord, SourceRecord
 
 # Fixed salt: matplotlib otherwise seeds SVG element ids from a random value per process.
@@ -295,6 +296,102 @@ def _draw_forest_row(ax: Axes, y: int, row: ForestRow, limit: float) -> None:
     ci = "" if row.ci is None else f" [{row.ci[0]:+.2f}, {row.ci[1]:+.2f}]"
     ax.text(1.02, y, f"{row.diff:+.2f}{ci} {row.verdict}", transform=text_at,
             va="center", fontsize=6, color=colour)
+
+
+STOP_WORDS = {"settled": "settled", "max_seeds": "cap", "max_runs": "budget", None: "open"}
+# The y-range of the CS figure: a CS still unbounded, or very wide at the first look, would
+# squash the narrowing that matters near the margin; beyond it, bounds end in arrows.
+CS_FOCUS_MARGINS = 6
+
+
+@dataclass(frozen=True)
+class CsTrack:
+    """A C4 or C7 record in the CS figure: its legend label, the palette key of its setting
+    (its colour) and its line style, which tells the kind of comparison apart."""
+
+    label: str
+    setting: str
+    style: str
+    record: Anytime
+
+
+# Line styles of the CS figure: a comparison with the baseline or a contrast solid, C4's
+# implementation - torch dashed, C7's MC - eval accuracy dotted.
+CS_STYLES = {"C4": ("--", "C4: implementation \u2212 torch"),
+             "C7": (":", "C7: MC \u2212 eval accuracy")}
+
+
+def cs_tracks(results: Results, stratum: Stratum) -> list[CsTrack]:
+    """The C4 and C7 records of `stratum` still open after their first look. A C4 record
+    belongs to its implementation's stratum (its own stratum lacks that key)."""
+    tracks = []
+    diag = results.diagnostics
+    for r in (diag.implementations.records if diag is not None else ()):
+        key = {**r.stratum, "implementation": r.implementation}
+        if was_open(r) and all(str(stratum.stratum.get(k)) == str(v) for k, v in key.items()):
+            here = setting_label(r.dropout1, r.dropout2)
+            tracks.append(CsTrack(f"{r.implementation} \u2212 torch {here}", here,
+                                  CS_STYLES["C4"][0], r))
+    for m in (results.inference.settings if results.inference is not None else ()):
+        if was_open(m.accuracy) and m.stratum == stratum.stratum:
+            here = setting_label(m.dropout1, m.dropout2)
+            tracks.append(CsTrack(f"MC \u2212 eval {here}", here, CS_STYLES["C7"][0],
+                                  m.accuracy))
+    return tracks
+
+
+def plot_cs_looks(comparisons: Sequence[Comparison], margin: float, *,
+                  contrasts: Sequence[Comparison] = (), tracks: Sequence[CsTrack] = (),
+                  palette: dict[str, Any] | None = None, ax: Axes | None = None) -> Axes:
+    """Each adaptive comparison still open after its first look: its 95% confidence sequence
+    (pp) at every look, against the seeds
+    per setting: its bounds narrowing as seeds are added, over the ±margin band, the stop
+    marked with its reason. The CS is read from `cs_looks` (the analysis's own); C4 and C7
+    records come as `tracks` (`cs_tracks`)."""
+    ax = _new_axes(ax)
+    colour = (palette or {}).get
+    drawn = [(cs_label(c), colour(cs_label(c), "#333333"), "-", c) for c in comparisons
+             if was_open(c)] + \
+        [(cs_label(c, contrast=True), "#333333", "-", c) for c in contrasts if was_open(c)] + \
+        [(t.label, colour(t.setting, "#333333"), t.style, t.record) for t in tracks
+         if was_open(t.record)]
+    if not drawn:
+        ax.text(0.5, 0.5, "every comparison stopped at its first look", ha="center", va="center",
+                transform=ax.transAxes, fontsize=7)
+        ax.set_axis_off()
+        return ax
+    limit = CS_FOCUS_MARGINS * margin * 100
+    ax.axhspan(-margin * 100, margin * 100, color="#0072B2", alpha=0.12, linewidth=0)
+    ax.axhline(0, color="black", linewidth=0.7)
+    for label, colour, style, c in drawn:
+        seeds = [look.seeds for look in c.cs_looks]
+        lo = [-limit if look.lo is None else max(look.lo * 100, -limit) for look in c.cs_looks]
+        hi = [limit if look.hi is None else min(look.hi * 100, limit) for look in c.cs_looks]
+        ax.fill_between(seeds, lo, hi, color=colour, alpha=0.15, linewidth=0, step=None)
+        ax.plot(seeds, lo, color=colour, linewidth=1.2, marker="_", label=label, linestyle=style)
+        ax.plot(seeds, hi, color=colour, linewidth=1.2, marker="_", linestyle=style)
+        ax.plot([seeds[-1], seeds[-1]], [lo[-1], hi[-1]], color=colour, linewidth=2.2)
+        ax.annotate(STOP_WORDS.get(c.stop_reason, c.stop_reason or "open"),
+                    (seeds[-1], hi[-1]), xytext=(2, 2), textcoords="offset points",
+                    fontsize=6, color=colour)
+    ax.set_ylim(-1.08 * limit, 1.08 * limit)
+    ax.set_xlabel("seeds per setting")
+    ax.set_ylabel("95% CS of the gap (pp)")
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    return ax
+
+
+def was_open(c: Anytime) -> bool:
+    """Whether an adaptive comparison was still open after its first look (so asked for seeds):
+    the ones whose narrowing there is to show."""
+    return len(c.cs_looks or ()) > 1
+
+
+def cs_label(c: Comparison, contrast: bool = False) -> str:
+    """A comparison with the baseline is named by its setting (the palette's key); a contrast
+    by both of its settings."""
+    here = setting_label(c.dropout1, c.dropout2)
+    return f"{here} \u2212 {setting_label(*c.baseline)}" if contrast else here
 
 
 def interval_bar(ax: Axes, x: float, y: float, lo: float, hi: float, *, color: Any,
@@ -573,6 +670,16 @@ CAPTIONS = {
                    "baseline against the baseline's final train \u2212 test gap, one point per "
                    "size with 95% CIs both ways; the dashed line is the seed-level regression "
                    "(standard errors clustered by seed).",
+    "cs_looks": "Adaptive study: each comparison still open after its first look, with its 95% "
+                "confidence sequence of the gap to the baseline (a contrast: between its two settings) at every look, against the "
+                "seeds per setting at that look, up to the look where it stopped; the thick "
+                "bar and the word mark the stop (settled, cap: max_seeds, budget: max_runs, "
+                "open: rounds remain). The sequence only narrows (a running intersection); the "
+                "shaded band is the equivalence margin, and bounds beyond the axis are clipped "
+                "to its edge. A verdict is read off the CS at the stop. Where C4 or C7 "
+                "comparisons drove rounds, dashed lines are an implementation against torch "
+                "and dotted ones MC-averaged against eval-mode accuracy, each in its "
+                "setting's colour.",
     "keep_rates": "Share of units each dropout layer kept in training, per implementation "
                   "(mean over first runs; one marker per setting and layer, dodged sideways so "
                   "implementations do not hide each other). Solid: the nominal 1 \u2212 p; "
@@ -615,7 +722,8 @@ def panel_titles(strata: Sequence[Stratum]) -> list[str]:
 
 def _draw_facets(name: str, results: Results, table: Any, out_dir: Path,
                  draw: Callable[[Stratum, pd.DataFrame, Axes], None],
-                 legend: dict[str, Any] | None = None, columns: int = MAX_COLUMNS) -> FigureFile:
+                 legend: dict[str, Any] | None = None, columns: int = MAX_COLUMNS,
+                 legend_width: float | None = None) -> FigureFile:
     frames = _stratum_frames(results, table.runs)
     titles = panel_titles(results.strata)
     with style():
@@ -626,7 +734,8 @@ def _draw_facets(name: str, results: Results, table: Any, out_dir: Path,
                 ax.set_title(title)
         if legend:
             fig.legend(handles=list(legend.values()), labels=list(legend), loc="outside lower center",
-                       ncols=legend_columns(len(legend), fig.get_figwidth()), frameon=False)
+                       ncols=legend_columns(len(legend), legend_width or fig.get_figwidth()),
+                       frameon=False)
     png, svg = save(fig, out_dir, name)
     return FigureFile(name, png, svg, caption(name, results), float(fig.get_figwidth()))
 
@@ -650,6 +759,22 @@ def _verdict_handles(margin: float) -> dict[str, Any]:
     band = mpl.patches.Patch(color="#0072B2", alpha=0.12, linewidth=0)
     tost = mpl.lines.Line2D([], [], color="#7f7f7f", linewidth=6, alpha=0.3)
     return {**handles, "TOST interval": tost, f"±{margin * 100:g} pp equivalence margin": band}
+
+
+def _cs_handles(results: Results, palette: dict[str, Any], margin: float) -> dict[str, Any]:
+    """The legend of the CS figure: the settings drawn (a contrast in dark grey), the band."""
+    drawn = {cs_label(c) for c in results.comparisons if was_open(c)}
+    handles = {s: h for s, h in _setting_handles(palette).items() if s in drawn}
+    handles.update({cs_label(c, contrast=True): mpl.lines.Line2D([], [], color="#333333")
+                    for c in results.contrasts if was_open(c)})
+    tracks = [t for s in results.strata for t in cs_tracks(results, s)]
+    handles.update({s: h for s, h in _setting_handles(palette).items()
+                    if s in {t.setting for t in tracks}})
+    handles.update({words: mpl.lines.Line2D([], [], color="#333333", linestyle=style)
+                    for style, words in CS_STYLES.values()
+                    if any(t.style == style for t in tracks)})
+    band = mpl.patches.Patch(color="#0072B2", alpha=0.12, linewidth=0)
+    return {**handles, f"±{margin * 100:g} pp equivalence margin": band}
 
 
 def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile]:
@@ -695,6 +820,16 @@ def make_figures(results: Results, table: Any, out_dir: Path) -> list[FigureFile
         # One column: the numbers printed right of each panel need the full width.
         per_stratum.insert(3, _draw_facets("forest", results, table, out_dir, forest,
                                            _verdict_handles(margin), columns=1))
+    tracks = [t for s in results.strata for t in cs_tracks(results, s)]
+    if results.adaptive is not None and (tracks or any(map(was_open, (*results.comparisons,
+                                                                     *results.contrasts)))):
+        def narrowing(s, runs, ax):
+            plot_cs_looks(_in_stratum(results.comparisons, s), margin,
+                          contrasts=_in_stratum(results.contrasts, s),
+                          tracks=cs_tracks(results, s), palette=palette, ax=ax)
+        per_stratum.append(_draw_facets("cs_looks", results, table, out_dir, narrowing,
+                                        _cs_handles(results, palette, margin), columns=1,
+                                        legend_width=4.0))
     if results.interactions:
         per_stratum.append(interaction_figure(results, out_dir))
     return per_stratum + diagnostic_figures(results.diagnostics, out_dir)

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 from study.report.figures import setting_label
 from study.report.context import Inputs
-from study.report.diagnostics import figures_named
+from study.report.diagnostics import figures_named, varying_keys, where
 from study.report.document import Block, Table, para
-from study.report.wording import (CORRECTION, NA, count, fmt_ci_num, fmt_ci_pct, fmt_ci_pp,
-                                  fmt_num, fmt_pct, fmt_pp, p_rel, verdict_cell, verdict_word)
+from study.report.wording import (ANYTIME_BASIS, CORRECTION, NA, anytime_phrase, count,
+                                  fmt_ci_num, fmt_ci_pct, fmt_ci_pp, fmt_num, fmt_pct, fmt_pp,
+                                  gap_interval, interval_name, p_rel, stop_text, verdict_cell,
+                                  verdict_word)
 from study.results import Inference, McSetting, McTrend, Paired
 
 DIFFERENCE_WORDS = {"different": "different", "identical": "identical in every run",
@@ -46,7 +48,27 @@ def method_text(mc: Inference) -> str:
             f"settings), and so are its negative log-likelihood (NLL, nats) and expected "
             f"calibration error (ECE, {mc.ece_bins} equal-width confidence bins). NLL and ECE "
             f"have no margin in their own units, so no equivalence is claimed for them: a "
-            f"difference is shown or not shown.")
+            f"difference is shown or not shown.{_adaptive_text(mc)}")
+
+
+def accuracy_records(mc: Inference) -> list[tuple[str, Paired]]:
+    """Each setting's MC-minus-eval accuracy record, named by its setting (and the stratum
+    values that tell it apart, where there are several), as the scorecard and the bottom line
+    list their stops."""
+    keys = varying_keys(mc.settings)
+    return [(setting_label(s.dropout1, s.dropout2)
+             + (f" in {where(s.stratum, keys)}" if keys else ""), s.accuracy)
+            for s in mc.settings]
+
+
+def _adaptive_text(mc: Inference) -> str:
+    """Where the accuracy comparisons drove the protocol's rounds, what decides them."""
+    if not any(s.accuracy.adaptive for s in mc.settings):
+        return ""
+    return (f" The accuracy comparisons drove the protocol's adaptive rounds: each verdict is "
+            f"read off the t-mixture's 95% confidence sequence (CS) at its stop, shown as its "
+            f"interval, and the fixed-n p-values and TOST are descriptive; {ANYTIME_BASIS}. "
+            f"NLL and ECE stay fixed-n, at the seeds the rounds chose.")
 
 
 def stratum_text(settings: Sequence[McSetting], trend: McTrend | None, mc: Inference) -> str:
@@ -66,11 +88,23 @@ def stratum_text(settings: Sequence[McSetting], trend: McTrend | None, mc: Infer
 
 
 def _accuracy_text(settings: Sequence[McSetting], mc: Inference) -> str:
-    margin = mc.equivalence_margin
-    parts = [f"{setting_label(s.dropout1, s.dropout2)} {fmt_pp(s.accuracy.mean_diff)} "
-             f"{fmt_ci_pp(s.accuracy.ci95)}, {verdict_word(s.accuracy.verdict, margin)}"
-             for s in settings]
+    parts = [f"{setting_label(s.dropout1, s.dropout2)} {accuracy_gap(s.accuracy)}, "
+             f"{accuracy_verdict(s.accuracy, mc.equivalence_margin)}" for s in settings]
     return ("MC-averaged minus eval-mode accuracy, paired within runs: " + "; ".join(parts) + ".")
+
+
+def accuracy_gap(a: Paired) -> str:
+    """'+0.30 pp [+0.10, +0.50]', the interval named when it is a confidence sequence."""
+    if a.adaptive:
+        return f"{fmt_pp(a.mean_diff)} ({interval_name(a)} {fmt_ci_pp(gap_interval(a))})"
+    return f"{fmt_pp(a.mean_diff)} {fmt_ci_pp(a.ci95)}"
+
+
+def accuracy_verdict(a: Paired, margin: float) -> str:
+    """The MC-minus-eval accuracy verdict: from the CS and with its stop when adaptive."""
+    if a.adaptive:
+        return f"{anytime_phrase(a, f'±{fmt_pp(margin, sign=False)}')}, {stop_text(a)}"
+    return verdict_word(a.verdict, margin)
 
 
 def trend_text(trend: McTrend | None) -> str:
@@ -104,14 +138,24 @@ def _table(settings: Sequence[McSetting], label: str) -> Table:
                   f"{fmt_pct(s.flip_rate.mean)} {fmt_ci_pct(s.flip_rate.ci95)}",
                   f"{fmt_pct(s.unstable_share.mean)} {fmt_ci_pct(s.unstable_share.ci95)}",
                   NA if s.example_image is None else f"{s.example_image} (seed {s.example_seed})",
-                  f"{fmt_pp(s.accuracy.mean_diff)} {fmt_ci_pp(s.accuracy.ci95)}: "
-                  f"{verdict_cell(s.accuracy.verdict, s.accuracy.mean_diff)}",
+                  _accuracy_cell(s.accuracy),
                   _difference_cell(s.nll, as_pp=False), _difference_cell(s.ece, as_pp=True))
                  for s in settings)
     header = ("setting", "runs", "flip rate (%)", "unstable (%)", "flipped image",
               "MC \u2212 eval accuracy", "MC \u2212 eval NLL", "MC \u2212 eval ECE")
+    adaptive = any(s.accuracy.adaptive for s in settings)
+    note = (" Accuracy marked CS: decided adaptively, its 95% confidence sequence at the stop "
+            "and the verdict read off it (anytime p unadjusted)." if adaptive else "")
     return Table(header, rows, f"Dropout left on at inference, {label}: means over seeds with "
                  f"95% CIs; MC \u2212 eval differences paired within runs, {CORRECTION}-adjusted "
-                 f"p over the settings.", "lrrrrrrr")
+                 f"p over the settings.{note}", "lrrrrrrr")
+
+
+def _accuracy_cell(a: Paired) -> str:
+    verdict = verdict_cell(a.verdict, a.mean_diff)
+    if not a.adaptive:
+        return f"{fmt_pp(a.mean_diff)} {fmt_ci_pp(a.ci95)}: {verdict}"
+    return (f"{fmt_pp(a.mean_diff)} CS {fmt_ci_pp(a.cs95)}: {verdict} (anytime p "
+            f"{p_rel(a.p_anytime)}; {stop_text(a)})")
 
 

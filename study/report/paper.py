@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study.protocol.lesson import Lesson
-from study.report import ReportFiles
+from study.report import ReportFiles, environment
 from study.report.claims import Claim, question_bullets
 from study.report.diagnostics import sources_section
-from study.report.document import (Abstract, Appendix, Block, Code, CodeBlock, Fig,
-                                   Heading, Para, Table, para)
+from study.report.document import (Abstract, Appendix, Block, Bullets, Code, CodeBlock, Fig,
+                                   Heading, Para, Strong, Table, para)
 from study.report.render_markdown import render_markdown
 from study.report.render_typst import compile_pdf, install_style, render_typst
 from study.report.scorecard import (DASH, HEADER, Evidence, Row, lesson_claims, rows)
@@ -30,7 +30,7 @@ from study.report.wording import count
 
 # The per-stratum figures a reader of the paper needs, for the protocols whose claims are read
 # off comparisons of settings; the rest stay in each protocol's own report.
-PAPER_FIGURES = ("final_accuracy", "forest")
+PAPER_FIGURES = ("final_accuracy", "forest", "cs_looks")
 FIGURE_CLAIMS = ("C1", "C2", "C3", "C3\u2032")
 # Determinism flags follow each protocol's modes (its method table names them): a difference
 # there is the design, not the environment.
@@ -84,9 +84,6 @@ def abstract(paper: Paper, card: Sequence[Row]) -> Para:
         if missing else ""
     text += f", and part of {', '.join(partial)} is not" if partial else ""
     text += ". The scorecard below gives each verdict and what would settle the open ones."
-    if differing := environment_differences(paper):
-        text += (f" The protocols ran in environments that differ in {', '.join(differing)} "
-                 f"(Appendix B).")
     return para(text)
 
 
@@ -138,9 +135,19 @@ def claims_section(paper: Paper, card: Sequence[Row]) -> list[Block]:
             row = by_key[claim.key]
             blocks.append(para(f"{row.verdict[:1].upper()}{row.verdict[1:]}. To measure it: ",
                                Code(row.settle), "."))
+        blocks += bottom_lines(claim, mine)
         for e in mine:
             blocks += _claim_from(e, claim)
     return blocks
+
+
+def bottom_lines(claim: Claim, mine: Sequence[Evidence]) -> list[Block]:
+    """The claim's bottom-line sentence from each protocol that answers it (named when several),
+    ahead of the numbers."""
+    done = [e for e in mine if e.inputs is not None]
+    if len(done) == 1:
+        return [para(Strong(claim.bottom_line(done[0].inputs)))]
+    return [para(Strong(f"From {e.name}: {claim.bottom_line(e.inputs)}")) for e in done]
 
 
 def _claim_from(e: Evidence, claim: Claim) -> list[Block]:
@@ -175,7 +182,8 @@ def figures_section(paper: Paper) -> list[Block]:
         if figs:
             blocks += [Heading(2, e.name), *figs]
     return [Heading(1, "Figures"),
-            para("Final accuracy and the gaps to the baseline, for the protocols whose claims "
+            para("Final accuracy and the gaps to the baseline (and, for an adaptive protocol, "
+                 "how each confidence sequence narrowed), for the protocols whose claims "
                  "compare settings; every other figure is in the protocol's own report "
                  "(python -m study report FILE)."),
             *blocks] if blocks else []
@@ -186,8 +194,16 @@ def reproducibility_section(paper: Paper) -> list[Block]:
             para("Everything here is regenerated from the MLflow store. The command below runs "
                  "every cell not yet finished (finished ones are never rerun), analyses each "
                  "protocol and rewrites this paper; run twice, it runs nothing and writes the "
-                 "same bytes. Commits and experiments per protocol are in Appendix D."),
-            CodeBlock(f"make paper\n{paper.command}", "sh")]
+                 "same bytes on any machine. Experiments per protocol are in Appendix D."),
+            *promises(paper), CodeBlock(f"make paper\n{paper.command}", "sh")]
+
+
+def promises(paper: Paper) -> list[Block]:
+    """The portable promise of each protocol whose runs make it (`environment`)."""
+    found = [(e.name, text) for e in paper.analysed
+             if (text := environment.portable_promise(e.inputs.table, e.file))]
+    return [Bullets(tuple(para(Code(name), f": {text}") for name, text in found))] if found \
+        else []
 
 
 # --- appendices: what the protocols ran, merged ------------------------------------------------
@@ -208,28 +224,21 @@ def environment_differences(paper: Paper) -> list[str]:
 
 
 def environment_appendix(paper: Paper) -> list[Block]:
-    envs = {e.name: e.inputs.table.environment or {} for e in paper.analysed}
+    """The machines stay out of the PDF (`environment`): environment.md holds each protocol's
+    tags and the keys that differ between them; the flags a mode sets are its method's."""
+    return [Heading(1, "Environments"), para(environment.pointer()),
+            para("Determinism flags follow each protocol's modes (named with its method, "
+                 "Appendix C); their values are in each protocol's own report.")]
+
+
+def environment_notes(paper: Paper) -> list[str]:
+    """environment.md's line on the keys whose values differ between the protocols' runs."""
     differing = environment_differences(paper)
-    first = next(iter(envs.values()), {})
-    same = tuple((k, str(first[k])) for k in sorted(first)
-                 if k not in differing and not k.startswith(FLAG_TAGS))
-    diff = tuple((k, name, str(env.get(k, "(not recorded)")))
-                 for k in differing for name, env in envs.items())
-    blocks: list[Block] = [Heading(1, "Environments"),
-                           Table(("key", "value"), same or (("(none recorded)", ""),),
-                                 "Environment tags the same in every protocol.", "ll"),
-                           para("Determinism flags follow each protocol's modes (named with "
-                                "its method, Appendix C); their values are in each protocol's "
-                                "own report.")]
-    if diff:
-        blocks += [para(f"The protocols' environments differ in {', '.join(differing)}: a "
-                        f"verdict holds for the environment its protocol ran in, and bit-level "
-                        f"results (C5) need not carry over between them."),
-                   Table(("key", "protocol", "value"), diff,
-                         "Environment tags that differ between protocols.", "lll")]
-    else:
-        blocks.append(para("Every protocol ran in the same recorded environment."))
-    return blocks
+    if not differing:
+        return ["every protocol ran in the same recorded environment"]
+    return [f"the protocols' environments differ in {', '.join(differing)}: a verdict holds for "
+            f"the environment its protocol ran in, and bit-level results (C5) need not carry "
+            f"over between them"]
 
 
 def method_appendix(paper: Paper) -> list[Block]:
@@ -252,16 +261,14 @@ def _options(e: Evidence) -> tuple[str, ...]:
 
 
 def commits_appendix(paper: Paper) -> list[Block]:
-    rows = tuple((e.name, e.file, str(e.runs),
-                  str((e.inputs.table.environment or {}).get("git_commit", "(not recorded)")),
-                  f"{e.inputs.table.experiment_name} (id {e.inputs.table.experiment_id})")
+    rows = tuple((e.name, e.file, str(e.runs), e.inputs.table.experiment_name)
                  for e in paper.analysed)
     return [Heading(1, "Reproducibility"),
-            para("Each protocol's runs, the commit(s) they were made at, and the MLflow "
-                 "experiment that holds them; the paper itself is logged to the experiment ",
-                 Code(paper.lesson.experiment), "."),
-            Table(("protocol", "file", "runs", "git commit", "MLflow experiment"), rows,
-                  "Commits and experiments per protocol.", "llrll")]
+            para("Each protocol's runs and the MLflow experiment that holds them; the paper "
+                 "itself is logged to the experiment ", Code(paper.lesson.experiment),
+                 ". The commits the runs were made at are in environment.md."),
+            Table(("protocol", "file", "runs", "MLflow experiment"), rows,
+                  "Experiments per protocol.", "llrl")]
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -278,8 +285,11 @@ def write_paper(paper: Paper, out_dir: Path, date: dt.date | None = None) -> Rep
     md.write_text(render_markdown(blocks, title(paper)), encoding="utf-8")
     style = install_style(out_dir)
     compile_pdf(typ, pdf)
+    env = environment.write(out_dir, pdf.name, {e.name: e.inputs.table for e in paper.analysed},
+                            environment_notes(paper))
     figs = [f for e in paper.analysed for f in e.inputs.figs]
-    return ReportFiles(pdf=pdf, markdown=md, typst=typ, style=style, figures=figs)
+    return ReportFiles(pdf=pdf, markdown=md, typst=typ, style=style, figures=figs,
+                       environment=env)
 
 
 __all__ = ["Paper", "document", "write_paper"]

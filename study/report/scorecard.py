@@ -20,8 +20,10 @@ from study.protocol.lesson import CLAIM_KEYS, Lesson
 from study.report.claims import CLAIMS, FIRST_LAYER, Claim
 from study.report.context import Inputs, find_comparison, find_group, in_stratum
 from study.report.diagnostics import applicable, diag_section
+from study.report.inference import accuracy_records
 from study.report.wording import (other_verdicts, NA, VERDICT_ORDER, fmt_ci_num, fmt_int, fmt_mean_sd, fmt_num,
-                                  fmt_pct, fmt_pp, fmt_setting, finite, stop_text, verdict_cell)
+                                  fmt_pct, fmt_pp, fmt_setting, finite, stop_text, stops_text,
+                                  verdict_cell)
 from study.results import Comparison, Paired, Results
 from study.results.diagnostics import PairedRecord
 
@@ -198,9 +200,11 @@ def score_implementations(inputs: Inputs) -> Score | None:
     parts = [f"{impl} vs torch: {_verdict_counts(mine, '{v} in {n}/{total}')} settings"
              for impl, mine in by_impl.items()]
     need = [x.seeds_needed for x in recs
-            if x.verdict == "inconclusive" and finite(x.seeds_needed)]
-    settle = f"about {fmt_int(max(need))} seeds per setting" if need else DASH
-    return Score("; ".join(parts), "not assessed (one paired analysis per setting)", settle)
+            if x.verdict == "inconclusive" and finite(x.seeds_needed) and not x.adaptive]
+    fixed = f"about {fmt_int(max(need))} seeds per setting" if need else DASH
+    stops = stops_text([(f"{x.implementation} {fmt_setting(x)}", x) for x in recs])
+    return Score("; ".join(parts), "not assessed (one paired analysis per setting)",
+                 _joined([stops or DASH, fixed]))
 
 
 def score_repeatable(inputs: Inputs) -> Score | None:
@@ -283,9 +287,11 @@ def score_inference(inputs: Inputs) -> Score | None:
     parts.append(f"MC-averaged vs eval-mode accuracy: "
                  f"{_verdict_counts(accuracy, '{v} in {n}/{total}')} settings")
     need = [fmt_setting([s.dropout1, s.dropout2]) for s in found.settings
-            if s.accuracy.verdict == "inconclusive"]
-    settle = f"more seeds at {', '.join(need)}" if need else DASH
-    return Score("; ".join(parts), "not assessed (one paired analysis per setting)", settle)
+            if s.accuracy.verdict == "inconclusive" and not s.accuracy.adaptive]
+    fixed = f"more seeds at {', '.join(need)}" if need else DASH
+    stops = stops_text(accuracy_records(found))
+    return Score("; ".join(parts), "not assessed (one paired analysis per setting)",
+                 _joined([stops or DASH, fixed]))
 
 
 SCORERS: dict[str, Callable[[Inputs], Score | None]] = {

@@ -5,20 +5,18 @@ from the protocol.
 
 from __future__ import annotations
 
-import re
-
 import yaml
 
 from study.report import figures
 from study.report.figures import setting_label
-from study.report import describe
+from study.report import describe, environment
 from study.report.claims import question_bullets, verdicts_section
 from study.report.context import Inputs, find_group, in_stratum
 from study.report.diagnostics import diagnostics_abstract, sources_section
 from study.report.document import (Abstract, Appendix, Block, Bullets, Code, CodeBlock, Fig,
                                    Heading, Para, Table, para)
 from study.report.tables import stratum_results
-from study.report.wording import (COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, approximate,
+from study.report.wording import (ANYTIME_BASIS, COVERAGE_FLOOR, CORRECTION, INTERVALS, NA, approximate,
                                    gap_interval,
                                   count, coverage, endpoint_text, finite, fmt_ci_pp, fmt_mean_sd,
                                   fmt_num, fmt_pct, fmt_pp, fmt_setting, margin_text,
@@ -168,35 +166,15 @@ def protocol_table(inputs: Inputs) -> list[Block]:
             Table(("item", "value"), rows, "Resolved protocol (full text in Appendix A).", "ll")]
 
 
-ENV_SUMMARY = (("torch_version", "PyTorch"), ("cuda_version", "CUDA"), ("cudnn_version", "cuDNN"),
-               ("device_name", "device"), ("cpu", "CPU"), ("threads", "threads"),
-               ("cpu_model", "CPU model"), ("cpu_isa", "CPU ISA"), ("blas", "BLAS"),
-               ("mkl_cbwr", "MKL_CBWR"), ("mkl_cbwr_effective", "MKL branch in effect"),
-               ("aten_cpu_capability", "ATen CPU capability"),
-               ("onednn_max_cpu_isa", "ONEDNN_MAX_CPU_ISA"), ("threads.intra_op", "torch threads"),
-               ("threads.omp_num_threads", "OMP_NUM_THREADS"),
-               ("gpu_capability", "GPU capability"),
-               ("cublas_workspace_config", "CUBLAS_WORKSPACE_CONFIG"),
-               ("python_version", "Python"), ("mlflow_version", "MLflow"),
-               ("git_commit", "git commit"))
-
-
 def _environment_blocks(table: RunTable) -> list[Block]:
-    env = table.environment or {}
-    known = [f"{label} {env[key]}" for key, label in ENV_SUMMARY if env.get(key) not in (None, "")]
-    flags = {k: v for k, v in env.items() if _is_flag(k)}
-    text = ("Runs recorded: " + "; ".join(known) + ".") if known else \
-        "No environment tags were recorded with these runs."
-    blocks: list[Block] = [Heading(2, "Hardware and software"), para(text)]
+    """The machine stays out of the PDF (`environment`); the flags a mode sets stay in."""
+    flags = environment.flags(table)
+    blocks: list[Block] = [Heading(2, "Hardware and software"), para(environment.pointer())]
     if flags:
-        blocks.append(para("Determinism flags as applied: ",
-                           "; ".join(f"{k} = {v}" for k, v in sorted(flags.items())),
-                           ". The full environment is in Appendix B."))
+        blocks.append(para("Determinism flags as applied (set by the mode, the same on every "
+                           "machine): ", "; ".join(f"{k} = {v}" for k, v in sorted(flags.items())),
+                           "."))
     return blocks
-
-
-def _is_flag(key: str) -> bool:
-    return bool(re.search(r"determin|cudnn_(benchmark|deterministic|enabled)|tf32|cublas", key))
 
 
 def statistics_blocks(r: Results) -> list[Block]:
@@ -246,7 +224,9 @@ def adaptive_text(r: Results) -> str:
             f"{a.mixture_precision:.2f}), whose 95% confidence sequence (CS) keeps its "
             f"coverage under this optional stopping; a comparison {stop}, or at the cap. Its "
             f"interval is the CS at the stop, never a t interval, which early stopping would "
-            f"bias; its p-value is anytime-valid. The other analyses (endpoints \u00d7 tests) "
+            f"bias; its p-value is anytime-valid. Here {ANYTIME_BASIS}; the {CORRECTION} "
+            f"adjustment above applies to the fixed-n analyses only. The other analyses "
+            f"(endpoints \u00d7 tests) "
             f"ran at the sample size the rule chose: their p-values and the robustness they "
             f"give are descriptive.")
 
@@ -321,14 +301,14 @@ def results_section(inputs: Inputs) -> list[Block]:
 
 def reproducibility_section(table: RunTable) -> list[Block]:
     name = (table.protocol or {}).get("name") or table.experiment_name
-    commit = (table.environment or {}).get("git_commit")
+    protocol_file = f"protocols/{name}.yaml"
+    promise = environment.portable_promise(table, protocol_file)
     return [Heading(1, "Reproducibility"),
-            para("Everything here is regenerated from the MLflow store; finished cells are "
-                 "skipped, so rerunning resumes rather than repeats.",
-                 f" The runs were made at commit {commit}." if commit else ""),
-            CodeBlock(f"make study\npython -m study report protocols/{name}.yaml", "sh"),
-            para("MLflow experiment: ", Code(str(table.experiment_name)),
-                 f" (id {table.experiment_id}).")]
+            para("Everything here is regenerated from the MLflow store (experiment ",
+                 Code(str(table.experiment_name)), "); finished cells are skipped, so rerunning "
+                 "resumes rather than repeats.", f" {promise}" if promise else ""),
+            CodeBlock(f"make study\npython -m study report {protocol_file}", "sh"),
+            para(environment.pointer())]
 
 
 def _budget_threat(inputs: Inputs) -> Para:
@@ -371,8 +351,8 @@ def resolved_yaml(table: RunTable) -> str:
 
 
 def appendix(table: RunTable) -> list[Block]:
-    env_rows = tuple((str(k), str(v)) for k, v in sorted((table.environment or {}).items()))
+    rows = tuple((str(k), str(v)) for k, v in sorted(environment.flags(table).items()))
     return [Appendix(), Heading(1, "Resolved protocol"), CodeBlock(resolved_yaml(table), "yaml"),
-            Heading(1, "Environment"),
-            Table(("key", "value"), env_rows or (("(none recorded)", ""),),
-                  "Environment tags recorded with the runs.", "ll")]
+            Heading(1, "Environment"), para(environment.pointer()),
+            Table(("key", "value"), rows or (("(none recorded)", ""),),
+                  "Determinism flags recorded with the runs (set by their mode).", "ll")]

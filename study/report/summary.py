@@ -53,12 +53,37 @@ def direction(c: Comparison, lower_is_better: bool) -> str:
 def comparison_line(c: Comparison, r: Results) -> str:
     way = "lower" if (c.mean_diff or 0) < 0 else "higher"
     rule = "lower is better" if r.lower_is_better else "higher is better"
+    if c.adaptive:
+        return (f"{setting_text(r.factors, c.setting)}: {r.metric} {_num(abs(c.mean_diff or 0))} "
+                f"{way} than the baseline over {c.n_pairs} paired seeds ({rule}); 95% CS at the "
+                f"stop {_ci(c.cs95)}: {direction(c, r.lower_is_better)}. Verdict {c.verdict} "
+                f"(anytime-valid t-mixture, {_stop(c)}; anytime p {_num(c.p_anytime)}; a fixed "
+                f"design would need {_num(c.seeds_fixed_equivalent)} seeds; the "
+                f"{len(c.multiverse)} fixed-n analyses are descriptive)."
+                + (f" Note: {c.reason}." if c.reason else ""))
     return (f"{setting_text(r.factors, c.setting)}: {r.metric} {_num(abs(c.mean_diff or 0))} "
             f"{way} than the baseline (difference {_num(c.mean_diff)}, 95% CI "
             f"{_ci(c.mean_diff_ci95)}; {rule}): {direction(c, r.lower_is_better)}. Verdict "
             f"{c.verdict} (Holm-adjusted p {_num(c.p_adjusted)}, TOST p "
             f"{_num(c.tost_p_adjusted)}, {'robust' if c.robust else 'not robust'} across "
             f"{len(c.multiverse)} analyses; {c.n_pairs} paired seeds).")
+
+
+def _stop(c: Comparison) -> str:
+    where = {"settled": "settled", "max_seeds": "cap reached",
+             "max_runs": "run budget reached"}.get(c.stop_reason or "", "still open")
+    return f"{where} at {c.stopped_at} seeds"
+
+
+def _looks(r: Results) -> str:
+    a = r.adaptive
+    rule = ("once the CS lies wholly inside or wholly beyond the margin" if a.stop == "settled"
+            else "at its first verdict other than inconclusive")
+    return (f"- Adaptive: each setting's seeds in ascending order, looked at after "
+            f"{a.start}, {a.start} + {a.round}, ... up to {a.max_seeds} seeds; a comparison "
+            f"stops {rule}, and its verdict comes from the t-mixture's 95% confidence sequence "
+            f"(precision {a.mixture_precision:.2f}), valid under this optional stopping. The "
+            f"other p-values and `robust` are descriptive.")
 
 
 def method(r: Results, table: RunTable) -> list[str]:
@@ -85,6 +110,8 @@ def method(r: Results, table: RunTable) -> list[str]:
         ("the training-set size", runs["train_images"].isna().all()),
         ("train_acc", np.isnan(runs["train_acc"].to_numpy(dtype=float)).all()),
         ("the d2l textbook check", runs["textbook_check"].isna().all())) if missing]
+    if r.adaptive is not None:
+        lines.append(_looks(r))
     lines.append("- Not recorded with these runs, so not described: "
                  + (", ".join(unknown) if unknown else "nothing of the above") + ".")
     if r.diagnostics is None:

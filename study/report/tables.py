@@ -83,7 +83,8 @@ def _adaptive_note(r: Results) -> str:
     if r.adaptive is None:
         return ""
     return (" Adaptive design: the verdict and the 95% CS come from the anytime-valid rule at "
-            "each comparison's stop; the p-values and TOST columns are descriptive.")
+            "each comparison's stop, each from its own 95% CS (not adjusted across "
+            "comparisons); the p-values and TOST columns are descriptive.")
 
 
 def multiverse_columns(r: Results) -> list[tuple[str, str]]:

@@ -16,7 +16,8 @@ from typing import Any
 
 from study.analysis import stats
 from study.report.figures import setting_label
-from study.results import TEST_NAMES, Comparison, Endpoint, Results
+from study.results import TEST_NAMES, Comparison, Endpoint, Paired, Results
+from study.results.anytime import Anytime
 from study.results.diagnostics import PairedRecord
 
 MINUS = "\u2212"
@@ -217,8 +218,16 @@ def verdict_phrase(c: Comparison, results: Results) -> str:
     return text
 
 
-def anytime_phrase(c: Comparison, margin: str) -> str:
-    """An adaptive comparison's verdict, read off its 95% confidence sequence."""
+# Where verdicts come from under an adaptive design (item 4 of issue 19): each comparison its
+# own 95% CS, so no family-wise control is claimed for them; their p_anytime is shown as is.
+ANYTIME_BASIS = ("each adaptive verdict comes from its own 95% confidence sequence (per "
+                 "comparison, not adjusted across comparisons), with its anytime-valid p "
+                 "unadjusted beside it")
+
+
+def anytime_phrase(c: Any, margin: str) -> str:
+    """An adaptive comparison's verdict, read off its 95% confidence sequence (a results
+    Comparison, a C4 ImplementationRecord or a C7 Paired: any `Anytime` with a verdict)."""
     p = f"anytime-valid p {p_rel(c.p_anytime)}"
     head = {"different": f"different: the 95% CS excludes 0 and is not inside {margin} ({p})",
             "negligible": f"negligible: a real gap ({p}), its 95% CS inside {margin}",
@@ -281,18 +290,26 @@ def robustness_phrase(c: Comparison) -> str:
             f"({other_verdicts(c)}: {changes}){descriptive}")
 
 
-def gap_interval(c: Comparison) -> Any:
+def gap_interval(c: Comparison | PairedRecord | Paired) -> Any:
     """The interval to show beside a comparison's gap: its 95% confidence sequence when it was
     decided adaptively (a fixed-n t interval after early stopping is biased and too narrow),
-    else its 95% t interval."""
-    return c.cs95 if c.adaptive else c.mean_diff_ci95
+    else its 95% t interval (a C7 Paired names it `ci95`)."""
+    if c.adaptive:
+        return c.cs95
+    return c.ci95 if isinstance(c, Paired) else c.mean_diff_ci95
 
 
-def interval_name(c: Comparison) -> str:
+def decided_adaptively(r: Any) -> bool:
+    """Whether a record of any kind (a fixed-n diagnostics record has no anytime fields) was
+    decided by an adaptive protocol's rounds."""
+    return isinstance(r, Anytime) and r.adaptive
+
+
+def interval_name(c: Anytime) -> str:
     return "95% CS" if c.adaptive else "95% CI"
 
 
-def stop_text(c: Comparison) -> str:
+def stop_text(c: Anytime) -> str:
     """'settled at N seeds', 'cap reached at N seeds; CS [a, b]', ... for an adaptive comparison."""
     n = c.stopped_at
     if c.stop_reason == "settled":
@@ -300,6 +317,25 @@ def stop_text(c: Comparison) -> str:
     where = {"max_seeds": "cap reached", "max_runs": "run budget reached"}.get(
         c.stop_reason or "", "still open")
     return f"{where} at {n} seeds; CS {fmt_ci_pp(c.cs95)}"
+
+
+def stops_text(labelled: Sequence[tuple[str, Any]]) -> str:
+    """Where adaptive records stopped, records that stopped alike named together: 'settled at
+    15 seeds (scratch (0.2, 0.5), scratch (0.5, 0.5)); cap reached at 60 seeds; CS [a, b]
+    (scratch (0.9, 0.9))'; '' when none was decided adaptively (or the records, such as C5's
+    device records, are never adaptive)."""
+    by_stop: dict[str, list[str]] = {}
+    for label, r in labelled:
+        if decided_adaptively(r):
+            by_stop.setdefault(stop_text(r), []).append(label)
+    return "; ".join(f"{stop} ({', '.join(labels)})" for stop, labels in by_stop.items())
+
+
+def stops_clause(labelled: Sequence[tuple[str, Any]]) -> str:
+    """' (verdicts read off each 95% CS at its stop: settled at ...)', or '' when no record of
+    `labelled` was decided adaptively."""
+    stops = stops_text(labelled)
+    return f" (verdicts read off each 95% CS at its stop: {stops})" if stops else ""
 
 
 def method_text(c: Comparison) -> str:
@@ -353,7 +389,7 @@ def verdict_word(verdict: Any, margin: float) -> str:
         verdict, "not shown different (needs more seeds)")
 
 
-def verdict_counts(records: Sequence[PairedRecord], margin: float) -> str:
+def verdict_counts(records: Sequence[PairedRecord | Paired], margin: float) -> str:
     counts = [(verdict_word(v, margin), sum(r.verdict == v for r in records))
               for v in VERDICT_ORDER]
     return ", ".join(f"{w} in {n} of {len(records)}" for w, n in counts if n) + " settings"

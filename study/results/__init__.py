@@ -9,10 +9,12 @@ Intervals are `(lo, hi)` tuples in accuracy units; "not computable" is `None` pl
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from study.results.anytime import Anytime, Look
 from study.results.diagnostics import Diagnostics
 from study.analysis.table import jsonable
 
@@ -128,7 +130,7 @@ class Analysed:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Comparison(Anytime):
     """One setting against the baseline in one stratum, under the declared primary analysis
     (endpoint, t test); `multiverse` holds every robustness analysis, the primary included."""
 
@@ -182,21 +184,6 @@ class Comparison:
     divergence_verdict: str
     reason: str | None
     setting: list[Any] = field(default_factory=list)  # as Group.setting; `baseline` likewise
-    # Adaptive protocols only (None otherwise): the anytime-valid decision that `verdict` then
-    # is (study/analysis/sequential.py). cs95: the confidence sequence at the stop, the interval
-    # to report (never mean_diff_ci95, a fixed-n interval biased by early stopping); p_anytime:
-    # valid at any stopping time; stopped_at: seeds per setting at the stop (or at the latest
-    # look while open); stop_reason: settled | max_seeds | max_runs, None while open;
-    # seeds_fixed_equivalent: seeds a fixed paired design needs for the protocol's power.
-    cs95: Interval | None = None
-    p_anytime: float | None = None
-    stopped_at: int | None = None
-    stop_reason: str | None = None
-    seeds_fixed_equivalent: int | None = None
-
-    @property
-    def adaptive(self) -> bool:
-        return self.stopped_at is not None
 
 
 @dataclass(frozen=True)
@@ -209,7 +196,7 @@ class AdaptiveDesign:
     start: int
     round: int
     max_seeds: int
-    max_runs: int
+    max_runs: int | None  # None: an own experiment's looks (`analyze --adaptive`), no budget
     stop: str
     mixture_precision: float
     rounds: int
@@ -384,7 +371,7 @@ class Share:
 
 
 @dataclass(frozen=True)
-class Paired:
+class Paired(Anytime):
     """MC-averaged minus eval-mode predictions on one metric, paired within each run (seeds as
     units), paired t test Holm-adjusted over the settings of the stratum, per metric."""
 

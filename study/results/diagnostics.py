@@ -1,7 +1,7 @@
 """The typed diagnostics sections of `Results` (`results.json` -> "diagnostics"): numbers only.
 `study.analysis.diagnostics` produces them; `study.report.diagnostics` words them.
 
-    python -c "from study.results_diagnostics import Diagnostics; help(Diagnostics)"
+    python -c "from study.results.diagnostics import Diagnostics; help(Diagnostics)"
 
 Every field is in results.json under the same name. A section whose `applicable` is False holds
 no records and says why in `reason`; a value that cannot be computed is None and its record's
@@ -17,6 +17,8 @@ import types
 import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from study.results.anytime import Anytime
 
 Interval = tuple[float, float]
 OpenInterval = tuple[float, float | None]
@@ -101,7 +103,7 @@ class DeviceRecord(PairedRecord):  # cuda - cpu
 
 
 @dataclass(frozen=True)
-class ImplementationRecord(PairedRecord):  # implementation - reference (torch)
+class ImplementationRecord(PairedRecord, Anytime):  # implementation - reference (torch)
     dropout1: float
     dropout2: float
     implementation: str

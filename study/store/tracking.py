@@ -294,10 +294,13 @@ def has_finished_runs(mlflow: MlflowClient, name: str) -> bool:
 
 
 def endpoint_values(mlflow: MlflowClient, exp_id: str, cells: set[str],
-                    last: int = 1) -> dict[str, float]:
+                    last: int = 1, metric: str = "test_acc") -> dict[str, float]:
     """Cell key -> the primary endpoint of its FINISHED run, for the keys in `cells`: the final
     test accuracy (last=1) or the mean of the last `last` evaluated epochs, as analysis
-    computes it; NaN for a diverged run. What an adaptive study's rounds are planned from."""
+    computes it; NaN for a diverged run. What an adaptive study's rounds are planned from.
+    Another `metric` (last=1 only): its final value, NaN where the run did not log it."""
+    if metric != "test_acc" and last != 1:
+        raise ValueError(f"endpoint_values: last={last} is for test_acc only, not {metric!r}")
     records = [r for r in _finished_records(mlflow, exp_id) if r.tags.get("study.cell") in cells]
     curves = _curves(mlflow, exp_id, [r.run_id for r in records]) if last > 1 and records else None
     if curves is not None:
@@ -311,7 +314,7 @@ def endpoint_values(mlflow: MlflowClient, exp_id: str, cells: set[str],
         if r.tags.get("study.status") == "diverged":
             out[key] = math.nan
         elif curves is None:
-            out[key] = float(r.metrics.get("test_acc", math.nan))
+            out[key] = float(r.metrics.get(metric, math.nan))
         else:
             out[key] = float(means.get(r.run_id, math.nan))
     return out

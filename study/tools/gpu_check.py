@@ -8,7 +8,9 @@
 Three parts, one table (printed, and written as gpu-check.json and gpu-check.md under --out):
 1. determinism: protocols/determinism.yaml's cuda cells, each mode (default, benchmark, strict,
    and portable, which needs `randomness: portable` and a fixed thread count) in a fresh worker
-   process, replicates included: how many replicates have their first run's weight hash.
+   process, replicates included: how many replicates have their first run's weight hash. Then
+   protocols/determinism-lenet.yaml's (the convolutional model, where cuDNN's algorithm choice
+   can matter) under default, benchmark and strict, trained on all images for 10 epochs.
 2. throughput: the d2l protocol's cells trained batched (lockstep on cuda; lockstep and side by
    side on the CPU) for a few epochs after a warm-up, as runs of the protocol per minute.
 3. cpu-gpu: the same cells (mode default, replicate 0) on the CPU; the paired difference of final
@@ -58,10 +60,15 @@ SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "determinism-portable": ("protocols/determinism.yaml",
                              ("determinism=[portable]", "randomness=portable", "threads=1")),
     "d2l-dropout": ("protocols/d2l-dropout.yaml", ()),
+    # The model where cuDNN can matter (convolutions), trained as its header says a GPU should
+    # train it: all 60,000 images x 10 epochs, past the sigmoid LeNet's initial plateau.
+    "determinism-lenet": ("protocols/determinism-lenet.yaml",
+                          ("data.train_subset=null", "training.epochs=10")),
 }
 # (snapshot entry, mode) of the determinism part, in the order they run.
 MODES = (("determinism", "default"), ("determinism", "benchmark"), ("determinism", "strict"),
-         ("determinism-portable", "portable"))
+         ("determinism-portable", "portable"), ("determinism-lenet", "default"),
+         ("determinism-lenet", "benchmark"), ("determinism-lenet", "strict"))
 # Why a device's parts are skipped where it is absent.
 ABSENT = {"cuda": "no CUDA device"}
 
@@ -359,10 +366,16 @@ def determinism_rows(ctx: Context, device: str = "cuda",
             return text, {**summary, "flags": asdict(flags) if flags else None,
                           "environment": env}
 
-        rows.append(attempt(ctx, "determinism", mode, device, setup, run))
-        if mode == "default" and trained:
+        rows.append(attempt(ctx, "determinism", row_name(entry, mode), device, setup, run))
+        if (entry_name, mode) == ("determinism", "default") and trained:
             paired_with = [r for r in trained[0].results if r.cell.replicate == 0]
     return rows, paired_with
+
+
+def row_name(entry: Entry, mode: str) -> str:
+    """The mode, led by the model where it is not the lesson's MLP: `lenet strict`."""
+    arch = entry.protocol["model"]["arch"]
+    return mode if arch == "mlp" else f"{arch} {mode}"
 
 
 # --- 3. the same cells on the CPU, paired with cuda ----------------------------------------------
