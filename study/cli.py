@@ -203,7 +203,22 @@ def _protocol_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 def _load(args: argparse.Namespace) -> Protocol:
     from study.protocol import schema as protocol
 
-    return protocol.load(args.protocol, args.set)
+    path = Path(args.protocol)
+    raw = protocol.parse_yaml(protocol.read_text(path), str(path))
+    if isinstance(raw, dict) and "protocols" in raw and "dropout" not in raw:
+        # Read as a protocol it gives four schema errors that hide what it is.
+        raise protocol.ProtocolError(f"{path} is a lesson file (a list of protocols), not a "
+                                     f"protocol: run it with `python -m study paper {path}`")
+    return protocol.load(path, args.set)
+
+
+def _mode_lines(proto: Protocol) -> list[str]:
+    """Each mode of the protocol and its cost against default, as the bench last measured it."""
+    from study.tools import mode_cost
+
+    measured, cpu = mode_cost.read(), mode_cost.this_cpu()
+    return [mode_cost.line(mode, proto.execution, proto.kernels, measured, cpu)
+            for mode in proto.determinism]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -213,6 +228,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cells = plan.expand(proto)
     absent = _absent_devices(proto, cells)
+    print("\n".join(_mode_lines(proto)))
     mlflow = tracking.client()
     if proto.adaptive is not None:
         return _plan_rounds(proto, mlflow, tracking.find_experiment(mlflow, proto.name),
@@ -234,8 +250,12 @@ def _plan_rounds(proto: Protocol, mlflow: MlflowClient, exp_id: str | None,
 
     read = (functools.partial(tracking.endpoint_values, mlflow, exp_id) if exp_id
             else lambda keys, k, metric=None: {})
-    for line in rounds.plan_lines(rounds.from_store(proto, read, absent)):
+    schedule = rounds.from_store(proto, read, absent)
+    for line in rounds.plan_lines(schedule):
         print(line)
+    if schedule.stop is None:  # what later rounds may still add
+        print(f"ceiling: at most {proto.adaptive.max_runs} runs (adaptive.max_runs), "
+              f"{schedule.design.max_seeds} seeds per setting; {len(schedule.cells)} planned so far")
     return 0
 
 
@@ -258,6 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from study.engine import backend_ray as worker_ray
 
         worker_ray.connect(args.address)
+    print("\n".join(_mode_lines(proto)), flush=True)
     summary = runner.run(proto, where=args.backend)
     print(f"{proto.name}: {summary.ran} runs logged, {summary.already_done} already done, "
           f"{summary.skipped} skipped, {summary.interrupted} interrupted runs marked KILLED")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from study.tools import bench
-from study.engine import data
+from study.tools import bench, mode_cost
+from study.engine import data, environment
 from tests.conftest import make_idx_dir
 
 DIMS = [784, 256, 256, 10]
@@ -105,6 +105,27 @@ def test_mode_costs_divide_by_default_of_the_same_engine_best_and_within_rounds(
     assert costs["batched", "portable"].paired_median == pytest.approx(1.2)  # of 1.2, 1.4, 1.0
     assert costs["batched", "portable"].to_json()["default_seconds_per_epoch"] == [0.5] * 3
     assert "batched    portable/default" in bench.show_costs(list(costs.values()), 10_000, 3)
+
+
+def test_the_costs_file_holds_what_the_bench_measured_and_plan_reads_it(tmp_path):
+    timings = {("batched", "default"): bench.Timing((0.5, 0.4)),
+               ("batched", "portable"): bench.Timing((0.6, 0.5)),
+               ("sequential", "default"): bench.Timing((1.0, 1.0)),
+               ("sequential", "portable[torch]"): bench.Timing((2.0, 2.5))}
+    path = tmp_path / "mode-costs.json"
+    bench.write_costs(path, bench.mode_costs(timings), ["--modes-only", "--mode-rounds", "2"])
+    raw = json.loads(path.read_text())
+    assert raw["command"] == "python -m study.tools.bench --modes-only --mode-rounds 2"
+    assert raw["date"][:2] == "20"
+    # The file names the CPU as the runs' tags do; `study plan` reads this machine's without torch.
+    assert raw["machine"]["cpu_model"] == environment.cpu_model() == mode_cost.this_cpu()
+    measured = mode_cost.read(path)
+    # Median of the per-round ratios (1.2, 1.25), and (2.0, 2.5): the bench's headline figure.
+    assert measured.ratios == {("batched", "portable"): pytest.approx(1.225),
+                               ("sequential", "portable[torch]"): pytest.approx(2.25)}
+    line = mode_cost.line("portable", "batched", "openblas-haswell", measured, measured.cpu)
+    assert line == (f"mode portable (batched): 1.23x default's CPU time (make bench, "
+                    f"{raw['date']}, {measured.cpu})")
 
 
 def test_pass_cost_is_the_share_added_to_a_runs_epochs():

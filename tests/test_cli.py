@@ -12,6 +12,7 @@ import yaml
 
 from study import cli
 from study.store import tracking
+from study.tools import mode_cost
 from tests.conftest import free_port, real_data_present
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,58 @@ def test_plan_lists_every_cell(store, capsys):
     out = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("todo") for line in out) == 3 * 2
     assert out[-1] == "6 cells: 0 done, 6 to run"
+
+
+def _costs(path: Path, ratio: float, cpu: str, date: str = "2026-12-04") -> None:
+    costs = [{"engine": "sequential", "variant": "strict", "paired_median": 1.04},
+             {"engine": "batched", "variant": "portable", "paired_median": ratio}]
+    path.write_text(json.dumps(mode_cost.record(costs, {"cpu_model": cpu},
+                                                "python -m study.tools.bench", date)))
+
+
+def test_the_mode_line_follows_the_measured_costs_file(store, capsys, tmp_path, monkeypatch):
+    path = tmp_path / "mode-costs.json"
+    monkeypatch.setattr(mode_cost, "PATH", path)
+    argv = ["plan", SMOKE, "--set", "seeds.count=1", "--set", "execution=batched", "--set",
+            "determinism=[default, portable]", "--set", "randomness=portable", "--set", "threads=1"]
+
+    def lines() -> list[str]:
+        assert cli.main(argv) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("mode ")]
+
+    default = "mode default (batched): the reference (native kernels: its bits follow the CPU)"
+    assert lines() == [default, "mode portable (batched): cost not measured on this machine "
+                                "(make bench measures it)"]
+    _costs(path, 1.0712, mode_cost.this_cpu())
+    assert lines()[1] == ("mode portable (batched): 1.07x default's CPU time (make bench, "
+                          f"2026-12-04, {mode_cost.this_cpu()})")
+    _costs(path, 0.96, "Other CPU 9000", "2027-01-02")
+    assert lines()[1] == ("mode portable (batched): 0.96x default's CPU time (make bench, "
+                          "2027-01-02, Other CPU 9000, not this machine's CPU)")
+    path.write_text("{not json")  # a broken file is no measurement
+    assert "cost not measured" in lines()[1]
+    _costs(path, 0.96, mode_cost.this_cpu())
+    argv += ["--set", "execution=sequential"]  # measured for strict only on that engine
+    assert lines()[1] == ("mode portable (sequential): cost not measured (the bench of "
+                          "2026-12-04 timed no portable here)")
+
+
+@pytest.mark.parametrize("command", ["plan", "run", "analyze", "report", "verify"])
+def test_a_lesson_file_given_as_a_protocol_says_to_use_paper(command, store, capsys):
+    lesson = str(ROOT / "protocols" / "lesson.yaml")
+    assert cli.main([command, lesson]) == 2
+    assert capsys.readouterr().err == (f"error: {lesson} is a lesson file (a list of protocols), "
+                                       f"not a protocol: run it with `python -m study paper "
+                                       f"{lesson}`\n")
+
+
+def test_an_adaptive_plan_shows_round_0_and_the_ceiling(store, capsys):
+    d2l = str(ROOT / "protocols" / "d2l-dropout.yaml")
+    assert cli.main(["plan", d2l]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "round 0: 60 runs (to run, 60 not finished)" in out
+    assert out[-1] == ("ceiling: at most 110 runs (adaptive.max_runs), 30 seeds per setting; "
+                       "60 planned so far")
 
 
 # --- bad input: one line per wrong key, naming file, key and value; exit 2; no traceback ------

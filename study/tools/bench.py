@@ -21,6 +21,7 @@ only ever adds time) and the median of the ratios within each round (slower drif
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from study.engine import batched, environment, inference, workers
+from study.tools import mode_cost
 from study.protocol import plan, schema as protocol
 from study.engine import data as datamod
 from study.engine.data import Dataset
@@ -597,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mc-only", action="store_true",
                         help="time only the C7 passes (writes only those to --out)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--costs-out", type=Path, default=mode_cost.PATH,
+                        help="where the modes' measured costs go, with date, machine and "
+                             "command: what `study run` and `study plan` quote (default "
+                             "docs/measured/mode-costs.json, committed from the last run)")
     args = parser.parse_args(argv)
     if args.mc_only:
         return _mc_main(args)
@@ -609,12 +615,23 @@ def main(argv: list[str] | None = None) -> int:
                                                       "member thread)",
                                              "costs": [c.to_json() for c in costs]},
                               "machine": machine()}
+    write_costs(args.costs_out, costs, argv)
     if not args.modes_only:
         out = {**runners(args), **out}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def write_costs(path: Path, costs: list[ModeCost], argv: list[str]) -> None:
+    """The modes' costs where `study run` and `study plan` read them (study.tools.mode_cost)."""
+    command = " ".join(["python -m study.tools.bench", *argv])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mode_cost.record([c.to_json() for c in costs], machine(), command,
+                                                datetime.date.today().isoformat()),
+                               indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def _mc_main(args: argparse.Namespace) -> int:
