@@ -121,6 +121,23 @@ def test_the_differences_name_each_field_that_differs():
         "results.a[1]: 2.0 against 2.5", "results.b.c: 1 against None"]
 
 
+def test_a_search_answer_reads_as_the_records_analysis_keeps():
+    """Protobuf's JSON as a server sends it: NaN as a string, an empty run name left out."""
+    run = {"info": {"run_id": "r1"},
+           "data": {"params": [{"key": "seed", "value": "3"},
+                               {"key": "protocol.training.lr", "value": "0.5"},
+                               {"key": "protocol.data.train_subset", "value": "None"}],
+                    "tags": [{"key": "study.cell", "value": "c"},
+                             {"key": "mlflow.user", "value": "me"}],
+                    "metrics": [{"key": "test_acc", "value": "NaN", "step": "10"},
+                                {"key": "train_loss", "value": 0.25}]}}
+    record = tracking._json_record(run)
+    assert (record.run_id, record.run_name) == ("r1", "")
+    assert record.params == {"seed": "3", "protocol.data.train_subset": "None"}
+    assert record.tags == {"study.cell": "c"}
+    assert math.isnan(record.metrics["test_acc"]) and record.metrics["train_loss"] == 0.25
+
+
 @pytest.mark.integration
 def test_the_server_fast_path_gives_the_results_of_every_history(tracking_server, monkeypatch):
     """The server path (search answers read as JSON, only the curves' histories in bulk)

@@ -666,6 +666,7 @@ def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
 # Runs per page of a tracking server's search (its own cap is 50,000): what a page costs the
 # server grows with its runs, so one page more is cheap.
 SEARCH_PAGE = 1000
+SEARCH_ROUTE = "/api/2.0/mlflow/runs/search"
 
 
 def _rest_records(mlflow: MlflowClient, exp_id: str) -> list[RunRecord]:
@@ -675,7 +676,7 @@ def _rest_records(mlflow: MlflowClient, exp_id: str) -> list[RunRecord]:
     ~80 params, tags and metrics a run into protobuf and entity objects (a second a 1,000-run
     page), and the records keep only what `_sql_records` keeps (`_analysed_param`, study.* tags).
     """
-    from mlflow.utils.rest_utils import http_request
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
 
     creds = mlflow._tracking_client.store.get_host_creds()
     records, token = [], None
@@ -684,8 +685,8 @@ def _rest_records(mlflow: MlflowClient, exp_id: str) -> list[RunRecord]:
         body = {"experiment_ids": [exp_id], "filter": "attributes.status = 'FINISHED'",
                 "run_view_type": "ACTIVE_ONLY", "max_results": SEARCH_PAGE,
                 **({"page_token": token} if token else {})}
-        response = http_request(creds, "/api/2.0/mlflow/runs/search", "POST", json=body)
-        response.raise_for_status()
+        response = verify_rest_response(  # an error as MlflowClient's own (see `unreachable`)
+            http_request(creds, SEARCH_ROUTE, "POST", json=body), SEARCH_ROUTE)
         page = response.json()
         records.extend(_json_record(run) for run in page.get("runs", []))
         token = page.get("next_page_token")
