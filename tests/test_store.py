@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import pandas as pd
 import pytest
 
+from study.analysis.comparisons import analyze
+from study.protocol.schema import Analysis
 from study.tools import bench_analysis
 from study.store import tracking
 
@@ -72,12 +75,12 @@ def test_bulk_load_equals_the_per_run_api(store, monkeypatch):
     monkeypatch.setattr(tracking.MlflowClient, "get_metric_history", per_run)
     slow = tracking.load_runs(tracking.client(), name)
 
-    assert len(calls) == 3 * len(records)
+    assert len(calls) == 2 * len(records)  # test_acc, train_loss: what the analysis reads
     assert len(bulk.runs) == len(records) == 40
     assert set(bulk.runs["run_id"]) == {r.run_id for r in records}
     pd.testing.assert_frame_equal(bulk.runs, slow.runs)
     pd.testing.assert_frame_equal(bulk.curves, slow.curves)
-    assert len(bulk.curves) == 40 * 3 * bench_analysis.EPOCHS
+    assert len(bulk.curves) == 40 * 2 * bench_analysis.EPOCHS
     assert bulk.environment == slow.environment
     assert bulk.environment["torch_version"] == "2.14.1"
     baseline = bulk.runs[(bulk.runs["dropout1"] == 0.2) & (bulk.runs["dropout2"] == 0.5)]
@@ -86,6 +89,77 @@ def test_bulk_load_equals_the_per_run_api(store, monkeypatch):
 
 def _no_route(*_):
     raise tracking._NoBulkRoute
+
+
+def _every_history(mlflow, exp_id, run_ids, metrics=tracking.METRICS):
+    """The reference path: every logged metric's history, one get_metric_history a run."""
+    points = [(run_id, m.step, metric, m.value) for run_id in run_ids
+              for metric in tracking.METRICS for m in mlflow.get_metric_history(run_id, metric)]
+    frame = pd.DataFrame(points, columns=["run_id", "epoch", "metric", "value"])
+    return frame.sort_values(["run_id", "metric", "epoch"], kind="stable", ignore_index=True)
+
+
+def _differences(fast, slow, path="results"):
+    """Every field where two results.json trees differ (NaN equal to NaN), by its path."""
+    if isinstance(fast, dict) and isinstance(slow, dict):
+        keys = sorted(set(fast) | set(slow))
+        return [d for k in keys for d in _differences(fast.get(k), slow.get(k), f"{path}.{k}")]
+    if isinstance(fast, list) and isinstance(slow, list):
+        if len(fast) != len(slow):
+            return [f"{path}: {len(fast)} items against {len(slow)}"]
+        return [d for i, (a, b) in enumerate(zip(fast, slow))
+                for d in _differences(a, b, f"{path}[{i}]")]
+    same = fast == slow or (isinstance(fast, float) and isinstance(slow, float)
+                            and math.isnan(fast) and math.isnan(slow))
+    return [] if same else [f"{path}: {fast!r} against {slow!r}"]
+
+
+def test_the_differences_name_each_field_that_differs():
+    assert _differences({"a": [1.0, float("nan")], "b": "x"},
+                        {"a": [1.0, float("nan")], "b": "x"}) == []
+    assert _differences({"a": [1.0, 2.0], "b": {"c": 1}}, {"a": [1.0, 2.5], "b": {}}) == [
+        "results.a[1]: 2.0 against 2.5", "results.b.c: 1 against None"]
+
+
+def test_a_search_answer_reads_as_the_records_analysis_keeps():
+    """Protobuf's JSON as a server sends it: NaN as a string, an empty run name left out."""
+    run = {"info": {"run_id": "r1"},
+           "data": {"params": [{"key": "seed", "value": "3"},
+                               {"key": "protocol.training.lr", "value": "0.5"},
+                               {"key": "protocol.data.train_subset", "value": "None"}],
+                    "tags": [{"key": "study.cell", "value": "c"},
+                             {"key": "mlflow.user", "value": "me"}],
+                    "metrics": [{"key": "test_acc", "value": "NaN", "step": "10"},
+                                {"key": "train_loss", "value": 0.25}]}}
+    record = tracking._json_record(run)
+    assert (record.run_id, record.run_name) == ("r1", "")
+    assert record.params == {"seed": "3", "protocol.data.train_subset": "None"}
+    assert record.tags == {"study.cell": "c"}
+    assert math.isnan(record.metrics["test_acc"]) and record.metrics["train_loss"] == 0.25
+
+
+@pytest.mark.integration
+def test_the_server_fast_path_gives_the_results_of_every_history(tracking_server, monkeypatch):
+    """The server path (search answers read as JSON, only the curves' histories in bulk)
+    against search_runs' entities and every metric's history run by run: the same results.json,
+    field by field, for the primary endpoint final and last:5."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    name = f"fast-{time.monotonic_ns()}"
+    _experiment((tracking_server.url, tracking_server.database_uri), name)
+    fast = tracking.load_runs(tracking.client(), name)
+    assert set(fast.curves["metric"]) == {"test_acc", "train_loss"}  # train_acc: never read
+    monkeypatch.setattr(tracking, "_rest_records", lambda mlflow, exp_id: [
+        tracking.RunRecord(r.info.run_id, r.info.run_name or "", dict(r.data.params),
+                           dict(r.data.tags), dict(r.data.metrics))
+        for r in tracking._training_runs(mlflow, exp_id, "FINISHED")])
+    monkeypatch.setattr(tracking, "_curves", _every_history)
+    slow = tracking.load_runs(tracking.client(), name)
+    assert len(slow.curves) == 40 * 3 * bench_analysis.EPOCHS
+    for endpoint in ("final", "last:5"):
+        options = Analysis(bootstrap=200, endpoint=endpoint)
+        results = [analyze(t, (0.2, 0.5), options).to_json() for t in (fast, slow)]
+        assert results[0]["comparisons"] and results[0]["curves"]
+        assert _differences(*results) == []
 
 
 @pytest.mark.integration
@@ -98,7 +172,7 @@ def test_the_server_answers_histories_through_its_bulk_route(tracking_server, mo
     monkeypatch.setattr(tracking.MlflowClient, "get_metric_history",
                         lambda *_: pytest.fail("fell back to one call per run"))
     table = tracking.load_runs(mlflow, name)
-    assert len(table.curves) == 40 * 3 * bench_analysis.EPOCHS
+    assert len(table.curves) == 40 * 2 * bench_analysis.EPOCHS  # test_acc, train_loss
 
 
 def test_the_route_cap_halves_the_request(monkeypatch, sqlite_uri):

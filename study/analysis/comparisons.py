@@ -45,7 +45,7 @@ from study.analysis.settings import (SETTING, Setting, by_seed, rows_of, setting
 from study.protocol.schema import Analysis
 from study.results import (ROBUSTNESS_ENDPOINTS, ROBUSTNESS_TESTS, Analysed, Comparison, Curve,
                            CurvePoint, Endpoint, Group, Omnibus, Results, Stratum)
-from study.analysis.table import D2L_FACTORS, STRATUM_COLUMNS, Columns, RunTable, scalar, stratum_label
+from study.analysis.table import CURVE_METRICS, D2L_FACTORS, STRATUM_COLUMNS, Columns, RunTable, scalar, stratum_label
 
 class AnalysisError(ValueError):
     """The runs cannot be analysed as asked (e.g. an endpoint longer than the runs)."""
@@ -300,15 +300,12 @@ def _with_endpoints(runs: pd.DataFrame, curves: pd.DataFrame, endpoints: list[En
 # ----------------------------------------------------------------------------- learning curves
 
 
-CURVE_METRICS = ("test_acc", "train_loss")  # the per-epoch metrics the figures draw
-
-
 def learning_curves(stratum: dict[str, Any], frame: pd.DataFrame, curves: pd.DataFrame,
                     cols: Columns = Columns()) -> list[Curve]:
     """frame: one stratum's first runs (with their settings); curves: `RunTable.curves` -> per
     setting and metric, the mean across runs at each epoch with its 95% t interval
     (`stats.mean_ci`). The d2l study's CURVE_METRICS, else the analysed metric's."""
-    values = curves[curves["metric"].isin(CURVE_METRICS if cols.d2l else (cols.metric,))]
+    values = curves[curves["metric"].isin(cols.curve_metrics)]
     if values.empty:  # the common case in simulations: skip the join
         return []
     if SETTING not in frame:  # a caller's own frame of runs (analyze adds it once for all)

@@ -111,6 +111,8 @@ CURVE_COLUMNS = {"run_id": str, "epoch": int, "metric": str, "value": float}
 # The d2l study's names: the setting is the pair of rates, the outcome final test accuracy.
 D2L_FACTORS = ("dropout1", "dropout2")
 D2L_METRIC = "test_acc"
+# The d2l study's per-epoch metrics the learning curves (results.json, figures) draw.
+CURVE_METRICS = ("test_acc", "train_loss")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,12 @@ class Columns:
     def d2l(self) -> bool:
         """The d2l study's own names: the lesson's diagnostics and claims apply."""
         return self.factors == D2L_FACTORS and self.metric == D2L_METRIC
+
+    @property
+    def curve_metrics(self) -> tuple[str, ...]:
+        """The metrics whose per-epoch values the analysis reads: the learning curves' and the
+        outcome's (its `last:K` endpoints and evaluated epochs)."""
+        return CURVE_METRICS if self.d2l else (self.metric,)
 
     def required(self) -> set[str]:
         """Columns RunTable.runs must hold under these names."""

@@ -220,7 +220,7 @@ class MlflowServer:
             [str(mlflow), "server", "--backend-store-uri", self.database_uri,
              "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_server_env())
         self.record.write_text(f"{self.process.pid}\n")
         self._wait(timeout, log.name)
 
@@ -246,6 +246,16 @@ class MlflowServer:
             _stop_group(self.process.pid)
             self.process.wait()
         self.record.unlink(missing_ok=True)
+
+
+SERVER_SITE = Path(__file__).resolve().parent / "server_site"
+
+
+def _server_env() -> dict[str, str]:
+    """The MLflow server's environment: ours, with server_site/sitecustomize.py (its garbage
+    collector's thresholds) imported first by each of its Python processes."""
+    path = os.pathsep.join(p for p in (str(SERVER_SITE), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def _stop_group(pgid: int, timeout: float = 20) -> None:

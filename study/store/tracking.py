@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -548,8 +549,9 @@ def load_runs(mlflow: MlflowClient, experiment: str, cells: set[str] | None = No
                             + (f" ({left_out} are of cells the protocol does not plan)"
                                if left_out else ""))
     raw = pd.DataFrame([_raw_row(record) for record in records])
-    metrics = tuple(sorted({*METRICS, columns.metric}))
-    curves = _curves(mlflow, exp_id, [r.run_id for r in records], metrics)
+    # Only the per-epoch metrics the analysis reads: through a server each costs a request
+    # per 100 runs.
+    curves = _curves(mlflow, exp_id, [r.run_id for r in records], columns.curve_metrics)
     source = Source(f"experiment {experiment!r}",
                     tuple(sorted({k for r in records for k in r.params
                                   if not k.startswith("protocol.")})),
@@ -625,11 +627,18 @@ def _sql_store(mlflow: MlflowClient) -> Any | None:
 def _finished_records(mlflow: MlflowClient, exp_id: str) -> list[RunRecord]:
     """FINISHED, active training runs (no analysis or verify run), newest first."""
     store = _sql_store(mlflow)
-    if store is None:
-        return [RunRecord(r.info.run_id, r.info.run_name or "", dict(r.data.params),
-                          dict(r.data.tags), dict(r.data.metrics))
-                for r in _training_runs(mlflow, exp_id, "FINISHED")]
-    return _sql_records(store, exp_id)
+    if store is not None:
+        return _sql_records(store, exp_id)
+    if hasattr(mlflow._tracking_client.store, "get_host_creds"):
+        return _rest_records(mlflow, exp_id)
+    return [RunRecord(r.info.run_id, r.info.run_name or "", dict(r.data.params),
+                      dict(r.data.tags), dict(r.data.metrics))
+            for r in _training_runs(mlflow, exp_id, "FINISHED")]
+
+
+def _analysed_param(key: str) -> bool:
+    """The params analysis reads: every one but the protocol.* ones (3/4 of all; two read)."""
+    return not key.startswith("protocol.") or key in SUBSET_PARAMS
 
 
 def _finished_ids(exp_id: str):
@@ -668,6 +677,49 @@ def _sql_records(store: Any, exp_id: str) -> list[RunRecord]:
     return [r for r in records if r.tags.get("study.kind") not in NOT_TRAINING]
 
 
+# Runs per page of a tracking server's search (its own cap is 50,000): what a page costs the
+# server grows with its runs, so one page more is cheap.
+SEARCH_PAGE = 1000
+SEARCH_ROUTE = "/api/2.0/mlflow/runs/search"
+
+
+def _rest_records(mlflow: MlflowClient, exp_id: str) -> list[RunRecord]:
+    """`_finished_records` through a tracking server's search endpoint, read as plain JSON.
+
+    The server's answer is the same as `search_runs`'; what is skipped is the client's turning
+    ~80 params, tags and metrics a run into protobuf and entity objects (a second a 1,000-run
+    page), and the records keep only what `_sql_records` keeps (`_analysed_param`, study.* tags).
+    """
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    creds = mlflow._tracking_client.store.get_host_creds()
+    records, token = [], None
+    while True:
+        # The default order, as `search_runs`': newest first.
+        body = {"experiment_ids": [exp_id], "filter": "attributes.status = 'FINISHED'",
+                "run_view_type": "ACTIVE_ONLY", "max_results": SEARCH_PAGE,
+                **({"page_token": token} if token else {})}
+        response = verify_rest_response(  # an error as MlflowClient's own (see `unreachable`)
+            http_request(creds, SEARCH_ROUTE, "POST", json=body), SEARCH_ROUTE)
+        page = response.json()
+        records.extend(_json_record(run) for run in page.get("runs", []))
+        token = page.get("next_page_token")
+        if not token:
+            return [r for r in records if r.tags.get("study.kind") not in NOT_TRAINING]
+
+
+def _json_record(run: dict[str, Any]) -> RunRecord:
+    """One run of a search answer (protobuf's JSON: NaN is the string "NaN", absent lists are
+    left out)."""
+    data = run.get("data", {})
+    params = {p["key"]: p.get("value", "") for p in data.get("params", [])
+              if _analysed_param(p["key"])}
+    tags = {t["key"]: t.get("value", "") for t in data.get("tags", [])
+            if t["key"].startswith("study.")}
+    metrics = {m["key"]: float(m.get("value", 0.0)) for m in data.get("metrics", [])}
+    return RunRecord(run["info"]["run_id"], run["info"].get("run_name", ""), params, tags, metrics)
+
+
 def _curves(mlflow: MlflowClient, exp_id: str, run_ids: list[str],
             metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """Per-step `metrics` of `run_ids`: one query on a SQL store, else 100 runs per request."""
@@ -675,10 +727,11 @@ def _curves(mlflow: MlflowClient, exp_id: str, run_ids: list[str],
     if store is not None:
         frame = _sql_curves(store, exp_id, set(run_ids), metrics)
     else:
-        frame = pd.DataFrame([{"run_id": m.run_id, "epoch": m.step, "metric": m.key,
-                               "value": m.value}
-                              for m in _rest_histories(mlflow, run_ids, metrics)],
-                             columns=list(CURVE_COLUMNS))
+        chunks = [run_ids[i:i + BULK_RUNS] for i in range(0, len(run_ids), BULK_RUNS)]
+        with ThreadPoolExecutor(HISTORY_REQUESTS) as pool:
+            points = pool.map(lambda chunk: list(_rest_histories(mlflow, chunk, metrics)), chunks)
+            frame = pd.DataFrame([(m.run_id, m.step, m.key, m.value) for part in points
+                                  for m in part], columns=list(CURVE_COLUMNS))
     return frame.sort_values(["run_id", "metric", "epoch"], kind="stable", ignore_index=True)
 
 
@@ -715,6 +768,8 @@ class _Point:
 
 # The server's get-history-bulk route: at most 100 runs and 25,000 points per request.
 BULK_RUNS, BULK_POINTS = 100, 25_000
+# History requests in flight at once: a server with several workers answers them side by side.
+HISTORY_REQUESTS = 4
 
 
 def _rest_histories(mlflow: MlflowClient, run_ids: list[str],

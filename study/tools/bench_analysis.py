@@ -1,7 +1,7 @@
 """Wall time of `analyze` on synthetic experiments of growing size, start-up included.
 
     python -m study.tools.bench --analysis                       # 1k and 10k runs, SQLite
-    python -m study.tools.bench --analysis --runs 1000 5000 10000 --server
+    python -m study.tools.bench --analysis --server              # 1k, 5k, 10k through a server
 
 Each experiment follows the run schema (docs/run-schema.md) (params from the protocol's own cells, the
 study.* tags, 10 epochs x 3 metrics) and is written straight into the store's tables
@@ -166,28 +166,46 @@ def verdict(timed: list[Timed]) -> dict[str, object]:
     return out
 
 
+def table(timed: list[Timed]) -> str:
+    """The timings as the Markdown table of docs/measurements.md."""
+    lines = ["| store | runs | `analyze` | `load_runs` alone | ratio to the smallest |",
+             "|---|---|---|---|---|"]
+    for store in dict.fromkeys(t.store for t in timed):
+        rows = sorted((t for t in timed if t.store == store), key=lambda t: t.runs)
+        lines += [f"| {store} | {t.runs:,} | {t.analyze_s:.1f} s | {t.load_s:.1f} s | "
+                  f"{t.analyze_s / rows[0].analyze_s:.1f}x |" for t in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.tools.bench --analysis",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, nargs="*", default=[1000, 10000],
-                        choices=sorted(SHAPES), help="SQLite sizes (none: server only)")
+    parser.add_argument("--runs", type=int, nargs="*", default=None, choices=sorted(SHAPES),
+                        help="SQLite sizes (default 1000 10000, none with --server)")
     parser.add_argument("--server", action="store_true",
-                        help="also time against a PostgreSQL-backed tracking server")
-    parser.add_argument("--server-runs", type=int, nargs="+", default=[1000, 2000],
+                        help="time against a PostgreSQL-backed tracking server")
+    parser.add_argument("--server-runs", type=int, nargs="+", default=[1000, 5000, 10000],
                         choices=sorted(SHAPES))
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = [] if args.server else [1000, 10000]
     results: dict[str, object] = {"load_average": os.getloadavg(), "cores": os.cpu_count()}
+    timed: list[Timed] = []
     if args.runs:
         with tempfile.TemporaryDirectory(prefix="study-bench-") as tmp:
             uri = f"sqlite:///{tmp}/bench.db"
             sqlite = measure(sorted(args.runs), "sqlite", uri, uri)
+        timed += sqlite
         results["sqlite"] = {"timings": [asdict(t) for t in sqlite], **verdict(sqlite)}
     if args.server:
         with server.temporary() as srv:
             served = measure(sorted(args.server_runs), "server", srv.url, srv.database_uri)
+        timed += served
         results["server"] = {"timings": [asdict(t) for t in served], **verdict(served)}
     print(json.dumps({k: v for k, v in results.items() if k != "load_average"}, indent=1))
+    print(table(timed))
+    results["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
