@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished runs are kept; the same command resumes where it stopped",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`study plan ... | head`): nothing more to say. Point stdout at devnull so
+        # that the interpreter's final flush does not raise a second time (Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except Exception as err:
         message = user_message(err)
         if message is None:

@@ -503,3 +503,17 @@ def test_an_endpoint_longer_than_the_runs_is_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: analysis.endpoint 'last:9': the runs have only 6 evaluated epoch(s); "
                    "choose final or last:K with K <= 6"]
+
+
+def test_a_reader_that_left_gets_no_traceback(tmp_path):
+    """`study plan ... | head -1`: the pipe's reader is gone before the plan is printed."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    read, write = os.pipe()
+    os.close(read)  # every write to `write` now fails with EPIPE, as after `head` exits
+    try:
+        done = subprocess.run([sys.executable, "-m", "study", "plan", SMOKE], cwd=ROOT, env=env,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
