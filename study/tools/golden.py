@@ -264,6 +264,9 @@ def check_all(paths: Sequence[str | Path], n: int | None = None, seed: int = 0,
         return 2
     ok = True
     for golden in goldens:
+        count = len(golden.cells) if n is None else min(n, len(golden.cells))
+        print(f"{golden.path.name}: {count} of {len(golden.cells)} golden cells to re-train",
+              flush=True)
         try:
             outcome = check(golden, n, seed, source)
         except (data.DataError, workers.WorkerError) as err:
