@@ -176,7 +176,8 @@ class Check:
     @property
     def broken(self) -> bool:
         """Other bits although nothing but the CPU differs: what the promise rules out."""
-        return not self.identical and all(d.split(":")[0] in CPU_KEYS for d in self.differing)
+        keys = [d.partition(": ")[0] for d in self.differing]  # environment.differences' form
+        return not self.identical and all(k in CPU_KEYS for k in keys)
 
     def line(self) -> str:
         cell = self.golden.cell
@@ -239,8 +240,11 @@ def targets(path: str | Path) -> list[Path]:
         return [path]
     if golden_file(path).exists():
         return [golden_file(path)]
-    from study.protocol import lesson, plan, schema  # YAML and pydantic: only for a lesson file
-
+    try:
+        from study.protocol import lesson, plan, schema  # YAML and pydantic: for a lesson only
+    except ImportError as err:
+        raise GoldenError(f"{path}: reading a lesson file needs the protocol loader ({err}); "
+                          f"name its golden files instead ({GOLDEN_DIR}/NAME.json)") from None
     try:
         parts = lesson.parts(lesson.load(path), path)
     except schema.ProtocolError:
@@ -288,8 +292,11 @@ def from_store(protocol_path: str | Path) -> dict[str, Any]:
     proto = schema.load(protocol_path)
     cells = portable_cells(plan.expand(proto))
     mlflow = tracking.client()
-    runs = {r.cell_key: r for r in tracking.recorded_runs(
-        mlflow, tracking.experiment_id(mlflow, proto.name, create=False))}
+    try:
+        exp_id = tracking.experiment_id(mlflow, proto.name, create=False)
+    except tracking.TrackingError as err:
+        raise GoldenError(str(err)) from None
+    runs = {r.cell_key: r for r in tracking.recorded_runs(mlflow, exp_id)}
     if missing := [c.name for c in cells if c.key not in runs]:
         raise GoldenError(f"{tracking.tracking_uri()}: experiment {proto.name!r} has no finished "
                           f"run of {len(missing)} of its {len(cells)} portable cells, e.g. "
