@@ -180,3 +180,8 @@ def test_a_stale_golden_file_is_an_error(tiny_golden, capsys):
         doc["configs"][0]["training"]["lr"] = 0.25
     assert golden.check_all([altered(tiny_golden, "stale.json", moved)]) == 2
     assert "the cell definition changed since it was recorded" in capsys.readouterr().err
+
+
+def test_a_sample_of_no_cells_is_an_error(tiny_golden, capsys):
+    assert golden.check_all([tiny_golden], n=0) == 2
+    assert "error: --sample: at least 1 cell per golden file (value: 0)" in capsys.readouterr().err
