@@ -59,9 +59,6 @@ def test_the_main_study_has_its_golden_file():
     assert "d2l-dropout" in {p.path.stem for p in recorded_parts()}
 
 
-# Strict: passes (and so fails this test run) once the file is recorded; then drop the mark.
-@pytest.mark.xfail(strict=True, reason="tests/golden/overfitting.json is not recorded yet "
-                   "(192 cells, ~13 min on an unloaded 2-core machine): issue 22 item 3")
 def test_every_portable_protocol_of_the_lesson_has_a_golden_file():
     assert [p.path.stem for p in recorded_parts()] == [p.path.stem for p in golden_parts()]
     assert {p.path.stem for p in golden_parts()} >= {"d2l-dropout", "overfitting"}
