@@ -14,6 +14,7 @@
     python -m study url     protocols/d2l-dropout.yaml     (the MLflow UI link of its runs)
     python -m study ui      protocols/d2l-dropout.yaml     (print that link, serve the MLflow UI)
     python -m study verify  protocols/d2l-dropout.yaml     (re-train 3 finished cells, compare)
+    python -m study verify  protocols/lesson.yaml --golden (re-train the golden cells, compare)
 
 A mistake a user can fix (a bad protocol, missing data, a busy store, a full disk) ends with
 `error: ...` lines on stderr and exit status 2, never a traceback.
@@ -183,8 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-train a sample of finished cells and compare bits")
     _protocol_args(p, optional=True)
     p.add_argument("--experiment", help="verify any experiment of this harness by name")
-    p.add_argument("--sample", type=int, default=3, help="cells to re-train (default 3)")
+    p.add_argument("--sample", type=int,
+                   help="cells to re-train (default 3; with --golden: all, else N per file)")
     p.add_argument("--all", action="store_true", help="re-train every finished cell")
+    p.add_argument("--golden", action="store_true",
+                   help="re-train the cells of tests/golden/ (no store needed): the portable promise")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("paper", help="run every protocol of a lesson file, write one paper")
@@ -405,14 +409,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from study.protocol import schema as protocol
-    from study.tools import verify
-    from study.engine import workers  # trains: imports torch only for this command
 
     if not args.experiment and not args.protocol:
         raise protocol.ProtocolError("give a protocol file or --experiment NAME")
+    if args.golden:
+        if args.experiment:
+            raise protocol.ProtocolError("--golden checks a protocol's golden file: give the "
+                                         "protocol file, not --experiment")
+        from study.tools import golden
+        return golden.check_all([args.protocol], args.sample, args.seed)
+    from study.tools import verify  # the store's: MLflow
+    from study.engine import workers  # trains: imports torch only for this command
+
     name = args.experiment or _load(args).name
     try:
-        done = verify.verify(name, None if args.all else args.sample, args.seed)
+        done = verify.verify(name, None if args.all else args.sample or 3, args.seed)
     except (verify.VerifyError, workers.WorkerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,30 +20,16 @@ and says why.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 from pathlib import Path
 
 import pytest
 
 from study.engine import environment
+from study.tools.golden import outside_promise
 from tests.conftest import GOLDEN_DIR
 
-PROMISED_ISAS = ("avx2", "avx512")
 FILES = sorted(GOLDEN_DIR.glob("portable*.json"))
-
-
-def outside_promise(recorded: dict[str, str]) -> str | None:
-    """Why this machine is outside the portable promise, or None."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"portable promises x86-64 with AVX2; this machine is {platform.machine()}"
-    if environment.cpu_isa() not in PROMISED_ISAS:
-        return f"portable promises CPUs with AVX2; this CPU's widest ISA is {environment.cpu_isa()}"
-    torch_now = environment.describe("cpu")["torch_version"]
-    if torch_now != recorded["torch_version"]:
-        return (f"portable promises the same torch; golden hashes are of torch "
-                f"{recorded['torch_version']}, this is {torch_now}")
-    return None
 
 
 def kernels_of(raw: dict) -> str:
