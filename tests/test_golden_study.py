@@ -172,6 +172,20 @@ def test_another_torch_is_not_checked(tiny_golden, capsys):
            "are of torch 1.0.0" in capsys.readouterr().out
 
 
+def test_another_torch_is_trained_with_outside_promise_and_never_fails(tiny_golden, tiny_files,
+                                                                       capsys):
+    """--outside-promise: the lines of another environment, as evidence; a mismatch there is
+    explained by the torch key, so it is reported, not failed."""
+    path = altered(tiny_golden, "other-torch-anyway.json", lambda d: (
+        first_hash_changed(d), d["environment"].update(torch_version="1.0.0")))
+    assert golden.main([str(path), "--outside-promise", "--data", str(tiny_files[0])]) == 0
+    out = capsys.readouterr().out
+    assert "other-torch-anyway.json: outside the promise (portable promises the same torch" in out
+    assert "differs, outside the recorded conditions" in out and "torch_version: 1.0.0 -> " in out
+    n = len(json.loads(path.read_text())["cells"])
+    assert f"other-torch-anyway.json: {n - 1} of {n} cells identical" in out
+
+
 def test_a_stale_golden_file_is_an_error(tiny_golden, capsys):
     def moved(doc: dict) -> None:
         doc["configs"][0]["training"]["lr"] = 0.25
