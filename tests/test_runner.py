@@ -138,7 +138,10 @@ def test_load_runs_gives_the_tidy_table(store, loader):
     assert sorted(set(zip(table.runs.dropout1, table.runs.dropout2))) == [(0.0, 0.0), (0.5, 0.5),
                                                                           (1.0, 1.0)]
     assert set(table.runs.seed) == {0, 1}
-    assert len(table.curves) == 6 * 2 * 3
+    # 6 runs x 2 epochs x the metrics the analysis reads (table.CURVE_METRICS: test_acc,
+    # train_loss); train_acc is logged but not loaded.
+    assert len(table.curves) == 6 * 2 * 2
+    assert set(table.curves["metric"]) == {"test_acc", "train_loss"}
     assert table.protocol["name"] == "e2e"
     assert "torch_version" in table.environment
     assert "mc_passes" not in table.runs  # runs without passes: the table of before
