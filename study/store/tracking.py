@@ -303,7 +303,9 @@ def endpoint_values(mlflow: MlflowClient, exp_id: str, cells: set[str],
     if metric != "test_acc" and last != 1:
         raise ValueError(f"endpoint_values: last={last} is for test_acc only, not {metric!r}")
     records = [r for r in _finished_records(mlflow, exp_id) if r.tags.get("study.cell") in cells]
-    curves = _curves(mlflow, exp_id, [r.run_id for r in records]) if last > 1 and records else None
+    # last:K needs test_acc's history alone, not every logged metric's.
+    curves = (_curves(mlflow, exp_id, [r.run_id for r in records], ("test_acc",))
+              if last > 1 and records else None)
     if curves is not None:
         acc = curves[curves["metric"] == "test_acc"].sort_values(["run_id", "epoch"])
         means = acc.groupby("run_id").tail(last).groupby("run_id")["value"].mean()
